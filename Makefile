@@ -1,0 +1,50 @@
+# wattops — every target does its own set-up from a fresh clone.
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+# Portable llama.cpp build (AVX2/FMA/F16C, no -march=native): the .venv runs on any x86-64 host;
+# pip caches the built wheel, so only the first install compiles (~8 min on 2 cores).
+export CMAKE_ARGS ?= -DGGML_NATIVE=OFF
+
+.PHONY: help install test lint typecheck pytest demo models clean
+
+help:
+	@echo "make demo   start an agent on the generated demo model"
+	@echo "make test   lint, type-check and run the test suite"
+
+$(BIN)/.installed: pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet -e '.[console,dev]'
+	touch $@
+
+install: $(BIN)/.installed
+
+models/test.gguf: | $(BIN)/.installed
+	$(BIN)/wattops model tiny $@ --size test
+
+models/demo.gguf: | $(BIN)/.installed
+	$(BIN)/wattops model tiny $@ --size demo
+
+models: models/test.gguf models/demo.gguf
+
+lint: $(BIN)/.installed
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+# mypy cannot follow setuptools' editable-install finder, so give it the installed layout.
+typecheck: $(BIN)/.installed
+	mkdir -p .build/typecheck/wattops
+	for pkg in agents engines console; do ln -sfn ../../../$$pkg .build/typecheck/wattops/$$pkg; done
+	$(BIN)/mypy -p wattops.agents -p wattops.engines -p wattops.console
+
+pytest: $(BIN)/.installed models/test.gguf
+	$(BIN)/python -m pytest -q
+
+test: lint typecheck pytest
+
+demo: $(BIN)/.installed models/demo.gguf
+	$(BIN)/wattops demo
+
+clean:
+	rm -rf .build .mypy_cache .ruff_cache .pytest_cache state

@@ -1,0 +1,1 @@
+"""The wattops node agent: runs engines, serves the gateway, carries out control actions."""

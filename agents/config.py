@@ -1,0 +1,200 @@
+"""The agent's TOML configuration, validated with pydantic.
+
+A bad file stops the agent with a message naming the file, the field and what is allowed.
+"""
+
+from __future__ import annotations
+
+import socket
+import tomllib
+from pathlib import Path
+from typing import Annotated, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from wattops.agents.api import PRECISIONS
+
+NAME_PATTERN = r"^[a-z0-9]([a-z0-9._-]{0,62}[a-z0-9])?$"
+
+
+class ConfigError(Exception):
+    """The agent configuration is invalid; the message names file, field and what is allowed."""
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class AgentSection(_Section):
+    """`[agent]`: how the daemon itself runs."""
+
+    node: str = Field(
+        default_factory=socket.gethostname, description="node name shown to operators"
+    )
+    listen: str = Field("127.0.0.1:8080", description="host:port the HTTP API binds to")
+    state_dir: Path = Field(Path("state"), description="desired state, counters, model variants")
+    token: str | None = Field(None, description="bearer token required by control endpoints")
+    wake_timeout_s: float = Field(
+        120.0, gt=0, description="how long a request waits for a parked deployment to wake"
+    )
+    request_timeout_s: float = Field(
+        600.0, gt=0, description="upper bound on one upstream answer, streaming included"
+    )
+    drain_timeout_s: float = Field(
+        120.0, ge=0, description="how long a retired replica may finish in-flight requests"
+    )
+    health_interval_s: float = Field(1.0, gt=0, description="seconds between replica health checks")
+
+    @field_validator("listen")
+    @classmethod
+    def _check_listen(cls, value: str) -> str:
+        host, sep, port = value.rpartition(":")
+        if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+            raise ValueError(f"must be host:port with a port in 1..65535, got {value!r}")
+        return value
+
+    @property
+    def host(self) -> str:
+        """The host part of `listen`, without IPv6 brackets."""
+        return self.listen.rpartition(":")[0].strip("[]")
+
+    @property
+    def port(self) -> int:
+        """The port part of `listen`."""
+        return int(self.listen.rpartition(":")[2])
+
+
+class CacheSection(_Section):
+    """`[cache]`: the gateway's response cache for deterministic (temperature 0) requests."""
+
+    enabled: bool = True
+    memory_bytes: int = Field(64 * 2**20, ge=0, description="byte cap of the in-memory LRU tier")
+    disk_bytes: int = Field(
+        1 * 2**30, ge=0, description="byte cap of the on-disk SQLite tier; 0 disables it"
+    )
+
+
+Precision = Annotated[str, Field(description="llama.cpp precision name, lower case")]
+
+
+class DeploymentConfig(_Section):
+    """`[[deployments]]`: one model served under one name."""
+
+    name: str = Field(pattern=NAME_PATTERN, description="what clients put in `model`")
+    engine: Literal["llamacpp", "openai"]
+    model: str | None = Field(
+        None, description="llamacpp: path of the base GGUF (f16, bf16 or f32); openai: model id"
+    )
+    files: dict[str, Path] = Field(
+        default_factory=dict, description="ready-made GGUF files per precision"
+    )
+    url: str | None = Field(None, description="openai: attach to this running server")
+    command: list[str] | None = Field(
+        None, description="openai: argv template with {model} {port} {precision}"
+    )
+    precisions: list[str] = Field(
+        default_factory=list, description="openai: precisions the command template can serve"
+    )
+    health_path: str = "/health"
+    metrics_path: str = "/metrics"
+    precision: str | None = Field(None, description="precision to serve; default: the base's")
+    replicas: int = Field(1, ge=0)
+    max_replicas: int = Field(4, ge=0)
+    idle_scale_to_zero_s: float | None = Field(None, gt=0)
+    threads: int = Field(1, ge=1, description="llamacpp: CPU threads per replica")
+    context: int = Field(2048, ge=64, description="llamacpp: context window in tokens")
+    startup_timeout_s: float = Field(120.0, gt=0)
+
+    @field_validator("precision")
+    @classmethod
+    def _known_precision(cls, value: str | None) -> str | None:
+        if value is not None and value not in PRECISIONS:
+            raise ValueError(f"unknown precision {value!r}; allowed: {', '.join(PRECISIONS)}")
+        return value
+
+    @field_validator("files")
+    @classmethod
+    def _known_file_precisions(cls, value: dict[str, Path]) -> dict[str, Path]:
+        for key in value:
+            if key not in PRECISIONS:
+                raise ValueError(f"unknown precision {key!r}; allowed: {', '.join(PRECISIONS)}")
+        return value
+
+    @model_validator(mode="after")
+    def _engine_fields(self) -> DeploymentConfig:
+        if self.replicas > self.max_replicas:
+            raise ValueError(
+                f"replicas ({self.replicas}) exceeds max_replicas ({self.max_replicas})"
+            )
+        if self.engine == "llamacpp":
+            if self.model is None and not self.files:
+                raise ValueError("engine 'llamacpp' needs `model` (a base GGUF) or `files`")
+            if self.url or self.command:
+                raise ValueError("`url` and `command` are for engine 'openai' only")
+        else:
+            if (self.url is None) == (self.command is None):
+                raise ValueError("engine 'openai' needs exactly one of `url` or `command`")
+            if self.command is not None and not any("{port}" in a for a in self.command):
+                raise ValueError("`command` must contain a {port} placeholder")
+        return self
+
+
+class AgentConfig(_Section):
+    """The whole agent configuration file."""
+
+    agent: AgentSection = Field(default_factory=AgentSection)
+    cache: CacheSection = Field(default_factory=CacheSection)
+    deployments: list[DeploymentConfig] = Field(default_factory=list)
+
+    @model_validator(mode="after")
+    def _unique_names(self) -> AgentConfig:
+        seen: set[str] = set()
+        for dep in self.deployments:
+            if dep.name in seen:
+                raise ValueError(f"deployment name {dep.name!r} appears twice")
+            seen.add(dep.name)
+        return self
+
+    def deployment(self, name: str) -> DeploymentConfig:
+        """The deployment called `name`; KeyError if there is none."""
+        for dep in self.deployments:
+            if dep.name == name:
+                return dep
+        raise KeyError(name)
+
+
+def _describe(error: ValidationError, source: str) -> str:
+    lines = [f"{source}: invalid configuration"]
+    for item in error.errors():
+        loc = ".".join(str(part) for part in item["loc"]) or "(top level)"
+        msg = item["msg"].removeprefix("Value error, ")
+        lines.append(f"  {loc}: {msg}")
+    return "\n".join(lines)
+
+
+def parse_config(data: dict[str, object], source: str = "<config>") -> AgentConfig:
+    """Validate an already-parsed config mapping; relative paths stay as written."""
+    try:
+        return AgentConfig.model_validate(data)
+    except ValidationError as exc:
+        raise ConfigError(_describe(exc, source)) from None
+
+
+def load_config(path: Path) -> AgentConfig:
+    """Read and validate `path`. Relative paths inside are resolved against its folder."""
+    try:
+        raw = path.read_bytes()
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read the configuration: {exc.strerror}") from None
+    try:
+        data = tomllib.loads(raw.decode("utf-8"))
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"{path}: not valid TOML: {exc}") from None
+    config = parse_config(data, str(path))
+    base = path.parent.resolve()
+    config.agent.state_dir = (base / config.agent.state_dir).resolve()
+    for dep in config.deployments:
+        if dep.engine == "llamacpp" and dep.model is not None:
+            dep.model = str((base / dep.model).resolve())
+        dep.files = {p: (base / f).resolve() for p, f in dep.files.items()}
+    return config

@@ -1,0 +1,76 @@
+"""`wattops-agent --config agent.toml`: the node daemon's entry point."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import sys
+from pathlib import Path
+
+import uvicorn
+
+from wattops.agents.app import create_asgi
+from wattops.agents.config import AgentConfig, ConfigError, load_config
+from wattops.agents.node import AGENT_VERSION, NodeAgent
+
+log = logging.getLogger("wattops.agent")
+
+
+async def serve(config: AgentConfig) -> None:
+    """Start the agent, serve its API until SIGINT/SIGTERM, then stop every replica."""
+    agent = NodeAgent(config)
+    await agent.start()
+    try:
+        server = uvicorn.Server(
+            uvicorn.Config(
+                create_asgi(agent),
+                host=config.agent.host,
+                port=config.agent.port,
+                http="httptools",
+                lifespan="off",
+                proxy_headers=False,
+                access_log=False,
+                log_level="warning",
+                timeout_graceful_shutdown=10,
+            )
+        )
+        log.info(
+            "wattops-agent %s serving node %s on http://%s",
+            AGENT_VERSION,
+            config.agent.node,
+            config.agent.listen,
+        )
+        await server.serve()
+    finally:
+        await agent.stop()
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Parse arguments, load the config, run until stopped. Exit 2 on a bad config."""
+    parser = argparse.ArgumentParser(prog="wattops-agent", description=__doc__)
+    parser.add_argument("--config", required=True, type=Path, help="agent TOML file")
+    parser.add_argument(
+        "--log-level", default="info", choices=["debug", "info", "warning", "error"]
+    )
+    args = parser.parse_args(argv)
+    logging.basicConfig(
+        level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    try:
+        config = load_config(args.config)
+        try:
+            import uvloop
+
+            uvloop.run(serve(config))
+        except ImportError:
+            asyncio.run(serve(config))
+    except ConfigError as exc:
+        print(f"wattops-agent: {exc}", file=sys.stderr)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        pass
+
+
+if __name__ == "__main__":
+    main()

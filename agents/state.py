@@ -1,0 +1,75 @@
+"""The agent's durable state: desired precision and replicas per deployment, and counters.
+
+Written atomically (temporary file, fsync, rename, fsync of the folder) so a crash at any
+moment, kill -9 included, leaves either the old file or the new one, never a torn one.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel, ValidationError
+
+from wattops.agents.api import DeploymentCounters
+
+
+class DesiredState(BaseModel):
+    """What the operator asked a deployment to be."""
+
+    precision: str
+    replicas: int
+
+
+class StoredDeployment(BaseModel):
+    """Everything kept across restarts for one deployment."""
+
+    desired: DesiredState
+    counters: DeploymentCounters = DeploymentCounters()
+
+
+class AgentState(BaseModel):
+    """The whole state file."""
+
+    deployments: dict[str, StoredDeployment] = {}
+
+
+def atomic_write(path: Path, data: bytes) -> None:
+    """Replace `path` with `data` so that readers see the old or the new content, never a mix."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    with tmp.open("wb") as fh:
+        fh.write(data)
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
+    fd = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+class StateStore:
+    """Loads and saves `<state_dir>/state.json`."""
+
+    def __init__(self, state_dir: Path) -> None:
+        self.path = state_dir / "state.json"
+
+    def load(self) -> AgentState:
+        """The saved state; empty if there is none. A corrupt file is kept aside, not lost."""
+        try:
+            raw: Any = json.loads(self.path.read_bytes())
+            return AgentState.model_validate(raw)
+        except FileNotFoundError:
+            return AgentState()
+        except (ValueError, ValidationError):
+            aside = self.path.with_name(self.path.name + ".corrupt")
+            os.replace(self.path, aside)
+            return AgentState()
+
+    def save(self, state: AgentState) -> None:
+        """Write the state atomically."""
+        atomic_write(self.path, state.model_dump_json(indent=2).encode())

@@ -1,0 +1,538 @@
+"""The supervisor: makes each deployment's running replicas match its desired state.
+
+One reconcile task per deployment carries out every change (scale, precision switch, crash
+recovery, idle parking) one at a time, so no two changes to the same deployment race. The
+gateway only reads the ready set and the in-flight counts.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import secrets
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from wattops.agents.api import (
+    DeploymentCounters,
+    DeploymentState,
+    DeploymentStatus,
+    LatencySummary,
+    ReplicaState,
+    ReplicaStatus,
+)
+from wattops.agents.config import AgentSection, DeploymentConfig
+from wattops.agents.state import DesiredState
+from wattops.engines.base import EngineAdapter, EngineError, Replica
+from wattops.engines.metrics import EngineUsage
+
+log = logging.getLogger("wattops.agent")
+
+#: Consecutive failed health checks after which a live but hung replica is killed.
+HUNG_AFTER_FAILURES = 3
+#: Restart backoff after a crash or a failed start: doubles up to the cap.
+BACKOFF_START_S = 1.0
+BACKOFF_CAP_S = 30.0
+#: A replica that stayed up this long resets the backoff.
+STABLE_AFTER_S = 30.0
+
+
+class ControlError(Exception):
+    """A control request cannot be carried out; `code` and `allowed` go into the 4xx body."""
+
+    def __init__(
+        self, status: int, code: str, message: str, allowed: list[str] | None = None
+    ) -> None:
+        super().__init__(message)
+        self.status = status
+        self.code = code
+        self.allowed = allowed
+
+
+class NoReplicaError(Exception):
+    """No replica became ready in time to serve a request."""
+
+
+@dataclass(eq=False)
+class LiveReplica:
+    """A replica as the supervisor tracks it."""
+
+    replica: Replica
+    state: ReplicaState = ReplicaState.STARTING
+    in_flight: int = 0
+    health_failures: int = 0
+    drained: asyncio.Event = field(default_factory=asyncio.Event)
+    usage_seen: EngineUsage = field(default_factory=EngineUsage)
+
+    def status(self, restarts: int) -> ReplicaStatus:
+        """The API view of this replica."""
+        return ReplicaStatus(
+            id=self.replica.id,
+            precision=self.replica.precision,
+            state=self.state,
+            url=self.replica.url,
+            pid=self.replica.pid,
+            in_flight=self.in_flight,
+            restarts=restarts,
+            started_at=self.replica.started_at,
+        )
+
+
+class Deployment:
+    """One deployment's runtime: desired state, replicas, counters, and its reconcile task."""
+
+    def __init__(
+        self,
+        config: DeploymentConfig,
+        engine: EngineAdapter,
+        desired: DesiredState,
+        counters: DeploymentCounters,
+        settings: AgentSection,
+        on_change: Callable[[], None],
+        persist: Callable[[], None],
+    ) -> None:
+        self.config = config
+        self.name = config.name
+        self.engine = engine
+        self.desired = desired
+        self.counters = counters
+        self.settings = settings
+        self._on_change = on_change
+        self._persist = persist
+        #: Precision the ready replicas serve (what traffic gets).
+        self.precision = desired.precision
+        self.replicas: list[LiveReplica] = []
+        self.ready: list[LiveReplica] = []
+        self.last_error: str | None = None
+        self.switching = False
+        self.failed = False
+        self.restarts = 0
+        self.last_request = time.monotonic()
+        self.latencies: deque[float] = deque(maxlen=1024)
+        self._poke = asyncio.Event()
+        self._ready_changed = asyncio.Condition()
+        self._backoff_s = 0.0
+        self._retry_at = 0.0
+        self._task: asyncio.Task[None] | None = None
+        self._drains: set[asyncio.Task[None]] = set()
+
+    # -- control (called by the API) -------------------------------------------------------
+
+    def set_replicas(self, replicas: int) -> None:
+        """Ask for `replicas` replicas (0 parks). Raises ControlError if out of range."""
+        if not 0 <= replicas <= self.config.max_replicas:
+            raise ControlError(
+                422,
+                "replicas_out_of_range",
+                f"{self.name}: replicas must be in 0..{self.config.max_replicas} "
+                f"(max_replicas), got {replicas}",
+            )
+        if replicas > 1 and not self.engine.manages_processes:
+            raise ControlError(
+                422,
+                "not_scalable",
+                f"{self.name} is attached to a running server at one URL; it has 0 or 1 replicas",
+            )
+        self.desired.replicas = replicas
+        self._desired_changed()
+
+    def set_precision(self, precision: str) -> None:
+        """Ask for a precision switch. Raises ControlError if unknown or not switchable."""
+        available = self.engine.available_precisions()
+        if precision not in available:
+            raise ControlError(
+                422,
+                "unknown_precision",
+                f"{self.name}: precision {precision!r} is not available; "
+                f"available: {', '.join(available)}",
+                available,
+            )
+        if precision != self.precision and not self.engine.switches_precision:
+            raise ControlError(
+                409,
+                "precision_fixed",
+                f"{self.name}: the {self.engine.kind} engine serves one fixed precision",
+                available,
+            )
+        self.desired.precision = precision
+        self.last_error = None
+        self._desired_changed()
+
+    def _desired_changed(self) -> None:
+        self.failed = False
+        self._retry_at = 0.0
+        self._persist()
+        self._changed()
+        self._poke.set()
+
+    def _changed(self) -> None:
+        self._on_change()
+
+    # -- traffic (called by the gateway) ---------------------------------------------------
+
+    def pick(self, exclude: LiveReplica | None = None) -> LiveReplica | None:
+        """The ready replica with the fewest requests in flight, counted as taken."""
+        best: LiveReplica | None = None
+        for candidate in self.ready:
+            if candidate is not exclude and (best is None or candidate.in_flight < best.in_flight):
+                best = candidate
+        if best is not None:
+            best.in_flight += 1
+        return best
+
+    async def acquire(self, timeout_s: float, exclude: LiveReplica | None = None) -> LiveReplica:
+        """A ready replica, waking a parked deployment and waiting for it if needed."""
+        self.last_request = time.monotonic()
+        replica = self.pick(exclude)
+        if replica is not None:
+            return replica
+        if self.desired.replicas == 0:
+            log.info("%s: request while parked, waking one replica", self.name)
+            self.desired.replicas = 1
+            self._desired_changed()
+        deadline = time.monotonic() + timeout_s
+        async with self._ready_changed:
+            while True:
+                replica = self.pick(exclude)
+                if replica is not None:
+                    return replica
+                if self.failed:
+                    raise NoReplicaError(f"{self.name} has no healthy replica: {self.last_error}")
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    raise NoReplicaError(
+                        f"{self.name}: no replica became ready within {timeout_s:.0f}s"
+                    )
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._ready_changed.wait(), remaining)
+
+    def release(self, replica: LiveReplica, latency_s: float | None, error: bool) -> None:
+        """Count a finished request and free its slot on `replica`."""
+        replica.in_flight -= 1
+        if replica.state is ReplicaState.DRAINING and replica.in_flight == 0:
+            replica.drained.set()
+        self.last_request = time.monotonic()
+        self.counters.requests_total += 1
+        if error:
+            self.counters.errors_total += 1
+        elif latency_s is not None:
+            self.latencies.append(latency_s)
+        self._changed()
+
+    def replica_failed(self, replica: LiveReplica) -> None:
+        """The gateway could not reach `replica`: check it now rather than at the next tick."""
+        replica.health_failures = HUNG_AFTER_FAILURES - 1
+        self._poke.set()
+
+    # -- the reconcile task ----------------------------------------------------------------
+
+    def start(self) -> None:
+        """Start the reconcile task."""
+        self._task = asyncio.create_task(self._run(), name=f"reconcile-{self.name}")
+
+    async def stop(self) -> None:
+        """Stop the reconcile task and every replica."""
+        if self._task:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+        for task in list(self._drains):
+            task.cancel()
+        await asyncio.gather(*(self._stop_replica(r, 2.0) for r in list(self.replicas)))
+
+    async def _run(self) -> None:
+        while True:
+            try:
+                await self._check_replicas()
+                self._maybe_park()
+                await self._reconcile()
+            except asyncio.CancelledError:
+                raise
+            except Exception:  # the loop must outlive any one bad step
+                log.exception("%s: reconcile step failed", self.name)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._poke.wait(), self.settings.health_interval_s)
+            self._poke.clear()
+
+    def _active(self) -> list[LiveReplica]:
+        return [r for r in self.replicas if r.state in (ReplicaState.STARTING, ReplicaState.READY)]
+
+    async def _reconcile(self) -> None:
+        if self.desired.precision != self.precision:
+            if self.ready or self.desired.replicas > 0:
+                await self._switch(self.desired.precision)
+            else:
+                await self._adopt_while_parked(self.desired.precision)
+            return
+        missing = self.desired.replicas - len(self._active())
+        if missing > 0:
+            if time.monotonic() < self._retry_at:
+                return
+            await self._scale_up(missing)
+        elif missing < 0:
+            self._scale_down(-missing)
+
+    async def _adopt_while_parked(self, precision: str) -> None:
+        # Nothing is running: build the variant now so the error (if any) shows at once and
+        # the next wake-up does not pay for the build.
+        self.switching = True
+        self._changed()
+        try:
+            await self.engine.prepare(precision)
+            self.precision = precision
+        except EngineError as exc:
+            self._switch_failed(precision, str(exc))
+        finally:
+            self.switching = False
+            self._changed()
+
+    async def _start_ready(self, precision: str, count: int) -> list[LiveReplica]:
+        """Start `count` replicas and wait until each is healthy; all or nothing."""
+
+        async def one() -> LiveReplica:
+            replica_id = f"{self.name}-{precision}-{secrets.token_hex(3)}"
+            replica = await self.engine.start_replica(precision, replica_id)
+            live = LiveReplica(replica)
+            self.replicas.append(live)
+            self._changed()
+            try:
+                await self.engine.wait_healthy(replica, self.engine_startup_timeout())
+            except BaseException:
+                await self._stop_replica(live, 1.0)
+                raise
+            return live
+
+        results = await asyncio.gather(*(one() for _ in range(count)), return_exceptions=True)
+        started = [r for r in results if isinstance(r, LiveReplica)]
+        errors = [r for r in results if isinstance(r, BaseException)]
+        if errors:
+            await asyncio.gather(*(self._stop_replica(r, 1.0) for r in started))
+            first = errors[0]
+            if isinstance(first, EngineError):
+                raise first
+            raise EngineError(f"{self.name}: replica start failed: {first!r}") from first
+        return started
+
+    def engine_startup_timeout(self) -> float:
+        """How long a new replica may take to become healthy."""
+        return self.config.startup_timeout_s
+
+    async def _scale_up(self, count: int) -> None:
+        try:
+            started = await self._start_ready(self.precision, count)
+        except EngineError as exc:
+            self._start_failed(str(exc))
+            return
+        await self._make_ready(started)
+
+    async def _make_ready(self, replicas: list[LiveReplica]) -> None:
+        for live in replicas:
+            live.state = ReplicaState.READY
+        self.ready = [r for r in self.replicas if r.state is ReplicaState.READY]
+        self.failed = False
+        async with self._ready_changed:
+            self._ready_changed.notify_all()
+        self._changed()
+
+    def _start_failed(self, message: str) -> None:
+        self.last_error = message
+        self._backoff_s = min(max(self._backoff_s * 2, BACKOFF_START_S), BACKOFF_CAP_S)
+        self._retry_at = time.monotonic() + self._backoff_s
+        if not self.ready:
+            self.failed = True
+        log.warning("%s: %s (retrying in %.0fs)", self.name, message, self._backoff_s)
+        self._changed()
+        asyncio.get_running_loop().create_task(self._wake_waiters())
+
+    async def _wake_waiters(self) -> None:
+        async with self._ready_changed:
+            self._ready_changed.notify_all()
+
+    def _scale_down(self, count: int) -> None:
+        # Retire the least busy replicas first: they drain soonest.
+        victims = sorted(
+            self._active(), key=lambda r: (r.state is ReplicaState.READY, r.in_flight)
+        )[:count]
+        self._retire(victims)
+
+    def _retire(self, victims: list[LiveReplica]) -> None:
+        for live in victims:
+            live.state = ReplicaState.DRAINING
+            if live.in_flight == 0:
+                live.drained.set()
+            task = asyncio.get_running_loop().create_task(self._drain(live))
+            self._drains.add(task)
+            task.add_done_callback(self._drains.discard)
+        self.ready = [r for r in self.replicas if r.state is ReplicaState.READY]
+        self._changed()
+
+    async def _drain(self, live: LiveReplica) -> None:
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(live.drained.wait(), self.settings.drain_timeout_s)
+        await self._collect_usage(live)
+        await self._stop_replica(live, 5.0)
+
+    async def _stop_replica(self, live: LiveReplica, grace_s: float) -> None:
+        live.state = ReplicaState.STOPPED
+        await self.engine.stop_replica(live.replica, grace_s)
+        if live in self.replicas:
+            self.replicas.remove(live)
+        self.ready = [r for r in self.replicas if r.state is ReplicaState.READY]
+        self._changed()
+
+    async def _switch(self, target: str) -> None:
+        """Zero-downtime precision switch: new replicas up and healthy before old ones go."""
+        self.switching = True
+        self.last_error = None
+        self._changed()
+        count = max(self.desired.replicas, 1 if self.ready else 0)
+        try:
+            log.info(
+                "%s: switching %s -> %s (%d replicas)", self.name, self.precision, target, count
+            )
+            await self.engine.prepare(target)
+            started = await self._start_ready(target, count) if count else []
+        except EngineError as exc:
+            self._switch_failed(target, str(exc))
+            self.switching = False
+            self._changed()
+            return
+        old = self._active()
+        old = [r for r in old if r not in started]
+        self.precision = target
+        await self._make_ready(started)
+        self._retire(old)
+        self.switching = False
+        self._backoff_s = 0.0
+        self._changed()
+
+    def _switch_failed(self, target: str, message: str) -> None:
+        log.warning("%s: switch to %s failed: %s", self.name, target, message)
+        self.last_error = f"switch to {target} failed: {message}"
+        # Keep serving what works, and do not retry a broken precision after a restart.
+        self.desired.precision = self.precision
+        self._persist()
+
+    async def _check_replicas(self) -> None:
+        now = time.monotonic()
+        for live in list(self.replicas):
+            if live.state is not ReplicaState.READY:
+                continue
+            if live.replica.exited():
+                code = live.replica.process.returncode if live.replica.process else None
+                self._crashed(
+                    live,
+                    f"replica {live.replica.id} exited with code {code}: "
+                    f"{live.replica.last_log_lines() or 'no output'}",
+                )
+                continue
+            if await self.engine.health(live.replica):
+                live.health_failures = 0
+                await self._collect_usage(live)
+                if self._backoff_s and now - live.replica.started_at > STABLE_AFTER_S:
+                    self._backoff_s = 0.0
+            else:
+                live.health_failures += 1
+                if live.health_failures >= HUNG_AFTER_FAILURES:
+                    self._crashed(
+                        live,
+                        f"replica {live.replica.id} failed "
+                        f"{live.health_failures} health checks; restarted",
+                    )
+                    await self.engine.stop_replica(live.replica, 1.0)
+
+    def _crashed(self, live: LiveReplica, message: str) -> None:
+        log.warning("%s: %s", self.name, message)
+        live.state = ReplicaState.FAILED
+        self.replicas.remove(live)
+        self.ready = [r for r in self.replicas if r.state is ReplicaState.READY]
+        self.restarts += 1
+        self.last_error = message
+        self._backoff_s = min(max(self._backoff_s * 2, BACKOFF_START_S), BACKOFF_CAP_S)
+        self._retry_at = time.monotonic() + self._backoff_s
+        self._changed()
+
+    async def _collect_usage(self, live: LiveReplica) -> None:
+        usage = await self.engine.read_usage(live.replica)
+        if usage is None:
+            return
+        seen = live.usage_seen
+        c = self.counters
+        c.prompt_tokens_total += _delta(usage.prompt_tokens, seen.prompt_tokens)
+        c.completion_tokens_total += _delta(usage.completion_tokens, seen.completion_tokens)
+        c.cached_prompt_tokens_total += _delta(
+            usage.cached_prompt_tokens, seen.cached_prompt_tokens
+        )
+        if usage != seen:
+            live.usage_seen = usage
+            self._changed()
+
+    def _maybe_park(self) -> None:
+        idle_after = self.config.idle_scale_to_zero_s
+        if idle_after is None or self.desired.replicas == 0:
+            return
+        if any(r.in_flight for r in self.replicas):
+            return
+        if time.monotonic() - self.last_request >= idle_after:
+            log.info("%s: idle for %.0fs, parking", self.name, idle_after)
+            self.desired.replicas = 0
+            self._desired_changed()
+
+    # -- reporting -------------------------------------------------------------------------
+
+    def state(self) -> DeploymentState:
+        """What the deployment is doing, derived from desired and actual replicas."""
+        if self.switching:
+            return DeploymentState.SWITCHING
+        active = self._active()
+        if self.failed and not self.ready:
+            return DeploymentState.FAILED
+        if self.desired.replicas == 0 and not self.replicas:
+            return DeploymentState.PARKED
+        if len(active) != self.desired.replicas or len(self.ready) != len(active):
+            return DeploymentState.SCALING
+        return DeploymentState.SERVING
+
+    def status(self) -> DeploymentStatus:
+        """The API view of this deployment."""
+        return DeploymentStatus(
+            name=self.name,
+            engine=self.engine.kind,
+            model=self.engine.model_label(),
+            precision=self.precision,
+            desired_precision=self.desired.precision,
+            available_precisions=self.engine.available_precisions(),
+            desired_replicas=self.desired.replicas,
+            ready_replicas=len(self.ready),
+            max_replicas=self.config.max_replicas,
+            state=self.state(),
+            last_error=self.last_error,
+            idle_scale_to_zero_s=self.config.idle_scale_to_zero_s,
+            idle_s=round(time.monotonic() - self.last_request, 3),
+            replicas=[r.status(self.restarts) for r in self.replicas],
+            counters=self.counters.model_copy(),
+            latency=_latency(self.latencies),
+        )
+
+
+def _delta(now: float | None, before: float | None) -> int:
+    if now is None:
+        return 0
+    if before is None or now < before:  # first reading, or the engine restarted its counters
+        return int(now)
+    return int(now - before)
+
+
+def _latency(samples: deque[float]) -> LatencySummary:
+    if not samples:
+        return LatencySummary()
+    ordered = sorted(samples)
+    n = len(ordered)
+    return LatencySummary(
+        p50_s=ordered[min(n - 1, int(0.50 * n))],
+        p95_s=ordered[min(n - 1, int(0.95 * n))],
+        window=n,
+    )

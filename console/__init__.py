@@ -1,0 +1,1 @@
+"""Everything the operator runs: the CLI commands (and later the Textual console)."""

@@ -1,0 +1,1 @@
+"""Engine adapters and model variants: llama.cpp replicas and OpenAI-compatible servers."""

@@ -1,0 +1,122 @@
+"""The llama.cpp engine: replicas of `llamacpp_worker` on loopback ports, one process each."""
+
+from __future__ import annotations
+
+import asyncio
+import sys
+from pathlib import Path
+
+import aiohttp
+
+from wattops.agents.api import PRECISIONS
+from wattops.engines import process
+from wattops.engines.base import EngineAdapter, EngineError, Replica
+from wattops.engines.variants import VariantStore, precision_of, quantizable_from
+
+
+class LlamaCppEngine(EngineAdapter):
+    """Runs llama.cpp (llama-cpp-python) replicas of one model at any precision.
+
+    Precisions come from ready-made files, from the base GGUF itself, or are quantized
+    from the base on demand and cached in the agent's variant store.
+    """
+
+    kind = "llamacpp"
+    manages_processes = True
+    switches_precision = True
+    builds_variants = True
+    reports_prefix_cache = True
+
+    def __init__(
+        self,
+        session: aiohttp.ClientSession,
+        *,
+        name: str,
+        base_model: Path | None,
+        files: dict[str, Path],
+        variants: VariantStore,
+        owner: Path,
+        log_dir: Path,
+        threads: int = 1,
+        context: int = 2048,
+        startup_timeout_s: float = 120.0,
+    ) -> None:
+        super().__init__(session)
+        self.name = name
+        self.base_model = base_model
+        self.files = dict(files)
+        self.variants = variants
+        self.owner = owner
+        self.log_dir = log_dir
+        self.threads = threads
+        self.context = context
+        self.startup_timeout_s = startup_timeout_s
+        self.base_precision = precision_of(base_model) if base_model else None
+
+    def available_precisions(self) -> list[str]:
+        names = set(self.files)
+        if self.base_precision:
+            names.update(quantizable_from(self.base_precision))
+        return [p for p in PRECISIONS if p in names]
+
+    def model_label(self) -> str:
+        if self.base_model:
+            return self.base_model.name
+        return next(iter(self.files.values())).name
+
+    async def model_path(self, precision: str) -> Path:
+        """The GGUF to load for `precision`, building the variant if needed."""
+        if precision in self.files:
+            return self.files[precision]
+        if self.base_model is None or precision not in self.available_precisions():
+            raise EngineError(
+                f"{self.name}: precision {precision!r} is not available; "
+                f"available: {', '.join(self.available_precisions())}"
+            )
+        if precision == self.base_precision:
+            return self.base_model
+        return await self.variants.ensure(self.base_model, precision, self.threads)
+
+    async def prepare(self, precision: str) -> None:
+        await self.model_path(precision)
+
+    async def start_replica(self, precision: str, replica_id: str) -> Replica:
+        path = await self.model_path(precision)
+        log_path = self.log_dir / f"{replica_id}.log"
+        argv = [
+            sys.executable,
+            "-m",
+            "wattops.engines.llamacpp_worker",
+            "--model",
+            str(path),
+            "--name",
+            self.name,
+            "--precision",
+            precision,
+            "--threads",
+            str(self.threads),
+            "--ctx",
+            str(self.context),
+        ]
+        proc = await process.spawn(argv, owner=self.owner, log_path=log_path, capture_stdout=True)
+        replica = Replica(
+            id=replica_id, precision=precision, url="", process=proc, log_path=log_path
+        )
+        assert proc.stdout is not None
+        try:
+            line = await asyncio.wait_for(proc.stdout.readline(), self.startup_timeout_s)
+        except TimeoutError:
+            await process.terminate(proc, 1.0)
+            raise EngineError(
+                f"replica {replica_id} did not load {path.name} within "
+                f"{self.startup_timeout_s:.0f}s: {replica.last_log_lines() or 'no output'}"
+            ) from None
+        parts = line.decode(errors="replace").split()
+        if len(parts) < 2 or parts[0] != "LISTENING":
+            await process.terminate(proc, 1.0)
+            raise EngineError(
+                f"replica {replica_id} failed to start on {path.name}: "
+                f"{replica.last_log_lines() or 'exit code ' + str(proc.returncode)}"
+            )
+        replica.url = f"http://127.0.0.1:{int(parts[1])}"
+        return replica

@@ -1,0 +1,367 @@
+"""One llama.cpp replica: a thin OpenAI-compatible HTTP server around `llama_cpp.Llama`.
+
+Run by the agent as its own OS process (`python -m wattops.engines.llamacpp_worker`), so a
+crash or a hang in native code takes down one replica, never the agent. llama-cpp-python's
+bundled server is not used because it does not report how many prompt tokens came from the
+KV (prefix) cache; this worker reports them as `usage.prompt_tokens_details.cached_tokens`,
+the OpenAI field, and exports llama-server-compatible Prometheus counters at /metrics.
+
+llama.cpp's context is not safe to share between threads, so requests are served one at a
+time by a single inference thread; concurrency comes from running more replicas.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import os
+import signal
+import sys
+import threading
+import time
+import uuid
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+import orjson
+from aiohttp import web
+from prometheus_client import CollectorRegistry, Counter, Gauge, generate_latest
+
+#: OpenAI sampling fields passed through to llama.cpp, with the type each must have.
+_NUMBER = (int, float)
+_PASSTHROUGH: dict[str, tuple[type, ...]] = {
+    "temperature": _NUMBER,
+    "top_p": _NUMBER,
+    "top_k": (int,),
+    "min_p": _NUMBER,
+    "max_tokens": (int,),
+    "seed": (int,),
+    "presence_penalty": _NUMBER,
+    "frequency_penalty": _NUMBER,
+    "repeat_penalty": _NUMBER,
+}
+
+
+class BadRequest(Exception):
+    """The request body is not something this worker can serve."""
+
+    def __init__(self, message: str, param: str | None = None) -> None:
+        super().__init__(message)
+        self.param = param
+
+
+def _error(status: int, message: str, param: str | None = None) -> web.Response:
+    body = {
+        "error": {"message": message, "type": "invalid_request_error", "param": param, "code": None}
+    }
+    return web.Response(status=status, body=orjson.dumps(body), content_type="application/json")
+
+
+class Worker:
+    """Owns the model and the single inference thread."""
+
+    def __init__(self, args: argparse.Namespace) -> None:
+        import llama_cpp  # heavy native import, done once the arguments are known
+
+        self.model_id = args.name
+        self.precision = args.precision
+        self.default_max_tokens = args.default_max_tokens
+        self.llm = llama_cpp.Llama(
+            model_path=args.model,
+            n_ctx=args.ctx,
+            n_threads=args.threads,
+            n_threads_batch=args.threads,
+            seed=args.seed,
+            verbose=False,
+        )
+        self.created = int(time.time())
+        self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="llama")
+        self.registry = CollectorRegistry()
+        # Names follow llama-server's /metrics so one parser reads both engines.
+        self.prompt_tokens = Counter(
+            "llamacpp:prompt_tokens", "Prompt tokens processed", registry=self.registry
+        )
+        self.predicted_tokens = Counter(
+            "llamacpp:tokens_predicted", "Generated tokens", registry=self.registry
+        )
+        self.processing = Gauge(
+            "llamacpp:requests_processing", "Requests being processed", registry=self.registry
+        )
+        self.cached_tokens = Counter(
+            "wattops:prompt_tokens_cached",
+            "Prompt tokens reused from the KV cache",
+            registry=self.registry,
+        )
+        self.requests = Counter("wattops:requests", "Answered requests", registry=self.registry)
+        self.busy = Counter(
+            "wattops:busy_seconds", "Seconds spent running the model", registry=self.registry
+        )
+
+    # -- request parsing -------------------------------------------------------------------
+
+    def _params(self, body: dict[str, Any], chat: bool) -> dict[str, Any]:
+        params: dict[str, Any] = {}
+        for key, types in _PASSTHROUGH.items():
+            if key in body and body[key] is not None:
+                value = body[key]
+                if isinstance(value, bool) or not isinstance(value, types):
+                    raise BadRequest(f"`{key}` must be a number", key)
+                params[key] = value
+        if params.get("max_tokens", 1) < 1:
+            raise BadRequest("`max_tokens` must be at least 1", "max_tokens")
+        params.setdefault("max_tokens", self.default_max_tokens)
+        if body.get("n", 1) != 1:
+            raise BadRequest("only n=1 is supported; run more replicas for throughput", "n")
+        stop = body.get("stop")
+        if stop is not None:
+            if isinstance(stop, str):
+                stop = [stop]
+            if not isinstance(stop, list) or not all(isinstance(s, str) for s in stop):
+                raise BadRequest("`stop` must be a string or a list of strings", "stop")
+            params["stop"] = stop
+        if chat:
+            messages = body.get("messages")
+            if not isinstance(messages, list) or not messages:
+                raise BadRequest("`messages` must be a non-empty list", "messages")
+            for msg in messages:
+                if not isinstance(msg, dict) or not isinstance(msg.get("role"), str):
+                    raise BadRequest("each message needs a string `role`", "messages")
+                if not isinstance(msg.get("content"), str | None):
+                    raise BadRequest("message `content` must be a string", "messages")
+            params["messages"] = messages
+        else:
+            prompt = body.get("prompt")
+            if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], str):
+                prompt = prompt[0]
+            if not isinstance(prompt, str):
+                raise BadRequest("`prompt` must be a string", "prompt")
+            params["prompt"] = prompt
+        return params
+
+    # -- inference (runs on the single inference thread) -----------------------------------
+
+    def _cached_prefix(self, before: list[int], prompt_tokens: int) -> int:
+        # llama.cpp keeps the KV of the previous sequence and re-evaluates only the part of
+        # the new prompt after the longest common prefix (always at least the last token).
+        after = self.llm.input_ids[:prompt_tokens].tolist()
+        n = 0
+        for a, b in zip(before, after[:-1], strict=False):
+            if a != b:
+                break
+            n += 1
+        return n
+
+    def complete(self, params: dict[str, Any], chat: bool) -> dict[str, Any]:
+        """Blocking: run one request to the end and return the OpenAI answer."""
+        started = time.perf_counter()
+        before = self.llm.input_ids[: self.llm.n_tokens].tolist()
+        try:
+            if chat:
+                result: Any = self.llm.create_chat_completion(**params)
+            else:
+                result = self.llm.create_completion(**params)
+        finally:
+            self.busy.inc(time.perf_counter() - started)
+        usage = result["usage"]
+        cached = self._cached_prefix(before, usage["prompt_tokens"])
+        usage["prompt_tokens_details"] = {"cached_tokens": cached}
+        result["model"] = self.model_id
+        self._count(usage)
+        return dict(result)
+
+    def stream(
+        self, params: dict[str, Any], chat: bool, emit: Any, cancelled: threading.Event
+    ) -> dict[str, Any]:
+        """Blocking: run one streaming request, calling `emit(chunk)` per chunk; returns usage."""
+        started = time.perf_counter()
+        before = self.llm.input_ids[: self.llm.n_tokens].tolist()
+        prompt_tokens = 0
+        completion_tokens = 0
+        try:
+            if chat:
+                chunks: Any = self.llm.create_chat_completion(**params, stream=True)
+            else:
+                chunks = self.llm.create_completion(**params, stream=True)
+            for chunk in chunks:
+                if cancelled.is_set():
+                    chunks.close()
+                    break
+                if prompt_tokens == 0:
+                    prompt_tokens = self.llm.n_tokens - 1 if self.llm.n_tokens else 0
+                chunk["model"] = self.model_id
+                choice = chunk["choices"][0] if chunk.get("choices") else {}
+                if choice.get("text") or (choice.get("delta") or {}).get("content"):
+                    completion_tokens += 1
+                emit(chunk)
+        finally:
+            self.busy.inc(time.perf_counter() - started)
+        # n_tokens counts prompt + generated tokens evaluated so far.
+        prompt_tokens = max(0, self.llm.n_tokens - completion_tokens)
+        usage = {
+            "prompt_tokens": prompt_tokens,
+            "completion_tokens": completion_tokens,
+            "total_tokens": prompt_tokens + completion_tokens,
+            "prompt_tokens_details": {"cached_tokens": self._cached_prefix(before, prompt_tokens)},
+        }
+        self._count(usage)
+        return usage
+
+    def _count(self, usage: dict[str, Any]) -> None:
+        self.requests.inc()
+        self.prompt_tokens.inc(usage["prompt_tokens"])
+        self.predicted_tokens.inc(usage["completion_tokens"])
+        self.cached_tokens.inc(usage["prompt_tokens_details"]["cached_tokens"])
+
+    # -- HTTP ------------------------------------------------------------------------------
+
+    async def health(self, request: web.Request) -> web.Response:
+        return web.json_response({"status": "ok", "precision": self.precision})
+
+    async def metrics(self, request: web.Request) -> web.Response:
+        return web.Response(body=generate_latest(self.registry), content_type="text/plain")
+
+    async def models(self, request: web.Request) -> web.Response:
+        data = [
+            {"id": self.model_id, "object": "model", "created": self.created, "owned_by": "wattops"}
+        ]
+        return web.json_response({"object": "list", "data": data})
+
+    async def chat_completions(self, request: web.Request) -> web.StreamResponse:
+        return await self._serve(request, chat=True)
+
+    async def completions(self, request: web.Request) -> web.StreamResponse:
+        return await self._serve(request, chat=False)
+
+    async def _serve(self, request: web.Request, chat: bool) -> web.StreamResponse:
+        try:
+            body = orjson.loads(await request.read())
+            if not isinstance(body, dict):
+                raise BadRequest("the body must be a JSON object")
+            params = self._params(body, chat)
+        except orjson.JSONDecodeError as exc:
+            return _error(400, f"the body is not valid JSON: {exc}")
+        except BadRequest as exc:
+            return _error(400, str(exc), exc.param)
+        loop = asyncio.get_running_loop()
+        self.processing.inc()
+        try:
+            if not body.get("stream"):
+                try:
+                    result = await loop.run_in_executor(self.executor, self.complete, params, chat)
+                except ValueError as exc:  # llama-cpp-python: prompt longer than the context
+                    return _error(400, str(exc))
+                return web.Response(body=orjson.dumps(result), content_type="application/json")
+            options = body.get("stream_options") or {}
+            include_usage = isinstance(options, dict) and bool(options.get("include_usage"))
+            return await self._stream(request, params, chat, include_usage)
+        finally:
+            self.processing.dec()
+
+    async def _stream(
+        self, request: web.Request, params: dict[str, Any], chat: bool, include_usage: bool
+    ) -> web.StreamResponse:
+        loop = asyncio.get_running_loop()
+        queue: asyncio.Queue[dict[str, Any] | None] = asyncio.Queue()
+        cancelled = threading.Event()
+
+        def emit(chunk: dict[str, Any]) -> None:
+            loop.call_soon_threadsafe(queue.put_nowait, chunk)
+
+        def run() -> dict[str, Any]:
+            try:
+                return self.stream(params, chat, emit, cancelled)
+            finally:
+                loop.call_soon_threadsafe(queue.put_nowait, None)
+
+        job = loop.run_in_executor(self.executor, run)
+        response = web.StreamResponse(
+            headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"}
+        )
+        first: dict[str, Any] | None = None
+        try:
+            await response.prepare(request)
+            while (chunk := await queue.get()) is not None:
+                first = first or chunk
+                await response.write(b"data: " + orjson.dumps(chunk) + b"\n\n")
+            usage = await job
+            if include_usage and first is not None:
+                tail = {
+                    "id": first["id"],
+                    "object": first["object"],
+                    "created": first["created"],
+                    "model": self.model_id,
+                    "choices": [],
+                    "usage": usage,
+                }
+                await response.write(b"data: " + orjson.dumps(tail) + b"\n\n")
+            await response.write(b"data: [DONE]\n\n")
+            await response.write_eof()
+        except (ConnectionResetError, asyncio.CancelledError):
+            cancelled.set()  # the client went away: stop generating for it
+            with contextlib.suppress(Exception):
+                await job
+            raise
+        except ValueError as exc:
+            cancelled.set()
+            if not response.prepared:
+                return _error(400, str(exc))
+        return response
+
+
+def build_app(worker: Worker) -> web.Application:
+    """The worker's aiohttp application."""
+    app = web.Application(client_max_size=16 * 2**20)
+    app.router.add_get("/health", worker.health)
+    app.router.add_get("/metrics", worker.metrics)
+    app.router.add_get("/v1/models", worker.models)
+    app.router.add_post("/v1/chat/completions", worker.chat_completions)
+    app.router.add_post("/v1/completions", worker.completions)
+    return app
+
+
+async def _serve(args: argparse.Namespace) -> None:
+    worker = Worker(args)
+    runner = web.AppRunner(build_app(worker), access_log=None, handle_signals=False)
+    await runner.setup()
+    site = web.TCPSite(runner, args.host, args.port, reuse_address=True)
+    await site.start()
+    port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+    # The agent reads this line to learn the port; the model is loaded by now.
+    print(f"LISTENING {port} {uuid.uuid4().hex}", flush=True)
+    # Nobody reads stdout after the handshake: send anything else printed to the log.
+    os.dup2(2, 1)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+    await runner.cleanup()
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Entry point: `python -m wattops.engines.llamacpp_worker --model M.gguf ...`."""
+    parser = argparse.ArgumentParser(prog="wattops.engines.llamacpp_worker")
+    parser.add_argument("--model", required=True)
+    parser.add_argument("--name", required=True, help="model id reported to clients")
+    parser.add_argument("--precision", default="unknown")
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--port", type=int, default=0, help="0: pick a free port")
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--ctx", type=int, default=2048)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--default-max-tokens", type=int, default=256)
+    args = parser.parse_args(argv)
+    try:
+        import uvloop
+
+        uvloop.install()
+    except ImportError:
+        pass
+    with contextlib.suppress(KeyboardInterrupt):
+        asyncio.run(_serve(args))
+    sys.exit(0)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,183 @@
+"""Model variants: a deployment's base GGUF quantized to other precisions, built on demand.
+
+Variants are built with llama.cpp's own quantizer in a child process (a crash in native code
+must not take the agent down), written to a temporary file, checked, and renamed into place,
+so a half-written or corrupt file is never served.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import ctypes
+import hashlib
+import os
+import sys
+from pathlib import Path
+
+from wattops.agents.api import BASE_PRECISIONS, PRECISIONS
+from wattops.engines.base import EngineError
+
+# gguf's LlamaFileType member names for the precisions whose name differs from the pattern.
+_FILE_TYPE_NAMES = {"f32": "ALL_F32"}
+
+
+class CorruptModelError(EngineError):
+    """A GGUF file is truncated or not a GGUF file at all."""
+
+
+def _file_type_name(precision: str) -> str:
+    return _FILE_TYPE_NAMES.get(precision, "MOSTLY_" + precision.upper())
+
+
+def check_gguf(path: Path) -> int:
+    """Check that `path` is a complete GGUF file; returns its general.file_type.
+
+    Raises CorruptModelError naming the file if the header cannot be parsed or a tensor's
+    data would lie past the end of the file (a truncated write).
+    """
+    import gguf  # imported here: reading the module costs ~0.2 s and few callers need it
+
+    try:
+        reader = gguf.GGUFReader(path)
+    except Exception as exc:  # the reader raises ValueError, struct.error, IndexError...
+        raise CorruptModelError(f"{path}: not a readable GGUF file ({exc})") from None
+    size = path.stat().st_size
+    for tensor in reader.tensors:
+        if tensor.data_offset + tensor.n_bytes > size:
+            raise CorruptModelError(f"{path}: truncated (tensor {tensor.name} runs past the end)")
+    field = reader.fields.get("general.file_type")
+    if field is None:
+        return int(gguf.LlamaFileType.MOSTLY_F16)
+    return int(field.parts[field.data[0]][0])
+
+
+def precision_of(path: Path) -> str:
+    """The precision name of a GGUF file, from its general.file_type."""
+    import gguf
+
+    value = check_gguf(path)
+    try:
+        name = gguf.LlamaFileType(value).name
+    except ValueError:
+        raise EngineError(f"{path}: unknown llama.cpp file type {value}") from None
+    for precision in PRECISIONS:
+        if _file_type_name(precision) == name:
+            return precision
+    raise EngineError(f"{path}: file type {name} is not one wattops serves")
+
+
+def quantizable_from(base: str) -> list[str]:
+    """Precisions that can be built from a base of precision `base`, best first."""
+    if base not in BASE_PRECISIONS:
+        return [base]
+    return [base] + [p for p in PRECISIONS if p not in BASE_PRECISIONS]
+
+
+def quantize(source: Path, target: Path, precision: str, threads: int = 0) -> None:
+    """Quantize `source` into `target` at `precision`, atomically (blocking).
+
+    Raises EngineError for an unknown precision or when llama.cpp's quantizer fails.
+    """
+    if precision not in PRECISIONS:
+        raise EngineError(f"unknown precision {precision!r}; allowed: {', '.join(PRECISIONS)}")
+    import llama_cpp
+
+    ftype = getattr(llama_cpp, "LLAMA_FTYPE_" + _file_type_name(precision), None)
+    if ftype is None:
+        raise EngineError(f"this llama.cpp build cannot produce {precision}")
+    check_gguf(source)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp")
+    params = llama_cpp.llama_model_quantize_default_params()
+    params.ftype = ftype
+    params.nthread = threads
+    try:
+        rc = llama_cpp.llama_model_quantize(
+            str(source).encode(), str(tmp).encode(), ctypes.byref(params)
+        )
+        if rc != 0 or not tmp.exists():
+            raise EngineError(f"llama.cpp could not quantize {source} to {precision} (code {rc})")
+        check_gguf(tmp)
+        with tmp.open("rb+") as fh:
+            os.fsync(fh.fileno())
+        os.replace(tmp, target)
+        _fsync_dir(target.parent)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+class VariantStore:
+    """The agent's cache of built variants under `<state_dir>/variants`."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self._locks: dict[Path, asyncio.Lock] = {}
+
+    def path_for(self, base: Path, precision: str) -> Path:
+        """Where the `precision` variant of `base` lives; keyed by the base's identity."""
+        stat = base.stat()
+        key = hashlib.sha256(f"{base.resolve()}|{stat.st_size}|{stat.st_mtime_ns}".encode())
+        return self.root / key.hexdigest()[:16] / f"{base.stem}.{precision}.gguf"
+
+    async def ensure(self, base: Path, precision: str, threads: int = 0) -> Path:
+        """The variant's path, building it first (in a child process) if it is missing."""
+        try:
+            target = self.path_for(base, precision)
+        except OSError as exc:
+            raise EngineError(f"base model {base}: {exc.strerror}") from None
+        lock = self._locks.setdefault(target, asyncio.Lock())
+        async with lock:
+            if target.exists():
+                try:
+                    await asyncio.to_thread(check_gguf, target)
+                    return target
+                except CorruptModelError:
+                    target.unlink(missing_ok=True)  # rebuilt below
+            proc = await asyncio.create_subprocess_exec(
+                sys.executable,
+                "-m",
+                "wattops.engines.variants",
+                str(base),
+                str(target),
+                precision,
+                "--threads",
+                str(threads),
+                stdin=asyncio.subprocess.DEVNULL,
+                stdout=asyncio.subprocess.PIPE,
+                stderr=asyncio.subprocess.STDOUT,
+            )
+            output, _ = await proc.communicate()
+            if proc.returncode != 0:
+                lines = output.decode("utf-8", "replace").strip().splitlines()
+                reason = lines[-1] if lines else f"exit code {proc.returncode}"
+                raise EngineError(f"building {precision} from {base.name} failed: {reason}")
+            return target
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python -m wattops.engines.variants BASE TARGET PRECISION`: the agent's build step."""
+    parser = argparse.ArgumentParser(prog="wattops.engines.variants")
+    parser.add_argument("source", type=Path)
+    parser.add_argument("target", type=Path)
+    parser.add_argument("precision", choices=PRECISIONS)
+    parser.add_argument("--threads", type=int, default=0)
+    args = parser.parse_args(argv)
+    try:
+        quantize(args.source, args.target, args.precision, args.threads)
+    except EngineError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,243 @@
+"""Shared fixtures: the generated test model and real `wattops-agent` processes on loopback."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+AGENT_BIN = Path(sys.executable).with_name("wattops-agent")
+TOKEN = "s3cret-operator-token"
+
+
+@pytest.fixture(scope="session")
+def test_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The `test`-size GGUF: the one `make` generated, or a fresh one."""
+    made = ROOT / "models" / "test.gguf"
+    if made.exists():
+        return made
+    from wattops.engines.tiny_model import write_tiny_model
+
+    return write_tiny_model(tmp_path_factory.mktemp("models") / "test.gguf", "test")
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def wait_for(predicate: Callable[[], Any], timeout: float = 60.0, what: str = "condition") -> Any:
+    """Poll `predicate` until it returns something truthy; fail the test after `timeout`."""
+    deadline = time.monotonic() + timeout
+    last_error: Exception | None = None
+    while time.monotonic() < deadline:
+        try:
+            value = predicate()
+            if value:
+                return value
+        except (httpx.HTTPError, KeyError, IndexError) as exc:
+            last_error = exc
+        time.sleep(0.1)
+    raise AssertionError(
+        f"timed out after {timeout}s waiting for {what} (last error: {last_error})"
+    )
+
+
+@dataclass
+class Agent:
+    """A real wattops-agent subprocess and an HTTP client for it."""
+
+    config_path: Path
+    state_dir: Path
+    port: int
+    token: str | None
+    proc: subprocess.Popen[bytes] | None = None
+    client: httpx.Client = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.client = httpx.Client(base_url=self.url, timeout=120)
+
+    def start(self, wait_ready: bool = True) -> Agent:
+        log = (self.state_dir.parent / "agent.log").open("ab")
+        self.proc = subprocess.Popen(
+            [str(AGENT_BIN), "--config", str(self.config_path), "--log-level", "info"],
+            stdout=log,
+            stderr=log,
+        )
+        wait_for(self._healthy, 60, "agent /healthz")
+        if wait_ready:
+            self.wait_converged()
+        return self
+
+    def _healthy(self) -> bool:
+        assert self.proc is not None
+        if self.proc.poll() is not None:
+            raise AssertionError(f"agent exited with {self.proc.returncode}: {self.log_tail()}")
+        return self.client.get("/healthz").status_code == 200
+
+    def log_tail(self) -> str:
+        path = self.state_dir.parent / "agent.log"
+        return path.read_text(errors="replace")[-3000:] if path.exists() else ""
+
+    def node(self) -> dict[str, Any]:
+        resp = self.client.get("/v1/node")
+        resp.raise_for_status()
+        return resp.json()  # type: ignore[no-any-return]
+
+    def deployment(self, name: str = "tiny") -> dict[str, Any]:
+        return next(d for d in self.node()["deployments"] if d["name"] == name)
+
+    def wait_converged(self, name: str | None = None, timeout: float = 90) -> dict[str, Any]:
+        """Wait until deployments serve their desired precision and replicas, nothing more."""
+
+        def done() -> dict[str, Any] | None:
+            deps = self.node()["deployments"]
+            for dep in deps:
+                if name and dep["name"] != name:
+                    continue
+                if dep["state"] not in ("serving", "parked"):
+                    return None
+                if dep["precision"] != dep["desired_precision"]:
+                    return None
+                if len(dep["replicas"]) != dep["desired_replicas"]:
+                    return None
+            return deps[0] if name is None else next(d for d in deps if d["name"] == name)
+
+        return wait_for(done, timeout, f"deployment {name or 'all'} to converge")  # type: ignore[no-any-return]
+
+    def control(self, path: str, body: Any, token: str | None = "default") -> httpx.Response:
+        headers = {}
+        tok = self.token if token == "default" else token
+        if tok:
+            headers["Authorization"] = f"Bearer {tok}"
+        return self.client.post(path, json=body, headers=headers)
+
+    def chat(self, content: str, **extra: Any) -> httpx.Response:
+        body = {
+            "model": "tiny",
+            "messages": [{"role": "user", "content": content}],
+            "max_tokens": 8,
+            **extra,
+        }
+        return self.client.post("/v1/chat/completions", json=body)
+
+    def stop(self, sig: int = signal.SIGTERM) -> None:
+        if self.proc is None or self.proc.poll() is not None:
+            return
+        self.proc.send_signal(sig)
+        try:
+            self.proc.wait(30)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+
+
+def replica_pids(state_dir: Path) -> list[int]:
+    """Live processes carrying this agent's replica marker (see engines/process.py)."""
+    from wattops.engines.process import find_orphans
+
+    return find_orphans(state_dir.resolve())
+
+
+DEFAULT_DEPLOYMENT = {
+    "name": "tiny",
+    "engine": "llamacpp",
+    "precision": "q8_0",
+    "replicas": 1,
+    "max_replicas": 3,
+    "threads": 1,
+    "context": 512,
+}
+
+
+def render_toml(
+    agent: dict[str, Any], deployments: list[dict[str, Any]], cache: dict[str, Any] | None = None
+) -> str:
+    """A tiny TOML writer for the flat tables these tests use."""
+
+    def value(v: Any) -> str:
+        if isinstance(v, bool):
+            return "true" if v else "false"
+        if isinstance(v, int | float):
+            return repr(v)
+        if isinstance(v, list):
+            return "[" + ", ".join(value(x) for x in v) + "]"
+        return '"' + str(v).replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+    lines = ["[agent]"] + [f"{k} = {value(v)}" for k, v in agent.items()]
+    if cache:
+        lines += ["", "[cache]"] + [f"{k} = {value(v)}" for k, v in cache.items()]
+    for dep in deployments:
+        lines += ["", "[[deployments]]"]
+        tables = {k: v for k, v in dep.items() if isinstance(v, dict)}
+        lines += [f"{k} = {value(v)}" for k, v in dep.items() if not isinstance(v, dict)]
+        for tname, table in tables.items():
+            lines += [f"[deployments.{tname}]"] + [f"{k} = {value(v)}" for k, v in table.items()]
+    return "\n".join(lines) + "\n"
+
+
+@pytest.fixture
+def make_agent(tmp_path: Path, test_model: Path) -> Iterator[Callable[..., Agent]]:
+    """Factory: `make_agent(token=..., **deployment_overrides)` starts a real agent."""
+    agents: list[Agent] = []
+
+    def make(
+        *,
+        token: str | None = None,
+        deployments: list[dict[str, Any]] | None = None,
+        agent_extra: dict[str, Any] | None = None,
+        cache: dict[str, Any] | None = None,
+        start: bool = True,
+        **overrides: Any,
+    ) -> Agent:
+        state_dir = tmp_path / f"agent{len(agents)}" / "state"
+        state_dir.parent.mkdir(parents=True)
+        port = free_port()
+        agent_table: dict[str, Any] = {
+            "node": f"test-node-{len(agents)}",
+            "listen": f"127.0.0.1:{port}",
+            "state_dir": str(state_dir),
+            "health_interval_s": 0.5,
+            "wake_timeout_s": 60,
+            **(agent_extra or {}),
+        }
+        if token:
+            agent_table["token"] = token
+        if deployments is None:
+            deployments = [{**DEFAULT_DEPLOYMENT, "model": str(test_model), **overrides}]
+        config_path = state_dir.parent / "agent.toml"
+        config_path.write_text(render_toml(agent_table, deployments, cache))
+        agent = Agent(config_path, state_dir, port, token)
+        agents.append(agent)
+        if start:
+            agent.start()
+        return agent
+
+    yield make
+    for agent in agents:
+        agent.stop()
+        agent.client.close()
+        # Nothing the agent started may outlive it.
+        wait_for(lambda a=agent: not replica_pids(a.state_dir), 15, "replicas to exit")
+
+
+@pytest.fixture
+def agent(make_agent: Callable[..., Agent]) -> Agent:
+    """One agent serving the test model as deployment `tiny` at q8_0, one replica."""
+    return make_agent()
+
+
+os.environ.setdefault("PYTHONUNBUFFERED", "1")

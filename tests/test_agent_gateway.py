@@ -1,0 +1,164 @@
+"""The gateway against real llama.cpp replicas: answers, usage, streaming, response cache."""
+
+from __future__ import annotations
+
+import json
+
+import httpx
+
+from tests.conftest import Agent, wait_for
+
+
+def test_chat_completion_answers_with_usage(agent: Agent) -> None:
+    resp = agent.chat("Say something about watts.", temperature=0)
+    assert resp.status_code == 200, resp.text
+    body = resp.json()
+    assert body["model"] == "tiny"
+    assert body["choices"][0]["message"]["role"] == "assistant"
+    usage = body["usage"]
+    assert usage["prompt_tokens"] > 0
+    assert 0 < usage["completion_tokens"] <= 8
+    assert usage["total_tokens"] == usage["prompt_tokens"] + usage["completion_tokens"]
+    assert "cached_tokens" in usage["prompt_tokens_details"]
+
+
+def test_shared_prefix_is_reported_as_cached_prompt_tokens(agent: Agent) -> None:
+    prefix = "You are a terse assistant for an on-call engineer. " * 4
+    first = agent.chat(prefix + "First question?", temperature=0.7).json()["usage"]
+    second = agent.chat(prefix + "Second question?", temperature=0.7).json()["usage"]
+    # The second prompt shares the system text, so llama.cpp reuses that part of its KV cache.
+    assert second["prompt_tokens_details"]["cached_tokens"] > 20
+    assert second["prompt_tokens_details"]["cached_tokens"] < second["prompt_tokens"]
+    assert (
+        first["prompt_tokens_details"]["cached_tokens"]
+        < second["prompt_tokens_details"]["cached_tokens"]
+    )
+    wait_for(
+        lambda: agent.deployment()["counters"]["cached_prompt_tokens_total"] > 20,
+        10,
+        "cached prompt tokens in the snapshot",
+    )
+
+
+def test_text_completion_answers(agent: Agent) -> None:
+    resp = agent.client.post(
+        "/v1/completions", json={"model": "tiny", "prompt": "Once upon", "max_tokens": 4}
+    )
+    assert resp.status_code == 200, resp.text
+    body = resp.json()
+    assert body["object"] == "text_completion"
+    assert body["usage"]["completion_tokens"] <= 4
+
+
+def test_streaming_chat_relays_chunks_then_done(agent: Agent) -> None:
+    body = {
+        "model": "tiny",
+        "stream": True,
+        "max_tokens": 6,
+        "temperature": 0.5,
+        "stream_options": {"include_usage": True},
+        "messages": [{"role": "user", "content": "stream please"}],
+    }
+    events = []
+    with agent.client.stream("POST", "/v1/chat/completions", json=body) as resp:
+        assert resp.status_code == 200
+        assert resp.headers["content-type"].startswith("text/event-stream")
+        for line in resp.iter_lines():
+            if line.startswith("data: "):
+                events.append(line.removeprefix("data: "))
+    assert events[-1] == "[DONE]"
+    chunks = [json.loads(e) for e in events[:-1]]
+    assert all(c["object"] == "chat.completion.chunk" for c in chunks)
+    content = [c for c in chunks if c["choices"] and c["choices"][0]["delta"].get("content")]
+    assert content, "no content chunks were relayed"
+    usage = chunks[-1]["usage"]
+    assert usage["completion_tokens"] == len(content)
+    assert usage["prompt_tokens"] > 0
+
+
+def test_repeated_deterministic_request_is_a_cache_hit(agent: Agent) -> None:
+    first = agent.chat("cache me", temperature=0)
+    second = agent.chat("cache me", temperature=0)
+    assert first.headers["x-cache"] == "miss"
+    assert second.headers["x-cache"] == "hit"
+    assert second.json() == first.json()
+    # Sampling requests are never served from the cache.
+    sampled = agent.chat("cache me", temperature=0.8)
+    assert sampled.headers["x-cache"] == "miss"
+    counters = agent.deployment()["counters"]
+    assert counters["cache_hits_total"] == 1
+    assert counters["cache_misses_total"] == 1
+
+
+def test_streamed_answers_are_cached_and_replayed(agent: Agent) -> None:
+    body = {
+        "model": "tiny",
+        "stream": True,
+        "max_tokens": 5,
+        "temperature": 0,
+        "messages": [{"role": "user", "content": "replay"}],
+    }
+    first = agent.client.post("/v1/chat/completions", json=body)
+    second = agent.client.post("/v1/chat/completions", json=body)
+    assert (first.headers["x-cache"], second.headers["x-cache"]) == ("miss", "hit")
+    assert second.text == first.text
+    assert second.text.rstrip().endswith("data: [DONE]")
+
+
+def test_models_lists_deployments(agent: Agent) -> None:
+    data = agent.client.get("/v1/models").json()["data"]
+    assert [m["id"] for m in data] == ["tiny"]
+
+
+def test_unknown_model_is_404_naming_what_is_served(agent: Agent) -> None:
+    resp = agent.client.post("/v1/chat/completions", json={"model": "nope", "messages": []})
+    assert resp.status_code == 404
+    assert "tiny" in resp.json()["error"]["message"]
+
+
+def test_malformed_inference_body_is_400(agent: Agent) -> None:
+    resp = agent.client.post(
+        "/v1/chat/completions", content=b"{not json", headers={"Content-Type": "application/json"}
+    )
+    assert resp.status_code == 400
+    assert "JSON" in resp.json()["error"]["message"]
+    bad = agent.client.post("/v1/chat/completions", json={"model": "tiny", "messages": "hi"})
+    assert bad.status_code == 400
+    assert "messages" in bad.json()["error"]["message"]
+
+
+def test_events_stream_pushes_snapshots(agent: Agent) -> None:
+    with (
+        httpx.Client(base_url=agent.url, timeout=30) as client,
+        client.stream("GET", "/v1/events") as resp,
+    ):
+        assert resp.status_code == 200
+        lines = resp.iter_lines()
+        snapshot = None
+        for line in lines:
+            if line.startswith("data: "):
+                snapshot = json.loads(line.removeprefix("data: "))
+                break
+        assert snapshot is not None
+        assert snapshot["deployments"][0]["name"] == "tiny"
+        # A change (a request) produces a newer snapshot on the same stream.
+        agent.chat("tick", temperature=0.3)
+        for line in lines:
+            if line.startswith("data: "):
+                newer = json.loads(line.removeprefix("data: "))
+                if newer["version"] > snapshot["version"]:
+                    break
+        assert newer["deployments"][0]["counters"]["requests_total"] >= 1
+
+
+def test_openapi_documents_control_and_inference(agent: Agent) -> None:
+    paths = agent.client.get("/openapi.json").json()["paths"]
+    for path in (
+        "/v1/node",
+        "/v1/events",
+        "/v1/deployments/{name}/scale",
+        "/v1/deployments/{name}/precision",
+        "/v1/chat/completions",
+        "/healthz",
+    ):
+        assert path in paths

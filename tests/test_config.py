@@ -1,0 +1,93 @@
+"""The agent configuration: a bad file names the file, the field and what is allowed."""
+
+from __future__ import annotations
+
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import AGENT_BIN
+from wattops.agents.config import ConfigError, load_config
+
+
+def write(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / "agent.toml"
+    path.write_text(text)
+    return path
+
+
+GOOD = """
+[agent]
+listen = "127.0.0.1:9000"
+state_dir = "st"
+
+[[deployments]]
+name = "tiny"
+engine = "llamacpp"
+model = "m.gguf"
+precision = "q4_k_m"
+replicas = 2
+max_replicas = 4
+"""
+
+
+def test_a_good_config_resolves_paths_against_its_folder(tmp_path: Path) -> None:
+    config = load_config(write(tmp_path, GOOD))
+    assert config.agent.port == 9000
+    assert config.agent.state_dir == (tmp_path / "st").resolve()
+    dep = config.deployment("tiny")
+    assert dep.model == str((tmp_path / "m.gguf").resolve())
+    assert (dep.replicas, dep.max_replicas, dep.precision) == (2, 4, "q4_k_m")
+
+
+@pytest.mark.parametrize(
+    ("change", "expected"),
+    [
+        (('precision = "q4_k_m"', 'precision = "q9"'), ["deployments.0.precision", "q4_k_m"]),
+        (("replicas = 2", "replicas = 9"), ["exceeds max_replicas"]),
+        (('engine = "llamacpp"', 'engine = "tgi"'), ["deployments.0.engine", "'llamacpp'"]),
+        (('listen = "127.0.0.1:9000"', 'listen = "nowhere"'), ["agent.listen", "host:port"]),
+        (('name = "tiny"', 'name = "Tiny Model"'), ["deployments.0.name"]),
+        (("max_replicas = 4", "max_replica = 4"), ["deployments.0.max_replica", "not permitted"]),
+    ],
+)
+def test_bad_fields_are_named(tmp_path: Path, change: tuple[str, str], expected: list[str]) -> None:
+    path = write(tmp_path, GOOD.replace(*change))
+    with pytest.raises(ConfigError) as info:
+        load_config(path)
+    message = str(info.value)
+    assert str(path) in message
+    for part in expected:
+        assert part in message
+
+
+def test_openai_engine_needs_url_or_command(tmp_path: Path) -> None:
+    text = '[[deployments]]\nname = "v"\nengine = "openai"\n'
+    with pytest.raises(ConfigError, match="exactly one of `url` or `command`"):
+        load_config(write(tmp_path, text))
+
+
+def test_invalid_toml_is_reported_with_its_position(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match=r"not valid TOML.*line 1"):
+        load_config(write(tmp_path, "[agent\n"))
+
+
+def test_the_agent_refuses_a_bad_config_with_exit_2(tmp_path: Path) -> None:
+    path = write(tmp_path, GOOD.replace("replicas = 2", "replicas = -1"))
+    result = subprocess.run(
+        [str(AGENT_BIN), "--config", str(path)], capture_output=True, text=True, timeout=60
+    )
+    assert result.returncode == 2
+    assert "deployments.0.replicas" in result.stderr
+    assert str(path) in result.stderr
+
+
+def test_the_agent_refuses_a_missing_model(tmp_path: Path) -> None:
+    path = write(tmp_path, GOOD)
+    result = subprocess.run(
+        [str(AGENT_BIN), "--config", str(path)], capture_output=True, text=True, timeout=60
+    )
+    assert result.returncode == 2
+    assert "deployments.tiny.model" in result.stderr
+    assert "m.gguf" in result.stderr

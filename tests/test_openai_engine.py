@@ -1,0 +1,134 @@
+"""The generic OpenAI-compatible engine, launched from an argv template and attached by URL.
+
+No vLLM or llama-server can run here, so the server behind it is wattops's own llama.cpp
+worker, which speaks the same OpenAI HTTP API and exports llama-server's metric names.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import Agent, free_port, wait_for
+from wattops.engines.base import EngineError
+from wattops.engines.openai_server import OpenAIServerEngine
+
+
+def worker_argv(model: str, port: str, name: str, precision: str) -> list[str]:
+    return [
+        sys.executable,
+        "-m",
+        "wattops.engines.llamacpp_worker",
+        "--model",
+        model,
+        "--port",
+        port,
+        "--name",
+        name,
+        "--precision",
+        precision,
+        "--ctx",
+        "512",
+    ]
+
+
+@pytest.fixture
+def running_server(test_model: Path) -> Iterator[str]:
+    port = free_port()
+    proc = subprocess.Popen(
+        worker_argv(str(test_model), str(port), "attached", "f16"), stdout=subprocess.DEVNULL
+    )
+    import httpx
+
+    url = f"http://127.0.0.1:{port}"
+    wait_for(lambda: httpx.get(url + "/health").status_code == 200, 60, "attached server")
+    yield url
+    proc.terminate()
+    proc.wait(10)
+
+
+def test_launched_and_attached_servers_serve_through_the_gateway(
+    make_agent: Callable[..., Agent], test_model: Path, running_server: str
+) -> None:
+    launched = {
+        "name": "gpu",
+        "engine": "openai",
+        "model": str(test_model),
+        "precision": "f16",
+        "command": worker_argv("{model}", "{port}", "gpu", "{precision}"),
+        "replicas": 1,
+        "max_replicas": 2,
+    }
+    attached = {
+        "name": "remote",
+        "engine": "openai",
+        "url": running_server,
+        "precision": "f16",
+        "replicas": 1,
+        "max_replicas": 1,
+    }
+    agent = make_agent(deployments=[launched, attached])
+    for name in ("gpu", "remote"):
+        body = {
+            "model": name,
+            "max_tokens": 4,
+            "temperature": 0.4,
+            "messages": [{"role": "user", "content": "hello there"}],
+        }
+        resp = agent.client.post("/v1/chat/completions", json=body)
+        assert resp.status_code == 200, resp.text
+    # Token counters come from the servers' Prometheus metrics.
+    wait_for(
+        lambda: all(
+            d["counters"]["completion_tokens_total"] > 0 for d in agent.node()["deployments"]
+        ),
+        15,
+        "engine token counters",
+    )
+    # A launched server scales like any replica; an attached one cannot.
+    assert agent.control("/v1/deployments/gpu/scale", {"replicas": 2}).status_code == 202
+    assert agent.wait_converged("gpu")["ready_replicas"] == 2
+    resp = agent.control("/v1/deployments/remote/scale", {"replicas": 2})
+    assert resp.status_code == 422
+    resp = agent.control("/v1/deployments/remote/precision", {"precision": "q4_0"})
+    assert resp.status_code == 422
+    assert resp.json()["allowed"] == ["f16"]
+
+
+def test_command_template_is_filled_per_argument_never_through_a_shell(tmp_path: Path) -> None:
+    engine = OpenAIServerEngine(
+        None,  # type: ignore[arg-type]  # no HTTP needed to render argv
+        name="v",
+        model="meta-llama/Llama-2-13b-hf; rm -rf /",
+        precision="f16",
+        precisions=["f16"],
+        url=None,
+        command=["vllm", "serve", "{model}", "--port={port}", "--dtype", "{precision}"],
+        owner=tmp_path,
+        log_dir=tmp_path,
+    )
+    assert engine.argv("f16", 8001) == [
+        "vllm",
+        "serve",
+        "meta-llama/Llama-2-13b-hf; rm -rf /",
+        "--port=8001",
+        "--dtype",
+        "f16",
+    ]
+    bad = OpenAIServerEngine(
+        None,  # type: ignore[arg-type]
+        name="v",
+        model="m",
+        precision="f16",
+        precisions=["f16"],
+        url=None,
+        command=["serve", "{port}", "{gpu}"],
+        owner=tmp_path,
+        log_dir=tmp_path,
+    )
+    with pytest.raises(EngineError, match="placeholders allowed"):
+        bad.argv("f16", 1)
