@@ -116,10 +116,9 @@ class Gateway:
             key = cache_key(deployment.name, deployment.precision, endpoint, body)
             hit = self.cache.get(key)
             if hit is not None:
-                deployment.last_request = time.monotonic()
-                deployment.counters.cache_hits_total += 1
+                deployment.record_cache(hit=True)
                 return Response(hit.body, media_type=hit.content_type, headers={"X-Cache": "hit"})
-            deployment.counters.cache_misses_total += 1
+            deployment.record_cache(hit=False)
         return await self._forward(deployment, endpoint, raw, body, key)
 
     async def _forward(
@@ -145,7 +144,6 @@ class Gateway:
                     timeout=self.timeout,
                 )
             except _RETRYABLE as exc:
-                deployment.release(replica, None, error=True)
                 deployment.replica_failed(replica)
                 failed = replica
                 if attempt == 2:

@@ -45,7 +45,7 @@ def is_cacheable(body: dict[str, Any]) -> bool:
         isinstance(temperature, int | float)
         and not isinstance(temperature, bool)
         and temperature == 0
-        and body.get("n", 1) == 1
+        and body.get("n") in (None, 1)
     )
 
 

@@ -222,8 +222,22 @@ class Deployment:
             self.latencies.append(latency_s)
         self._changed()
 
+    def record_cache(self, hit: bool) -> None:
+        """Count a cacheable request; a hit is also an answered request (no engine involved)."""
+        if hit:
+            self.last_request = time.monotonic()
+            self.counters.cache_hits_total += 1
+            self.counters.requests_total += 1
+        else:
+            self.counters.cache_misses_total += 1
+        self._changed()
+
     def replica_failed(self, replica: LiveReplica) -> None:
-        """The gateway could not reach `replica`: check it now rather than at the next tick."""
+        """The gateway could not reach `replica`: free the slot (the request will be retried,
+        not counted twice) and check the replica now rather than at the next tick."""
+        replica.in_flight -= 1
+        if replica.state is ReplicaState.DRAINING and replica.in_flight == 0:
+            replica.drained.set()
         replica.health_failures = HUNG_AFTER_FAILURES - 1
         self._poke.set()
 
@@ -417,7 +431,7 @@ class Deployment:
         self._persist()
 
     async def _check_replicas(self) -> None:
-        now = time.monotonic()
+        now = time.time()  # Replica.started_at is wall-clock time
         for live in list(self.replicas):
             if live.state is not ReplicaState.READY:
                 continue

@@ -7,7 +7,6 @@ prints how to query it, and stops everything it started on Ctrl-C.
 from __future__ import annotations
 
 import os
-import shutil
 import signal
 import subprocess
 import sys
@@ -51,8 +50,9 @@ def run_demo(model: Path, port: int, state_dir: Path) -> int:
             port=port, state_dir=state_dir.resolve(), model=model.resolve(), threads=threads
         )
     )
-    agent_bin = shutil.which("wattops-agent") or "wattops-agent"
-    agent = subprocess.Popen([agent_bin, "--config", str(config_path)])
+    agent = subprocess.Popen(
+        [sys.executable, "-m", "wattops.agents.main", "--config", str(config_path)]
+    )
     url = f"http://127.0.0.1:{port}"
     try:
         deadline = time.monotonic() + 600
@@ -74,8 +74,10 @@ wattops demo: agent on {url} serving deployment "tiny" (demo model, q8_0).
        -d '{{"model":"tiny","temperature":0,"max_tokens":32,
             "messages":[{{"role":"user","content":"hello"}}]}}'
   curl -s {url}/v1/node | python3 -m json.tool
-  curl -s -X POST {url}/v1/deployments/tiny/precision -d '{{"precision":"q4_k_m"}}'
-  curl -s -X POST {url}/v1/deployments/tiny/scale -d '{{"replicas":2}}'
+  curl -s {url}/v1/deployments/tiny/precision -H 'Content-Type: application/json' \\
+       -d '{{"precision":"q4_k_m"}}'
+  curl -s {url}/v1/deployments/tiny/scale -H 'Content-Type: application/json' \\
+       -d '{{"replicas":2}}'
 
 Ctrl-C stops the agent and its replicas.
 """,

@@ -21,6 +21,7 @@ import sys
 import threading
 import time
 import uuid
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
@@ -75,6 +76,13 @@ class Worker:
             seed=args.seed,
             verbose=False,
         )
+        self._generate = self.llm.generate
+        self.llm.generate = self._counting_generate  # type: ignore[method-assign]
+        self._is_eog = lambda token: bool(
+            llama_cpp.llama_vocab_is_eog(self.llm._model.vocab, token)
+        )
+        self.last_prompt_tokens = 0
+        self.last_completion_tokens = 0
         self.created = int(time.time())
         self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="llama")
         self.registry = CollectorRegistry()
@@ -98,6 +106,16 @@ class Worker:
             "wattops:busy_seconds", "Seconds spent running the model", registry=self.registry
         )
 
+    def _counting_generate(self, tokens: Any, *args: Any, **kwargs: Any) -> Iterator[int]:
+        # llama-cpp-python reports no usage on streamed answers; counting what its
+        # completion loop consumes gives the same figures as its non-streamed usage.
+        self.last_prompt_tokens = len(tokens)
+        self.last_completion_tokens = 0
+        for token in self._generate(tokens, *args, **kwargs):
+            if not self._is_eog(token):
+                self.last_completion_tokens += 1
+            yield token
+
     # -- request parsing -------------------------------------------------------------------
 
     def _params(self, body: dict[str, Any], chat: bool) -> dict[str, Any]:
@@ -111,7 +129,7 @@ class Worker:
         if params.get("max_tokens", 1) < 1:
             raise BadRequest("`max_tokens` must be at least 1", "max_tokens")
         params.setdefault("max_tokens", self.default_max_tokens)
-        if body.get("n", 1) != 1:
+        if body.get("n") not in (None, 1):
             raise BadRequest("only n=1 is supported; run more replicas for throughput", "n")
         stop = body.get("stop")
         if stop is not None:
@@ -176,8 +194,6 @@ class Worker:
         """Blocking: run one streaming request, calling `emit(chunk)` per chunk; returns usage."""
         started = time.perf_counter()
         before = self.llm.input_ids[: self.llm.n_tokens].tolist()
-        prompt_tokens = 0
-        completion_tokens = 0
         try:
             if chat:
                 chunks: Any = self.llm.create_chat_completion(**params, stream=True)
@@ -187,17 +203,12 @@ class Worker:
                 if cancelled.is_set():
                     chunks.close()
                     break
-                if prompt_tokens == 0:
-                    prompt_tokens = self.llm.n_tokens - 1 if self.llm.n_tokens else 0
                 chunk["model"] = self.model_id
-                choice = chunk["choices"][0] if chunk.get("choices") else {}
-                if choice.get("text") or (choice.get("delta") or {}).get("content"):
-                    completion_tokens += 1
                 emit(chunk)
         finally:
             self.busy.inc(time.perf_counter() - started)
-        # n_tokens counts prompt + generated tokens evaluated so far.
-        prompt_tokens = max(0, self.llm.n_tokens - completion_tokens)
+        prompt_tokens = self.last_prompt_tokens
+        completion_tokens = self.last_completion_tokens
         usage = {
             "prompt_tokens": prompt_tokens,
             "completion_tokens": completion_tokens,

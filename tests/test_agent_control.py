@@ -225,3 +225,40 @@ def test_control_without_the_token_is_refused(make_agent: Callable[..., Agent]) 
     assert agent.client.get("/v1/node").status_code == 200
     assert agent.chat("open", temperature=0.2).status_code == 200
     assert agent.control("/v1/deployments/tiny/scale", {"replicas": 0}).status_code == 202
+
+
+def test_a_request_to_a_dead_replica_is_retried_on_another(
+    make_agent: Callable[..., Agent],
+) -> None:
+    # A slow health check, so the supervisor has not noticed the death when requests arrive.
+    agent = make_agent(replicas=2, agent_extra={"health_interval_s": 30})
+    victim = agent.deployment()["replicas"][0]["pid"]
+    os.kill(victim, signal.SIGKILL)
+    wait_for(lambda: victim not in replica_pids(agent.state_dir), 10, "the replica to die")
+    codes = [agent.chat(f"retry {i}", temperature=0.4).status_code for i in range(6)]
+    assert codes == [200] * 6
+    dep = agent.deployment()
+    assert dep["counters"]["requests_total"] == 6  # a retried request is counted once
+    assert dep["counters"]["errors_total"] == 0
+    # The failed attempt made the supervisor look at once, not at its next 30 s check.
+    assert "exited" in wait_for(lambda: agent.deployment()["last_error"], 5, "the crash report")
+
+
+def test_a_hung_replica_is_killed_and_replaced(agent: Agent) -> None:
+    pid = agent.deployment()["replicas"][0]["pid"]
+    os.kill(pid, signal.SIGSTOP)  # alive but answering nothing, as a wedged engine would be
+    try:
+        dep = wait_for(
+            lambda: (
+                (d := agent.deployment())["ready_replicas"] == 1
+                and d["replicas"][0]["pid"] != pid
+                and d
+            ),
+            60,
+            "a replacement for the hung replica",
+        )
+    finally:
+        if pid in replica_pids(agent.state_dir):
+            os.kill(pid, signal.SIGKILL)
+    assert "health checks" in dep["last_error"]
+    assert pid not in replica_pids(agent.state_dir)

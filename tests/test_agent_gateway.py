@@ -53,14 +53,14 @@ def test_text_completion_answers(agent: Agent) -> None:
 def test_streaming_chat_relays_chunks_then_done(agent: Agent) -> None:
     body = {
         "model": "tiny",
-        "stream": True,
         "max_tokens": 6,
-        "temperature": 0.5,
-        "stream_options": {"include_usage": True},
+        "temperature": 0,
         "messages": [{"role": "user", "content": "stream please"}],
     }
+    whole = agent.client.post("/v1/chat/completions", json=body).json()
+    streamed = {**body, "stream": True, "stream_options": {"include_usage": True}}
     events = []
-    with agent.client.stream("POST", "/v1/chat/completions", json=body) as resp:
+    with agent.client.stream("POST", "/v1/chat/completions", json=streamed) as resp:
         assert resp.status_code == 200
         assert resp.headers["content-type"].startswith("text/event-stream")
         for line in resp.iter_lines():
@@ -69,11 +69,13 @@ def test_streaming_chat_relays_chunks_then_done(agent: Agent) -> None:
     assert events[-1] == "[DONE]"
     chunks = [json.loads(e) for e in events[:-1]]
     assert all(c["object"] == "chat.completion.chunk" for c in chunks)
-    content = [c for c in chunks if c["choices"] and c["choices"][0]["delta"].get("content")]
-    assert content, "no content chunks were relayed"
+    text = "".join(c["choices"][0]["delta"].get("content") or "" for c in chunks if c["choices"])
+    assert len(chunks) > 2, "the answer was not streamed chunk by chunk"
+    # Greedy decoding: the streamed answer and its usage equal the non-streamed one's.
+    assert text == whole["choices"][0]["message"]["content"]
     usage = chunks[-1]["usage"]
-    assert usage["completion_tokens"] == len(content)
-    assert usage["prompt_tokens"] > 0
+    assert usage["prompt_tokens"] == whole["usage"]["prompt_tokens"]
+    assert usage["completion_tokens"] == whole["usage"]["completion_tokens"] == 6
 
 
 def test_repeated_deterministic_request_is_a_cache_hit(agent: Agent) -> None:
@@ -88,6 +90,7 @@ def test_repeated_deterministic_request_is_a_cache_hit(agent: Agent) -> None:
     counters = agent.deployment()["counters"]
     assert counters["cache_hits_total"] == 1
     assert counters["cache_misses_total"] == 1
+    assert counters["requests_total"] == 3
 
 
 def test_streamed_answers_are_cached_and_replayed(agent: Agent) -> None:
