@@ -77,7 +77,7 @@ class Worker:
             verbose=False,
         )
         self._generate = self.llm.generate
-        self.llm.generate = self._counting_generate  # type: ignore[method-assign]
+        self.llm.generate = self._counting_generate  # type: ignore[method-assign,assignment]
         self._is_eog = lambda token: bool(
             llama_cpp.llama_vocab_is_eog(self.llm._model.vocab, token)
         )
