@@ -35,8 +35,8 @@ lint: $(BIN)/.installed
 # mypy cannot follow setuptools' editable-install finder, so give it the installed layout.
 typecheck: $(BIN)/.installed
 	mkdir -p .build/typecheck/wattops
-	for pkg in agents engines console; do ln -sfn ../../../$$pkg .build/typecheck/wattops/$$pkg; done
-	$(BIN)/mypy -p wattops.agents -p wattops.engines -p wattops.console
+	for pkg in agents engines console profiles; do ln -sfn ../../../$$pkg .build/typecheck/wattops/$$pkg; done
+	$(BIN)/mypy -p wattops.agents -p wattops.engines -p wattops.console -p wattops.profiles
 
 pytest: $(BIN)/.installed models/test.gguf
 	$(BIN)/python -m pytest -q

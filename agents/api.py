@@ -7,7 +7,7 @@ it without pulling in the agent's runtime.
 from __future__ import annotations
 
 from enum import StrEnum
-from typing import Annotated
+from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -99,6 +99,114 @@ class DeploymentCounters(_Model):
     cache_misses_total: int = Field(0, description="cacheable requests that went to an engine")
 
 
+PowerSourceName = Literal["nvml", "jetson", "rapl", "estimate"]
+
+
+class EnergyCounters(_Model):
+    """Monotonic energy, cost and carbon totals (kept across agent restarts)."""
+
+    energy_j_total: float = Field(0.0, description="joules at the wall of the measured devices")
+    active_energy_j_total: float = Field(0.0, description="energy above the idle baseline")
+    idle_energy_j_total: float = Field(0.0, description="energy at the idle baseline")
+    estimated_energy_j_total: float = Field(
+        0.0, description="part of energy_j_total that was estimated, not measured"
+    )
+    cost_usd_total: float = Field(0.0, description="hardware (rental or amortised) + electricity")
+    carbon_g_total: float = Field(0.0, description="gCO2e: energy x PUE x grid intensity")
+
+
+class Figures(_Model):
+    """Rates and per-token figures over the recent window (`window_s`). None: no data."""
+
+    window_s: float
+    watts: float | None = Field(None, description="mean power attributed over the window")
+    tokens_per_s: float | None = None
+    requests_per_s: float | None = None
+    cost_usd_per_hour: float | None = Field(None, description="burn rate over the window")
+    j_per_token: float | None = None
+    usd_per_1m_tokens: float | None = None
+    usd_per_1m_input_tokens: float | None = Field(
+        None, description="cost split by the configured input/output token weights"
+    )
+    usd_per_1m_output_tokens: float | None = None
+    gco2e_per_1m_tokens: float | None = None
+    response_cache_hit_rate: float | None = Field(
+        None, description="gateway response-cache hits / cacheable requests"
+    )
+    prefix_cache_hit_rate: float | None = Field(
+        None, description="engine prefix-cache prompt tokens / prompt tokens"
+    )
+
+
+class DeploymentAccounting(_Model):
+    """What a deployment holds of its node and what it has cost."""
+
+    share: float = Field(description="share of the node held now: max(memory, compute) share")
+    cost_usd_per_hour: float = Field(description="node price x share (+ its electricity)")
+    energy_source: PowerSourceName
+    budget_usd_per_hour: float | None = None
+    budget_usd_per_day: float | None = None
+    totals: EnergyCounters = EnergyCounters()
+    figures: Figures
+
+
+class DeviceStatus(_Model):
+    """One measured device: a GPU, a Jetson rail or a RAPL zone."""
+
+    name: str
+    watts: float
+    energy_j: float | None = None
+    utilisation: float | None = None
+    memory_used_bytes: int | None = None
+    memory_total_bytes: int | None = None
+    power_limit_watts: float | None = None
+    in_total: bool = True
+
+
+class NodePower(_Model):
+    """The node's power now and its energy so far."""
+
+    source: PowerSourceName = Field(
+        description="where the watts come from; estimate is no measurement"
+    )
+    sensor: str = Field(description="what is measured, where")
+    total_from: str = Field("", description="how the node total is formed from the readings")
+    watts: float
+    watts_smoothed: float = Field(description="exponential mean over about 5 s")
+    sample_hz: float
+    devices: list[DeviceStatus] = []
+    sensor_error: str | None = None
+
+
+class NodeCost(_Model):
+    """The node's hardware profile, price and site settings."""
+
+    profile: str
+    price_usd_per_hour: float = Field(description="rental, or purchase / lifetime")
+    price_basis: str = Field(description="cloud on-demand or owned (amortised), with source")
+    owned: bool
+    electricity_usd_per_kwh: float
+    pue: float
+    grid_gco2e_per_kwh: float
+    burn_usd_per_hour: float = Field(description="the node's full price now (+ electricity)")
+    unallocated_usd_per_hour: float = Field(description="burn no deployment holds")
+    budget_usd_per_hour: float | None = None
+    budget_usd_per_day: float | None = None
+
+
+class Alert(_Model):
+    """Something an operator should look at, with its arithmetic."""
+
+    id: str = Field(description="stable id, e.g. budget:node:hour or parkable:tiny")
+    kind: Literal["budget_exceeded", "parkable", "sensor_failed"]
+    severity: Literal["info", "warning", "critical"]
+    subject: str = Field(description="node or deployment name")
+    message: str
+    detail: str = Field("", description="the arithmetic behind the message")
+    since: float = Field(description="unix time the condition began")
+    saves_usd_per_hour: float | None = None
+
+
 class DeploymentStatus(_Model):
     """A deployment as the agent sees it: desired and actual state, counters, last error."""
 
@@ -118,6 +226,7 @@ class DeploymentStatus(_Model):
     replicas: list[ReplicaStatus] = []
     counters: DeploymentCounters = DeploymentCounters()
     latency: LatencySummary = LatencySummary()
+    accounting: DeploymentAccounting | None = None
 
 
 class NodeSnapshot(_Model):
@@ -129,6 +238,48 @@ class NodeSnapshot(_Model):
     time: float
     version: int = Field(description="increases every time the snapshot changes")
     deployments: list[DeploymentStatus]
+    power: NodePower | None = None
+    cost: NodeCost | None = None
+    totals: EnergyCounters = EnergyCounters()
+    figures: Figures | None = None
+    alerts: list[Alert] = []
+
+
+class DeploymentHistory(_Model):
+    """One deployment in one HistoryPoint."""
+
+    watts: float = Field(description="power attributed to the deployment over that second")
+    precision: str
+    ready_replicas: int
+    requests_total: int
+    prompt_tokens_total: int
+    completion_tokens_total: int
+    energy_j_total: float
+    cost_usd_total: float
+    carbon_g_total: float
+    cached_prompt_tokens_total: int
+    cache_hits_total: int
+    cache_misses_total: int
+
+
+class HistoryPoint(_Model):
+    """One second of the node's history; totals are cumulative, rates are over that second."""
+
+    t: float = Field(description="unix time at the end of the second")
+    watts: float
+    source: PowerSourceName
+    energy_j_total: float
+    cost_usd_total: float
+    carbon_g_total: float
+    deployments: dict[str, DeploymentHistory]
+
+
+class History(_Model):
+    """Answer of GET /v1/history: oldest point first."""
+
+    node: str
+    resolution_s: float
+    points: list[HistoryPoint]
 
 
 class ScaleRequest(_Model):

@@ -7,9 +7,10 @@ import secrets
 from collections.abc import AsyncIterator
 from typing import Annotated, Any
 
-from fastapi import Depends, FastAPI, Request
+from fastapi import Depends, FastAPI, Query, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, Response
+from fastapi.responses import JSONResponse, PlainTextResponse, Response
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from sse_starlette.sse import EventSourceResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import Receive, Scope, Send
@@ -17,11 +18,13 @@ from starlette.types import Receive, Scope, Send
 from wattops.agents.api import (
     Accepted,
     ErrorBody,
+    History,
     NodeSnapshot,
     PrecisionRequest,
     ScaleRequest,
 )
 from wattops.agents.gateway import GATEWAY_PATHS
+from wattops.agents.metrics import registry_for
 from wattops.agents.node import AGENT_VERSION, NodeAgent
 from wattops.agents.supervisor import ControlError, Deployment
 
@@ -180,6 +183,24 @@ def create_app(agent: NodeAgent) -> FastAPI:
                 await asyncio.sleep(EVENT_MIN_INTERVAL_S)
 
         return EventSourceResponse(stream(), ping=15)
+
+    @app.get("/v1/history", response_model=History, tags=["node"])
+    async def history(
+        agent: AgentDep,
+        seconds: Annotated[int, Query(ge=1, le=3600, description="how far back")] = 300,
+    ) -> Response:
+        """The node's history at 1 s resolution, up to the last hour (oldest first)."""
+        assert agent.accounting is not None
+        body = History(node=agent.config.agent.node, resolution_s=1.0,
+                       points=agent.accounting.history.since(seconds))  # fmt: skip
+        return Response(body.model_dump_json(), media_type="application/json")
+
+    metrics_registry = registry_for(agent.snapshot)
+
+    @app.get("/metrics", tags=["node"], response_class=PlainTextResponse)
+    async def metrics() -> Response:
+        """Prometheus text exposition of power, energy, cost, carbon, tokens and replicas."""
+        return Response(generate_latest(metrics_registry), media_type=CONTENT_TYPE_LATEST)
 
     @app.post(
         "/v1/deployments/{name}/scale",

@@ -44,6 +44,18 @@ class AgentSection(_Section):
         120.0, ge=0, description="how long a retired replica may finish in-flight requests"
     )
     health_interval_s: float = Field(1.0, gt=0, description="seconds between replica health checks")
+    sensor: Literal["auto", "nvml", "jetson", "rapl", "estimate"] = Field(
+        "auto", description="power sensor; auto tries nvml, jetson, rapl, then the estimate"
+    )
+    profile: str = Field("cpu-generic", description="hardware profile name (profiles/hardware)")
+    sysfs_root: Path = Field(
+        Path("/"), description="where the host's /sys is mounted (containers, tests)"
+    )
+    sample_hz: float = Field(10.0, gt=0, le=100, description="power samples per second")
+    budget_usd_per_hour: float | None = Field(None, gt=0, description="alert above this burn")
+    budget_usd_per_day: float | None = Field(
+        None, gt=0, description="alert when the burn rate projects above this per day"
+    )
 
     @field_validator("listen")
     @classmethod
@@ -62,6 +74,39 @@ class AgentSection(_Section):
     def port(self) -> int:
         """The port part of `listen`."""
         return int(self.listen.rpartition(":")[2])
+
+
+class SiteSection(BaseModel):
+    """`[site]`: electricity price, PUE and grid carbon; a site profile plus overrides."""
+
+    model_config = ConfigDict(extra="allow")
+
+    name: str = Field("default", description="site profile name (profiles/site)")
+
+    def overrides(self) -> dict[str, object]:
+        """The fields given besides `name`."""
+        return dict(self.model_extra or {})
+
+
+class AccountingSection(_Section):
+    """`[accounting]`: how cost and energy are turned into per-token figures and advice."""
+
+    input_token_weight: float = Field(
+        1.0, ge=0, description="relative cost of one prompt token in the input/output split"
+    )
+    output_token_weight: float = Field(
+        3.0, ge=0, description="relative cost of one generated token (decode is dearer)"
+    )
+    window_s: float = Field(300.0, gt=0, le=3600, description="window of the recent figures")
+    park_advice_after_s: float = Field(
+        600.0, gt=0, description="idle this long with replicas running: advise parking"
+    )
+
+    @model_validator(mode="after")
+    def _some_weight(self) -> AccountingSection:
+        if self.input_token_weight + self.output_token_weight <= 0:
+            raise ValueError("input_token_weight and output_token_weight cannot both be 0")
+        return self
 
 
 class CacheSection(_Section):
@@ -104,6 +149,14 @@ class DeploymentConfig(_Section):
     threads: int = Field(1, ge=1, description="llamacpp: CPU threads per replica")
     context: int = Field(2048, ge=64, description="llamacpp: context window in tokens")
     startup_timeout_s: float = Field(120.0, gt=0)
+    memory_gb: float | None = Field(
+        None,
+        gt=0,
+        description="memory one replica holds; default: its model file (llamacpp) "
+        "or one whole accelerator (openai)",
+    )
+    budget_usd_per_hour: float | None = Field(None, gt=0)
+    budget_usd_per_day: float | None = Field(None, gt=0)
 
     @field_validator("precision")
     @classmethod
@@ -144,6 +197,11 @@ class AgentConfig(_Section):
 
     agent: AgentSection = Field(default_factory=AgentSection)
     cache: CacheSection = Field(default_factory=CacheSection)
+    hardware: dict[str, object] = Field(
+        default_factory=dict, description="overrides of the hardware profile's fields"
+    )
+    site: SiteSection = Field(default_factory=SiteSection)
+    accounting: AccountingSection = Field(default_factory=AccountingSection)
     deployments: list[DeploymentConfig] = Field(default_factory=list)
 
     @model_validator(mode="after")
@@ -193,6 +251,7 @@ def load_config(path: Path) -> AgentConfig:
     config = parse_config(data, str(path))
     base = path.parent.resolve()
     config.agent.state_dir = (base / config.agent.state_dir).resolve()
+    config.agent.sysfs_root = (base / config.agent.sysfs_root).resolve()
     for dep in config.deployments:
         if dep.engine == "llamacpp" and dep.model is not None:
             dep.model = str((base / dep.model).resolve())

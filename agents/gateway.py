@@ -117,7 +117,7 @@ class Gateway:
             hit = self.cache.get(key)
             if hit is not None:
                 deployment.record_cache(hit=True)
-                return Response(hit.body, media_type=hit.content_type, headers={"X-Cache": "hit"})
+                return Response(hit.body, media_type=hit.content_type, headers=_HIT_HEADERS)
             deployment.record_cache(hit=False)
         return await self._forward(deployment, endpoint, raw, body, key)
 
@@ -174,12 +174,10 @@ class Gateway:
             content_type = upstream.headers.get("Content-Type", _JSON)
             if ok and key is not None and self.cache is not None:
                 self.cache.put(_store_key(key, replica), CachedAnswer(content_type, data))
-            return Response(
-                data,
-                status_code=upstream.status,
-                media_type=None,
-                headers={"Content-Type": content_type, "X-Cache": "miss"},
-            )
+            headers = {"Content-Type": content_type, "X-Cache": "miss"}
+            if ok and deployment.per_token is not None:
+                _estimate_headers(headers, deployment.per_token, data)
+            return Response(data, status_code=upstream.status, media_type=None, headers=headers)
         raise AssertionError("unreachable")
 
     async def _relay(
@@ -206,6 +204,23 @@ class Gateway:
                     upstream.content_type or "text/event-stream", b"".join(chunks)
                 )
                 self.cache.put(_store_key(key, replica), answer)
+
+
+#: A cache hit runs no engine: its marginal energy and cost are taken as zero.
+_HIT_HEADERS = {"X-Cache": "hit", "X-Wattops-Est-Energy-J": "0", "X-Wattops-Est-Cost-USD": "0"}
+
+
+def _estimate_headers(headers: dict[str, str], per_token: tuple[float, float], body: bytes) -> None:
+    # The answer's tokens times the deployment's recent joules and dollars per token: an
+    # estimate by construction (the engine does not meter single requests), named as such.
+    try:
+        usage = orjson.loads(body).get("usage") or {}
+        tokens = int(usage.get("total_tokens") or 0)
+    except (orjson.JSONDecodeError, AttributeError, TypeError, ValueError):
+        return
+    joules, usd = per_token
+    headers["X-Wattops-Est-Energy-J"] = f"{joules * tokens:.6g}"
+    headers["X-Wattops-Est-Cost-USD"] = f"{usd * tokens:.6g}"
 
 
 class BodyTooLarge(Exception):

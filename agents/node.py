@@ -11,10 +11,27 @@ from pathlib import Path
 
 import aiohttp
 
-from wattops.agents.api import DeploymentCounters, NodeSnapshot
+from wattops.agents import alerts
+from wattops.agents.accounting import Accounting, CostModel
+from wattops.agents.api import (
+    Alert,
+    DeploymentAccounting,
+    DeploymentCounters,
+    DeploymentStatus,
+    DeviceStatus,
+    EnergyCounters,
+    Figures,
+    NodeCost,
+    NodePower,
+    NodeSnapshot,
+)
 from wattops.agents.config import AgentConfig, ConfigError, DeploymentConfig
 from wattops.agents.gateway import Gateway
+from wattops.agents.power import PowerMeter
 from wattops.agents.response_cache import ResponseCache
+from wattops.agents.sensors.base import Sensor, SensorError
+from wattops.agents.sensors.detect import detect_sensor
+from wattops.agents.sensors.estimate import EstimateSensor, HostCpuUtilisation
 from wattops.agents.state import AgentState, DesiredState, StateStore, StoredDeployment
 from wattops.agents.supervisor import Deployment
 from wattops.engines import process
@@ -22,6 +39,7 @@ from wattops.engines.base import EngineAdapter, EngineError
 from wattops.engines.llamacpp import LlamaCppEngine
 from wattops.engines.openai_server import OpenAIServerEngine
 from wattops.engines.variants import VariantStore
+from wattops.profiles import ProfileError, hardware_profile, site_profile
 
 log = logging.getLogger("wattops.agent")
 
@@ -45,7 +63,13 @@ class NodeAgent:
         self.session: aiohttp.ClientSession | None = None
         self.cache: ResponseCache | None = None
         self.gateway: Gateway | None = None
-        self._persist_task: asyncio.Task[None] | None = None
+        self._tasks: list[asyncio.Task[None]] = []
+        self.cost: CostModel | None = None
+        self.meter: PowerMeter | None = None
+        self.accounting: Accounting | None = None
+        self.sensor_notes: list[str] = []
+        self.estimate_basis = ""
+        self.alert_book = alerts.AlertBook()
 
     # -- lifecycle -------------------------------------------------------------------------
 
@@ -66,8 +90,16 @@ class NodeAgent:
             stored = saved.deployments.get(dep.name)
             desired = self._restore_desired(dep, engine, stored)
             counters = stored.counters if stored else DeploymentCounters()
+            energy = stored.energy if stored else EnergyCounters()
             self.deployments[dep.name] = Deployment(
-                dep, engine, desired, counters, self.config.agent, self.mark_changed, self.save
+                dep,
+                engine,
+                desired,
+                counters,
+                energy,
+                self.config.agent,
+                self.mark_changed,
+                self.save,
             )
         cache_cfg = self.config.cache
         if cache_cfg.enabled:
@@ -81,17 +113,76 @@ class NodeAgent:
             wake_timeout_s=self.config.agent.wake_timeout_s,
             request_timeout_s=self.config.agent.request_timeout_s,
         )
+        self._start_metering(saved.node)
         self.save()
         for deployment in self.deployments.values():
             deployment.start()
-        self._persist_task = asyncio.create_task(self._persist_loop(), name="persist")
+        assert self.meter is not None and self.accounting is not None
+        self._tasks = [
+            asyncio.create_task(self._persist_loop(), name="persist"),
+            asyncio.create_task(self.meter.run(self.accounting.on_interval), name="power"),
+            asyncio.create_task(self._tick_loop(), name="accounting"),
+        ]
+
+    def _start_metering(self, node_totals: EnergyCounters) -> None:
+        cfg = self.config.agent
+        try:
+            hardware = hardware_profile(cfg.profile, dict(self.config.hardware))
+            site = site_profile(self.config.site.name, self.config.site.overrides())
+        except ProfileError as exc:
+            raise ConfigError(str(exc)) from None
+        self.cost = CostModel.from_profiles(hardware, site)
+        self.accounting = Accounting(
+            self.cost,
+            node_totals,
+            self.deployments,
+            self.config.accounting.input_token_weight,
+            self.config.accounting.output_token_weight,
+            self.config.accounting.window_s,
+        )
+        # What the estimate scales with: the host's CPU on a CPU node (measured from
+        # /proc/stat); the engines' busy time on accelerator nodes with no readable sensor.
+        utilisation = (
+            HostCpuUtilisation(cfg.sysfs_root)
+            if hardware.kind == "cpu"
+            else self.accounting.engine_utilisation
+        )
+        self.estimate_basis = (
+            "host CPU time (/proc/stat)" if hardware.kind == "cpu" else "engine busy time"
+        )
+        estimate = EstimateSensor(
+            hardware.idle_watts, hardware.max_watts, utilisation, hardware.name
+        )
+        try:
+            sensor, self.sensor_notes = detect_sensor(cfg.sensor, cfg.sysfs_root, lambda: estimate)
+        except SensorError as exc:
+            raise ConfigError(f"agent.sensor = {cfg.sensor!r}: {exc}") from None
+        for note in self.sensor_notes:
+            log.info("sensor detection: %s", note)
+        log.info("power sensor: %s", sensor.describe())
+        fallback: Sensor | None = None if sensor is estimate else estimate
+        self.meter = PowerMeter(sensor, fallback, cfg.sample_hz)
+
+    async def _tick_loop(self) -> None:
+        assert self.accounting is not None
+        while True:
+            await asyncio.sleep(1.0 - (time.time() % 1.0))
+            try:
+                self.accounting.tick(time.time())
+                self._evaluate_alerts()
+            except Exception:  # accounting must never take the agent down
+                log.exception("accounting tick failed")
+            self.mark_changed()
 
     async def stop(self) -> None:
         """Stop every replica and save state and counters."""
-        if self._persist_task:
-            self._persist_task.cancel()
+        for task in self._tasks:
+            task.cancel()
+        for task in self._tasks:
             with contextlib.suppress(asyncio.CancelledError):
-                await self._persist_task
+                await task
+        if self.meter:
+            self.meter.close()
         await asyncio.gather(*(d.stop() for d in self.deployments.values()))
         self.save()
         if self.cache:
@@ -174,9 +265,12 @@ class NodeAgent:
         """Write desired state and counters atomically."""
         state = AgentState(
             deployments={
-                name: StoredDeployment(desired=d.desired.model_copy(), counters=d.counters)
+                name: StoredDeployment(
+                    desired=d.desired.model_copy(), counters=d.counters, energy=d.energy
+                )
                 for name, d in self.deployments.items()
-            }
+            },
+            node=self.accounting.node if self.accounting else EnergyCounters(),
         )
         self.store.save(state)
         self._dirty = False
@@ -190,6 +284,125 @@ class NodeAgent:
                 except OSError:
                     log.exception("could not save state to %s", self.store.path)
 
+    # -- reporting -----------------------------------------------------------------------
+
+    def _burn(self) -> tuple[float, float]:
+        """(node burn $/h now, electricity part), from the smoothed watts."""
+        assert self.cost is not None and self.meter is not None
+        electricity = self.cost.electricity_usd(self.meter.watts_smoothed * 3600.0)
+        return self.cost.node_usd_per_hour + electricity, electricity
+
+    def deployment_cost_per_hour(self, name: str) -> float:
+        """Hardware share held now, plus electricity for its recent attributed power."""
+        assert self.accounting is not None and self.cost is not None
+        share = self.accounting.shares.get(name, 0.0)
+        figures = self.accounting.figures.get(name)
+        watts = figures.watts if figures and figures.watts is not None else 0.0
+        return self.cost.node_usd_per_hour * share + self.cost.electricity_usd(watts * 3600.0)
+
+    def _evaluate_alerts(self) -> None:
+        assert self.accounting is not None and self.cost is not None and self.meter is not None
+        cfg = self.config.agent
+        node = cfg.node
+        burn, _ = self._burn()
+        found: list[Alert | None] = [
+            alerts.sensor_alert(node, self.meter.sensor.source, self.meter.error),
+            *alerts.budget_alerts(
+                node,
+                burn,
+                cfg.budget_usd_per_hour,
+                cfg.budget_usd_per_day,
+                "now (full node price + electricity)",
+            ),
+        ]
+        for name, dep in self.deployments.items():
+            rate = self.deployment_cost_per_hour(name)
+            found += alerts.budget_alerts(
+                name,
+                rate,
+                dep.config.budget_usd_per_hour,
+                dep.config.budget_usd_per_day,
+                "now (share held x node price + electricity)",
+            )
+            found.append(
+                alerts.parkable_alert(
+                    name,
+                    node,
+                    time.monotonic() - dep.last_request,
+                    self.config.accounting.park_advice_after_s,
+                    len(dep.replicas),
+                    self.accounting.shares.get(name, 0.0),
+                    self.cost.node_usd_per_hour,
+                    self.accounting.figures.get(name),
+                )
+            )
+        self.alert_book.update([a for a in found if a is not None])
+
+    def _power(self) -> NodePower | None:
+        if self.meter is None or self.meter.latest is None:
+            return None
+        sample = self.meter.latest
+        sensor = self.meter.sensor.describe()
+        if self.meter.sensor.source == "estimate":
+            sensor = f"{sensor}; utilisation from {self.estimate_basis}"
+        return NodePower(
+            source=sample.source,
+            sensor=sensor,
+            total_from=sample.total_from,
+            watts=sample.watts,
+            watts_smoothed=self.meter.watts_smoothed,
+            sample_hz=self.meter.hz,
+            devices=[
+                DeviceStatus(
+                    name=d.name,
+                    watts=d.watts,
+                    energy_j=d.energy_j,
+                    utilisation=d.utilisation,
+                    memory_used_bytes=d.memory_used_bytes,
+                    memory_total_bytes=d.memory_total_bytes,
+                    power_limit_watts=d.power_limit_watts,
+                    in_total=d.in_total,
+                )
+                for d in sample.devices
+            ],
+            sensor_error=self.meter.error,
+        )
+
+    def _cost(self) -> NodeCost | None:
+        if self.cost is None or self.accounting is None or self.meter is None:
+            return None
+        burn, _ = self._burn()
+        held = sum(self.accounting.shares.values())
+        cfg = self.config.agent
+        return NodeCost(
+            profile=self.cost.profile,
+            price_usd_per_hour=self.cost.node_usd_per_hour,
+            price_basis=self.cost.price_basis,
+            owned=self.cost.owned,
+            electricity_usd_per_kwh=self.cost.electricity_usd_per_kwh,
+            pue=self.cost.pue,
+            grid_gco2e_per_kwh=self.cost.grid_gco2e_per_kwh,
+            burn_usd_per_hour=burn,
+            unallocated_usd_per_hour=self.cost.node_usd_per_hour * max(0.0, 1.0 - held),
+            budget_usd_per_hour=cfg.budget_usd_per_hour,
+            budget_usd_per_day=cfg.budget_usd_per_day,
+        )
+
+    def _deployment_status(self, dep: Deployment) -> DeploymentStatus:
+        status = dep.status()
+        if self.accounting is None:
+            return status
+        status.accounting = DeploymentAccounting(
+            share=self.accounting.shares.get(dep.name, 0.0),
+            cost_usd_per_hour=self.deployment_cost_per_hour(dep.name),
+            energy_source=self.accounting.source,
+            budget_usd_per_hour=dep.config.budget_usd_per_hour,
+            budget_usd_per_day=dep.config.budget_usd_per_day,
+            totals=dep.energy.model_copy(),
+            figures=self.accounting.figures.get(dep.name) or Figures(window_s=0),
+        )
+        return status
+
     def snapshot(self) -> NodeSnapshot:
         """The node as it is now."""
         return NodeSnapshot(
@@ -198,7 +411,12 @@ class NodeAgent:
             started_at=self.started_at,
             time=time.time(),
             version=self.version,
-            deployments=[d.status() for d in self.deployments.values()],
+            deployments=[self._deployment_status(d) for d in self.deployments.values()],
+            power=self._power(),
+            cost=self._cost(),
+            totals=self.accounting.node.model_copy() if self.accounting else EnergyCounters(),
+            figures=self.accounting.node_figures if self.accounting else None,
+            alerts=list(self.alert_book.active),
         )
 
 

@@ -13,7 +13,7 @@ from typing import Any
 
 from pydantic import BaseModel, ValidationError
 
-from wattops.agents.api import DeploymentCounters
+from wattops.agents.api import DeploymentCounters, EnergyCounters
 
 
 class DesiredState(BaseModel):
@@ -28,12 +28,15 @@ class StoredDeployment(BaseModel):
 
     desired: DesiredState
     counters: DeploymentCounters = DeploymentCounters()
+    energy: EnergyCounters = EnergyCounters()
 
 
 class AgentState(BaseModel):
     """The whole state file."""
 
     deployments: dict[str, StoredDeployment] = {}
+    #: The node's energy, cost and carbon totals.
+    node: EnergyCounters = EnergyCounters()
 
 
 def atomic_write(path: Path, data: bytes) -> None:

@@ -20,6 +20,7 @@ from wattops.agents.api import (
     DeploymentCounters,
     DeploymentState,
     DeploymentStatus,
+    EnergyCounters,
     LatencySummary,
     ReplicaState,
     ReplicaStatus,
@@ -66,6 +67,27 @@ class LiveReplica:
     health_failures: int = 0
     drained: asyncio.Event = field(default_factory=asyncio.Event)
     usage_seen: EngineUsage = field(default_factory=EngineUsage)
+    #: Seconds with at least one request in flight, up to `busy_since`.
+    busy_s: float = 0.0
+    busy_since: float = 0.0
+
+    def take(self) -> None:
+        """One more request in flight."""
+        if self.in_flight == 0:
+            self.busy_since = time.monotonic()
+        self.in_flight += 1
+
+    def give_back(self) -> None:
+        """One request fewer in flight."""
+        self.in_flight -= 1
+        if self.in_flight == 0:
+            self.busy_s += time.monotonic() - self.busy_since
+            if self.state is ReplicaState.DRAINING:
+                self.drained.set()
+
+    def busy_seconds(self, now: float) -> float:
+        """Busy time so far, including the current busy stretch."""
+        return self.busy_s + (now - self.busy_since if self.in_flight else 0.0)
 
     def status(self, restarts: int) -> ReplicaStatus:
         """The API view of this replica."""
@@ -90,6 +112,7 @@ class Deployment:
         engine: EngineAdapter,
         desired: DesiredState,
         counters: DeploymentCounters,
+        energy: EnergyCounters,
         settings: AgentSection,
         on_change: Callable[[], None],
         persist: Callable[[], None],
@@ -99,6 +122,10 @@ class Deployment:
         self.engine = engine
         self.desired = desired
         self.counters = counters
+        #: Energy, cost and carbon attributed to this deployment (kept across restarts).
+        self.energy = energy
+        #: (joules, USD) per token over the recent window, for per-answer estimates.
+        self.per_token: tuple[float, float] | None = None
         self.settings = settings
         self._on_change = on_change
         self._persist = persist
@@ -180,7 +207,7 @@ class Deployment:
             if candidate is not exclude and (best is None or candidate.in_flight < best.in_flight):
                 best = candidate
         if best is not None:
-            best.in_flight += 1
+            best.take()
         return best
 
     async def acquire(self, timeout_s: float, exclude: LiveReplica | None = None) -> LiveReplica:
@@ -211,9 +238,7 @@ class Deployment:
 
     def release(self, replica: LiveReplica, latency_s: float | None, error: bool) -> None:
         """Count a finished request and free its slot on `replica`."""
-        replica.in_flight -= 1
-        if replica.state is ReplicaState.DRAINING and replica.in_flight == 0:
-            replica.drained.set()
+        replica.give_back()
         self.last_request = time.monotonic()
         self.counters.requests_total += 1
         if error:
@@ -235,9 +260,7 @@ class Deployment:
     def replica_failed(self, replica: LiveReplica) -> None:
         """The gateway could not reach `replica`: free the slot (the request will be retried,
         not counted twice) and check the replica now rather than at the next tick."""
-        replica.in_flight -= 1
-        if replica.state is ReplicaState.DRAINING and replica.in_flight == 0:
-            replica.drained.set()
+        replica.give_back()
         replica.health_failures = HUNG_AFTER_FAILURES - 1
         self._poke.set()
 
@@ -309,6 +332,8 @@ class Deployment:
         async def one() -> LiveReplica:
             replica_id = f"{self.name}-{precision}-{secrets.token_hex(3)}"
             replica = await self.engine.start_replica(precision, replica_id)
+            if self.config.memory_gb is not None:
+                replica.memory_bytes = int(self.config.memory_gb * 2**30)
             live = LiveReplica(replica)
             self.replicas.append(live)
             self._changed()

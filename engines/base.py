@@ -29,6 +29,10 @@ class Replica:
     process: asyncio.subprocess.Process | None = None
     log_path: Path | None = None
     started_at: float = field(default_factory=time.time)
+    #: Memory the replica holds (its weights), if known; drives its cost share.
+    memory_bytes: int | None = None
+    #: CPU threads it computes with, if it runs on the CPU.
+    threads: int | None = None
 
     @property
     def pid(self) -> int | None:

@@ -119,4 +119,6 @@ class LlamaCppEngine(EngineAdapter):
                 f"{replica.last_log_lines() or 'exit code ' + str(proc.returncode)}"
             )
         replica.url = f"http://127.0.0.1:{int(parts[1])}"
+        replica.memory_bytes = path.stat().st_size
+        replica.threads = self.threads
         return replica

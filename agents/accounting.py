@@ -1,0 +1,284 @@
+"""Accounting: energy, cost and carbon per node and per deployment, and per-token figures.
+
+Allocation follows what a deployment holds, the way Kubecost allocates cluster cost:
+
+- A running replica holds a share of the node: the larger of its memory share (the memory
+  its weights take over the node's accelerator memory, or host memory on a CPU node) and its
+  compute share (its threads over the node's cores on a CPU node; one accelerator over the
+  node's accelerators on a GPU or Jetson node). A deployment's share is the sum over its
+  running replicas, capped at 1; if the deployments together hold more than the whole node,
+  their shares are scaled down to sum to 1. A parked deployment holds nothing.
+- Cost: the node's price per hour (cloud on-demand rental, or purchase price over lifetime
+  for owned hardware) times the share held, plus, on owned hardware, the electricity for the
+  energy attributed to the deployment (kWh x PUE x $/kWh). A cloud price already includes
+  electricity, so none is added there. What no deployment holds is the node's unallocated
+  cost; the node's burn is always its full price.
+- Energy is split at the profile's idle power: up to idle_watts x seconds is idle energy, the
+  rest is active energy. Active energy goes to deployments by busy time (seconds with at least
+  one request in flight on a replica, weighted by that replica's compute share); idle energy
+  by share held. Unattributed energy stays with the node.
+- Carbon: energy x PUE x grid gCO2e/kWh.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+import weakref
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+from wattops.agents.api import (
+    DeploymentHistory,
+    EnergyCounters,
+    Figures,
+    HistoryPoint,
+    PowerSourceName,
+    ReplicaState,
+)
+from wattops.agents.history import HistoryRing, figures
+from wattops.agents.power import EnergyInterval
+from wattops.agents.supervisor import Deployment, LiveReplica
+from wattops.profiles import HardwareProfile, SiteProfile
+
+J_PER_KWH = 3.6e6
+#: Replica states that hold node resources.
+_HOLDING = (ReplicaState.STARTING, ReplicaState.READY, ReplicaState.DRAINING)
+
+
+@dataclass(frozen=True)
+class CostModel:
+    """Prices and capacities from the hardware and site profiles."""
+
+    profile: str
+    kind: str
+    node_usd_per_hour: float
+    owned: bool
+    price_basis: str
+    electricity_usd_per_kwh: float
+    pue: float
+    grid_gco2e_per_kwh: float
+    idle_watts: float
+    max_watts: float
+    accelerators: int
+    memory_bytes: int
+    cpu_cores: int
+
+    @classmethod
+    def from_profiles(cls, hardware: HardwareProfile, site: SiteProfile) -> CostModel:
+        """Build from validated profiles; CPU cores default to this host's."""
+        price = hardware.price
+        basis = (
+            f"owned: ${price.purchase_usd:,.0f} over {price.lifetime_years:g} years"
+            if price.owned
+            else f"cloud on-demand ${price.cloud_usd_per_hour:.4g}/h"
+        )
+        return cls(
+            profile=hardware.name,
+            kind=hardware.kind,
+            node_usd_per_hour=price.usd_per_hour,
+            owned=price.owned,
+            price_basis=f"{basis} ({price.source}, {price.as_of})",
+            electricity_usd_per_kwh=site.electricity_usd_per_kwh,
+            pue=site.pue,
+            grid_gco2e_per_kwh=site.grid_gco2e_per_kwh,
+            idle_watts=hardware.idle_watts,
+            max_watts=hardware.max_watts,
+            accelerators=max(1, hardware.accelerators),
+            memory_bytes=int(hardware.memory_gb * 2**30),
+            cpu_cores=hardware.cpu_cores or os.cpu_count() or 1,
+        )
+
+    def electricity_usd(self, joules: float) -> float:
+        """What the electricity for `joules` costs; 0 on cloud (the rental includes it)."""
+        if not self.owned:
+            return 0.0
+        return joules / J_PER_KWH * self.pue * self.electricity_usd_per_kwh
+
+    def carbon_g(self, joules: float) -> float:
+        """gCO2e for `joules` at the device, facility overhead (PUE) included."""
+        return joules / J_PER_KWH * self.pue * self.grid_gco2e_per_kwh
+
+    def compute_share(self, live: LiveReplica) -> float:
+        """The part of the node's compute one busy replica uses."""
+        if self.kind == "cpu":
+            return min(1.0, (live.replica.threads or 1) / self.cpu_cores)
+        return 1.0 / self.accelerators
+
+    def holding(self, live: LiveReplica) -> float:
+        """The share of the node a running replica holds: max(memory, compute)."""
+        memory = (live.replica.memory_bytes or 0) / self.memory_bytes if self.memory_bytes else 0
+        return min(1.0, max(memory, self.compute_share(live)))
+
+
+class Accounting:
+    """Turns energy intervals into per-node and per-deployment totals, history and figures."""
+
+    def __init__(
+        self,
+        cost: CostModel,
+        node_totals: EnergyCounters,
+        deployments: Mapping[str, Deployment],
+        input_weight: float,
+        output_weight: float,
+        window_s: float,
+    ) -> None:
+        self.cost = cost
+        self.node = node_totals
+        self.deployments = deployments
+        self.input_weight = input_weight
+        self.output_weight = output_weight
+        self.window_s = window_s
+        self.history = HistoryRing()
+        self.source: PowerSourceName = "estimate"
+        self.node_figures: Figures = Figures(window_s=0)
+        self.figures: dict[str, Figures] = {}
+        self.shares: dict[str, float] = {}
+        self._busy_seen: weakref.WeakKeyDictionary[LiveReplica, float] = weakref.WeakKeyDictionary()
+        self._util_seen: weakref.WeakKeyDictionary[LiveReplica, float] = weakref.WeakKeyDictionary()
+        self._util_at = time.monotonic()
+        self._second_energy = 0.0
+        self._second_seconds = 0.0
+        self._second_by_deployment: dict[str, float] = {}
+
+    def engine_utilisation(self) -> float:
+        """Busy fraction of the node's compute since the last call (the estimate's input on
+        accelerator nodes with no readable sensor). Called from the sampling thread."""
+        now = time.monotonic()
+        seconds = now - self._util_at
+        self._util_at = now
+        busy = 0.0
+        for dep in list(self.deployments.values()):
+            for live in list(dep.replicas):
+                seen = live.busy_seconds(now)
+                busy += (seen - self._util_seen.get(live, 0.0)) * self.cost.compute_share(live)
+                self._util_seen[live] = seen
+        return min(1.0, busy / seconds) if seconds > 0 else 0.0
+
+    def held_shares(self) -> dict[str, float]:
+        """Share of the node each deployment holds now (summing to at most 1)."""
+        raw = {
+            name: min(1.0, sum(self.cost.holding(r) for r in d.replicas if r.state in _HOLDING))
+            for name, d in self.deployments.items()
+        }
+        total = sum(raw.values())
+        if total > 1.0:
+            raw = {name: share / total for name, share in raw.items()}
+        return raw
+
+    def cost_per_hour(self, share: float) -> float:
+        """Hardware cost per hour of holding `share` of the node (electricity excluded)."""
+        return self.cost.node_usd_per_hour * share
+
+    def on_interval(self, interval: EnergyInterval) -> None:
+        """Attribute one sampling interval's energy, cost and carbon."""
+        seconds, joules = interval.seconds, max(0.0, interval.joules)
+        if seconds <= 0:
+            return
+        self.source = interval.sample.source
+        idle = min(joules, self.cost.idle_watts * seconds)
+        active = joules - idle
+        shares = self.held_shares()
+        self.shares = shares
+        now = time.monotonic()
+        weights: dict[str, float] = {}
+        for name, dep in self.deployments.items():
+            weight = 0.0
+            for live in dep.replicas:
+                busy = live.busy_seconds(now)
+                weight += (busy - self._busy_seen.get(live, 0.0)) * self.cost.compute_share(live)
+                self._busy_seen[live] = busy
+            weights[name] = weight
+        total_weight = sum(weights.values())
+        hardware_usd = self.cost.node_usd_per_hour * seconds / 3600.0
+        _add(
+            self.node,
+            joules,
+            idle,
+            active,
+            interval.estimated,
+            hardware_usd + self.cost.electricity_usd(joules),
+            self.cost.carbon_g(joules),
+        )
+        for name, dep in self.deployments.items():
+            dep_active = active * weights[name] / total_weight if total_weight > 0 else 0.0
+            dep_idle = idle * shares[name]
+            dep_joules = dep_active + dep_idle
+            _add(
+                dep.energy,
+                dep_joules,
+                dep_idle,
+                dep_active,
+                interval.estimated,
+                hardware_usd * shares[name] + self.cost.electricity_usd(dep_joules),
+                self.cost.carbon_g(dep_joules),
+            )
+            self._second_by_deployment[name] = (
+                self._second_by_deployment.get(name, 0.0) + dep_joules
+            )
+        self._second_energy += joules
+        self._second_seconds += seconds
+
+    def tick(self, wall_time: float) -> None:
+        """Once a second: append a history point and refresh the windowed figures."""
+        seconds = self._second_seconds or 1.0
+        point = HistoryPoint(
+            t=wall_time,
+            watts=self._second_energy / seconds,
+            source=self.source,
+            energy_j_total=self.node.energy_j_total,
+            cost_usd_total=self.node.cost_usd_total,
+            carbon_g_total=self.node.carbon_g_total,
+            deployments={
+                name: DeploymentHistory(
+                    watts=self._second_by_deployment.get(name, 0.0) / seconds,
+                    precision=dep.precision,
+                    ready_replicas=len(dep.ready),
+                    requests_total=dep.counters.requests_total,
+                    prompt_tokens_total=dep.counters.prompt_tokens_total,
+                    completion_tokens_total=dep.counters.completion_tokens_total,
+                    cached_prompt_tokens_total=dep.counters.cached_prompt_tokens_total,
+                    cache_hits_total=dep.counters.cache_hits_total,
+                    cache_misses_total=dep.counters.cache_misses_total,
+                    energy_j_total=dep.energy.energy_j_total,
+                    cost_usd_total=dep.energy.cost_usd_total,
+                    carbon_g_total=dep.energy.carbon_g_total,
+                )
+                for name, dep in self.deployments.items()
+            },
+        )
+        self.history.append(point)
+        self._second_energy = self._second_seconds = 0.0
+        self._second_by_deployment = {}
+        span = self.history.window(self.window_s)
+        if span is None:
+            return
+        old, new = span
+        w_in, w_out = self.input_weight, self.output_weight
+        self.node_figures = figures(old, new, None, w_in, w_out)
+        for name, dep in self.deployments.items():
+            fig = figures(old, new, name, w_in, w_out)
+            self.figures[name] = fig
+            dep.per_token = (
+                (fig.j_per_token, fig.usd_per_1m_tokens / 1e6)
+                if fig.j_per_token is not None and fig.usd_per_1m_tokens is not None
+                else None
+            )
+
+
+def _add(
+    totals: EnergyCounters,
+    joules: float,
+    idle: float,
+    active: float,
+    estimated: bool,
+    usd: float,
+    grams: float,
+) -> None:
+    totals.energy_j_total += joules
+    totals.idle_energy_j_total += idle
+    totals.active_energy_j_total += active
+    if estimated:
+        totals.estimated_energy_j_total += joules
+    totals.cost_usd_total += usd
+    totals.carbon_g_total += grams

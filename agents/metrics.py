@@ -1,0 +1,182 @@
+"""The agent's Prometheus exposition, computed at scrape time from the live snapshot.
+
+Names follow Prometheus conventions: base units in the name (`_watts`, `_joules`, `_usd`,
+`_seconds`, `_grams`), `_total` on counters. Every series carries `node`; deployment series
+add `deployment` and `precision`; power and energy series add `source` (nvml, jetson, rapl or
+estimate), so a dashboard can never show an estimate as a measurement.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+
+from prometheus_client import CollectorRegistry
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+from wattops.agents.api import NodeSnapshot
+
+
+class SnapshotCollector(Collector):
+    """Yields every metric from one fresh NodeSnapshot per scrape."""
+
+    def __init__(self, snapshot: Callable[[], NodeSnapshot]) -> None:
+        self._snapshot = snapshot
+
+    def collect(self) -> Iterator[Metric]:
+        snap = self._snapshot()
+        node = snap.node
+        yield from self._node(snap, node)
+        yield from self._deployments(snap, node)
+
+    def _node(self, snap: NodeSnapshot, node: str) -> Iterator[Metric]:
+        info = GaugeMetricFamily("wattops_agent_info", "Agent version", labels=["node", "version"])
+        info.add_metric([node, snap.agent_version], 1.0)
+        yield info
+        if snap.power is not None:
+            source = snap.power.source
+            watts = GaugeMetricFamily(
+                "wattops_node_power_watts", "Node power now", labels=["node", "source"]
+            )
+            watts.add_metric([node, source], snap.power.watts)
+            yield watts
+            smooth = GaugeMetricFamily(
+                "wattops_node_power_smoothed_watts",
+                "Node power, exponential mean over about 5 s",
+                labels=["node", "source"],
+            )
+            smooth.add_metric([node, source], snap.power.watts_smoothed)
+            yield smooth
+            device = GaugeMetricFamily(
+                "wattops_sensor_power_watts",
+                "Power of one measured device (GPU, rail, RAPL zone)",
+                labels=["node", "sensor", "source"],
+            )
+            for dev in snap.power.devices:
+                device.add_metric([node, dev.name, source], dev.watts)
+            yield device
+            failed = GaugeMetricFamily(
+                "wattops_sensor_failed",
+                "1 while the sensor fails (estimate in use)",
+                labels=["node"],
+            )
+            failed.add_metric([node], 1.0 if snap.power.sensor_error else 0.0)
+            yield failed
+        totals = snap.totals
+        for name, value, help_text in (
+            ("wattops_node_energy_joules", totals.energy_j_total, "Node energy"),
+            ("wattops_node_idle_energy_joules", totals.idle_energy_j_total, "Idle energy"),
+            ("wattops_node_active_energy_joules", totals.active_energy_j_total, "Active energy"),
+            (
+                "wattops_node_estimated_energy_joules",
+                totals.estimated_energy_j_total,
+                "Part of the node energy that was estimated",
+            ),
+            ("wattops_node_cost_usd", totals.cost_usd_total, "Hardware and electricity cost"),
+            ("wattops_node_carbon_grams", totals.carbon_g_total, "gCO2e"),
+        ):
+            counter = CounterMetricFamily(name, help_text, labels=["node"])
+            counter.add_metric([node], value)
+            yield counter
+        if snap.cost is not None:
+            burn = GaugeMetricFamily(
+                "wattops_node_burn_usd_per_hour",
+                "Node price now, electricity included",
+                labels=["node", "profile"],
+            )
+            burn.add_metric([node, snap.cost.profile], snap.cost.burn_usd_per_hour)
+            yield burn
+            unallocated = GaugeMetricFamily(
+                "wattops_node_unallocated_usd_per_hour",
+                "Burn no deployment holds",
+                labels=["node"],
+            )
+            unallocated.add_metric([node], snap.cost.unallocated_usd_per_hour)
+            yield unallocated
+        alerts = GaugeMetricFamily(
+            "wattops_alerts", "Active alerts", labels=["node", "kind", "subject", "severity"]
+        )
+        for alert in snap.alerts:
+            alerts.add_metric([node, alert.kind, alert.subject, alert.severity], 1.0)
+        yield alerts
+
+    def _deployments(self, snap: NodeSnapshot, node: str) -> Iterator[Metric]:
+        labels = ["node", "deployment", "precision"]
+        families: dict[str, CounterMetricFamily | GaugeMetricFamily] = {
+            "requests": CounterMetricFamily(
+                "wattops_deployment_requests", "Answered requests", labels=labels
+            ),
+            "errors": CounterMetricFamily(
+                "wattops_deployment_errors", "Failed requests", labels=labels
+            ),
+            "tokens": CounterMetricFamily(
+                "wattops_deployment_tokens",
+                "Tokens processed by the engines (kind: prompt, completion, cached_prompt)",
+                labels=[*labels, "kind"],
+            ),
+            "cache": CounterMetricFamily(
+                "wattops_deployment_response_cache_requests",
+                "Cacheable requests by outcome (hit, miss)",
+                labels=[*labels, "outcome"],
+            ),
+            "energy": CounterMetricFamily(
+                "wattops_deployment_energy_joules",
+                "Energy attributed to the deployment",
+                labels=[*labels, "source"],
+            ),
+            "cost": CounterMetricFamily(
+                "wattops_deployment_cost_usd",
+                "Cost attributed to the deployment",
+                labels=labels,
+            ),
+            "carbon": CounterMetricFamily(
+                "wattops_deployment_carbon_grams", "gCO2e attributed", labels=labels
+            ),
+            "replicas": GaugeMetricFamily(
+                "wattops_deployment_replicas",
+                "Replicas (state: desired, ready)",
+                labels=[*labels, "state"],
+            ),
+            "share": GaugeMetricFamily(
+                "wattops_deployment_share_ratio", "Share of the node held", labels=labels
+            ),
+            "burn": GaugeMetricFamily(
+                "wattops_deployment_cost_usd_per_hour", "Cost rate now", labels=labels
+            ),
+            "latency": GaugeMetricFamily(
+                "wattops_deployment_latency_seconds",
+                "Answer latency over recent requests",
+                labels=[*labels, "quantile"],
+            ),
+        }
+        for dep in snap.deployments:
+            key = [node, dep.name, dep.precision]
+            c = dep.counters
+            families["requests"].add_metric(key, c.requests_total)
+            families["errors"].add_metric(key, c.errors_total)
+            families["tokens"].add_metric([*key, "prompt"], c.prompt_tokens_total)
+            families["tokens"].add_metric([*key, "completion"], c.completion_tokens_total)
+            families["tokens"].add_metric([*key, "cached_prompt"], c.cached_prompt_tokens_total)
+            families["cache"].add_metric([*key, "hit"], c.cache_hits_total)
+            families["cache"].add_metric([*key, "miss"], c.cache_misses_total)
+            families["replicas"].add_metric([*key, "desired"], dep.desired_replicas)
+            families["replicas"].add_metric([*key, "ready"], dep.ready_replicas)
+            if dep.latency.p50_s is not None:
+                families["latency"].add_metric([*key, "0.5"], dep.latency.p50_s)
+            if dep.latency.p95_s is not None:
+                families["latency"].add_metric([*key, "0.95"], dep.latency.p95_s)
+            acc = dep.accounting
+            if acc is not None:
+                families["energy"].add_metric([*key, acc.energy_source], acc.totals.energy_j_total)
+                families["cost"].add_metric(key, acc.totals.cost_usd_total)
+                families["carbon"].add_metric(key, acc.totals.carbon_g_total)
+                families["share"].add_metric(key, acc.share)
+                families["burn"].add_metric(key, acc.cost_usd_per_hour)
+        yield from families.values()
+
+
+def registry_for(snapshot: Callable[[], NodeSnapshot]) -> CollectorRegistry:
+    """A fresh registry holding only this agent's collector (no process/platform metrics)."""
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(SnapshotCollector(snapshot))
+    return registry

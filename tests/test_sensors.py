@@ -1,0 +1,544 @@
+"""The power sensors against copied sysfs trees and a stand-in for NVML that raises pynvml's own
+exceptions."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import sys
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pynvml
+import pytest
+
+from wattops.agents.sensors import rapl
+from wattops.agents.sensors.base import PowerSample, Sensor, SensorError
+from wattops.agents.sensors.detect import detect_sensor
+from wattops.agents.sensors.estimate import EstimateSensor, HostCpuUtilisation
+from wattops.agents.sensors.jetson import JetsonSensor
+from wattops.agents.sensors.nvml import NvmlSensor
+from wattops.agents.sensors.rapl import RaplSensor
+
+SYSFS = Path(__file__).resolve().parent / "fixtures" / "sysfs"
+AGX_ORIN = SYSFS / "agx-orin-jp5"
+ORIN_NANO = SYSFS / "orin-nano-jp6"
+NANO_JP4 = SYSFS / "nano-jp4"
+XEON = SYSFS / "rapl-xeon-2s"
+LAPTOP = SYSFS / "rapl-laptop"
+GIB = 1024**3
+
+
+def by_name(sample: PowerSample) -> dict[str, Any]:
+    return {device.name: device for device in sample.devices}
+
+
+# -- NVML ------------------------------------------------------------------------------------
+
+
+@dataclass
+class FakeGpu:
+    name: str = "NVIDIA A100-SXM4-80GB"
+    milliwatts: int = 250_000
+    #: None: the energy counter is NotSupported on this GPU.
+    energy_mj: int | None = 1_000_000
+    utilisation: int | None = 35
+    memory_used: int = 20 * GIB
+    memory_total: int = 80 * GIB
+    limit_mw: int = 400_000
+    lost: bool = False
+
+    def check(self) -> None:
+        if self.lost:
+            raise pynvml.NVMLError(pynvml.NVML_ERROR_GPU_IS_LOST)
+
+
+class FakeNvml:
+    """The pynvml functions the sensor calls, over FakeGpus. Errors are raised the way pynvml's
+    `_nvmlCheckReturn` does, `NVMLError(code)`, which pynvml turns into the code's subclass;
+    constants and exception classes are pynvml's own."""
+
+    def __init__(self, gpus: list[FakeGpu], init_error: int | None = None) -> None:
+        self.gpus = gpus
+        self.init_error = init_error
+        self.init_calls = 0
+        self.shutdown_calls = 0
+
+    def __getattr__(self, name: str) -> Any:
+        if name.startswith("NVML"):
+            return getattr(pynvml, name)
+        raise AttributeError(name)
+
+    def nvmlInit(self) -> None:
+        self.init_calls += 1
+        if self.init_error is not None:
+            raise pynvml.NVMLError(self.init_error)
+
+    def nvmlShutdown(self) -> None:
+        self.shutdown_calls += 1
+
+    def nvmlDeviceGetCount(self) -> int:
+        return len(self.gpus)
+
+    def nvmlDeviceGetHandleByIndex(self, index: int) -> FakeGpu:
+        return self.gpus[index]
+
+    def nvmlDeviceGetName(self, gpu: FakeGpu) -> str:
+        gpu.check()
+        return gpu.name
+
+    def nvmlDeviceGetPowerUsage(self, gpu: FakeGpu) -> int:
+        gpu.check()
+        return gpu.milliwatts
+
+    def nvmlDeviceGetTotalEnergyConsumption(self, gpu: FakeGpu) -> int:
+        gpu.check()
+        if gpu.energy_mj is None:
+            raise pynvml.NVMLError(pynvml.NVML_ERROR_NOT_SUPPORTED)
+        return gpu.energy_mj
+
+    def nvmlDeviceGetUtilizationRates(self, gpu: FakeGpu) -> Any:
+        gpu.check()
+        if gpu.utilisation is None:
+            raise pynvml.NVMLError(pynvml.NVML_ERROR_NOT_SUPPORTED)
+        return pynvml.c_nvmlUtilization_t(gpu=gpu.utilisation, memory=10)
+
+    def nvmlDeviceGetMemoryInfo(self, gpu: FakeGpu) -> Any:
+        gpu.check()
+        free = gpu.memory_total - gpu.memory_used
+        return pynvml.c_nvmlMemory_t(total=gpu.memory_total, free=free, used=gpu.memory_used)
+
+    def nvmlDeviceGetEnforcedPowerLimit(self, gpu: FakeGpu) -> int:
+        gpu.check()
+        return gpu.limit_mw
+
+
+@pytest.fixture
+def nvml_sensors() -> Iterator[list[Sensor]]:
+    """Sensors a test opened, closed afterwards."""
+    opened: list[Sensor] = []
+    yield opened
+    for sensor in opened:
+        sensor.close()
+
+
+def test_fake_nvml_raises_what_pynvml_raises() -> None:
+    # pynvml's NVMLError.__new__ maps a code to its subclass; the sensor relies on `.value`.
+    with pytest.raises(pynvml.NVMLError_GpuIsLost) as lost:
+        FakeGpu(lost=True).check()
+    assert lost.value.value == pynvml.NVML_ERROR_GPU_IS_LOST
+    with pytest.raises(pynvml.NVMLError_NotSupported):
+        FakeNvml([]).nvmlDeviceGetTotalEnergyConsumption(FakeGpu(energy_mj=None))
+
+
+def test_nvml_two_gpus_with_energy_counters() -> None:
+    gpus = [FakeGpu(), FakeGpu(milliwatts=150_500, energy_mj=5_000_000, utilisation=80)]
+    fake = FakeNvml(gpus)
+    sensor = NvmlSensor(fake)
+    gpus[0].energy_mj = 1_000_000 + 25_000  # +25 J since start
+    gpus[1].energy_mj = 5_000_000 + 15_000  # +15 J
+    sample = sensor.read()
+    assert sample.source == "nvml"
+    assert sample.watts == pytest.approx(400.5)
+    assert sample.total_from == "sum of 2 GPUs"
+    assert sample.energy_j == pytest.approx(40.0)
+    assert sample.warnings == ()
+    first, second = sample.devices
+    assert first.name == "gpu0 NVIDIA A100-SXM4-80GB"
+    assert first.watts == pytest.approx(250.0)
+    assert first.energy_j == pytest.approx(25.0)
+    assert first.utilisation == pytest.approx(0.35)
+    assert first.memory_used_bytes == 20 * GIB
+    assert first.memory_total_bytes == 80 * GIB
+    assert first.power_limit_watts == pytest.approx(400.0)
+    assert second.utilisation == pytest.approx(0.8)
+    assert all(device.in_total for device in sample.devices)
+    sensor.close()
+    sensor.close()
+    assert (fake.init_calls, fake.shutdown_calls) == (1, 1)
+
+
+def test_nvml_counter_not_supported_gives_no_energy_but_watts() -> None:
+    gpus = [FakeGpu(), FakeGpu(name="Tesla P100-PCIE-16GB", energy_mj=None, utilisation=None)]
+    sensor = NvmlSensor(FakeNvml(gpus))
+    sample = sensor.read()
+    devices = sample.devices
+    assert devices[0].energy_j == pytest.approx(0.0)
+    assert devices[1].energy_j is None
+    assert devices[1].watts == pytest.approx(250.0)
+    assert devices[1].utilisation is None
+    assert devices[1].memory_total_bytes == 80 * GIB
+    # One GPU without a counter: the node energy is integrated from watts instead.
+    assert sample.energy_j is None
+    assert sample.watts == pytest.approx(500.0)
+    assert "nvml: 2 GPU(s)" in sensor.describe()
+    sensor.close()
+
+
+def test_nvml_counter_restart_is_not_negative_energy() -> None:
+    gpu = FakeGpu(energy_mj=9_000_000)
+    sensor = NvmlSensor(FakeNvml([gpu]))
+    gpu.energy_mj = 9_010_000
+    assert sensor.read().energy_j == pytest.approx(10.0)
+    gpu.energy_mj = 4_000  # driver reloaded: the counter starts again from 0
+    sample = sensor.read()
+    assert sample.energy_j == pytest.approx(14.0)
+    assert sample.total_from == "sum of 1 GPU"
+    sensor.close()
+
+
+def test_nvml_gpu_lost_mid_run_is_skipped_with_a_warning() -> None:
+    gpus = [FakeGpu(), FakeGpu(name="NVIDIA H100 80GB HBM3", milliwatts=300_000)]
+    sensor = NvmlSensor(FakeNvml(gpus))
+    gpus[1].energy_mj = 1_000_000 + 30_000
+    before = sensor.read()
+    assert before.energy_j == pytest.approx(30.0)
+    gpus[1].lost = True
+    gpus[0].energy_mj = 1_000_000 + 5_000
+    sample = sensor.read()
+    assert [device.name for device in sample.devices] == ["gpu0 NVIDIA A100-SXM4-80GB"]
+    assert sample.watts == pytest.approx(250.0)
+    assert sample.total_from == "sum of 1 of 2 GPUs"
+    (warning,) = sample.warnings
+    assert "GPU 1" in warning and "H100" in warning and "GPU is lost" in warning
+    # The lost GPU keeps what it counted: the node energy never goes backwards.
+    assert sample.energy_j == pytest.approx(35.0)
+    sensor.close()
+
+
+def test_nvml_all_gpus_lost_is_an_error() -> None:
+    gpus = [FakeGpu(), FakeGpu()]
+    sensor = NvmlSensor(FakeNvml(gpus))
+    for gpu in gpus:
+        gpu.lost = True
+    with pytest.raises(SensorError, match=r"nvml: no GPU could be read.*GPU is lost"):
+        sensor.read()
+    sensor.close()
+
+
+def test_nvml_power_not_supported_skips_that_gpu() -> None:
+    class NoPower(FakeNvml):
+        def nvmlDeviceGetPowerUsage(self, gpu: FakeGpu) -> int:
+            if gpu.name == "Orin (nvgpu)":
+                raise pynvml.NVMLError(pynvml.NVML_ERROR_NOT_SUPPORTED)
+            return super().nvmlDeviceGetPowerUsage(gpu)
+
+    sensor = NvmlSensor(NoPower([FakeGpu(name="Orin (nvgpu)")]))
+    with pytest.raises(SensorError, match="does not report power draw"):
+        sensor.read()
+    sensor.close()
+
+
+@pytest.mark.parametrize(
+    ("code", "message"),
+    [
+        (pynvml.NVML_ERROR_LIBRARY_NOT_FOUND, "nvml: NVML library not found"),
+        (pynvml.NVML_ERROR_DRIVER_NOT_LOADED, "nvml: NVIDIA driver not loaded"),
+        (pynvml.NVML_ERROR_NO_PERMISSION, "nvml: no permission"),
+    ],
+)
+def test_nvml_absent_at_construction_is_an_error(code: int, message: str) -> None:
+    fake = FakeNvml([FakeGpu()], init_error=code)
+    with pytest.raises(SensorError, match=message):
+        NvmlSensor(fake)
+    assert fake.shutdown_calls == 0
+
+
+def test_nvml_module_not_installed_is_an_error(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setitem(sys.modules, "pynvml", None)  # makes `import pynvml` fail
+    with pytest.raises(SensorError, match="pip install nvidia-ml-py"):
+        NvmlSensor()
+
+
+def test_nvml_no_gpus_is_an_error() -> None:
+    fake = FakeNvml([])
+    with pytest.raises(SensorError, match="no GPU"):
+        NvmlSensor(fake)
+    assert fake.shutdown_calls == 1
+
+
+# -- Jetson ----------------------------------------------------------------------------------
+
+
+def test_jetson_agx_orin_jp5_sums_module_rails_and_skips_nc_and_shunt_sum() -> None:
+    sample = JetsonSensor(AGX_ORIN).read()
+    assert sample.source == "jetson"
+    rails = by_name(sample)
+    assert list(rails) == ["VDD_GPU_SOC", "VDD_CPU_CV", "VIN_SYS_5V0", "VDDQ_VDD2_1V8AO"]
+    expected = (19136 * 312 + 19136 * 104 + 4984 * 640 + 4984 * 80) / 1e6
+    assert sample.watts == pytest.approx(expected)
+    assert sample.total_from == "sum of module rails"
+    assert all(rail.in_total for rail in rails.values())
+    assert rails["VDD_GPU_SOC"].volts == pytest.approx(19.136)
+    assert rails["VDD_GPU_SOC"].amps == pytest.approx(0.312)
+    assert sample.energy_j is None
+    assert sample.warnings == ()
+
+
+def test_jetson_orin_nano_jp6_total_is_vdd_in() -> None:
+    sensor = JetsonSensor(ORIN_NANO)
+    sample = sensor.read()
+    rails = by_name(sample)
+    assert list(rails) == ["VDD_IN", "VDD_CPU_GPU_CV", "VDD_SOC"]
+    assert sample.watts == pytest.approx(5016 * 1104 / 1e6)
+    assert sample.total_from == "VDD_IN"
+    assert rails["VDD_IN"].in_total
+    assert not rails["VDD_CPU_GPU_CV"].in_total
+    assert not rails["VDD_SOC"].in_total
+    assert "total: VDD_IN" in sensor.describe()
+
+
+def test_jetson_nano_jp4_total_is_pom_5v_in() -> None:
+    sample = JetsonSensor(NANO_JP4).read()
+    rails = by_name(sample)
+    assert list(rails) == ["POM_5V_IN", "POM_5V_GPU", "POM_5V_CPU"]
+    assert sample.total_from == "POM_5V_IN"
+    assert sample.watts == pytest.approx(2.483)  # in_power0_input, mW
+    assert rails["POM_5V_CPU"].watts == pytest.approx(0.479)
+    assert [rail.in_total for rail in rails.values()] == [True, False, False]
+
+
+def test_jetson_reads_new_values_each_time(tmp_path: Path) -> None:
+    root = tmp_path / "board"
+    shutil.copytree(ORIN_NANO, root)
+    sensor = JetsonSensor(root)
+    hwmon = root / "sys/bus/i2c/drivers/ina3221/1-0040/hwmon/hwmon1"
+    (hwmon / "curr1_input").write_text("2000\n")
+    assert sensor.read().watts == pytest.approx(5016 * 2000 / 1e6)
+
+
+def test_jetson_unreadable_rail(tmp_path: Path) -> None:
+    root = tmp_path / "board"
+    shutil.copytree(ORIN_NANO, root)
+    hwmon = root / "sys/bus/i2c/drivers/ina3221/1-0040/hwmon/hwmon1"
+    sensor = JetsonSensor(root)
+    (hwmon / "curr3_input").unlink()
+    sample = sensor.read()
+    assert "VDD_SOC" not in by_name(sample)
+    assert sample.watts == pytest.approx(5016 * 1104 / 1e6)
+    assert any("VDD_SOC" in warning for warning in sample.warnings)
+    (hwmon / "in1_input").unlink()
+    with pytest.raises(SensorError, match=r"jetson: cannot read rail VDD_IN in .*hwmon1"):
+        sensor.read()
+
+
+def test_jetson_absent_is_an_error(tmp_path: Path) -> None:
+    with pytest.raises(SensorError, match=r"jetson: no INA3221 power monitor under .*ina3221"):
+        JetsonSensor(tmp_path)
+
+
+# -- RAPL ------------------------------------------------------------------------------------
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 100.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def set_energy(root: Path, zone: str, microjoules: int) -> None:
+    (root / "sys/class/powercap" / zone / "energy_uj").write_text(f"{microjoules}\n")
+
+
+def test_rapl_counts_packages_and_dram_with_wrap_around(tmp_path: Path) -> None:
+    root = tmp_path / "host"
+    shutil.copytree(XEON, root)
+    clock = Clock()
+    sensor = RaplSensor(root, clock=clock)
+    first = sensor.read()  # straight after construction: no window yet
+    assert first.watts == 0.0
+    assert first.energy_j == 0.0
+    assert first.source == "rapl"
+
+    clock.now += 1.0
+    set_energy(root, "intel-rapl:0", 123456789012 + 150_000_000)  # 150 J
+    set_energy(root, "intel-rapl:0:0", 23456789012 + 20_000_000)
+    set_energy(root, "intel-rapl:1", 98765432109 + 120_000_000)
+    set_energy(root, "intel-rapl:1:0", 21098765432 + 18_000_000)
+    sample = sensor.read()
+    zones = by_name(sample)
+    assert list(zones) == ["package-0", "package-0/dram", "package-1", "package-1/dram"]
+    assert zones["package-0"].watts == pytest.approx(150.0)
+    assert zones["package-1/dram"].watts == pytest.approx(18.0)
+    assert sample.watts == pytest.approx(308.0)
+    assert sample.energy_j == pytest.approx(308.0)
+
+    # package-0 wraps: from 60 J below the top of its range to 40 J past zero.
+    max_range = 262143328850
+    set_energy(root, "intel-rapl:0", max_range - 60_000_000)
+    clock.now += 0.5
+    sensor.read()
+    package_0_before = max_range - 60_000_000 - 123456789012
+    clock.now += 0.5
+    set_energy(root, "intel-rapl:0", 40_000_000)
+    sample = sensor.read()
+    zones = by_name(sample)
+    assert zones["package-0"].watts == pytest.approx(100.0 / 0.5)
+    assert zones["package-0"].energy_j == pytest.approx(package_0_before / 1e6 + 100.0)
+    assert zones["package-1"].watts == 0.0
+    assert sample.energy_j == pytest.approx(sum(zone.energy_j or 0.0 for zone in sample.devices))
+
+
+def test_rapl_skips_core_uncore_psys_and_mmio() -> None:
+    sensor = RaplSensor(LAPTOP)
+    zones = by_name(sensor.read())
+    assert list(zones) == ["package-0", "package-0/dram"]
+    assert "intel-rapl:0:2" in sensor.describe()
+
+
+def test_rapl_permission_denied_says_how_to_fix(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    root = tmp_path / "host"
+    shutil.copytree(XEON, root)
+    blocked = root / "sys/class/powercap/intel-rapl:0/energy_uj"
+    blocked.chmod(0o000)
+    if os.access(blocked, os.R_OK):  # root ignores the mode: refuse the open as the kernel would
+        real_open = os.open
+
+        def refuse(path: Any, flags: int, *args: Any, **kwargs: Any) -> int:
+            if str(path) == str(blocked):
+                raise PermissionError(13, "Permission denied", str(path))
+            return real_open(path, flags, *args, **kwargs)
+
+        monkeypatch.setattr(rapl.os, "open", refuse)
+    with pytest.raises(SensorError) as err:
+        RaplSensor(root)
+    message = str(err.value)
+    assert message.startswith(f"rapl: cannot read {blocked}")
+    assert "root" in message and "chmod" in message and "udev" in message
+
+
+def test_rapl_absent_is_an_error(tmp_path: Path) -> None:
+    with pytest.raises(SensorError, match=r"rapl: no RAPL package zone under .*powercap"):
+        RaplSensor(tmp_path)
+
+
+# -- Estimate --------------------------------------------------------------------------------
+
+
+def test_estimate_is_linear_in_clamped_utilisation() -> None:
+    share = [0.35]
+    sensor = EstimateSensor(60, 400, lambda: share[0], "a100-80gb")
+    sample = sensor.read()
+    assert sample.source == "estimate"
+    assert sample.watts == pytest.approx(60 + 340 * 0.35)
+    assert sample.total_from == (
+        "estimate: a100-80gb profile idle 60 W .. max 400 W at 35% utilisation"
+    )
+    assert sample.energy_j is None
+    for raw, watts in [(1.7, 400.0), (-0.2, 60.0), (float("nan"), 60.0), (1.0, 400.0)]:
+        share[0] = raw
+        assert sensor.read().watts == pytest.approx(watts)
+
+
+def test_estimate_rejects_idle_above_max() -> None:
+    with pytest.raises(SensorError, match="idle_watts <= max_watts"):
+        EstimateSensor(500, 400, lambda: 0.0, "bad")
+
+
+def test_host_cpu_utilisation_from_two_proc_stat_snapshots(tmp_path: Path) -> None:
+    stat = tmp_path / "proc" / "stat"
+    stat.parent.mkdir()
+    shutil.copy(SYSFS / "proc-stat" / "stat.1", stat)
+    utilisation = HostCpuUtilisation(tmp_path)
+    shutil.copy(SYSFS / "proc-stat" / "stat.2", stat)
+    # 1000 ticks between the snapshots, 300 of them idle and 100 iowait.
+    assert utilisation() == pytest.approx(0.6)
+    assert utilisation() == pytest.approx(0.6)  # no tick since: the last figure again
+
+
+def test_host_cpu_utilisation_missing_proc_is_an_error(tmp_path: Path) -> None:
+    with pytest.raises(SensorError, match=r"estimate: cannot read .*proc/stat"):
+        HostCpuUtilisation(tmp_path)
+
+
+# -- detect_sensor ---------------------------------------------------------------------------
+
+
+def fallback() -> Sensor:
+    return EstimateSensor(10, 20, lambda: 0.5, "test")
+
+
+def not_called() -> Sensor:
+    raise AssertionError("the estimate must not be built")
+
+
+NO_NVML = FakeNvml([], init_error=pynvml.NVML_ERROR_LIBRARY_NOT_FOUND)
+
+
+def test_detect_auto_prefers_nvml(nvml_sensors: list[Sensor]) -> None:
+    sensor, notes = detect_sensor("auto", ORIN_NANO, not_called, nvml=FakeNvml([FakeGpu()]))
+    nvml_sensors.append(sensor)
+    assert isinstance(sensor, NvmlSensor)
+    assert notes == []
+
+
+@pytest.mark.parametrize(
+    ("root", "expected", "skipped"),
+    [
+        (ORIN_NANO, JetsonSensor, ["nvml"]),
+        (NANO_JP4, JetsonSensor, ["nvml"]),
+        (XEON, RaplSensor, ["nvml", "jetson"]),
+    ],
+)
+def test_detect_auto_order(root: Path, expected: type, skipped: list[str]) -> None:
+    sensor, notes = detect_sensor("auto", root, not_called, nvml=NO_NVML)
+    assert isinstance(sensor, expected)
+    assert [note.split(":")[0] for note in notes] == skipped
+    assert notes[0].startswith("nvml: NVML library not found")
+
+
+def test_detect_auto_falls_back_to_the_estimate(tmp_path: Path) -> None:
+    sensor, notes = detect_sensor("auto", tmp_path, fallback, nvml=NO_NVML)
+    assert isinstance(sensor, EstimateSensor)
+    assert [note.split(":")[0] for note in notes] == ["nvml", "jetson", "rapl"]
+
+
+def test_detect_auto_needs_a_successful_read(tmp_path: Path) -> None:
+    class LostAtOnce(FakeNvml):
+        def nvmlDeviceGetPowerUsage(self, gpu: FakeGpu) -> int:
+            raise pynvml.NVMLError(pynvml.NVML_ERROR_GPU_IS_LOST)
+
+    fake = LostAtOnce([FakeGpu()])
+    sensor, notes = detect_sensor("auto", ORIN_NANO, not_called, nvml=fake)
+    assert isinstance(sensor, JetsonSensor)
+    assert notes[0].startswith("nvml: no GPU could be read")
+    assert fake.shutdown_calls == 1  # the NVML sensor that failed was closed
+
+
+@pytest.mark.parametrize(
+    ("kind", "root", "message"),
+    [
+        ("nvml", ORIN_NANO, "nvml: NVML library not found"),
+        ("jetson", XEON, "jetson: no INA3221 power monitor"),
+        ("rapl", ORIN_NANO, "rapl: no RAPL package zone"),
+    ],
+)
+def test_detect_explicit_kind_that_fails_raises(kind: str, root: Path, message: str) -> None:
+    with pytest.raises(SensorError, match=message):
+        detect_sensor(kind, root, not_called, nvml=NO_NVML)
+
+
+@pytest.mark.parametrize(
+    ("kind", "root", "expected"),
+    [
+        ("jetson", AGX_ORIN, JetsonSensor),
+        ("rapl", LAPTOP, RaplSensor),
+        ("estimate", AGX_ORIN, EstimateSensor),
+    ],
+)
+def test_detect_explicit_kind(kind: str, root: Path, expected: type) -> None:
+    estimate: Callable[[], Sensor] = fallback if kind == "estimate" else not_called
+    sensor, notes = detect_sensor(kind, root, estimate, nvml=NO_NVML)
+    assert isinstance(sensor, expected)
+    assert notes == []
+
+
+def test_detect_unknown_kind() -> None:
+    with pytest.raises(SensorError, match="unknown sensor kind 'ina'"):
+        detect_sensor("ina", SYSFS, not_called)
