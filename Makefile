@@ -6,7 +6,7 @@ BIN    := $(VENV)/bin
 # pip caches the built wheel, so only the first install compiles (~8 min on 2 cores).
 export CMAKE_ARGS ?= -DGGML_NATIVE=OFF
 
-.PHONY: help install test lint typecheck pytest demo models clean
+.PHONY: help install test lint typecheck pytest prometheus demo models clean
 
 help:
 	@echo "make demo   start an agent on the generated demo model"
@@ -38,7 +38,18 @@ typecheck: $(BIN)/.installed
 	for pkg in agents engines console profiles; do ln -sfn ../../../$$pkg .build/typecheck/wattops/$$pkg; done
 	$(BIN)/mypy -p wattops.agents -p wattops.engines -p wattops.console -p wattops.profiles
 
-pytest: $(BIN)/.installed models/test.gguf
+# The Prometheus integration test runs Debian's real server.
+prometheus:
+	@command -v prometheus >/dev/null || { \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive \
+	      apt-get install -y -qq --no-install-recommends prometheus >/dev/null; \
+	  else \
+	    echo "make test needs a prometheus binary on PATH (Debian/Ubuntu: apt-get install prometheus)"; \
+	    exit 1; \
+	  fi; }
+
+pytest: $(BIN)/.installed models/test.gguf prometheus
 	$(BIN)/python -m pytest -q
 
 test: lint typecheck pytest

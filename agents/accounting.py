@@ -139,6 +139,7 @@ class Accounting:
         self._util_at = time.monotonic()
         self._second_energy = 0.0
         self._second_seconds = 0.0
+        self._last_watts = 0.0
         self._second_by_deployment: dict[str, float] = {}
 
     def engine_utilisation(self) -> float:
@@ -191,12 +192,13 @@ class Accounting:
             weights[name] = weight
         total_weight = sum(weights.values())
         hardware_usd = self.cost.node_usd_per_hour * seconds / 3600.0
+        estimated_part = min(1.0, interval.estimated_joules / joules) if joules > 0 else 0.0
         _add(
             self.node,
             joules,
             idle,
             active,
-            interval.estimated,
+            estimated_part,
             hardware_usd + self.cost.electricity_usd(joules),
             self.cost.carbon_g(joules),
         )
@@ -209,7 +211,7 @@ class Accounting:
                 dep_joules,
                 dep_idle,
                 dep_active,
-                interval.estimated,
+                estimated_part,
                 hardware_usd * shares[name] + self.cost.electricity_usd(dep_joules),
                 self.cost.carbon_g(dep_joules),
             )
@@ -221,10 +223,12 @@ class Accounting:
 
     def tick(self, wall_time: float) -> None:
         """Once a second: append a history point and refresh the windowed figures."""
+        if self._second_seconds > 0:
+            self._last_watts = self._second_energy / self._second_seconds
         seconds = self._second_seconds or 1.0
         point = HistoryPoint(
             t=wall_time,
-            watts=self._second_energy / seconds,
+            watts=self._last_watts,
             source=self.source,
             energy_j_total=self.node.energy_j_total,
             cost_usd_total=self.node.cost_usd_total,
@@ -271,14 +275,13 @@ def _add(
     joules: float,
     idle: float,
     active: float,
-    estimated: bool,
+    estimated_part: float,
     usd: float,
     grams: float,
 ) -> None:
     totals.energy_j_total += joules
     totals.idle_energy_j_total += idle
     totals.active_energy_j_total += active
-    if estimated:
-        totals.estimated_energy_j_total += joules
+    totals.estimated_energy_j_total += joules * estimated_part
     totals.cost_usd_total += usd
     totals.carbon_g_total += grams

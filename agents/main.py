@@ -20,7 +20,11 @@ log = logging.getLogger("wattops.agent")
 async def serve(config: AgentConfig) -> None:
     """Start the agent, serve its API until SIGINT/SIGTERM, then stop every replica."""
     agent = NodeAgent(config)
-    await agent.start()
+    try:
+        await agent.start()
+    except BaseException:
+        await agent.close()  # nothing was started that needs stopping; state stays as saved
+        raise
     try:
         server = uvicorn.Server(
             uvicorn.Config(

@@ -49,11 +49,13 @@ class SnapshotCollector(Collector):
             yield smooth
             device = GaugeMetricFamily(
                 "wattops_sensor_power_watts",
-                "Power of one measured device (GPU, rail, RAPL zone)",
-                labels=["node", "sensor", "source"],
+                "Power of one measured device (GPU, rail, RAPL zone); in_total=false: already "
+                "inside another reading (Jetson rails under VDD_IN), do not add it up",
+                labels=["node", "sensor", "source", "in_total"],
             )
             for dev in snap.power.devices:
-                device.add_metric([node, dev.name, source], dev.watts)
+                in_total = "true" if dev.in_total else "false"
+                device.add_metric([node, dev.name, source, in_total], dev.watts)
             yield device
             failed = GaugeMetricFamily(
                 "wattops_sensor_failed",
@@ -137,6 +139,12 @@ class SnapshotCollector(Collector):
                 "Replicas (state: desired, ready)",
                 labels=[*labels, "state"],
             ),
+            "state": GaugeMetricFamily(
+                "wattops_deployment_state",
+                "1 for the deployment's current state (serving, switching, scaling, parked, "
+                "failed)",
+                labels=[*labels, "state"],
+            ),
             "share": GaugeMetricFamily(
                 "wattops_deployment_share_ratio", "Share of the node held", labels=labels
             ),
@@ -161,6 +169,7 @@ class SnapshotCollector(Collector):
             families["cache"].add_metric([*key, "miss"], c.cache_misses_total)
             families["replicas"].add_metric([*key, "desired"], dep.desired_replicas)
             families["replicas"].add_metric([*key, "ready"], dep.ready_replicas)
+            families["state"].add_metric([*key, dep.state.value], 1.0)
             if dep.latency.p50_s is not None:
                 families["latency"].add_metric([*key, "0.5"], dep.latency.p50_s)
             if dep.latency.p95_s is not None:

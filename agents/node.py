@@ -142,11 +142,15 @@ class NodeAgent:
         )
         # What the estimate scales with: the host's CPU on a CPU node (measured from
         # /proc/stat); the engines' busy time on accelerator nodes with no readable sensor.
-        utilisation = (
-            HostCpuUtilisation(cfg.sysfs_root)
-            if hardware.kind == "cpu"
-            else self.accounting.engine_utilisation
-        )
+        # /proc/stat is host-wide even inside a container, so it is read at /, not sysfs_root.
+        try:
+            utilisation = (
+                HostCpuUtilisation(Path("/"))
+                if hardware.kind == "cpu"
+                else self.accounting.engine_utilisation
+            )
+        except SensorError as exc:
+            raise ConfigError(f"agent.profile = {cfg.profile!r} (a CPU node): {exc}") from None
         self.estimate_basis = (
             "host CPU time (/proc/stat)" if hardware.kind == "cpu" else "engine busy time"
         )
@@ -165,14 +169,23 @@ class NodeAgent:
 
     async def _tick_loop(self) -> None:
         assert self.accounting is not None
+        next_at = time.monotonic() + 1.0
         while True:
-            await asyncio.sleep(1.0 - (time.time() % 1.0))
+            await asyncio.sleep(max(0.0, next_at - time.monotonic()))
+            next_at += 1.0
             try:
                 self.accounting.tick(time.time())
                 self._evaluate_alerts()
             except Exception:  # accounting must never take the agent down
                 log.exception("accounting tick failed")
             self.mark_changed()
+
+    async def close(self) -> None:
+        """Release connections and files without touching the saved state (a failed start)."""
+        if self.cache:
+            await self.cache.close()
+        if self.session:
+            await self.session.close()
 
     async def stop(self) -> None:
         """Stop every replica and save state and counters."""
@@ -185,10 +198,7 @@ class NodeAgent:
             self.meter.close()
         await asyncio.gather(*(d.stop() for d in self.deployments.values()))
         self.save()
-        if self.cache:
-            await self.cache.close()
-        if self.session:
-            await self.session.close()
+        await self.close()
 
     def _engine(self, dep: DeploymentConfig, variants: VariantStore) -> EngineAdapter:
         assert self.session is not None

@@ -12,9 +12,9 @@ from __future__ import annotations
 import asyncio
 import logging
 import math
+import threading
 import time
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 from wattops.agents.sensors.base import PowerSample, Sensor, SensorError
@@ -27,27 +27,34 @@ SMOOTHING_S = 5.0
 
 @dataclass(frozen=True)
 class EnergyInterval:
-    """Energy used between two samples."""
+    """Energy used over an interval (about a second: the samples in it added up)."""
 
+    #: The last sample of the interval.
     sample: PowerSample
     joules: float
     seconds: float
-    #: True when the energy is (partly) estimated rather than measured.
-    estimated: bool
+    #: The part of `joules` that was estimated rather than measured.
+    estimated_joules: float = 0.0
 
 
 class PowerMeter:
-    """Samples `sensor` every 1/hz seconds on a worker thread; reports each interval."""
+    """Samples `sensor` every 1/hz seconds on its own thread and integrates energy there;
+    hands the event loop one EnergyInterval per `report_s` (a few per second, so each 1 s
+    history point has several), so the loop's cost does not grow with the sampling rate."""
 
-    def __init__(self, sensor: Sensor, fallback: Sensor | None, hz: float) -> None:
+    def __init__(
+        self, sensor: Sensor, fallback: Sensor | None, hz: float, report_s: float = 0.25
+    ) -> None:
         self.sensor = sensor
         self.fallback = fallback
         self.hz = hz
+        self.report_s = report_s
         self.latest: PowerSample | None = None
         self.watts_smoothed = 0.0
         self.error: str | None = None
         self.error_since: float | None = None
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="power")
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
 
     def read(self) -> tuple[PowerSample, bool]:
         """One sample (blocking): the sensor's, or the fallback's if the sensor fails."""
@@ -67,7 +74,8 @@ class PowerMeter:
         self.error_since = None
         return sample, sample.source == "estimate"
 
-    def interval(self, previous: PowerSample, current: PowerSample) -> float:
+    @staticmethod
+    def interval(previous: PowerSample, current: PowerSample) -> float:
         """Joules between two samples: from counters when both have them, else integrated."""
         seconds = max(0.0, current.monotonic - previous.monotonic)
         if (
@@ -86,38 +94,60 @@ class PowerMeter:
         alpha = 1.0 - math.exp(-seconds / SMOOTHING_S)
         self.watts_smoothed += alpha * (watts - self.watts_smoothed)
 
-    async def run(self, on_interval: Callable[[EnergyInterval], None]) -> None:
-        """Sample forever, calling `on_interval` on the event loop after each sample."""
-        loop = asyncio.get_running_loop()
+    def _sample_forever(self, report: Callable[[EnergyInterval], None]) -> None:
         period = 1.0 / self.hz
         next_at = time.monotonic()
-        while True:
+        joules = estimated = seconds = 0.0
+        while not self._stop.wait(max(0.0, next_at - time.monotonic())):
+            # Fixed-rate schedule: a slow read shortens the next wait instead of drifting.
+            next_at += period
+            if next_at < time.monotonic() - period:
+                next_at = time.monotonic()
             try:
-                sample, estimated = await loop.run_in_executor(self._executor, self.read)
+                sample, is_estimate = self.read()
             except SensorError:
-                await asyncio.sleep(period)
+                continue
+            except Exception:  # a sensor bug must not stop the meter
+                log.exception("power sensor %s raised", self.sensor.source)
                 continue
             previous = self.latest
             if previous is not None:
-                joules = self.interval(previous, sample)
-                seconds = max(0.0, sample.monotonic - previous.monotonic)
-                self._smooth(sample.watts, seconds)
-                self.latest = sample
-                on_interval(EnergyInterval(sample, joules, seconds, estimated))
+                step = self.interval(previous, sample)
+                dt = max(0.0, sample.monotonic - previous.monotonic)
+                self._smooth(sample.watts, dt)
+                joules += step
+                seconds += dt
+                if is_estimate:
+                    estimated += step
             else:
                 self._smooth(sample.watts, 0.0)
-                self.latest = sample
-            # Fixed-rate schedule: a slow read shortens the next sleep instead of drifting.
-            next_at += period
-            delay = next_at - time.monotonic()
-            if delay < -period:
-                next_at = time.monotonic()
-                delay = 0.0
-            await asyncio.sleep(max(0.0, delay))
+            self.latest = sample
+            if seconds >= self.report_s:
+                report(EnergyInterval(sample, joules, seconds, estimated))
+                joules = estimated = seconds = 0.0
+
+    async def run(self, on_interval: Callable[[EnergyInterval], None]) -> None:
+        """Sample until cancelled; `on_interval` runs on the event loop about once a second."""
+        loop = asyncio.get_running_loop()
+
+        def report(interval: EnergyInterval) -> None:
+            loop.call_soon_threadsafe(on_interval, interval)
+
+        self._stop.clear()
+        self._thread = threading.Thread(
+            target=self._sample_forever, args=(report,), name="power-meter", daemon=True
+        )
+        self._thread.start()
+        try:
+            await asyncio.Event().wait()  # until cancelled
+        finally:
+            self._stop.set()
 
     def close(self) -> None:
-        """Release the sensor and the sampling thread."""
-        self._executor.shutdown(wait=False, cancel_futures=True)
+        """Stop sampling and release the sensors."""
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=5)
         self.sensor.close()
         if self.fallback is not None:
             self.fallback.close()

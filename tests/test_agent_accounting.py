@@ -1,0 +1,198 @@
+"""Accounting on a real agent: measured RAPL power end to end, a failing sensor, budgets,
+parking advice, per-answer estimates, history, and counters across a kill -9."""
+
+from __future__ import annotations
+
+import itertools
+import os
+import shutil
+import signal
+import threading
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import Agent, wait_for
+
+FIXTURES = Path(__file__).parent / "fixtures" / "sysfs"
+
+
+class FakeRaplHost:
+    """A copy of a two-socket RAPL tree whose energy counters advance at `watts` per zone,
+    as the kernel's powercap files do (microjoules, wrapping at max_energy_range_uj)."""
+
+    def __init__(self, root: Path, watts: float) -> None:
+        shutil.copytree(FIXTURES / "rapl-xeon-2s", root)
+        self.root = root
+        self.zones = sorted((root / "sys/class/powercap").glob("intel-rapl:*"))
+        self.watts = watts
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        last = time.monotonic()
+        while not self._stop.wait(0.05):
+            now = time.monotonic()
+            for zone in self.zones:
+                path = zone / "energy_uj"
+                if not path.exists():
+                    continue
+                limit = int((zone / "max_energy_range_uj").read_text())
+                value = int(path.read_text()) + int(self.watts * (now - last) * 1e6)
+                # Replace, not rewrite: a reader must never see a half-written number (sysfs
+                # hands out whole values).
+                tmp = zone / ".energy_uj.tmp"
+                tmp.write_text(f"{value % limit}\n")
+                os.replace(tmp, path)
+            last = now
+
+    def __enter__(self) -> FakeRaplHost:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    def unplug(self) -> dict[Path, int]:
+        """Stop the counters and remove them, as an unloaded driver would; returns the values."""
+        self.__exit__()
+        values = {z: int((z / "energy_uj").read_text()) for z in self.zones}
+        for zone in self.zones:
+            (zone / "energy_uj").unlink()
+        return values
+
+    def replug(self, values: dict[Path, int]) -> None:
+        """Bring the counters back a little further on, and keep them running."""
+        for zone, value in values.items():
+            (zone / "energy_uj").write_text(f"{value + 1000}\n")
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+
+@pytest.fixture
+def rapl_host(tmp_path: Path) -> Iterator[FakeRaplHost]:
+    with FakeRaplHost(tmp_path / "host", watts=25.0) as host:
+        yield host
+
+
+def test_measured_rapl_power_carries_its_source_to_snapshot_and_metrics(
+    make_agent: Callable[..., Agent], rapl_host: FakeRaplHost
+) -> None:
+    agent = make_agent(agent_extra={"sensor": "rapl", "sysfs_root": str(rapl_host.root)})
+    # Two sockets, each package and dram zone at 25 W: 100 W in all.
+    power = wait_for(lambda: (p := agent.node()["power"]) and p["watts"] > 90 and p, 20, "power")
+    assert power["source"] == "rapl"
+    assert power["watts"] == pytest.approx(100.0, rel=0.15)
+    assert {d["name"] for d in power["devices"]} >= {"package-0", "package-1"}
+    assert agent.chat("measured", temperature=0.3).status_code == 200
+    dep = wait_for(lambda: (d := agent.deployment())["accounting"]["totals"]["energy_j_total"]
+                   > 0 and d, 10, "attributed energy")  # fmt: skip
+    assert dep["accounting"]["energy_source"] == "rapl"
+    snap = agent.node()
+    assert snap["totals"]["estimated_energy_j_total"] == 0.0
+    metrics = agent.client.get("/metrics").text
+    assert 'wattops_node_power_watts{node="test-node-0",source="rapl"}' in metrics
+
+    # The sensor breaks (the files vanish): watts fall back to the estimate, labelled, with
+    # an alert; energy keeps counting.
+    saved = rapl_host.unplug()
+    snap = wait_for(lambda: (s := agent.node())["alerts"] and s, 20, "a sensor alert")
+    assert snap["alerts"][0]["kind"] == "sensor_failed"
+    assert snap["power"]["source"] == "estimate"
+    assert snap["power"]["sensor_error"]
+    energy = snap["totals"]["energy_j_total"]
+    wait_for(lambda: agent.node()["totals"]["estimated_energy_j_total"] > 0, 10, "estimated J")
+    wait_for(lambda: agent.node()["totals"]["energy_j_total"] > energy, 10, "energy to go on")
+    rapl_host.replug(saved)
+    wait_for(lambda: agent.node()["power"]["source"] == "rapl", 20, "the sensor to recover")
+    wait_for(lambda: not agent.node()["alerts"], 10, "the alert to clear")
+
+
+def test_budget_and_parking_alerts_show_their_arithmetic(make_agent: Callable[..., Agent]) -> None:
+    agent = make_agent(
+        agent_extra={"profile": "a100-80gb", "budget_usd_per_hour": 1.0},
+        budget_usd_per_day=10.0,
+    )
+    config = agent.config_path.read_text()
+    agent.stop()
+    agent.config_path.write_text(config + "\n[accounting]\npark_advice_after_s = 2\n")
+    agent.start()
+    alerts = wait_for(
+        lambda: {a["id"]: a for a in agent.node()["alerts"]} if len(agent.node()["alerts"]) >= 3
+        else None, 30, "budget and parking alerts",
+    )  # fmt: skip
+    node_budget = alerts["budget:test-node-0:hour"]
+    assert node_budget["severity"] == "critical"
+    assert "$5.12/h" in node_budget["message"]  # one A100 80GB, cloud list price
+    assert "budget:tiny:day" in alerts  # 5.12 $/h held in full x 24 h > $10/day
+    park = alerts["parkable:tiny"]
+    assert park["message"] == "park tiny on test-node-0: saves $5.12/h"
+    assert park["saves_usd_per_hour"] == pytest.approx(5.12)
+    # Parking takes the advice away, and the deployment's budget alert with it.
+    agent.control("/v1/deployments/tiny/scale", {"replicas": 0})
+    wait_for(lambda: not any(a["subject"] == "tiny" for a in agent.node()["alerts"]), 30,
+             "deployment alerts to clear")  # fmt: skip
+
+
+def test_answers_carry_estimated_energy_and_cost(agent: Agent) -> None:
+    for i in range(3):
+        agent.chat(f"warm {i}", temperature=0.5)
+    wait_for(lambda: agent.deployment()["accounting"]["figures"]["j_per_token"], 30, "J/token")
+    resp = agent.chat("how much did this cost?", temperature=0.5)
+    tokens = resp.json()["usage"]["total_tokens"]
+    figures = agent.deployment()["accounting"]["figures"]
+    energy = float(resp.headers["x-wattops-est-energy-j"])
+    assert energy > 0
+    # tokens x the deployment's recent J/token (which may have moved on by a tick since).
+    assert energy / tokens == pytest.approx(figures["j_per_token"], rel=0.5)
+    assert float(resp.headers["x-wattops-est-cost-usd"]) > 0
+    agent.chat("cached", temperature=0)
+    hit = agent.chat("cached", temperature=0)
+    assert hit.headers["x-cache"] == "hit"
+    assert hit.headers["x-wattops-est-energy-j"] == "0"
+
+
+def test_history_keeps_one_point_per_second(agent: Agent) -> None:
+    wait_for(lambda: len(agent.client.get("/v1/history?seconds=60").json()["points"]) >= 4, 20,
+             "four history points")  # fmt: skip
+    points = agent.client.get("/v1/history", params={"seconds": 60}).json()["points"]
+    times = [p["t"] for p in points]
+    assert times == sorted(times)
+    assert all(0.5 < b - a < 1.5 for a, b in itertools.pairwise(times))
+    energy = [p["energy_j_total"] for p in points]
+    assert energy == sorted(energy)
+    assert points[-1]["deployments"]["tiny"]["precision"] == "q8_0"
+    assert agent.client.get("/v1/history", params={"seconds": 0}).status_code == 422
+    assert agent.client.get("/v1/history", params={"seconds": 3601}).status_code == 422
+
+
+def test_counters_survive_kill_9_and_are_not_counted_twice(
+    make_agent: Callable[..., Agent],
+) -> None:
+    agent = make_agent(agent_extra={"profile": "a100-80gb"})
+    for i in range(3):
+        assert agent.chat(f"count {i}", temperature=0.4).status_code == 200
+    wait_for(lambda: agent.deployment()["counters"]["completion_tokens_total"] > 0, 10, "tokens")
+    time.sleep(6)  # past one periodic save
+    before = agent.node()
+    dep_before = before["deployments"][0]
+    killed_at = time.monotonic()
+    agent.stop(signal.SIGKILL)
+    agent.start()
+    after = agent.node()
+    dep_after = after["deployments"][0]
+    # Requests and tokens stopped before the last save: restored exactly.
+    for key in ("requests_total", "prompt_tokens_total", "completion_tokens_total"):
+        assert dep_after["counters"][key] == dep_before["counters"][key], key
+    # Energy and cost: restored from the last save (at most one save period lost), and not
+    # more than the node could have used since (60..400 W for an A100 80GB).
+    lost_at_most = 5.0 * 400.0
+    gained_at_most = (time.monotonic() - killed_at) * 400.0
+    e_before, e_after = before["totals"]["energy_j_total"], after["totals"]["energy_j_total"]
+    assert e_before - lost_at_most <= e_after <= e_before + gained_at_most
+    assert after["totals"]["cost_usd_total"] >= before["totals"]["cost_usd_total"] - 5.12 * 5 / 3600
+    assert dep_after["accounting"]["totals"]["energy_j_total"] > 0
