@@ -91,3 +91,30 @@ def test_the_agent_refuses_a_missing_model(tmp_path: Path) -> None:
     assert result.returncode == 2
     assert "deployments.tiny.model" in result.stderr
     assert "m.gguf" in result.stderr
+
+
+def test_a_bad_profile_override_names_the_profile_file_and_field(
+    tmp_path: Path, test_model: Path
+) -> None:
+    text = GOOD.replace('model = "m.gguf"', f'model = "{test_model}"') + (
+        "\n[hardware]\nidle_watts = 900.0\n"
+    )
+    text = text.replace(
+        'listen = "127.0.0.1:9000"', 'listen = "127.0.0.1:9000"\nprofile = "a100-80gb"'
+    )
+    path = write(tmp_path, text)
+    result = subprocess.run([str(AGENT_BIN), "--config", str(path)], capture_output=True,
+                            text=True, timeout=60)  # fmt: skip
+    assert result.returncode == 2, result.stderr
+    assert "a100-80gb.toml" in result.stderr
+    assert "idle_watts" in result.stderr
+
+
+def test_an_unknown_profile_lists_the_available_ones(tmp_path: Path, test_model: Path) -> None:
+    text = GOOD.replace('model = "m.gguf"', f'model = "{test_model}"').replace(
+        'listen = "127.0.0.1:9000"', 'listen = "127.0.0.1:9000"\nprofile = "tpu-v9"'
+    )
+    result = subprocess.run([str(AGENT_BIN), "--config", str(write(tmp_path, text))],
+                            capture_output=True, text=True, timeout=60)  # fmt: skip
+    assert result.returncode == 2
+    assert "tpu-v9" in result.stderr and "a100-80gb" in result.stderr
