@@ -1,4 +1,4 @@
-"""`wattops`: the operator's command line. Subcommands: `model` (more come with the console)."""
+"""`wattops`: the operator's command line: console, status, scale, precision, load, demo, model."""
 
 from __future__ import annotations
 
@@ -38,6 +38,110 @@ def _model_quantize(args: argparse.Namespace) -> int:
     return 0
 
 
+DEFAULT_AGENT = "http://127.0.0.1:8080"
+
+
+def _agent_urls(args: argparse.Namespace) -> list[str]:
+    from wattops.console.inventory import InventoryError, load_inventory
+
+    urls = list(args.agent or [])
+    if args.inventory is not None:
+        try:
+            urls += load_inventory(args.inventory)
+        except InventoryError as exc:
+            raise SystemExit(f"wattops: {exc}") from None
+    return urls or [DEFAULT_AGENT]
+
+
+def _token() -> str | None:
+    from wattops.console.credentials import CredentialsError, load_token
+
+    try:
+        return load_token()
+    except CredentialsError as exc:
+        raise SystemExit(f"wattops: {exc}") from None
+
+
+def _status(args: argparse.Namespace) -> int:
+    from wattops.console.commands import status
+
+    return status(_agent_urls(args), args.json)
+
+
+def _scale(args: argparse.Namespace) -> int:
+    from wattops.console.commands import act
+
+    return act(
+        _agent_urls(args),
+        args.node,
+        args.deployment,
+        "scale",
+        args.replicas,
+        _token(),
+        not args.no_wait,
+        args.timeout,
+    )
+
+
+def _precision(args: argparse.Namespace) -> int:
+    from wattops.console.commands import act
+
+    return act(
+        _agent_urls(args),
+        args.node,
+        args.deployment,
+        "precision",
+        args.precision,
+        _token(),
+        not args.no_wait,
+        args.timeout,
+    )
+
+
+def _replica_count(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a whole number >= 0, got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0 (0 parks the deployment), got {value}")
+    return value
+
+
+def _add_fleet_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--agent",
+        action="append",
+        metavar="URL",
+        help=f"an agent's base URL (repeatable; default {DEFAULT_AGENT})",
+    )
+    parser.add_argument(
+        "--inventory",
+        type=Path,
+        metavar="FLEET.TOML",
+        help="a file listing the agents ([[agents]] url = ...)",
+    )
+
+
+def _add_action_options(parser: argparse.ArgumentParser) -> None:
+    _add_fleet_options(parser)
+    parser.add_argument("--node", help="the node, when the deployment runs on several")
+    parser.add_argument("--no-wait", action="store_true", help="return once accepted")
+    parser.add_argument(
+        "--timeout", type=float, default=600.0, help="seconds to wait for the outcome (default 600)"
+    )
+
+
+def _console(args: argparse.Namespace) -> int:
+    from wattops.console.app import make_app
+
+    token = None if args.read_only else _token()
+    make_app(
+        _agent_urls(args), token=token, read_only=args.read_only, prometheus=args.prometheus
+    ).run()
+    return 0
+
+
 def _demo(args: argparse.Namespace) -> int:
     from wattops.console.demo import run_demo
 
@@ -74,6 +178,33 @@ def build_parser() -> argparse.ArgumentParser:
     )
     quant.add_argument("--threads", type=int, default=0, help="0: all cores")
     quant.set_defaults(func=_model_quantize)
+
+    console = commands.add_parser("console", help="the live fleet console (Textual)")
+    _add_fleet_options(console)
+    console.add_argument("--read-only", action="store_true", help="offer no action and send none")
+    console.add_argument(
+        "--prometheus",
+        metavar="URL",
+        help="take the node view's history from this Prometheus server",
+    )
+    console.set_defaults(func=_console)
+
+    status = commands.add_parser("status", help="print the fleet table once")
+    _add_fleet_options(status)
+    status.add_argument("--json", action="store_true", help="the raw node snapshots as JSON")
+    status.set_defaults(func=_status)
+
+    scale = commands.add_parser("scale", help="scale a deployment and wait for the outcome")
+    scale.add_argument("deployment")
+    scale.add_argument("replicas", type=_replica_count, help="desired replicas; 0 parks")
+    _add_action_options(scale)
+    scale.set_defaults(func=_scale)
+
+    precision = commands.add_parser("precision", help="switch a deployment's precision")
+    precision.add_argument("deployment")
+    precision.add_argument("precision", help=f"one of: {', '.join(PRECISIONS)}")
+    _add_action_options(precision)
+    precision.set_defaults(func=_precision)
 
     demo = commands.add_parser("demo", help="run an agent on the demo model on loopback")
     demo.add_argument("--model", type=Path, default=Path("models/demo.gguf"))

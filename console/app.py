@@ -1,0 +1,511 @@
+"""`wattops console`: the live fleet view an on-call engineer opens over ssh.
+
+The screen reads the fleet state on its own timer; the agents' event streams run as tasks on
+the same loop and control calls run in workers, so nothing the network does can freeze it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass
+from functools import partial
+
+from textual import on, work
+from textual.app import App, ComposeResult
+from textual.binding import Binding
+from textual.command import Hit, Hits, Provider
+from textual.containers import Vertical
+from textual.css.query import NoMatches
+from textual.widgets import Footer, Header, Input, OptionList, Static
+
+from wattops.agents.api import DeploymentStatus
+from wattops.console import rows as fmt
+from wattops.console.client import AgentClient, AgentError
+from wattops.console.fleet import AgentLink, FleetState
+from wattops.console.recommend import precision_advice
+from wattops.console.rollout import Action, judge
+from wattops.console.rows import FleetRow
+from wattops.console.screens.modals import ConfirmModal, DetailModal, PrecisionModal, ScaleModal
+from wattops.console.screens.node import NodeScreen
+from wattops.console.widgets.alerts_panel import AlertsPanel, PanelItem
+from wattops.console.widgets.fleet_table import SORTABLE, FleetTable
+
+#: Control actions: hidden and refused in read-only mode.
+CONTROL_ACTIONS = frozenset({"precision", "scale_up", "scale_down", "scale_to", "park"})
+
+
+@dataclass
+class Pending:
+    """A control action sent and not finished yet."""
+
+    action: Action
+    target: str | int
+    node: str
+
+
+class ActionCommands(Provider):
+    """The command palette's entries for the selected deployment's actions."""
+
+    async def search(self, query: str) -> Hits:
+        app = self.app
+        assert isinstance(app, WattopsConsole)
+        matcher = self.matcher(query)
+        commands = [
+            ("Fleet: sort by next column", app.action_sort, "Cycle the sort column"),
+            ("Fleet: filter rows", app.action_filter, "Filter by node, deployment..."),
+        ]
+        if not app.read_only:
+            commands += [
+                ("Deployment: switch precision", app.action_precision, "Pick a precision"),
+                ("Deployment: scale up by one", app.action_scale_up, "One more replica"),
+                ("Deployment: scale down by one", app.action_scale_down, "One replica fewer"),
+                ("Deployment: scale to a number", app.action_scale_to, "Choose the count"),
+                ("Deployment: park (scale to zero)", app.action_park, "Stop all replicas"),
+            ]
+        for name, callback, help_text in commands:
+            score = matcher.match(name)
+            if score > 0:
+                yield Hit(score, matcher.highlight(name), callback, help=help_text)
+
+
+class WattopsConsole(App[None]):
+    """The fleet view, the node view and the control actions."""
+
+    TITLE = "wattops"
+    CSS_PATH = "console.tcss"
+    COMMANDS = App.COMMANDS | {ActionCommands}
+    BINDINGS = [
+        Binding(
+            "p",
+            "precision",
+            "Precision",
+            id="deployment.precision",
+            tooltip="Switch the selected deployment's precision (asks to confirm)",
+        ),
+        Binding(
+            "plus,+",
+            "scale_up",
+            "+1",
+            key_display="+",
+            id="deployment.scale_up",
+            tooltip="One more replica",
+        ),
+        Binding(
+            "minus,-",
+            "scale_down",
+            "-1",
+            key_display="-",
+            id="deployment.scale_down",
+            tooltip="One replica fewer",
+        ),
+        Binding(
+            "s",
+            "scale_to",
+            "Scale",
+            id="deployment.scale_to",
+            tooltip="Scale to a number of replicas",
+        ),
+        Binding(
+            "z",
+            "park",
+            "Park",
+            id="deployment.park",
+            tooltip="Scale to zero (asks to confirm); the next request wakes it",
+        ),
+        Binding("enter", "node_view", "Node", id="fleet.node", tooltip="Open the node view"),
+        Binding(
+            "slash",
+            "filter",
+            "Filter",
+            key_display="/",
+            id="fleet.filter",
+            tooltip="Filter rows by node, deployment, precision or state",
+        ),
+        Binding("o", "sort", "Sort", id="fleet.sort", tooltip="Sort by the next figure"),
+        Binding(
+            "a",
+            "alerts",
+            "Alerts",
+            id="fleet.alerts",
+            tooltip="Move to the alerts and recommendations",
+        ),
+        Binding(
+            "question_mark", "help", "Help", key_display="?", id="app.help", tooltip="Show the keys"
+        ),
+        Binding("q", "quit", "Quit", id="app.quit", tooltip="Leave the console"),
+    ]
+
+    def __init__(
+        self,
+        urls: Iterable[str],
+        token: str | None = None,
+        read_only: bool = False,
+        prometheus: str | None = None,
+        refresh_s: float = 0.5,
+    ) -> None:
+        super().__init__()
+        self.fleet = FleetState(urls)
+        self.token = token
+        self.read_only = read_only
+        self.prometheus = prometheus
+        self.refresh_s = refresh_s
+        self.pending: dict[str, Pending] = {}
+        self.filter_text = ""
+        self.sort_key: str | None = None
+        self.sort_reverse = False
+        self.last_rows: list[FleetRow] = []
+
+    # -- layout ----------------------------------------------------------------------------
+
+    def compose(self) -> ComposeResult:
+        yield Header()
+        yield Static(id="totals")
+        with Vertical(id="main"):
+            yield FleetTable(id="fleet")
+            yield Input(
+                placeholder="filter: node, deployment, precision or state; enter to apply",
+                id="filter",
+            )
+            yield AlertsPanel(id="alerts")
+        yield Footer()
+
+    def on_mount(self) -> None:
+        self.sub_title = ("read-only: " if self.read_only else "") + (
+            f"{len(self.fleet.links)} agent(s)"
+        )
+        self.query_one("#filter", Input).display = False
+        self.fleet.start()
+        self.refresh_fleet()
+        self.set_interval(self.refresh_s, self.refresh_fleet)
+        self.query_one(FleetTable).focus()
+
+    async def on_unmount(self) -> None:
+        await self.fleet.stop()
+
+    def check_action(self, action: str, parameters: tuple[object, ...]) -> bool | None:
+        # Read-only: the actions are neither shown nor run, and no control call is made.
+        return not (self.read_only and action in CONTROL_ACTIONS)
+
+    # -- refresh ---------------------------------------------------------------------------
+
+    def refresh_fleet(self) -> None:
+        """Redraw from the fleet state: totals, table, alerts; judge pending actions."""
+        if isinstance(self.screen, (PrecisionModal, ScaleModal, ConfirmModal, DetailModal)):
+            return  # do not redraw under a modal (and keep the selection stable)
+        try:
+            table = self.screen_stack[0].query_one(FleetTable)
+        except NoMatches:
+            return  # starting up or shutting down
+        rows = self.fleet.rows()
+        self._judge_pending()
+        if self.filter_text:
+            needle = self.filter_text.lower()
+            rows = [
+                r
+                for r in rows
+                if needle in f"{r.node} {r.deployment} {r.precision} {r.state} {r.link}".lower()
+            ]
+        if self.sort_key:
+            attr = SORTABLE[self.sort_key]
+            rows.sort(key=lambda r: _sort_value(getattr(r, attr)), reverse=self.sort_reverse)
+        self.last_rows = rows
+        series = {}
+        for link in self.fleet.links.values():
+            for name in link.watts:
+                series[f"{link.url}|{name}"] = (list(link.watts[name]), list(link.tokens[name]))
+        labels = {k: f"{p.action}→{p.target}…" for k, p in self.pending.items()}
+        with self.batch_update():
+            table.show(rows, series, labels)
+            self._show_totals()
+            self.query_one(AlertsPanel).show(self._panel_items())
+
+    def _show_totals(self) -> None:
+        t = self.fleet.totals()
+        live = sum(1 for link in self.fleet.links.values() if link.connected)
+        est = " [i]est.[/i]" if t["estimated_nodes"] else ""
+        hit = "-" if t["cache_hit_rate"] < 0 else f"{t['cache_hit_rate']:.0%}"
+        alerts = int(t["alerts"])
+        alert_text = f"[b red]{alerts} alert(s)[/b red]" if alerts else "no alerts"
+        self.query_one("#totals", Static).update(
+            f" fleet  [b]{fmt.money(t['usd_per_hour'])}/h[/b]   {t['watts']:,.0f} W{est}   "
+            f"{t['tokens_per_s']:,.1f} tok/s   cache hit {hit}   {alert_text}   "
+            f"nodes {live}/{len(self.fleet.links)} live"
+        )
+
+    def _panel_items(self) -> list[PanelItem]:
+        items = []
+        for link in self.fleet.links.values():
+            if not link.connected:
+                items.append(
+                    PanelItem(
+                        f"{link.url}|offline",
+                        "critical",
+                        f"{link.url} offline: {link.error or 'no answer'}",
+                        f"Reconnecting with backoff (attempt {link.attempts}). "
+                        "Its last figures are kept but not counted in the fleet "
+                        "totals.",
+                    )
+                )
+            snap = link.snapshot
+            if snap is None or not link.connected:
+                continue
+            for alert in snap.alerts:
+                items.append(
+                    PanelItem(
+                        f"{link.url}|{alert.id}",
+                        alert.severity,
+                        f"{snap.node}: {alert.message}",
+                        alert.detail,
+                    )
+                )
+            for rec in precision_advice(link.url, snap):
+                items.append(PanelItem(rec.id, "advice", rec.message, rec.detail))
+        return items
+
+    def _judge_pending(self) -> None:
+        for key, pending in list(self.pending.items()):
+            found = self.fleet.find(key)
+            dep = _deployment(found[0], found[1]) if found else None
+            if dep is None:
+                continue
+            outcome = judge(dep, pending.action, pending.target)
+            if outcome.done is None:
+                continue
+            del self.pending[key]
+            if outcome.done:
+                self.notify(f"{pending.node}: {outcome.message}", title="done")
+            else:
+                self.notify(
+                    f"{pending.node}: {outcome.message}",
+                    title="failed",
+                    severity="error",
+                    timeout=15,
+                )
+
+    # -- selection -------------------------------------------------------------------------
+
+    def selected(self) -> tuple[AgentLink, DeploymentStatus] | None:
+        """The link and deployment under the cursor, or None (with a notice)."""
+        key = self.query_one(FleetTable).selected_key()
+        found = self.fleet.find(key) if key else None
+        dep = _deployment(found[0], found[1]) if found else None
+        if found is None or dep is None:
+            self.notify("select a deployment row first", severity="warning")
+            return None
+        if not found[0].connected:
+            self.notify(f"{found[0].url} is offline", severity="warning")
+            return None
+        return found[0], dep
+
+    # -- actions ---------------------------------------------------------------------------
+
+    def action_precision(self) -> None:
+        """Pick a precision, confirm, send."""
+        chosen = self.selected()
+        if chosen is None:
+            return
+        link, dep = chosen
+        node = link.snapshot.node if link.snapshot else link.url
+
+        def picked(precision: str | None) -> None:
+            if precision is None or precision == dep.precision:
+                return
+            question = (
+                f"Switch {dep.name} on {node} from {dep.precision} to {precision}?\n"
+                f"New replicas start first; traffic moves when they are healthy."
+            )
+            self.push_screen(
+                ConfirmModal(question),
+                partial(self._confirmed, link, dep.name, "precision", precision),
+            )
+
+        self.push_screen(
+            PrecisionModal(dep.name, node, dep.precision, dep.available_precisions), picked
+        )
+
+    def action_scale_up(self) -> None:
+        """One more replica."""
+        chosen = self.selected()
+        if chosen:
+            link, dep = chosen
+            if dep.desired_replicas >= dep.max_replicas:
+                self.notify(
+                    f"{dep.name} is at max_replicas ({dep.max_replicas})", severity="warning"
+                )
+                return
+            self.send(link, dep.name, "scale", dep.desired_replicas + 1)
+
+    def action_scale_down(self) -> None:
+        """One replica fewer (to zero asks to confirm, as parking does)."""
+        chosen = self.selected()
+        if chosen:
+            link, dep = chosen
+            if dep.desired_replicas == 0:
+                return
+            if dep.desired_replicas == 1:
+                self.action_park()
+                return
+            self.send(link, dep.name, "scale", dep.desired_replicas - 1)
+
+    def action_scale_to(self) -> None:
+        """Scale to a number chosen in a modal."""
+        chosen = self.selected()
+        if chosen is None:
+            return
+        link, dep = chosen
+        node = link.snapshot.node if link.snapshot else link.url
+
+        def picked(replicas: int | None) -> None:
+            if replicas is None or replicas == dep.desired_replicas:
+                return
+            if replicas == 0:
+                self._ask_park(link, dep, node)
+            else:
+                self.send(link, dep.name, "scale", replicas)
+
+        self.push_screen(ScaleModal(dep.name, node, dep.desired_replicas, dep.max_replicas), picked)
+
+    def action_park(self) -> None:
+        """Scale to zero, after confirmation."""
+        chosen = self.selected()
+        if chosen:
+            link, dep = chosen
+            self._ask_park(link, dep, link.snapshot.node if link.snapshot else link.url)
+
+    def _ask_park(self, link: AgentLink, dep: DeploymentStatus, node: str) -> None:
+        question = (
+            f"Park {dep.name} on {node}? Its {dep.desired_replicas} replica(s) stop; the "
+            "next request waits for a cold start."
+        )
+        self.push_screen(
+            ConfirmModal(question), partial(self._confirmed, link, dep.name, "scale", 0)
+        )
+
+    def _confirmed(
+        self, link: AgentLink, deployment: str, action: Action, target: str | int, yes: bool | None
+    ) -> None:
+        if yes:
+            self.send(link, deployment, action, target)
+
+    def send(self, link: AgentLink, deployment: str, action: Action, target: str | int) -> None:
+        """Send one control call in the background; progress then comes from the stream."""
+        if self.read_only:  # belt and braces: check_action already hides these
+            self.notify("read-only console: no action is sent", severity="warning")
+            return
+        node = link.snapshot.node if link.snapshot else link.url
+        self.pending[f"{link.url}|{deployment}"] = Pending(action, target, node)
+        self._send(link.url, deployment, action, target, node)
+
+    @work(group="control", exit_on_error=False)
+    async def _send(
+        self, url: str, deployment: str, action: Action, target: str | int, node: str
+    ) -> None:
+        try:
+            async with AgentClient(url, token=self.token) as client:
+                if action == "scale":
+                    assert isinstance(target, int)
+                    await client.scale(deployment, target)
+                else:
+                    await client.precision(deployment, str(target))
+        except AgentError as exc:
+            self.pending.pop(f"{url}|{deployment}", None)
+            allowed = f" (allowed: {', '.join(exc.allowed)})" if exc.allowed else ""
+            self.notify(
+                f"{node} refused {action} {deployment}: {exc.message}{allowed}",
+                title="refused",
+                severity="error",
+                timeout=15,
+            )
+            return
+        self.notify(f"{node}: {action} {deployment} → {target} accepted", title="sent")
+
+    def action_node_view(self) -> None:
+        """Open the node view of the selected row's node."""
+        key = self.query_one(FleetTable).selected_key()
+        if key is None:
+            return
+        link = self.fleet.links.get(key.partition("|")[0])
+        if link is not None:
+            self.push_screen(NodeScreen(link, self.prometheus))
+
+    @on(FleetTable.RowSelected, "#fleet")
+    def _row_selected(self) -> None:
+        self.action_node_view()
+
+    def action_filter(self) -> None:
+        """Show the filter box."""
+        box = self.query_one("#filter", Input)
+        box.display = True
+        box.value = self.filter_text
+        box.focus()
+
+    @on(Input.Submitted, "#filter")
+    def _filter_submitted(self, event: Input.Submitted) -> None:
+        self.filter_text = event.value.strip()
+        event.input.display = bool(self.filter_text)
+        self.query_one(FleetTable).focus()
+        self.refresh_fleet()
+
+    def action_sort(self) -> None:
+        """Cycle the sort column: ascending, then descending, then the next column."""
+        keys = list(SORTABLE)
+        if self.sort_key is None:
+            self.sort_key, self.sort_reverse = keys[0], False
+        elif not self.sort_reverse:
+            self.sort_reverse = True
+        else:
+            i = keys.index(self.sort_key) + 1
+            self.sort_key, self.sort_reverse = (keys[i], False) if i < len(keys) else (None, False)
+        order = (
+            "off"
+            if self.sort_key is None
+            else (f"{self.sort_key} {'descending' if self.sort_reverse else 'ascending'}")
+        )
+        self.notify(f"sort: {order}", timeout=2)
+        self.refresh_fleet()
+
+    def action_alerts(self) -> None:
+        """Focus the alerts and recommendations panel."""
+        self.query_one(AlertsPanel).focus()
+
+    @on(OptionList.OptionSelected, "#alerts")
+    def _alert_selected(self, event: OptionList.OptionSelected) -> None:
+        item = self.query_one(AlertsPanel).item(event.option.id)
+        if item is not None:
+            self.push_screen(DetailModal(item.text, item.detail))
+
+    def action_help(self) -> None:
+        """Show the keys."""
+        lines = [
+            f"{b.key_display or b.key:>6}  {b.description}: {b.tooltip}"
+            for b in self.BINDINGS
+            if isinstance(b, Binding) and not (self.read_only and b.action in CONTROL_ACTIONS)
+        ]
+        lines.append("\nctrl+p opens the command palette with the same actions.")
+        if self.read_only:
+            lines.append("Read-only: no action can be sent from this console.")
+        self.push_screen(DetailModal("Keys", "\n".join(lines)))
+
+
+def _deployment(link: AgentLink, name: str) -> DeploymentStatus | None:
+    if link.snapshot is None:
+        return None
+    return next((d for d in link.snapshot.deployments if d.name == name), None)
+
+
+def _sort_value(value: object) -> tuple[int, object]:
+    # Rows with no figure sort last either way.
+    return (1, 0) if value is None else (0, value)
+
+
+def make_app(
+    urls: Iterable[str],
+    token: str | None = None,
+    read_only: bool = False,
+    prometheus: str | None = None,
+    refresh_s: float = 0.5,
+) -> WattopsConsole:
+    """The console app; tests and the demo build it the same way the CLI does."""
+    return WattopsConsole(
+        urls, token=token, read_only=read_only, prometheus=prometheus, refresh_s=refresh_s
+    )

@@ -1,0 +1,88 @@
+"""An HTTP client for one agent's API, shared by the CLI commands and the console."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import httpx
+
+from wattops.agents.api import Accepted, NodeSnapshot
+
+
+class AgentError(Exception):
+    """The agent refused or failed a call; `message` is the agent's own explanation."""
+
+    def __init__(
+        self, url: str, status: int, code: str, message: str, allowed: list[str] | None = None
+    ) -> None:
+        super().__init__(f"{url}: {message}")
+        self.url = url
+        self.status = status
+        self.code = code
+        self.message = message
+        self.allowed = allowed
+
+
+class AgentUnreachable(AgentError):
+    """No answer from the agent (refused, timed out, DNS)."""
+
+
+class AgentClient:
+    """Async client for one agent. Control calls send the operator token when there is one."""
+
+    def __init__(
+        self,
+        url: str,
+        token: str | None = None,
+        timeout_s: float = 10.0,
+        http: httpx.AsyncClient | None = None,
+    ) -> None:
+        self.url = url.rstrip("/")
+        self.token = token
+        self._own = http is None
+        self.http = http or httpx.AsyncClient(timeout=timeout_s)
+
+    async def close(self) -> None:
+        """Close the connection pool if this client made it."""
+        if self._own:
+            await self.http.aclose()
+
+    async def __aenter__(self) -> AgentClient:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    async def _call(self, method: str, path: str, body: dict[str, Any] | None = None) -> Any:
+        headers = {"Authorization": f"Bearer {self.token}"} if self.token and body else {}
+        try:
+            resp = await self.http.request(method, self.url + path, json=body, headers=headers)
+        except httpx.HTTPError as exc:
+            raise AgentUnreachable(self.url, 0, "unreachable", f"no answer: {exc!r}") from None
+        if resp.status_code >= 400:
+            try:
+                data = resp.json()
+                message, code = data.get("message") or str(data), data.get("error", "error")
+                allowed = data.get("allowed")
+            except ValueError:
+                message, code, allowed = resp.text[:200], "error", None
+            raise AgentError(self.url, resp.status_code, code, message, allowed)
+        return resp.json()
+
+    async def node(self) -> NodeSnapshot:
+        """GET /v1/node."""
+        return NodeSnapshot.model_validate(await self._call("GET", "/v1/node"))
+
+    async def scale(self, deployment: str, replicas: int) -> Accepted:
+        """POST /v1/deployments/{deployment}/scale."""
+        data = await self._call(
+            "POST", f"/v1/deployments/{deployment}/scale", {"replicas": replicas}
+        )
+        return Accepted.model_validate(data)
+
+    async def precision(self, deployment: str, precision: str) -> Accepted:
+        """POST /v1/deployments/{deployment}/precision."""
+        data = await self._call(
+            "POST", f"/v1/deployments/{deployment}/precision", {"precision": precision}
+        )
+        return Accepted.model_validate(data)

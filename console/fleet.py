@@ -1,0 +1,211 @@
+"""The console's live view of the fleet: one SSE stream per agent, reconnecting with backoff.
+
+Each `AgentLink` keeps the latest NodeSnapshot of its agent, fed by the agent's `/v1/events`
+stream (httpx + httpx-sse), and knows whether that data is live, stale or offline. Links run
+as tasks on the app's event loop and never block it; the UI reads `FleetState` on its own
+timer, so a slow or dead agent can never freeze the screen.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections import deque
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+
+import httpx
+from httpx_sse import aconnect_sse
+from pydantic import ValidationError
+from tenacity import (
+    AsyncRetrying,
+    RetryCallState,
+    retry_if_exception_type,
+    wait_exponential_jitter,
+)
+
+from wattops.agents.api import NodeSnapshot
+from wattops.console.rows import FleetRow, Link, rows_for
+
+log = logging.getLogger("wattops.console")
+
+#: No event for this long marks a node stale (agents push at least once a second).
+STALE_AFTER_S = 5.0
+#: Points of watts and tokens/s kept per deployment for the fleet view's sparklines.
+SPARK_POINTS = 30
+
+
+@dataclass
+class AgentLink:
+    """One agent: its latest snapshot, link state, and recent figures for sparklines."""
+
+    url: str
+    snapshot: NodeSnapshot | None = None
+    connected: bool = False
+    last_event: float = 0.0
+    error: str | None = None
+    attempts: int = 0
+    #: Bumped on every change the screen shows.
+    version: int = 0
+    watts: dict[str, deque[float]] = field(default_factory=dict)
+    tokens: dict[str, deque[float]] = field(default_factory=dict)
+
+    def link(self, now: float) -> Link:
+        """Live, stale (connected but quiet) or offline."""
+        if not self.connected:
+            return Link.OFFLINE
+        if now - self.last_event > STALE_AFTER_S:
+            return Link.STALE
+        return Link.LIVE
+
+    def accept(self, snapshot: NodeSnapshot) -> None:
+        """Take a new snapshot and extend the sparkline series once per tick."""
+        previous = self.snapshot
+        self.snapshot = snapshot
+        self.last_event = time.monotonic()
+        self.version += 1
+        if previous is not None and int(previous.time) == int(snapshot.time):
+            return  # several events in one second: one point per second is enough
+        for dep in snapshot.deployments:
+            fig = dep.accounting.figures if dep.accounting else None
+            self.watts.setdefault(dep.name, deque(maxlen=SPARK_POINTS)).append(
+                fig.watts if fig and fig.watts is not None else 0.0
+            )
+            self.tokens.setdefault(dep.name, deque(maxlen=SPARK_POINTS)).append(
+                fig.tokens_per_s if fig and fig.tokens_per_s is not None else 0.0
+            )
+
+    async def run(self, http: httpx.AsyncClient, on_change: Callable[[AgentLink], None]) -> None:
+        """Follow the agent's events forever. Failed connects are retried with jittered
+        exponential backoff (up to 15 s); a stream that was up and ends reconnects at once."""
+
+        def gone(state: RetryCallState) -> None:
+            exc = state.outcome.exception() if state.outcome else None
+            self.error = _describe(exc) if isinstance(exc, Exception) else "disconnected"
+            self.attempts = state.attempt_number
+            self._lost(on_change)
+
+        while True:
+            retrying = AsyncRetrying(
+                wait=wait_exponential_jitter(multiplier=0.5, max=15.0, jitter=0.5),
+                retry=retry_if_exception_type((httpx.HTTPError, OSError)),
+                before_sleep=gone,
+            )
+            async for attempt in retrying:
+                with attempt:
+                    await self._follow(http, on_change)
+
+    def _lost(self, on_change: Callable[[AgentLink], None]) -> None:
+        self.connected = False
+        self.version += 1
+        on_change(self)
+
+    async def _follow(
+        self, http: httpx.AsyncClient, on_change: Callable[[AgentLink], None]
+    ) -> None:
+        async with aconnect_sse(http, "GET", self.url + "/v1/events") as source:
+            source.response.raise_for_status()
+            self.connected, self.error, self.attempts = True, None, 0
+            try:
+                async for event in source.aiter_sse():
+                    if event.event != "snapshot":
+                        continue
+                    try:
+                        self.accept(NodeSnapshot.model_validate_json(event.data))
+                    except ValidationError as exc:
+                        self.error = f"bad snapshot: {exc.error_count()} problems"
+                        continue
+                    on_change(self)
+                self.error = "the agent closed the stream"
+            except (httpx.HTTPError, OSError) as exc:
+                self.error = _describe(exc)
+        self._lost(on_change)
+
+
+def _describe(exc: Exception) -> str:
+    if isinstance(exc, httpx.ConnectError):
+        return "connection refused"
+    if isinstance(exc, httpx.TimeoutException):
+        return "timed out"
+    if isinstance(exc, httpx.HTTPStatusError):
+        return f"HTTP {exc.response.status_code}"
+    return str(exc) or type(exc).__name__
+
+
+class FleetState:
+    """All links, and the fleet-wide figures the header shows."""
+
+    def __init__(self, urls: Iterable[str]) -> None:
+        self.links = {url: AgentLink(url) for url in dict.fromkeys(urls)}
+        self.changed: set[str] = set()
+        self._tasks: list[asyncio.Task[None]] = []
+        self._http: httpx.AsyncClient | None = None
+
+    def _on_change(self, link: AgentLink) -> None:
+        self.changed.add(link.url)
+
+    def start(self) -> None:
+        """Start one stream task per agent on the running loop."""
+        # No read timeout: the stream is long-lived; the agents ping every 15 s.
+        timeout = httpx.Timeout(connect=5.0, read=None, write=5.0, pool=None)
+        limits = httpx.Limits(max_connections=None, max_keepalive_connections=None)
+        self._http = httpx.AsyncClient(timeout=timeout, limits=limits)
+        self._tasks = [
+            asyncio.create_task(link.run(self._http, self._on_change), name=f"link {url}")
+            for url, link in self.links.items()
+        ]
+
+    async def stop(self) -> None:
+        """Cancel the streams and close the connections."""
+        for task in self._tasks:
+            task.cancel()
+        for task in self._tasks:
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        if self._http is not None:
+            await self._http.aclose()
+
+    def rows(self) -> list[FleetRow]:
+        """Every row of the fleet table, grouped by node in inventory order."""
+        now = time.monotonic()
+        return [
+            r
+            for link in self.links.values()
+            for r in rows_for(link.url, link.snapshot, link.link(now))
+        ]
+
+    def find(self, key: str) -> tuple[AgentLink, str] | None:
+        """The link and deployment name of a row key (`url|deployment`)."""
+        url, _, name = key.partition("|")
+        link = self.links.get(url)
+        return (link, name) if link is not None and name else None
+
+    def totals(self) -> dict[str, float]:
+        """Fleet totals over live nodes: $/h, watts, tokens/s, cache hit rate, alerts."""
+        burn = watts = tokens = hits = cacheable = 0.0
+        alerts = estimated = 0
+        for link in self.links.values():
+            snap = link.snapshot
+            if snap is None or not link.connected:
+                continue
+            if snap.cost is not None:
+                burn += snap.cost.burn_usd_per_hour
+            if snap.power is not None:
+                watts += snap.power.watts_smoothed
+                estimated += snap.power.source == "estimate"
+            if snap.figures is not None and snap.figures.tokens_per_s is not None:
+                tokens += snap.figures.tokens_per_s
+            for dep in snap.deployments:
+                hits += dep.counters.cache_hits_total
+                cacheable += dep.counters.cache_hits_total + dep.counters.cache_misses_total
+            alerts += len(snap.alerts)
+        return {
+            "usd_per_hour": burn,
+            "watts": watts,
+            "estimated_nodes": float(estimated),
+            "tokens_per_s": tokens,
+            "cache_hit_rate": hits / cacheable if cacheable else -1.0,
+            "alerts": float(alerts),
+        }

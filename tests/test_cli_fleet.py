@@ -1,0 +1,82 @@
+"""`wattops status`, `scale` and `precision` from the shell against real agents."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+from tests.conftest import TOKEN, Agent, free_port
+
+WATTOPS = str(Path(sys.executable).with_name("wattops"))
+
+
+def wattops(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    full_env = {k: v for k, v in os.environ.items() if k != "WATTOPS_TOKEN"}
+    full_env["WATTOPS_CONFIG"] = "/nonexistent/console.toml"
+    full_env.update(env or {})
+    return subprocess.run([WATTOPS, *args], capture_output=True, text=True, timeout=300,
+                          env=full_env)  # fmt: skip
+
+
+def test_status_prints_the_fleet_and_fails_for_an_unreachable_node(agent: Agent) -> None:
+    ok = wattops("status", "--agent", agent.url)
+    assert ok.returncode == 0, ok.stderr
+    header, line = ok.stdout.splitlines()[:2]
+    assert header.split()[:5] == ["NODE", "DEPLOYMENT", "PRECISION", "REPLICAS", "STATE"]
+    assert line.split()[:5] == ["test-node-0", "tiny", "q8_0", "1/1", "serving"]
+    assert "est." in line  # no sensor on this machine: the watts say they are estimated
+    dead = f"http://127.0.0.1:{free_port()}"
+    bad = wattops("status", "--agent", agent.url, "--agent", dead)
+    assert bad.returncode == 1
+    assert f"unreachable: {dead}" in bad.stderr
+    assert "offline" in bad.stdout
+    raw = json.loads(wattops("status", "--agent", agent.url, "--json").stdout)
+    assert raw[0]["snapshot"]["deployments"][0]["name"] == "tiny"
+
+
+def test_scale_and_precision_wait_for_the_outcome(make_agent: Callable[..., Agent]) -> None:
+    agent = make_agent(token=TOKEN)
+    env = {"WATTOPS_TOKEN": TOKEN}
+    out = wattops("scale", "tiny", "2", "--agent", agent.url, env=env)
+    assert out.returncode == 0, out.stderr
+    assert "done: tiny has 2 ready replica(s)" in out.stdout
+    assert agent.deployment()["ready_replicas"] == 2
+    out = wattops("precision", "tiny", "q4_0", "--agent", agent.url, env=env)
+    assert out.returncode == 0, out.stderr
+    assert "done: tiny serves q4_0 on 2 replica(s)" in out.stdout
+    refused = wattops("precision", "tiny", "q9_9", "--agent", agent.url, env=env)
+    assert refused.returncode == 1
+    assert "q9_9" in refused.stderr and "q4_k_m" in refused.stderr
+    no_token = wattops("scale", "tiny", "1", "--agent", agent.url)
+    assert no_token.returncode == 1
+    assert "Bearer" in no_token.stderr
+    quick = wattops("scale", "tiny", "1", "--agent", agent.url, "--no-wait", env=env)
+    assert quick.returncode == 0 and "done" not in quick.stdout
+    unknown = wattops("scale", "nope", "1", "--agent", agent.url, env=env)
+    assert unknown.returncode == 2 and "tiny on test-node-0" in unknown.stderr
+    negative = wattops("scale", "tiny", "-1", "--agent", agent.url, env=env)
+    assert negative.returncode == 2 and "must be" in negative.stderr
+
+
+def test_a_token_file_readable_by_others_is_refused(agent: Agent, tmp_path: Path) -> None:
+    config = tmp_path / "console.toml"
+    config.write_text(f'token = "{TOKEN}"\n')
+    config.chmod(0o644)
+    out = wattops("scale", "tiny", "1", "--agent", agent.url, env={"WATTOPS_CONFIG": str(config)})
+    assert out.returncode != 0
+    assert "readable by others" in out.stderr and "chmod 600" in out.stderr
+    config.chmod(0o600)
+    out = wattops("scale", "tiny", "1", "--agent", agent.url, env={"WATTOPS_CONFIG": str(config)})
+    assert out.returncode == 0, out.stderr
+
+
+def test_inventory_file_errors_name_the_field(tmp_path: Path) -> None:
+    inventory = tmp_path / "fleet.toml"
+    inventory.write_text('[[agents]]\nurl = "gpu-a1:8080"\n')
+    out = wattops("status", "--inventory", str(inventory))
+    assert out.returncode != 0
+    assert "agents.0.url" in out.stderr and "http://" in out.stderr
