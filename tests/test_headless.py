@@ -14,10 +14,9 @@ ROOT = Path(__file__).resolve().parent.parent
 
 def headless_modules() -> list[str]:
     names = []
-    for package in ("agents", "engines"):
-        for info in pkgutil.iter_modules([str(ROOT / package)]):
-            names.append(f"wattops.{package}.{info.name}")
-    names.append("wattops.agents.api")
+    for package in ("agents", "engines", "profiles"):
+        for info in pkgutil.walk_packages([str(ROOT / package)], prefix=f"wattops.{package}."):
+            names.append(info.name)
     return sorted(set(names))
 
 
