@@ -13,8 +13,8 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 def headless_modules() -> list[str]:
-    names = []
-    for package in ("agents", "engines", "profiles"):
+    names = ["wattops.profiles"]
+    for package in ("agents", "engines"):
         for info in pkgutil.walk_packages([str(ROOT / package)], prefix=f"wattops.{package}."):
             names.append(info.name)
     return sorted(set(names))
