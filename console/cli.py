@@ -145,7 +145,13 @@ def _console(args: argparse.Namespace) -> int:
 def _demo(args: argparse.Namespace) -> int:
     from wattops.console.demo import run_demo
 
-    return run_demo(args.model, args.port, args.state_dir)
+    return run_demo(args.model, args.state_dir, args.headless, args.rate)
+
+
+def _load(args: argparse.Namespace) -> int:
+    from wattops.console.load import run_from_args
+
+    return run_from_args(args)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -206,11 +212,27 @@ def build_parser() -> argparse.ArgumentParser:
     _add_action_options(precision)
     precision.set_defaults(func=_precision)
 
-    demo = commands.add_parser("demo", help="run an agent on the demo model on loopback")
+    demo = commands.add_parser("demo", help="a three-node fleet on loopback, with load")
     demo.add_argument("--model", type=Path, default=Path("models/demo.gguf"))
-    demo.add_argument("--port", type=int, default=8080)
     demo.add_argument("--state-dir", type=Path, default=Path("state/demo"))
+    demo.add_argument(
+        "--headless",
+        action="store_true",
+        help="print the status table every few seconds instead of the console",
+    )
+    demo.add_argument(
+        "--rate",
+        type=float,
+        default=0.4,
+        help="requests per second sent to each node (default 0.4)",
+    )
     demo.set_defaults(func=_demo)
+
+    load = commands.add_parser("load", help="send OpenAI chat traffic to an agent")
+    from wattops.console.load import add_arguments
+
+    add_arguments(load)
+    load.set_defaults(func=_load)
     return parser
 
 

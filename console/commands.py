@@ -48,6 +48,12 @@ async def fetch_fleet(
         return list(await asyncio.gather(*(one(u) for u in urls)))
 
 
+def fleet_rows(fleet: Sequence[tuple[str, NodeSnapshot | None, str | None]]) -> list[FleetRow]:
+    """Rows for a fetched fleet; an unreachable node is one `offline` row."""
+    return [r for url, snap, _ in fleet
+            for r in rows_for(url, snap, Link.LIVE if snap else Link.OFFLINE)]  # fmt: skip
+
+
 def table_cells(row: FleetRow) -> tuple[str, ...]:
     """The status table's cells for one row."""
     precision = row.precision

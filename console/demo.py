@@ -1,95 +1,182 @@
-"""`wattops demo`: one agent on loopback serving the generated demo model.
+"""`wattops demo` (= `make demo`): a three-node fleet on loopback, with load, in the console.
 
-The console issue grows this into the full three-node demo; for now it starts one agent,
-prints how to query it, and stops everything it started on Ctrl-C.
+Starts three agents on this machine with the hardware profiles of a cloud A100, a Jetson AGX
+Orin and a plain CPU host (their sensors are not here, so their watts are the profiles'
+estimates, labelled `est.`), each serving the generated demo model; starts a background load
+against each (`wattops load`); opens the console. Quitting stops everything it started.
+`--headless` prints the status table every few seconds instead of opening the console.
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
 
-DEMO_CONFIG = """\
+#: (node name, hardware profile, precision it starts at)
+DEMO_NODES: tuple[tuple[str, str, str], ...] = (
+    ("node-a", "a100-80gb", "q8_0"),
+    ("node-b", "jetson-agx-orin-64gb", "q4_k_m"),
+    ("node-c", "cpu-generic", "f16"),
+)
+
+AGENT_CONFIG = """\
 [agent]
-node = "demo-node"
+node = "{node}"
 listen = "127.0.0.1:{port}"
 state_dir = "{state_dir}"
+profile = "{profile}"
+sensor = "{sensor}"
+
+[accounting]
+window_s = 60
+park_advice_after_s = 120
 
 [[deployments]]
 name = "tiny"
 engine = "llamacpp"
 model = "{model}"
-precision = "q8_0"
+precision = "{precision}"
 replicas = 1
 max_replicas = 3
-idle_scale_to_zero_s = 600
-threads = {threads}
+threads = 1
+context = 1024
 """
 
 
-def run_demo(model: Path, port: int, state_dir: Path) -> int:
-    """Start the demo agent in the foreground; returns its exit code."""
-    if not model.exists():
-        print(
-            f"wattops demo: {model} is missing; run `make models/demo.gguf` or "
-            f"`wattops model tiny {model} --size demo` first",
-            file=sys.stderr,
-        )
-        return 2
-    state_dir.mkdir(parents=True, exist_ok=True)
-    config_path = state_dir / "agent.toml"
-    threads = max(1, (os.cpu_count() or 2) // 2)
-    config_path.write_text(
-        DEMO_CONFIG.format(
-            port=port, state_dir=state_dir.resolve(), model=model.resolve(), threads=threads
-        )
-    )
-    agent = subprocess.Popen(
-        [sys.executable, "-m", "wattops.agents.main", "--config", str(config_path)]
-    )
-    url = f"http://127.0.0.1:{port}"
+@dataclass
+class DemoProcess:
+    """Something the demo started, stopped at the end whatever happens."""
+
+    name: str
+    process: subprocess.Popen[bytes]
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def _start(name: str, argv: list[str], log: Path) -> DemoProcess:
+    log.parent.mkdir(parents=True, exist_ok=True)
+    with log.open("ab") as out:
+        # Its own session: a Ctrl-C in the terminal reaches the demo, which then stops
+        # each child in order, rather than every child at once.
+        proc = subprocess.Popen(argv, stdout=out, stderr=out, stdin=subprocess.DEVNULL,
+                                start_new_session=True)  # fmt: skip
+    return DemoProcess(name, proc)
+
+
+def _stop_all(started: list[DemoProcess]) -> None:
+    for item in reversed(started):
+        if item.process.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(item.process.pid, signal.SIGTERM)
+    deadline = time.monotonic() + 20
+    for item in reversed(started):
+        try:
+            item.process.wait(max(0.1, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(item.process.pid, signal.SIGKILL)
+            item.process.wait()
+
+
+@contextlib.contextmanager
+def demo_fleet(model: Path, state_dir: Path, rate: float, with_load: bool = True
+               ) -> Iterator[list[str]]:  # fmt: skip
+    """Start the agents (and the load); yield their URLs; stop everything on exit."""
+    started: list[DemoProcess] = []
+
+    def on_signal(signum: int, frame: object) -> None:
+        raise KeyboardInterrupt  # ssh hung up or someone sent TERM: clean up the same way
+
+    previous = {s: signal.signal(s, on_signal) for s in (signal.SIGTERM, signal.SIGHUP)}
     try:
-        deadline = time.monotonic() + 600
-        while time.monotonic() < deadline:
-            if agent.poll() is not None:
-                return agent.returncode or 1
-            try:
-                node = httpx.get(f"{url}/v1/node", timeout=1).json()
-                if all(d["ready_replicas"] >= 1 for d in node["deployments"]):
-                    break
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.5)
-        print(
-            f"""
-wattops demo: agent on {url} serving deployment "tiny" (demo model, q8_0).
-
-  curl -s {url}/v1/chat/completions -H 'Content-Type: application/json' \\
-       -d '{{"model":"tiny","temperature":0,"max_tokens":32,
-            "messages":[{{"role":"user","content":"hello"}}]}}'
-  curl -s {url}/v1/node | python3 -m json.tool
-  curl -s {url}/v1/deployments/tiny/precision -H 'Content-Type: application/json' \\
-       -d '{{"precision":"q4_k_m"}}'
-  curl -s {url}/v1/deployments/tiny/scale -H 'Content-Type: application/json' \\
-       -d '{{"replicas":2}}'
-
-Ctrl-C stops the agent and its replicas.
-""",
-            flush=True,
-        )
-        return agent.wait()
-    except KeyboardInterrupt:
-        return 0
+        urls = []
+        for node, profile, precision in DEMO_NODES:
+            port = _free_port()
+            node_dir = (state_dir / node).resolve()
+            node_dir.mkdir(parents=True, exist_ok=True)
+            config = node_dir / "agent.toml"
+            config.write_text(AGENT_CONFIG.format(
+                node=node, port=port, state_dir=node_dir, profile=profile, sensor="estimate",
+                model=model.resolve(), precision=precision,
+            ))  # fmt: skip
+            argv = [sys.executable, "-m", "wattops.agents.main", "--config", str(config)]
+            started.append(_start(node, argv, node_dir / "agent.log"))
+            urls.append(f"http://127.0.0.1:{port}")
+        _wait_ready(urls, started)
+        if with_load:
+            for url, (node, _, _) in zip(urls, DEMO_NODES, strict=True):
+                argv = [sys.executable, "-m", "wattops.console.cli", "load", "--agent", url,
+                        "--model", "tiny", "--rate", str(rate), "--duration", "86400",
+                        "--max-tokens", "8,32", "--idle-every", "90", "--idle-len", "20",
+                        "--quiet"]  # fmt: skip
+                started.append(_start(f"load {node}", argv, state_dir / node / "load.log"))
+        yield urls
     finally:
-        if agent.poll() is None:
-            agent.send_signal(signal.SIGTERM)
+        _stop_all(started)
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
+def _wait_ready(urls: list[str], started: list[DemoProcess], timeout_s: float = 600) -> None:
+    print("wattops demo: starting 3 agents (the first run quantizes the demo model)...",
+          flush=True)  # fmt: skip
+    deadline = time.monotonic() + timeout_s
+    waiting = set(urls)
+    while waiting and time.monotonic() < deadline:
+        for item in started:
+            if item.process.poll() is not None:
+                raise SystemExit(f"wattops demo: {item.name} exited with code "
+                                 f"{item.process.returncode}; see its agent.log")  # fmt: skip
+        for url in list(waiting):
             try:
-                agent.wait(30)
-            except subprocess.TimeoutExpired:
-                agent.kill()
+                node = httpx.get(f"{url}/v1/node", timeout=2).json()
+            except (httpx.HTTPError, ValueError):
+                continue
+            if all(d["ready_replicas"] >= 1 for d in node["deployments"]):
+                print(f"  {node['node']} ready at {url}", flush=True)
+                waiting.discard(url)
+        time.sleep(0.5)
+    if waiting:
+        raise SystemExit(f"wattops demo: not ready after {timeout_s:.0f}s: {sorted(waiting)}")
+
+
+def run_demo(model: Path, state_dir: Path, headless: bool, rate: float,
+             interval_s: float = 5.0) -> int:  # fmt: skip
+    """Run the demo until the console quits (or Ctrl-C when headless)."""
+    if not model.exists():
+        print(f"wattops demo: {model} is missing; run `make models/demo.gguf` or "
+              f"`wattops model tiny {model} --size demo` first", file=sys.stderr)  # fmt: skip
+        return 2
+    try:
+        with demo_fleet(model, state_dir, rate) as urls:
+            if headless:
+                from wattops.console.commands import fetch_fleet, fleet_rows, render_table
+
+                while True:
+                    rows = fleet_rows(asyncio.run(fetch_fleet(urls)))
+                    print(time.strftime("\n%H:%M:%S"), flush=True)
+                    print(render_table(rows), flush=True)
+                    time.sleep(interval_s)
+            else:
+                from wattops.console.app import make_app
+
+                make_app(urls).run()
+    except KeyboardInterrupt:
+        pass
+    print("wattops demo: stopped everything it started.")
+    return 0
