@@ -6,10 +6,12 @@ the same loop and control calls run in workers, so nothing the network does can 
 
 from __future__ import annotations
 
+import gc
 from collections.abc import Iterable
 from dataclasses import dataclass
 from functools import partial
 
+import httpx
 from textual import on, work
 from textual.app import App, ComposeResult
 from textual.binding import Binding
@@ -112,7 +114,6 @@ class WattopsConsole(App[None]):
             id="deployment.park",
             tooltip="Scale to zero (asks to confirm); the next request wakes it",
         ),
-        Binding("enter", "node_view", "Node", id="fleet.node", tooltip="Open the node view"),
         Binding(
             "slash",
             "filter",
@@ -154,6 +155,11 @@ class WattopsConsole(App[None]):
         self.sort_key: str | None = None
         self.sort_reverse = False
         self.last_rows: list[FleetRow] = []
+        self._labels: dict[str, str] = {}
+        self._order_state: tuple[str, str | None, bool] = ("", None, False)
+        self._refresh_soon = False
+        self._panel_cache: dict[str, tuple[tuple[object, ...], list[PanelItem]]] = {}
+        self._control_http: httpx.AsyncClient | None = None
 
     # -- layout ----------------------------------------------------------------------------
 
@@ -170,17 +176,28 @@ class WattopsConsole(App[None]):
         yield Footer()
 
     def on_mount(self) -> None:
+        # Hundreds of snapshots a second make many short-lived objects; the default GC
+        # thresholds then run full collections often enough to stall key presses for a few
+        # hundred ms (docs/benchmarks.md). Collect less often, and never walk what startup
+        # built.
+        gc.set_threshold(50_000, 50, 100)
+        gc.freeze()
         self.sub_title = ("read-only: " if self.read_only else "") + (
             f"{len(self.fleet.links)} agent(s)"
         )
         self.query_one("#filter", Input).display = False
+        self.fleet.on_change = self._link_changed
         self.fleet.start()
+        # One pool for control calls: a new connection per key press costs tens of ms.
+        self._control_http = httpx.AsyncClient(timeout=10.0)
         self.refresh_fleet()
         self.set_interval(self.refresh_s, self.refresh_fleet)
         self.query_one(FleetTable).focus()
 
     async def on_unmount(self) -> None:
         await self.fleet.stop()
+        if self._control_http is not None:
+            await self._control_http.aclose()
 
     def check_action(self, action: str, parameters: tuple[object, ...]) -> bool | None:
         # Read-only: the actions are neither shown nor run, and no control call is made.
@@ -188,34 +205,48 @@ class WattopsConsole(App[None]):
 
     # -- refresh ---------------------------------------------------------------------------
 
+    def _link_changed(self, link: AgentLink) -> None:
+        # An operator waiting on an action sees its effect at once, not at the next tick.
+        if not self._refresh_soon and any(k.startswith(link.url + "|") for k in self.pending):
+            self._refresh_soon = True
+            self.call_next(self.refresh_fleet)
+
     def refresh_fleet(self) -> None:
         """Redraw from the fleet state: totals, table, alerts; judge pending actions."""
+        self._refresh_soon = False
         if isinstance(self.screen, (PrecisionModal, ScaleModal, ConfirmModal, DetailModal)):
             return  # do not redraw under a modal (and keep the selection stable)
         try:
             table = self.screen_stack[0].query_one(FleetTable)
         except NoMatches:
             return  # starting up or shutting down
-        rows = self.fleet.rows()
+        rows, changed = self.fleet.rows()
         self._judge_pending()
+        labels = {k: f"{p.action}→{p.target}…" for k, p in self.pending.items()}
+        changed.update(k for k in labels.keys() | self._labels.keys()
+                       if labels.get(k) != self._labels.get(k))  # fmt: skip
+        self._labels = labels
+        order_state = (self.filter_text, self.sort_key, self.sort_reverse)
+        if order_state != self._order_state:
+            self._order_state = order_state
+            changed.update(r.key for r in rows)
         if self.filter_text:
             needle = self.filter_text.lower()
-            rows = [
-                r
-                for r in rows
-                if needle in f"{r.node} {r.deployment} {r.precision} {r.state} {r.link}".lower()
-            ]
+            rows = [r for r in rows
+                    if needle in f"{r.node} {r.deployment} {r.precision} {r.state} "
+                                 f"{r.link}".lower()]  # fmt: skip
         if self.sort_key:
             attr = SORTABLE[self.sort_key]
             rows.sort(key=lambda r: _sort_value(getattr(r, attr)), reverse=self.sort_reverse)
         self.last_rows = rows
         series = {}
-        for link in self.fleet.links.values():
-            for name in link.watts:
-                series[f"{link.url}|{name}"] = (list(link.watts[name]), list(link.tokens[name]))
-        labels = {k: f"{p.action}→{p.target}…" for k, p in self.pending.items()}
+        for key in changed:
+            url, _, name = key.partition("|")
+            link = self.fleet.links.get(url)
+            if link is not None and name in link.watts:
+                series[key] = (link.watts[name], link.tokens[name])
         with self.batch_update():
-            table.show(rows, series, labels)
+            table.show(rows, series, labels, changed)
             self._show_totals()
             self.query_one(AlertsPanel).show(self._panel_items())
 
@@ -235,31 +266,12 @@ class WattopsConsole(App[None]):
     def _panel_items(self) -> list[PanelItem]:
         items = []
         for link in self.fleet.links.values():
-            if not link.connected:
-                items.append(
-                    PanelItem(
-                        f"{link.url}|offline",
-                        "critical",
-                        f"{link.url} offline: {link.error or 'no answer'}",
-                        f"Reconnecting with backoff (attempt {link.attempts}). "
-                        "Its last figures are kept but not counted in the fleet "
-                        "totals.",
-                    )
-                )
-            snap = link.snapshot
-            if snap is None or not link.connected:
-                continue
-            for alert in snap.alerts:
-                items.append(
-                    PanelItem(
-                        f"{link.url}|{alert.id}",
-                        alert.severity,
-                        f"{snap.node}: {alert.message}",
-                        alert.detail,
-                    )
-                )
-            for rec in precision_advice(link.url, snap):
-                items.append(PanelItem(rec.id, "advice", rec.message, rec.detail))
+            key = _items_key(link)
+            cached = self._panel_cache.get(link.url)
+            if cached is None or cached[0] != key:
+                cached = (key, _link_items(link))
+                self._panel_cache[link.url] = cached
+            items.extend(cached[1])
         return items
 
     def _judge_pending(self) -> None:
@@ -401,7 +413,7 @@ class WattopsConsole(App[None]):
         self, url: str, deployment: str, action: Action, target: str | int, node: str
     ) -> None:
         try:
-            async with AgentClient(url, token=self.token) as client:
+            async with AgentClient(url, token=self.token, http=self._control_http) as client:
                 if action == "scale":
                     assert isinstance(target, int)
                     await client.scale(deployment, target)
@@ -485,6 +497,36 @@ class WattopsConsole(App[None]):
         if self.read_only:
             lines.append("Read-only: no action can be sent from this console.")
         self.push_screen(DetailModal("Keys", "\n".join(lines)))
+
+
+def _items_key(link: AgentLink) -> tuple[object, ...]:
+    # What the panel lines of a node depend on: recomputed only when one of these changes,
+    # not on every event (the figures move every second, the advice does not).
+    snap = link.snapshot
+    if snap is None or not link.connected:
+        return (link.connected, link.error, link.attempts)
+    return (
+        tuple((a.id, a.message, a.detail) for a in snap.alerts),
+        tuple((d.name, d.precision, d.ready_replicas > 0, tuple(d.available_precisions))
+              for d in snap.deployments),
+    )  # fmt: skip
+
+
+def _link_items(link: AgentLink) -> list[PanelItem]:
+    """One node's lines of the alerts panel."""
+    if not link.connected:
+        return [PanelItem(f"{link.url}|offline", "critical",
+                          f"{link.url} offline: {link.error or 'no answer'}",
+                          f"Reconnecting with backoff (attempt {link.attempts}). Its last "
+                          "figures are kept but not counted in the fleet totals.")]  # fmt: skip
+    snap = link.snapshot
+    if snap is None:
+        return []
+    items = [PanelItem(f"{link.url}|{a.id}", a.severity, f"{snap.node}: {a.message}", a.detail)
+             for a in snap.alerts]  # fmt: skip
+    items += [PanelItem(r.id, "advice", r.message, r.detail)
+              for r in precision_advice(link.url, snap)]  # fmt: skip
+    return items
 
 
 def _deployment(link: AgentLink, name: str) -> DeploymentStatus | None:

@@ -1,7 +1,10 @@
 """The console's live view of the fleet: one SSE stream per agent, reconnecting with backoff.
 
 Each `AgentLink` keeps the latest NodeSnapshot of its agent, fed by the agent's `/v1/events`
-stream (httpx + httpx-sse), and knows whether that data is live, stale or offline. Links run
+stream, and knows whether that data is live, stale or offline. The streams use aiohttp with
+aiohttp-sse-client2 rather than httpx + httpx-sse: against 1,000 agents at 1 Hz, httpx's
+per-event cost alone took about 40% of a core (docs/benchmarks.md); control calls stay on
+httpx. Links run
 as tasks on the app's event loop and never block it; the UI reads `FleetState` on its own
 timer, so a slow or dead agent can never freeze the screen.
 """
@@ -15,9 +18,10 @@ import time
 from collections import deque
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
+from datetime import timedelta
 
-import httpx
-from httpx_sse import aconnect_sse
+import aiohttp
+from aiohttp_sse_client2.client import EventSource
 from pydantic import ValidationError
 from tenacity import (
     AsyncRetrying,
@@ -77,7 +81,9 @@ class AgentLink:
                 fig.tokens_per_s if fig and fig.tokens_per_s is not None else 0.0
             )
 
-    async def run(self, http: httpx.AsyncClient, on_change: Callable[[AgentLink], None]) -> None:
+    async def run(
+        self, http: aiohttp.ClientSession, on_change: Callable[[AgentLink], None]
+    ) -> None:
         """Follow the agent's events forever. Failed connects are retried with jittered
         exponential backoff (up to 15 s); a stream that was up and ends reconnects at once."""
 
@@ -90,7 +96,7 @@ class AgentLink:
         while True:
             retrying = AsyncRetrying(
                 wait=wait_exponential_jitter(multiplier=0.5, max=15.0, jitter=0.5),
-                retry=retry_if_exception_type((httpx.HTTPError, OSError)),
+                retry=retry_if_exception_type((aiohttp.ClientError, OSError, TimeoutError)),
                 before_sleep=gone,
             )
             async for attempt in retrying:
@@ -98,39 +104,41 @@ class AgentLink:
                     await self._follow(http, on_change)
 
     def _lost(self, on_change: Callable[[AgentLink], None]) -> None:
-        self.connected = False
-        self.version += 1
-        on_change(self)
+        if self.connected:
+            self.connected = False
+            self.version += 1
+            on_change(self)
 
     async def _follow(
-        self, http: httpx.AsyncClient, on_change: Callable[[AgentLink], None]
+        self, http: aiohttp.ClientSession, on_change: Callable[[AgentLink], None]
     ) -> None:
-        async with aconnect_sse(http, "GET", self.url + "/v1/events") as source:
-            source.response.raise_for_status()
+        def ended() -> None:
+            self.error = "the agent closed the stream"
+            self._lost(on_change)
+
+        source = EventSource(
+            self.url + "/v1/events", session=http, on_error=ended,
+            reconnection_time=timedelta(seconds=0.25),
+        )  # fmt: skip
+        async with source:
             self.connected, self.error, self.attempts = True, None, 0
-            try:
-                async for event in source.aiter_sse():
-                    if event.event != "snapshot":
-                        continue
-                    try:
-                        self.accept(NodeSnapshot.model_validate_json(event.data))
-                    except ValidationError as exc:
-                        self.error = f"bad snapshot: {exc.error_count()} problems"
-                        continue
-                    on_change(self)
-                self.error = "the agent closed the stream"
-            except (httpx.HTTPError, OSError) as exc:
-                self.error = _describe(exc)
-        self._lost(on_change)
+            async for event in source:
+                if event.type != "snapshot":
+                    continue
+                try:
+                    self.accept(NodeSnapshot.model_validate_json(event.data))
+                except ValidationError as exc:
+                    self.error = f"bad snapshot: {exc.error_count()} problems"
+                    continue
+                self.connected = True
+                on_change(self)
 
 
 def _describe(exc: Exception) -> str:
-    if isinstance(exc, httpx.ConnectError):
+    if isinstance(exc, aiohttp.ClientConnectorError | ConnectionRefusedError):
         return "connection refused"
-    if isinstance(exc, httpx.TimeoutException):
+    if isinstance(exc, TimeoutError):
         return "timed out"
-    if isinstance(exc, httpx.HTTPStatusError):
-        return f"HTTP {exc.response.status_code}"
     return str(exc) or type(exc).__name__
 
 
@@ -139,19 +147,21 @@ class FleetState:
 
     def __init__(self, urls: Iterable[str]) -> None:
         self.links = {url: AgentLink(url) for url in dict.fromkeys(urls)}
-        self.changed: set[str] = set()
         self._tasks: list[asyncio.Task[None]] = []
-        self._http: httpx.AsyncClient | None = None
+        self._http: aiohttp.ClientSession | None = None
+        self._rows: dict[str, tuple[tuple[int, Link], list[FleetRow]]] = {}
+        #: Called after a link changes (the console uses it to redraw promptly).
+        self.on_change: Callable[[AgentLink], None] | None = None
 
     def _on_change(self, link: AgentLink) -> None:
-        self.changed.add(link.url)
+        if self.on_change is not None:
+            self.on_change(link)
 
     def start(self) -> None:
         """Start one stream task per agent on the running loop."""
         # No read timeout: the stream is long-lived; the agents ping every 15 s.
-        timeout = httpx.Timeout(connect=5.0, read=None, write=5.0, pool=None)
-        limits = httpx.Limits(max_connections=None, max_keepalive_connections=None)
-        self._http = httpx.AsyncClient(timeout=timeout, limits=limits)
+        timeout = aiohttp.ClientTimeout(total=None, sock_connect=5.0, sock_read=None)
+        self._http = aiohttp.ClientSession(timeout=timeout, connector=aiohttp.TCPConnector(limit=0))
         self._tasks = [
             asyncio.create_task(link.run(self._http, self._on_change), name=f"link {url}")
             for url, link in self.links.items()
@@ -165,16 +175,25 @@ class FleetState:
             with contextlib.suppress(asyncio.CancelledError):
                 await task
         if self._http is not None:
-            await self._http.aclose()
+            await self._http.close()
 
-    def rows(self) -> list[FleetRow]:
-        """Every row of the fleet table, grouped by node in inventory order."""
+    def rows(self) -> tuple[list[FleetRow], set[str]]:
+        """Every row of the fleet table (grouped by node, inventory order), and the keys of
+        the rows that changed since the last call. Rows of unchanged links are reused."""
         now = time.monotonic()
-        return [
-            r
-            for link in self.links.values()
-            for r in rows_for(link.url, link.snapshot, link.link(now))
-        ]
+        rows: list[FleetRow] = []
+        changed: set[str] = set()
+        for link in self.links.values():
+            state = link.link(now)
+            cached = self._rows.get(link.url)
+            if cached is None or cached[0] != (link.version, state):
+                fresh = rows_for(link.url, link.snapshot, state)
+                self._rows[link.url] = ((link.version, state), fresh)
+                changed.update(r.key for r in fresh)
+                rows.extend(fresh)
+            else:
+                rows.extend(cached[1])
+        return rows, changed
 
     def find(self, key: str) -> tuple[AgentLink, str] | None:
         """The link and deployment name of a row key (`url|deployment`)."""

@@ -63,12 +63,6 @@ def precision_advice(url: str, snapshot: NodeSnapshot) -> list[Recommendation]:
         ):
             continue
         change = BITS_PER_WEIGHT[ADVISED] / now - 1.0
-        fig = dep.accounting.figures if dep.accounting else None
-        measured = (
-            f" Now {fig.j_per_token:.3g} J/token -> about {fig.j_per_token * (1 + change):.3g}."
-            if fig and fig.j_per_token is not None
-            else ""
-        )
         found.append(
             Recommendation(
                 id=f"{url}|{dep.name}|precision",
@@ -78,8 +72,9 @@ def precision_advice(url: str, snapshot: NodeSnapshot) -> list[Recommendation]:
                 detail=(
                     f"Estimate, not a measurement: decoding is memory-bound, so J/token scales "
                     f"with bits per weight: {BITS_PER_WEIGHT[ADVISED]} / {now} - 1 = "
-                    f"{change:+.1%}.{measured} Check quality before switching (wattops bench "
-                    "reports top-1 agreement against f16)."
+                    f"{change:+.1%} from {dep.precision}. The deployment's measured J/token is "
+                    "in its row; check quality before switching (wattops bench reports top-1 "
+                    "agreement against f16)."
                 ),
             )
         )

@@ -1,61 +1,67 @@
-"""The fleet table: one row per deployment per node, updated in place cell by cell."""
+"""The fleet table: one row per deployment per node, drawn line by line from a row cache.
+
+Textual's DataTable re-renders every visible cell after any update and re-measures whole
+columns; with hundreds of agents updating every second that was most of the console's CPU
+(docs/benchmarks.md). This table keeps one rendered line per row, keyed by the row's text,
+and redraws only the lines whose text changed and are on screen.
+"""
 
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 
-from rich.text import Text
-from textual.widgets import DataTable
+from rich.segment import Segment
+from rich.style import Style
+from textual import events
+from textual.binding import Binding
+from textual.geometry import Size
+from textual.message import Message
+from textual.reactive import reactive
+from textual.scroll_view import ScrollView
+from textual.strip import Strip
 
 from wattops.console import rows as fmt
 from wattops.console.rows import FleetRow, Link
 
 SPARK = "▁▂▃▄▅▆▇█"
-#: Points shown in the fleet table's trend columns (one per second).
+#: Points shown in the trend columns (one per second).
 SPARK_WIDTH = 12
 
-#: (key, header, sort value)
-COLUMNS: tuple[tuple[str, str], ...] = (
-    ("node", "NODE"),
-    ("deployment", "DEPLOYMENT"),
-    ("precision", "PRECISION"),
-    ("replicas", "REPLICAS"),
-    ("state", "STATE"),
-    ("power", "POWER"),
-    ("power_trend", "W"),
-    ("j_per_token", "J/TOK"),
-    ("usd_per_1m", "$/1M TOK"),
-    ("usd_per_hour", "$/H"),
-    ("tokens_per_s", "TOK/S"),
-    ("tokens_trend", "TOK/S"),
-    ("cache", "CACHE"),
-    ("p50", "P50"),
-    ("p95", "P95"),
-    ("alerts", "ALERTS"),
-)
-#: Columns `o` cycles through when sorting, and how each sorts.
+#: (key, header, width)
+COLUMNS: tuple[tuple[str, str, int], ...] = (
+    ("node", "NODE", 22), ("deployment", "DEPLOYMENT", 16), ("precision", "PRECISION", 15),
+    ("replicas", "REPLICAS", 8), ("state", "STATE", 22), ("power", "POWER", 12),
+    ("power_trend", "W", SPARK_WIDTH), ("j_per_token", "J/TOK", 7),
+    ("usd_per_1m", "$/1M TOK", 9), ("usd_per_hour", "$/H", 8), ("tokens_per_s", "TOK/S", 7),
+    ("tokens_trend", "TOK/S", SPARK_WIDTH), ("cache", "CACHE", 5), ("p50", "P50", 8),
+    ("p95", "P95", 8), ("alerts", "ALERTS", 6),
+)  # fmt: skip
+COLUMN_INDEX = {key: i for i, (key, _, _) in enumerate(COLUMNS)}
+#: Columns `o` cycles through when sorting, and the FleetRow field each sorts by.
 SORTABLE: dict[str, str] = {
-    "node": "node",
-    "deployment": "deployment",
-    "power": "watts",
-    "j_per_token": "j_per_token",
-    "usd_per_1m": "usd_per_1m_tokens",
-    "usd_per_hour": "usd_per_hour",
-    "tokens_per_s": "tokens_per_s",
-    "cache": "cache_hit_rate",
-    "p95": "p95_s",
+    "node": "node", "deployment": "deployment", "power": "watts", "j_per_token": "j_per_token",
+    "usd_per_1m": "usd_per_1m_tokens", "usd_per_hour": "usd_per_hour",
+    "tokens_per_s": "tokens_per_s", "cache": "cache_hit_rate", "p95": "p95_s",
     "alerts": "alerts",
-}
+}  # fmt: skip
 
 STATE_STYLE = {
-    "serving": "green",
-    "switching": "bold yellow",
-    "scaling": "yellow",
-    "parked": "dim",
-    "failed": "bold red",
-    "offline": "bold red",
-    "stale": "yellow",
-}
+    "serving": Style(color="green"), "switching": Style(color="yellow", bold=True),
+    "scaling": Style(color="yellow"), "parked": Style(dim=True),
+    "failed": Style(color="red", bold=True), "offline": Style(color="red", bold=True),
+    "stale": Style(color="yellow"),
+}  # fmt: skip
+DIM = Style(dim=True, italic=True)
+PENDING = Style(color="cyan", italic=True)
+CHANGING = Style(color="yellow", bold=True)
+ALERT = Style(color="red", bold=True)
+SPARK_WATTS = Style(color="magenta")
+SPARK_TOKENS = Style(color="cyan")
+HEADER = Style(bold=True)
+CURSOR = Style(reverse=True)
+
+#: One cell: its pieces of text with their styles.
+Cell = tuple[tuple[str, Style | None], ...]
 
 
 def sparkline(values: Sequence[float]) -> str:
@@ -67,90 +73,222 @@ def sparkline(values: Sequence[float]) -> str:
     return "".join(SPARK[min(len(SPARK) - 1, int(v / top * (len(SPARK) - 1)))] for v in values)
 
 
-def cells(
-    row: FleetRow, watts: Sequence[float], tokens: Sequence[float], pending: str | None
-) -> tuple[Text | str, ...]:
-    """The rendered cells of one row."""
+def cells(row: FleetRow, watts: Sequence[float], tokens: Sequence[float],
+          pending: str | None) -> tuple[Cell, ...]:  # fmt: skip
+    """The cells of one row, as text pieces with styles."""
     if not row.deployment:
-        state = Text(row.link.value, style=STATE_STYLE[row.link.value])
-        return (row.node, "-", "-", "-", state, *("",) * (len(COLUMNS) - 5))
-    precision = Text(row.precision)
+        link: Cell = ((row.link.value, STATE_STYLE[row.link.value]),)
+        return (((row.node, None),), (("-", None),), (("-", None),), (("-", None),), link,
+                *(((("", None),),) * (len(COLUMNS) - 5)))  # fmt: skip
+    precision: Cell = ((row.precision, None),)
     if row.desired_precision != row.precision:
-        precision.append(f"→{row.desired_precision}", style="bold yellow")
+        precision += ((f"→{row.desired_precision}", CHANGING),)
     state_text = row.state if row.link is Link.LIVE else row.link.value
-    state = Text(state_text, style=STATE_STYLE.get(state_text, ""))
+    state: Cell = ((state_text, STATE_STYLE.get(state_text)),)
     if pending:
-        state.append(f" {pending}", style="italic cyan")
-    power = Text(fmt.watts(row.watts, False))
+        state += ((f" {pending}", PENDING),)
+    power: Cell = ((fmt.watts(row.watts, False), None),)
     if row.estimated and row.watts is not None:
-        power.append(" est.", style="dim italic")
-    alerts = Text(str(row.alerts), style="bold red") if row.alerts else Text("-", style="dim")
+        power += ((" est.", DIM),)
+    alerts: Cell = ((str(row.alerts), ALERT),) if row.alerts else (("-", DIM),)
     return (
-        row.node,
-        row.deployment,
-        precision,
-        f"{row.ready}/{row.desired}",
-        state,
-        power,
-        Text(sparkline(watts), style="magenta"),
-        fmt.number(row.j_per_token, 3),
-        fmt.money(row.usd_per_1m_tokens),
-        fmt.money(row.usd_per_hour),
-        fmt.number(row.tokens_per_s, 1),
-        Text(sparkline(tokens), style="cyan"),
-        fmt.percent(row.cache_hit_rate),
-        fmt.millis(row.p50_s),
-        fmt.millis(row.p95_s),
-        alerts,
-    )
+        ((row.node, None),), ((row.deployment, None),), precision,
+        ((f"{row.ready}/{row.desired}", None),), state, power,
+        ((sparkline(watts), SPARK_WATTS),), ((fmt.number(row.j_per_token, 3), None),),
+        ((fmt.money(row.usd_per_1m_tokens), None),), ((fmt.money(row.usd_per_hour), None),),
+        ((fmt.number(row.tokens_per_s, 1), None),), ((sparkline(tokens), SPARK_TOKENS),),
+        ((fmt.percent(row.cache_hit_rate), None),), ((fmt.millis(row.p50_s), None),),
+        ((fmt.millis(row.p95_s), None),), alerts,
+    )  # fmt: skip
 
 
-class FleetTable(DataTable[Text | str]):
-    """Rows keyed by `url|deployment`; only cells whose text changed are redrawn."""
+def cell_text(cell: Cell) -> str:
+    """A cell's plain text."""
+    return "".join(text for text, _ in cell)
+
+
+def line(row_cells: Sequence[Cell]) -> list[Segment]:
+    """One table line: each cell cut or padded to its column's width, one space between."""
+    segments: list[Segment] = []
+    for cell, (_, _, width) in zip(row_cells, COLUMNS, strict=True):
+        used = 0
+        for text, style in cell:
+            room = width - used
+            if room <= 0:
+                break
+            piece = text[:room]
+            segments.append(Segment(piece, style))
+            used += len(piece)
+        segments.append(Segment(" " * (width - used + 1)))
+    return segments
+
+
+HEADER_LINE = line([((label, HEADER),) for _, label, _ in COLUMNS])
+LINE_WIDTH = sum(width + 1 for _, _, width in COLUMNS)
+
+
+class FleetTable(ScrollView, can_focus=True):
+    """Rows keyed by `url|deployment`, with a cursor; the first line is the header."""
 
     DEFAULT_CSS = """
     FleetTable { height: 1fr; }
     """
 
-    def __init__(self, **kwargs: object) -> None:
-        super().__init__(cursor_type="row", zebra_stripes=True, **kwargs)  # type: ignore[arg-type]
-        self._shown: dict[str, tuple[str, ...]] = {}
-        self._order: list[str] = []
+    BINDINGS = [
+        Binding("up,k", "cursor(-1)", "Up", show=False, id="table.up"),
+        Binding("down,j", "cursor(1)", "Down", show=False, id="table.down"),
+        Binding("pageup", "page(-1)", "Page up", show=False, id="table.page_up"),
+        Binding("pagedown", "page(1)", "Page down", show=False, id="table.page_down"),
+        Binding("home", "jump(0)", "First", show=False, id="table.first"),
+        Binding("end", "jump(-1)", "Last", show=False, id="table.last"),
+        Binding("enter", "select", "Node", id="fleet.node", tooltip="Open the node view"),
+    ]
 
-    def on_mount(self) -> None:
-        for key, label in COLUMNS:
-            width = SPARK_WIDTH if key.endswith("_trend") else None
-            self.add_column(label, key=key, width=width)
+    cursor_row: reactive[int] = reactive(0)
+    """Index of the selected row."""
+
+    class RowSelected(Message):
+        """Enter on a row."""
+
+        def __init__(self, table: FleetTable, key: str) -> None:
+            super().__init__()
+            self.table = table
+            self.key = key
+
+        @property
+        def control(self) -> FleetTable:
+            """The table the row is in (lets `@on(..., selector)` match it)."""
+            return self.table
+
+    def __init__(self, **kwargs: object) -> None:
+        super().__init__(**kwargs)  # type: ignore[arg-type]
+        self._order: list[str] = []
+        #: key -> (row, its sparkline series, its pending-action label)
+        self._rows: dict[str, tuple[FleetRow, tuple[Sequence[float], Sequence[float]],
+                                    str | None]] = {}  # fmt: skip
+        self._cells: dict[str, tuple[Cell, ...]] = {}
+        self._lines: dict[str, Strip] = {}
+
+    # -- data ------------------------------------------------------------------------------
 
     def show(
         self,
         rows: Sequence[FleetRow],
         series: Mapping[str, tuple[Sequence[float], Sequence[float]]],
         pending: Mapping[str, str],
+        changed: set[str] | None = None,
     ) -> None:
-        """Make the table show `rows` in this order, touching only what changed."""
+        """Make the table show `rows` in this order, redrawing only changed visible lines.
+
+        `changed`: the keys whose data may differ since the last call (None: all of them).
+        Cells are built lazily, when a line is drawn: rows off screen cost nothing here.
+        """
+        selected = self.selected_key()
         order = [r.key for r in rows]
-        rendered = {r.key: cells(r, *series.get(r.key, ((), ())), pending.get(r.key)) for r in rows}
+        for row in rows:
+            if changed is None or row.key in changed or row.key not in self._rows:
+                self._rows[row.key] = (row, series.get(row.key, ((), ())),
+                                       pending.get(row.key))  # fmt: skip
+                self._cells.pop(row.key, None)
+                self._lines.pop(row.key, None)
         if order != self._order:
-            selected = self.selected_key()
-            self.clear()
-            for key in order:
-                self.add_row(*rendered[key], key=key)
+            keep = set(order)
+            for gone in [k for k in self._rows if k not in keep]:
+                self._rows.pop(gone, None)
+                self._cells.pop(gone, None)
+                self._lines.pop(gone, None)
             self._order = order
-            self._shown = {k: tuple(str(c) for c in v) for k, v in rendered.items()}
+            self.virtual_size = Size(LINE_WIDTH, len(order) + 1)
             if selected in order:
-                self.move_cursor(row=order.index(selected))
+                self.cursor_row = order.index(selected)
+            self.cursor_row = min(self.cursor_row, max(0, len(order) - 1))
+            self.refresh()
             return
-        for key in order:
-            plain = tuple(str(c) for c in rendered[key])
-            before = self._shown.get(key)
-            for i, (col, _) in enumerate(COLUMNS):
-                if before is None or before[i] != plain[i]:
-                    self.update_cell(key, col, rendered[key][i], update_width=True)
-            self._shown[key] = plain
+        top = self.scroll_offset.y
+        for index in range(top, min(len(order), top + self.size.height)):
+            if order[index] not in self._lines:
+                self.refresh_line(index + 1)  # virtual y: ScrollView subtracts the scroll
+
+    def _row_cells(self, key: str) -> tuple[Cell, ...]:
+        found = self._cells.get(key)
+        if found is None:
+            row, (watts, tokens), label = self._rows[key]
+            found = self._cells[key] = cells(row, watts, tokens, label)
+        return found
 
     def selected_key(self) -> str | None:
         """The row key under the cursor, if any."""
-        if not self._order or self.cursor_row < 0 or self.cursor_row >= len(self._order):
-            return None
-        return self._order[self.cursor_row]
+        if 0 <= self.cursor_row < len(self._order):
+            return self._order[self.cursor_row]
+        return None
+
+    def cell(self, key: str, column: str) -> str:
+        """The text of one cell (for tests and benchmarks)."""
+        return cell_text(self._row_cells(key)[COLUMN_INDEX[column]])
+
+    def move_cursor(self, row: int) -> None:
+        """Select row `row` and scroll it into view."""
+        if self._order:
+            self.cursor_row = max(0, min(row, len(self._order) - 1))
+
+    # -- drawing ---------------------------------------------------------------------------
+
+    def render_line(self, y: int) -> Strip:
+        scroll_x, scroll_y = self.scroll_offset
+        if y == 0:
+            strip = Strip(HEADER_LINE, LINE_WIDTH)
+        else:
+            index = y - 1 + scroll_y
+            if index >= len(self._order):
+                return Strip.blank(self.size.width, self.rich_style)
+            key = self._order[index]
+            cached = self._lines.get(key)
+            if cached is None:
+                cached = self._lines[key] = Strip(line(self._row_cells(key)), LINE_WIDTH)
+            strip = cached
+            if index == self.cursor_row and self.has_focus:
+                strip = strip.apply_style(CURSOR)
+        return strip.crop_extend(scroll_x, scroll_x + self.size.width, self.rich_style)
+
+    def watch_cursor_row(self, old: int, new: int) -> None:
+        self._scroll_to_cursor()
+        self.refresh()
+
+    def _scroll_to_cursor(self) -> None:
+        rows_visible = max(1, self.size.height - 1)
+        top = self.scroll_offset.y
+        if self.cursor_row < top:
+            self.scroll_to(y=self.cursor_row, animate=False)
+        elif self.cursor_row >= top + rows_visible:
+            self.scroll_to(y=self.cursor_row - rows_visible + 1, animate=False)
+
+    def on_click(self, event: events.Click) -> None:
+        index = event.y - 1 + self.scroll_offset.y
+        if 0 <= index < len(self._order):
+            self.cursor_row = index
+
+    def on_focus(self) -> None:
+        self.refresh()
+
+    def on_blur(self) -> None:
+        self.refresh()
+
+    # -- keys ------------------------------------------------------------------------------
+
+    def action_cursor(self, step: int) -> None:
+        """Move the cursor by `step` rows."""
+        self.move_cursor(self.cursor_row + step)
+
+    def action_page(self, pages: int) -> None:
+        """Move the cursor by a screenful."""
+        self.move_cursor(self.cursor_row + pages * max(1, self.size.height - 2))
+
+    def action_jump(self, row: int) -> None:
+        """First (0) or last (-1) row."""
+        self.move_cursor(len(self._order) - 1 if row < 0 else row)
+
+    def action_select(self) -> None:
+        """Enter: announce the selected row."""
+        key = self.selected_key()
+        if key is not None:
+            self.post_message(self.RowSelected(self, key))
