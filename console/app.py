@@ -143,8 +143,11 @@ class WattopsConsole(App[None]):
         read_only: bool = False,
         prometheus: str | None = None,
         refresh_s: float = 0.5,
+        connect: bool = True,
     ) -> None:
         super().__init__()
+        #: False: do not open the agents' streams (snapshot tests fill the fleet themselves).
+        self.connect = connect
         self.fleet = FleetState(urls)
         self.token = token
         self.read_only = read_only
@@ -187,7 +190,8 @@ class WattopsConsole(App[None]):
         )
         self.query_one("#filter", Input).display = False
         self.fleet.on_change = self._link_changed
-        self.fleet.start()
+        if self.connect:
+            self.fleet.start()
         # One pool for control calls: a new connection per key press costs tens of ms.
         self._control_http = httpx.AsyncClient(timeout=10.0)
         self.refresh_fleet()
@@ -214,6 +218,8 @@ class WattopsConsole(App[None]):
     def refresh_fleet(self) -> None:
         """Redraw from the fleet state: totals, table, alerts; judge pending actions."""
         self._refresh_soon = False
+        if not self.screen_stack:
+            return  # shutting down: a stream delivered one more event
         if isinstance(self.screen, (PrecisionModal, ScaleModal, ConfirmModal, DetailModal)):
             return  # do not redraw under a modal (and keep the selection stable)
         try:
@@ -546,8 +552,14 @@ def make_app(
     read_only: bool = False,
     prometheus: str | None = None,
     refresh_s: float = 0.5,
+    connect: bool = True,
 ) -> WattopsConsole:
     """The console app; tests and the demo build it the same way the CLI does."""
     return WattopsConsole(
-        urls, token=token, read_only=read_only, prometheus=prometheus, refresh_s=refresh_s
+        urls,
+        token=token,
+        read_only=read_only,
+        prometheus=prometheus,
+        refresh_s=refresh_s,
+        connect=connect,
     )

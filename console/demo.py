@@ -119,11 +119,14 @@ def demo_fleet(model: Path, state_dir: Path, rate: float, with_load: bool = True
             urls.append(f"http://127.0.0.1:{port}")
         _wait_ready(urls, started)
         if with_load:
-            for url, (node, _, _) in zip(urls, DEMO_NODES, strict=True):
+            # A new prompt stream each run: the agents' disk caches keep answers across runs,
+            # and a repeated stream would be all cache hits.
+            seed = int(time.time())
+            for n, (url, (node, _, _)) in enumerate(zip(urls, DEMO_NODES, strict=True)):
                 argv = [sys.executable, "-m", "wattops.console.cli", "load", "--agent", url,
                         "--model", "tiny", "--rate", str(rate), "--duration", "86400",
                         "--max-tokens", "8,32", "--idle-every", "90", "--idle-len", "20",
-                        "--quiet"]  # fmt: skip
+                        "--seed", str(seed + n), "--quiet"]  # fmt: skip
                 started.append(_start(f"load {node}", argv, state_dir / node / "load.log"))
         yield urls
     finally:

@@ -235,8 +235,9 @@ class FleetTable(ScrollView, can_focus=True):
 
     def render_line(self, y: int) -> Strip:
         scroll_x, scroll_y = self.scroll_offset
+        base = self.rich_style
         if y == 0:
-            strip = Strip(HEADER_LINE, LINE_WIDTH)
+            strip = Strip(HEADER_LINE, LINE_WIDTH).apply_style(base)
         else:
             index = y - 1 + scroll_y
             if index >= len(self._order):
@@ -244,11 +245,14 @@ class FleetTable(ScrollView, can_focus=True):
             key = self._order[index]
             cached = self._lines.get(key)
             if cached is None:
-                cached = self._lines[key] = Strip(line(self._row_cells(key)), LINE_WIDTH)
+                # The widget's own style under every segment: unstyled cells would otherwise
+                # be drawn without the table's colours.
+                cached = Strip(line(self._row_cells(key)), LINE_WIDTH).apply_style(base)
+                self._lines[key] = cached
             strip = cached
             if index == self.cursor_row and self.has_focus:
                 strip = strip.apply_style(CURSOR)
-        return strip.crop_extend(scroll_x, scroll_x + self.size.width, self.rich_style)
+        return strip.crop_extend(scroll_x, scroll_x + self.size.width, base)
 
     def watch_cursor_row(self, old: int, new: int) -> None:
         self._scroll_to_cursor()

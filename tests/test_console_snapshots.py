@@ -1,0 +1,137 @@
+"""Snapshot tests of what the console draws: the fleet view, the node view, the action modals.
+
+The fleet is filled with fixed snapshots (built from the API models) instead of live agents,
+so every figure on screen is the same on every run; the pilot tests in test_console.py drive
+the same screens against real agents.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from textual.pilot import Pilot
+
+from wattops.agents.api import (
+    Alert,
+    DeploymentAccounting,
+    DeploymentCounters,
+    DeploymentState,
+    DeploymentStatus,
+    DeviceStatus,
+    EnergyCounters,
+    Figures,
+    LatencySummary,
+    NodeCost,
+    NodePower,
+    NodeSnapshot,
+    ReplicaState,
+    ReplicaStatus,
+)
+from wattops.console.app import WattopsConsole, make_app
+
+SIZE = (200, 42)
+# Port 9 (discard) on loopback refuses connections: the node view's history says so.
+NODES = {
+    "http://127.0.0.1:9/a": ("gpu-a1", "a100-80gb", "q8_0", 212.0, "nvml", 5.12),
+    "http://127.0.0.1:9/b": ("orin-7", "jetson-agx-orin-64gb", "q4_k_m", 31.0, "jetson", 0.046),
+    "http://127.0.0.1:9/c": ("cpu-3", "cpu-generic", "f16", 24.0, "estimate", 0.357),
+}
+PRECISIONS = ["f16", "q8_0", "q6_k", "q5_k_m", "q4_k_m", "q4_0"]
+
+
+def snapshot(node: str, profile: str, precision: str, watts: float, source: str, price: float,
+             t: int) -> NodeSnapshot:  # fmt: skip
+    w = watts * (0.8 + 0.05 * (t % 5))
+    fig = Figures(window_s=60, watts=w, tokens_per_s=30.0 + t % 7, j_per_token=w / 35.0,
+                  usd_per_1m_tokens=price / 3600 / 35.0 * 1e6, cost_usd_per_hour=price,
+                  response_cache_hit_rate=0.31, prefix_cache_hit_rate=0.62)  # fmt: skip
+    replicas = [ReplicaStatus(id=f"tiny-{precision}-0a1b2c", precision=precision,
+                              state=ReplicaState.READY, url="http://127.0.0.1:40001", pid=4242,
+                              in_flight=1, restarts=0, started_at=0.0)]  # fmt: skip
+    dep = DeploymentStatus(
+        name="tiny", engine="llamacpp", model="demo.gguf", precision=precision,
+        desired_precision=precision, available_precisions=PRECISIONS, desired_replicas=1,
+        ready_replicas=1, max_replicas=3, state=DeploymentState.SERVING, replicas=replicas,
+        counters=DeploymentCounters(requests_total=100 + t, prompt_tokens_total=5000,
+                                    completion_tokens_total=3000, cache_hits_total=31,
+                                    cache_misses_total=69),
+        latency=LatencySummary(p50_s=0.84, p95_s=2.1, window=100),
+        accounting=DeploymentAccounting(share=0.5, cost_usd_per_hour=price / 2,
+                                        energy_source=source, totals=EnergyCounters(),
+                                        figures=fig),
+    )  # fmt: skip
+    devices = [DeviceStatus(name="GPU 0 NVIDIA A100-SXM4-80GB", watts=w, utilisation=0.41,
+                            memory_used_bytes=21 * 2**30, memory_total_bytes=80 * 2**30,
+                            power_limit_watts=400.0)] if source == "nvml" else [
+        DeviceStatus(name=f"{profile} profile", watts=w, utilisation=0.3)]  # fmt: skip
+    alerts = [Alert(id="budget:cpu-3:hour", kind="budget_exceeded", severity="critical",
+                    subject="cpu-3", message="cpu-3 burns $0.36/h, over its $0.30/h budget",
+                    detail="burn now = $0.3570/h > budget $0.3000/h", since=0.0)] \
+        if node == "cpu-3" else []  # fmt: skip
+    return NodeSnapshot(
+        node=node, agent_version="0.1.0", started_at=0.0, time=float(t), version=t,
+        deployments=[dep],
+        power=NodePower(source=source, sensor=f"{source} sensor", total_from="sum of 1 GPU",
+                        watts=w, watts_smoothed=w, sample_hz=10, devices=devices),
+        cost=NodeCost(profile=profile, price_usd_per_hour=price, price_basis="list price",
+                      owned=False, electricity_usd_per_kwh=0.1274, pue=1.56,
+                      grid_gco2e_per_kwh=390, burn_usd_per_hour=price,
+                      unallocated_usd_per_hour=price / 2),
+        totals=EnergyCounters(energy_j_total=360000.0, idle_energy_j_total=200000.0,
+                              active_energy_j_total=160000.0, cost_usd_total=1.23,
+                              carbon_g_total=61.0),
+        figures=fig, alerts=alerts,
+    )  # fmt: skip
+
+
+def fleet_app() -> WattopsConsole:
+    return make_app(list(NODES), connect=False, refresh_s=60)
+
+
+async def fill(pilot: Pilot[Any]) -> None:
+    app = pilot.app
+    assert isinstance(app, WattopsConsole)
+    for url, (node, profile, precision, watts, source, price) in NODES.items():
+        link = app.fleet.links[url]
+        for t in range(12):
+            link.accept(snapshot(node, profile, precision, watts, source, price, t))
+        link.connected = True
+    app.refresh_fleet()
+    await pilot.pause()
+
+
+def test_fleet_view(snap_compare: Any) -> None:
+    assert snap_compare(fleet_app(), terminal_size=SIZE, run_before=fill)
+
+
+def test_node_view(snap_compare: Any) -> None:
+    async def open_node(pilot: Pilot[Any]) -> None:
+        await fill(pilot)
+        await pilot.press("enter")
+        await pilot.pause(0.5)
+
+    assert snap_compare(fleet_app(), terminal_size=SIZE, run_before=open_node)
+
+
+def test_precision_modal(snap_compare: Any) -> None:
+    async def open_modal(pilot: Pilot[Any]) -> None:
+        await fill(pilot)
+        await pilot.press("p")
+
+    assert snap_compare(fleet_app(), terminal_size=SIZE, run_before=open_modal)
+
+
+def test_scale_modal(snap_compare: Any) -> None:
+    async def open_modal(pilot: Pilot[Any]) -> None:
+        await fill(pilot)
+        await pilot.press("s")
+
+    assert snap_compare(fleet_app(), terminal_size=SIZE, run_before=open_modal)
+
+
+def test_park_confirmation(snap_compare: Any) -> None:
+    async def open_modal(pilot: Pilot[Any]) -> None:
+        await fill(pilot)
+        await pilot.press("down", "down", "z")
+
+    assert snap_compare(fleet_app(), terminal_size=SIZE, run_before=open_modal)
