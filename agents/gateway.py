@@ -12,7 +12,7 @@ and dependency machinery entirely.
 from __future__ import annotations
 
 import time
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Callable, Mapping
 from typing import Any
 
 import aiohttp
@@ -113,7 +113,8 @@ class Gateway:
             )
         key = None
         if self.cache is not None and is_cacheable(body):
-            key = cache_key(deployment.name, deployment.precision, endpoint, body)
+            key = cache_key(deployment.name, deployment.precision, endpoint, body,
+                            deployment.engine.identity)  # fmt: skip
             hit = self.cache.get(key)
             if hit is not None:
                 deployment.record_cache(hit=True)
@@ -135,6 +136,7 @@ class Gateway:
             try:
                 replica = await deployment.acquire(self.wake_timeout_s, exclude=failed)
             except NoReplicaError as exc:
+                deployment.count_failure()
                 return openai_error(503, str(exc), "no_replica")
             try:
                 upstream = await self.session.post(
@@ -147,6 +149,7 @@ class Gateway:
                 deployment.replica_failed(replica)
                 failed = replica
                 if attempt == 2:
+                    deployment.count_failure()
                     return openai_error(
                         502, f"replica {replica.replica.id} failed: {exc}", "upstream_failed"
                     )
@@ -155,8 +158,10 @@ class Gateway:
                 deployment.release(replica, None, error=True)
                 return openai_error(504, "the engine did not answer in time", "upstream_timeout")
             if body.get("stream") and upstream.status == 200:
-                return StreamingResponse(
-                    self._relay(deployment, replica, upstream, started, key),
+                relay = _Relay(self, deployment, replica, upstream, started, key)
+                return _RelayResponse(
+                    relay.chunks(),
+                    relay.finish,
                     media_type=upstream.content_type or "text/event-stream",
                     headers={"X-Cache": "miss", "Cache-Control": "no-cache"},
                 )
@@ -180,30 +185,71 @@ class Gateway:
             return Response(data, status_code=upstream.status, media_type=None, headers=headers)
         raise AssertionError("unreachable")
 
-    async def _relay(
+
+class _Relay:
+    """One streamed answer on its way through: relays the chunks, then frees the replica
+    slot and the upstream connection exactly once, however the stream ends."""
+
+    def __init__(
         self,
+        gateway: Gateway,
         deployment: Deployment,
         replica: LiveReplica,
         upstream: aiohttp.ClientResponse,
         started: float,
         key: str | None,
-    ) -> AsyncIterator[bytes]:
-        chunks: list[bytes] | None = [] if key is not None else None
-        complete = False
+    ) -> None:
+        self.gateway = gateway
+        self.deployment = deployment
+        self.replica = replica
+        self.upstream = upstream
+        self.started = started
+        self.key = key
+        self.kept: list[bytes] | None = [] if key is not None else None
+        self.complete = False
+        self.finished = False
+
+    async def chunks(self) -> AsyncIterator[bytes]:
+        """The upstream's chunks as they come."""
+        async for chunk in self.upstream.content.iter_any():
+            if self.kept is not None:
+                self.kept.append(chunk)
+            yield chunk
+        self.complete = True
+
+    def finish(self) -> None:
+        """Release everything; cache the answer if it ended properly. Idempotent."""
+        if self.finished:
+            return
+        self.finished = True
+        self.upstream.release()
+        self.deployment.release(
+            self.replica, time.perf_counter() - self.started, error=not self.complete
+        )
+        cache = self.gateway.cache
+        if self.complete and self.kept is not None and cache is not None and self.key:
+            body = b"".join(self.kept)
+            # An engine that failed mid-stream sends no [DONE]: never replay that.
+            if body.rstrip().endswith(b"data: [DONE]"):
+                content_type = self.upstream.content_type or "text/event-stream"
+                cache.put(_store_key(self.key, self.replica), CachedAnswer(content_type, body))
+
+
+class _RelayResponse(StreamingResponse):
+    """A StreamingResponse that runs `on_close` however it ends: Starlette may cancel it
+    before the body generator has started (client gone), and then the generator's own
+    `finally` never runs."""
+
+    def __init__(self, content: AsyncIterator[bytes], on_close: Callable[[], None],
+                 **kwargs: Any) -> None:  # fmt: skip
+        super().__init__(content, **kwargs)
+        self._on_close = on_close
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         try:
-            async for chunk in upstream.content.iter_any():
-                if chunks is not None:
-                    chunks.append(chunk)
-                yield chunk
-            complete = True
+            await super().__call__(scope, receive, send)
         finally:
-            upstream.release()
-            deployment.release(replica, time.perf_counter() - started, error=not complete)
-            if complete and chunks is not None and self.cache is not None and key is not None:
-                answer = CachedAnswer(
-                    upstream.content_type or "text/event-stream", b"".join(chunks)
-                )
-                self.cache.put(_store_key(key, replica), answer)
+            self._on_close()
 
 
 #: A cache hit runs no engine: its marginal energy and cost are taken as zero.

@@ -192,7 +192,8 @@ class NodeAgent:
         for task in self._tasks:
             task.cancel()
         for task in self._tasks:
-            with contextlib.suppress(asyncio.CancelledError):
+            # A task that died of an error must not keep the replicas running at shutdown.
+            with contextlib.suppress(asyncio.CancelledError, Exception):
                 await task
         if self.meter:
             self.meter.close()
@@ -291,7 +292,7 @@ class NodeAgent:
             if self._dirty:
                 try:
                     self.save()
-                except OSError:
+                except Exception:  # keep trying: the next save may succeed
                     log.exception("could not save state to %s", self.store.path)
 
     # -- reporting -----------------------------------------------------------------------

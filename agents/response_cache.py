@@ -23,7 +23,7 @@ from cachetools import LRUCache
 log = logging.getLogger("wattops.agent")
 
 #: Request fields that do not change the answer's content.
-_IGNORED_FIELDS = frozenset({"user", "stream_options", "metadata"})
+_IGNORED_FIELDS = frozenset({"user", "metadata"})
 
 
 @dataclass(frozen=True, slots=True)
@@ -49,12 +49,18 @@ def is_cacheable(body: dict[str, Any]) -> bool:
     )
 
 
-def cache_key(deployment: str, precision: str, endpoint: str, body: dict[str, Any]) -> str:
-    """A stable key for one request: key order and ignored fields do not matter."""
+def cache_key(
+    deployment: str, precision: str, endpoint: str, body: dict[str, Any], model: str = ""
+) -> str:
+    """A stable key for one request: key order and ignored fields do not matter.
+
+    `model` identifies the weights (file, size, modification time): the disk tier outlives
+    restarts, and a deployment pointed at another model must not replay the old answers.
+    """
     relevant = {k: v for k, v in body.items() if k not in _IGNORED_FIELDS}
     relevant["stream"] = bool(relevant.get("stream"))
     canonical = orjson.dumps(relevant, option=orjson.OPT_SORT_KEYS)
-    digest = hashlib.blake2b(canonical, digest_size=16).hexdigest()
+    digest = hashlib.blake2b(canonical + model.encode(), digest_size=16).hexdigest()
     return f"{deployment}|{precision}|{endpoint}|{digest}"
 
 

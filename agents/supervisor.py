@@ -67,6 +67,7 @@ class LiveReplica:
     health_failures: int = 0
     drained: asyncio.Event = field(default_factory=asyncio.Event)
     usage_seen: EngineUsage = field(default_factory=EngineUsage)
+    usage_read: bool = False
     #: Seconds with at least one request in flight, up to `busy_since`.
     busy_s: float = 0.0
     busy_since: float = 0.0
@@ -245,6 +246,12 @@ class Deployment:
             self.counters.errors_total += 1
         elif latency_s is not None:
             self.latencies.append(latency_s)
+        self._changed()
+
+    def count_failure(self) -> None:
+        """A request that got no answer from any replica (503/502): an error, counted once."""
+        self.counters.requests_total += 1
+        self.counters.errors_total += 1
         self._changed()
 
     def record_cache(self, hit: bool) -> None:
@@ -451,9 +458,11 @@ class Deployment:
     def _switch_failed(self, target: str, message: str) -> None:
         log.warning("%s: switch to %s failed: %s", self.name, target, message)
         self.last_error = f"switch to {target} failed: {message}"
-        # Keep serving what works, and do not retry a broken precision after a restart.
-        self.desired.precision = self.precision
-        self._persist()
+        # Keep serving what works, and do not retry a broken precision after a restart; a
+        # newer request made during the switch stands.
+        if self.desired.precision == target:
+            self.desired.precision = self.precision
+            self._persist()
 
     async def _check_replicas(self) -> None:
         now = time.time()  # Replica.started_at is wall-clock time
@@ -498,6 +507,13 @@ class Deployment:
         usage = await self.engine.read_usage(live.replica)
         if usage is None:
             return
+        if not live.usage_read and live.replica.process is None:
+            # An attached server's counters predate this agent (and its restarts): the first
+            # reading is the baseline, not work done here.
+            live.usage_read = True
+            live.usage_seen = usage
+            return
+        live.usage_read = True
         seen = live.usage_seen
         c = self.counters
         c.prompt_tokens_total += _delta(usage.prompt_tokens, seen.prompt_tokens)

@@ -7,6 +7,7 @@ the same loop and control calls run in workers, so nothing the network does can 
 from __future__ import annotations
 
 import gc
+import time
 from collections.abc import Iterable
 from dataclasses import dataclass
 from functools import partial
@@ -43,6 +44,9 @@ class Pending:
     action: Action
     target: str | int
     node: str
+    #: When the agent answered 202 (monotonic); None while the call is on its way. Only
+    #: snapshots that arrive after it can show the action's outcome.
+    accepted_at: float | None = None
 
 
 class ActionCommands(Provider):
@@ -243,7 +247,10 @@ class WattopsConsole(App[None]):
                                  f"{r.link}".lower()]  # fmt: skip
         if self.sort_key:
             attr = SORTABLE[self.sort_key]
-            rows.sort(key=lambda r: _sort_value(getattr(r, attr)), reverse=self.sort_reverse)
+            # Rows without the figure go last whichever way the others are sorted.
+            known = [r for r in rows if getattr(r, attr) is not None]
+            known.sort(key=lambda r: getattr(r, attr), reverse=self.sort_reverse)
+            rows = known + [r for r in rows if getattr(r, attr) is None]
         self.last_rows = rows
         series = {}
         for key in changed:
@@ -284,8 +291,10 @@ class WattopsConsole(App[None]):
         for key, pending in list(self.pending.items()):
             found = self.fleet.find(key)
             dep = _deployment(found[0], found[1]) if found else None
-            if dep is None:
+            if dep is None or found is None:
                 continue
+            if pending.accepted_at is None or found[0].last_event <= pending.accepted_at:
+                continue  # no snapshot yet that knows about the action
             outcome = judge(dep, pending.action, pending.target)
             if outcome.done is None:
                 continue
@@ -435,6 +444,9 @@ class WattopsConsole(App[None]):
                 timeout=15,
             )
             return
+        pending = self.pending.get(f"{url}|{deployment}")
+        if pending is not None:
+            pending.accepted_at = time.monotonic()
         self.notify(f"{node}: {action} {deployment} → {target} accepted", title="sent")
 
     def action_node_view(self) -> None:
@@ -539,11 +551,6 @@ def _deployment(link: AgentLink, name: str) -> DeploymentStatus | None:
     if link.snapshot is None:
         return None
     return next((d for d in link.snapshot.deployments if d.name == name), None)
-
-
-def _sort_value(value: object) -> tuple[int, object]:
-    # Rows with no figure sort last either way.
-    return (1, 0) if value is None else (0, value)
 
 
 def make_app(

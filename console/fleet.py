@@ -96,7 +96,8 @@ class AgentLink:
         while True:
             retrying = AsyncRetrying(
                 wait=wait_exponential_jitter(multiplier=0.5, max=15.0, jitter=0.5),
-                retry=retry_if_exception_type((aiohttp.ClientError, OSError, TimeoutError)),
+                # Anything but cancellation: a malformed stream must not end the link for good.
+                retry=retry_if_exception_type(Exception),
                 before_sleep=gone,
             )
             async for attempt in retrying:
@@ -172,7 +173,7 @@ class FleetState:
         for task in self._tasks:
             task.cancel()
         for task in self._tasks:
-            with contextlib.suppress(asyncio.CancelledError):
+            with contextlib.suppress(asyncio.CancelledError, Exception):
                 await task
         if self._http is not None:
             await self._http.close()

@@ -71,6 +71,8 @@ class EngineAdapter(ABC):
 
     def __init__(self, session: aiohttp.ClientSession) -> None:
         self._session = session
+        #: What identifies the model served (for cache keys): set by each adapter.
+        self.identity = ""
 
     @abstractmethod
     def available_precisions(self) -> list[str]:

@@ -52,6 +52,11 @@ class LlamaCppEngine(EngineAdapter):
         self.context = context
         self.startup_timeout_s = startup_timeout_s
         self.base_precision = precision_of(base_model) if base_model else None
+        self.identity = "|".join(
+            f"{p}:{p.stat().st_size}:{p.stat().st_mtime_ns}"
+            for p in ([base_model] if base_model else []) + sorted(self.files.values())
+            if p.exists()
+        )
 
     def available_precisions(self) -> list[str]:
         names = set(self.files)

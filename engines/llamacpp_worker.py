@@ -313,10 +313,15 @@ class Worker:
             with contextlib.suppress(Exception):
                 await job
             raise
-        except ValueError as exc:
+        except ValueError as exc:  # e.g. the prompt is longer than the context
             cancelled.set()
             if not response.prepared:
                 return _error(400, str(exc))
+            # Headers are gone: say so in the stream (OpenAI's error shape), and no [DONE].
+            error = {"error": {"message": str(exc), "type": "invalid_request_error"}}
+            with contextlib.suppress(ConnectionResetError):
+                await response.write(b"data: " + orjson.dumps(error) + b"\n\n")
+                await response.write_eof()
         return response
 
 

@@ -60,6 +60,7 @@ class OpenAIServerEngine(EngineAdapter):
         self.health_path = health_path
         self.metrics_path = metrics_path
         self.startup_timeout_s = startup_timeout_s
+        self.identity = f"{self.model}|{self.url or ' '.join(self.command or [])}"
         # An attached server is one fixed replica at one precision.
         self.manages_processes = command is not None  # type: ignore[misc]
         self.switches_precision = command is not None and len(self.precisions) > 1  # type: ignore[misc]

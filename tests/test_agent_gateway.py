@@ -165,3 +165,27 @@ def test_openapi_documents_control_and_inference(agent: Agent) -> None:
         "/healthz",
     ):
         assert path in paths
+
+
+def test_a_client_leaving_mid_stream_frees_its_replica_slot(agent: Agent) -> None:
+    body = {"model": "tiny", "stream": True, "max_tokens": 200, "temperature": 0.5,
+            "messages": [{"role": "user", "content": "a long answer please"}]}  # fmt: skip
+    with agent.client.stream("POST", "/v1/chat/completions", json=body) as resp:
+        for line in resp.iter_lines():
+            if line.startswith("data: "):
+                break  # one chunk, then hang up
+    wait_for(lambda: agent.deployment()["replicas"][0]["in_flight"] == 0, 30,
+             "the slot to be freed")  # fmt: skip
+    assert agent.chat("next", temperature=0.3).status_code == 200
+
+
+def test_stream_options_are_part_of_the_cache_key(agent: Agent) -> None:
+    body = {"model": "tiny", "stream": True, "max_tokens": 4, "temperature": 0,
+            "messages": [{"role": "user", "content": "usage or not"}]}  # fmt: skip
+    plain = agent.client.post("/v1/chat/completions", json=body)
+    with_usage = agent.client.post(
+        "/v1/chat/completions", json={**body, "stream_options": {"include_usage": True}}
+    )
+    # A client that asked for usage must not get a replay without it, nor the other way round.
+    assert (plain.headers["x-cache"], with_usage.headers["x-cache"]) == ("miss", "miss")
+    assert '"usage"' in with_usage.text and '"usage"' not in plain.text.replace('"usage":null', "")
