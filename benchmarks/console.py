@@ -29,6 +29,9 @@ from typing import Any
 
 from aiohttp import web
 
+#: The console's own default redraw interval (console/app.py).
+REFRESH_S = 1.0
+
 
 def free_port() -> int:
     with socket.socket() as sock:
@@ -150,7 +153,7 @@ async def measure(urls: list[str], seconds: float, presses: int) -> dict[str, An
     from wattops.console.app import make_app
     from wattops.console.widgets.fleet_table import FleetTable
 
-    app = make_app(urls, refresh_s=0.5)
+    app = make_app(urls, refresh_s=REFRESH_S)
     result: dict[str, Any] = {}
     async with app.run_test(size=(200, 50)) as pilot:
         started = time.monotonic()

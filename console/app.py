@@ -27,12 +27,14 @@ from wattops.console.client import AgentClient, AgentError
 from wattops.console.fleet import AgentLink, FleetState
 from wattops.console.recommend import precision_advice
 from wattops.console.rollout import Action, judge
-from wattops.console.rows import FleetRow
+from wattops.console.rows import FleetRow, rows_for
 from wattops.console.screens.modals import ConfirmModal, DetailModal, PrecisionModal, ScaleModal
 from wattops.console.screens.node import NodeScreen
 from wattops.console.widgets.alerts_panel import AlertsPanel, PanelItem
 from wattops.console.widgets.fleet_table import SORTABLE, FleetTable
 
+#: Screens under which the fleet view does not redraw.
+_MODALS = (PrecisionModal, ScaleModal, ConfirmModal, DetailModal)
 #: Control actions: hidden and refused in read-only mode.
 CONTROL_ACTIONS = frozenset({"precision", "scale_up", "scale_down", "scale_to", "park"})
 
@@ -146,7 +148,7 @@ class WattopsConsole(App[None]):
         token: str | None = None,
         read_only: bool = False,
         prometheus: str | None = None,
-        refresh_s: float = 0.5,
+        refresh_s: float = 1.0,
         connect: bool = True,
     ) -> None:
         super().__init__()
@@ -164,7 +166,6 @@ class WattopsConsole(App[None]):
         self.last_rows: list[FleetRow] = []
         self._labels: dict[str, str] = {}
         self._order_state: tuple[str, str | None, bool] = ("", None, False)
-        self._refresh_soon = False
         self._panel_cache: dict[str, tuple[tuple[object, ...], list[PanelItem]]] = {}
         self._control_http: httpx.AsyncClient | None = None
 
@@ -214,17 +215,33 @@ class WattopsConsole(App[None]):
     # -- refresh ---------------------------------------------------------------------------
 
     def _link_changed(self, link: AgentLink) -> None:
-        # An operator waiting on an action sees its effect at once, not at the next tick.
-        if not self._refresh_soon and any(k.startswith(link.url + "|") for k in self.pending):
-            self._refresh_soon = True
-            self.call_next(self.refresh_fleet)
+        # An operator waiting on an action sees its effect at once, not at the next redraw:
+        # that node's rows are redrawn on their own, without a pass over the whole fleet.
+        if any(k.startswith(link.url + "|") for k in self.pending):
+            self.call_next(self._refresh_link, link)
+
+    def _refresh_link(self, link: AgentLink) -> None:
+        if not self.screen_stack or isinstance(self.screen, _MODALS):
+            return
+        try:
+            table = self.screen_stack[0].query_one(FleetTable)
+        except NoMatches:
+            return
+        self._judge_pending()
+        rows = rows_for(link.url, link.snapshot, link.link(time.monotonic()))
+        labels = {k: f"{p.action}→{p.target}…" for k, p in self.pending.items()}
+        series = {
+            f"{link.url}|{name}": (link.watts[name], link.tokens[name]) for name in link.watts
+        }
+        table.update_rows(rows, series, labels)
+        self.last_rows = [next((r for r in rows if r.key == old.key), old)
+                          for old in self.last_rows]  # fmt: skip
 
     def refresh_fleet(self) -> None:
         """Redraw from the fleet state: totals, table, alerts; judge pending actions."""
-        self._refresh_soon = False
         if not self.screen_stack:
             return  # shutting down: a stream delivered one more event
-        if isinstance(self.screen, (PrecisionModal, ScaleModal, ConfirmModal, DetailModal)):
+        if isinstance(self.screen, _MODALS):
             return  # do not redraw under a modal (and keep the selection stable)
         try:
             table = self.screen_stack[0].query_one(FleetTable)
@@ -558,7 +575,7 @@ def make_app(
     token: str | None = None,
     read_only: bool = False,
     prometheus: str | None = None,
-    refresh_s: float = 0.5,
+    refresh_s: float = 1.0,
     connect: bool = True,
 ) -> WattopsConsole:
     """The console app; tests and the demo build it the same way the CLI does."""

@@ -209,6 +209,25 @@ class FleetTable(ScrollView, can_focus=True):
             if order[index] not in self._lines:
                 self.refresh_line(index + 1)  # virtual y: ScrollView subtracts the scroll
 
+    def update_rows(
+        self,
+        rows: Sequence[FleetRow],
+        series: Mapping[str, tuple[Sequence[float], Sequence[float]]],
+        pending: Mapping[str, str],
+    ) -> None:
+        """Redraw just these rows where they already are (a node with an action under way),
+        without the pass over the whole fleet that `show` makes."""
+        top = self.scroll_offset.y
+        for row in rows:
+            if row.key not in self._rows:
+                continue
+            self._rows[row.key] = (row, series.get(row.key, ((), ())), pending.get(row.key))
+            self._cells.pop(row.key, None)
+            self._lines.pop(row.key, None)
+            index = self._order.index(row.key)
+            if 0 < index + 1 - top < self.size.height:
+                self.refresh_line(index + 1)
+
     def _row_cells(self, key: str) -> tuple[Cell, ...]:
         found = self._cells.get(key)
         if found is None:
