@@ -147,7 +147,9 @@ class Gateway:
                 )
             except _RETRYABLE as exc:
                 deployment.replica_failed(replica)
-                failed = replica
+                # Retry elsewhere; with a single replica, on the same one (the error may have
+                # been the connection, not the replica) rather than wait for another.
+                failed = replica if len(deployment.ready) > 1 else None
                 if attempt == 2:
                     deployment.count_failure()
                     return openai_error(

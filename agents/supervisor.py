@@ -144,7 +144,8 @@ class Deployment:
         self._ready_changed = asyncio.Condition()
         self._backoff_s = 0.0
         self._retry_at = 0.0
-        self._task: asyncio.Task[None] | None = None
+        self._tasks: list[asyncio.Task[None]] = []
+        self._check_now = asyncio.Event()
         self._drains: set[asyncio.Task[None]] = set()
 
     # -- control (called by the API) -------------------------------------------------------
@@ -269,29 +270,32 @@ class Deployment:
         not counted twice) and check the replica now rather than at the next tick."""
         replica.give_back()
         replica.health_failures = HUNG_AFTER_FAILURES - 1
-        self._poke.set()
+        self._check_now.set()
 
     # -- the reconcile task ----------------------------------------------------------------
 
     def start(self) -> None:
-        """Start the reconcile task."""
-        self._task = asyncio.create_task(self._run(), name=f"reconcile-{self.name}")
+        """Start the reconcile and health-check tasks."""
+        self._tasks = [
+            asyncio.create_task(self._run(), name=f"reconcile-{self.name}"),
+            asyncio.create_task(self._watch(), name=f"health-{self.name}"),
+        ]
 
     async def stop(self) -> None:
-        """Stop the reconcile task and every replica."""
-        if self._task:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+        """Stop the tasks and every replica."""
+        for task in self._tasks:
+            task.cancel()
+        for task in self._tasks:
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task
         for task in list(self._drains):
             task.cancel()
         await asyncio.gather(*(self._stop_replica(r, 2.0) for r in list(self.replicas)))
 
     async def _run(self) -> None:
+        # Changes, one at a time: scale, switch, replace crashed replicas.
         while True:
             try:
-                await self._check_replicas()
-                self._maybe_park()
                 await self._reconcile()
             except asyncio.CancelledError:
                 raise
@@ -300,6 +304,21 @@ class Deployment:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._poke.wait(), self.settings.health_interval_s)
             self._poke.clear()
+
+    async def _watch(self) -> None:
+        # Health checks in a task of their own: a switch that spends minutes quantizing or
+        # loading must not stop a crash of a serving replica from being seen.
+        while True:
+            try:
+                await self._check_replicas()
+                self._maybe_park()
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                log.exception("%s: health check failed", self.name)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._check_now.wait(), self.settings.health_interval_s)
+            self._check_now.clear()
 
     def _active(self) -> list[LiveReplica]:
         return [r for r in self.replicas if r.state in (ReplicaState.STARTING, ReplicaState.READY)]
@@ -484,7 +503,7 @@ class Deployment:
                     self._backoff_s = 0.0
             else:
                 live.health_failures += 1
-                if live.health_failures >= HUNG_AFTER_FAILURES:
+                if live.health_failures >= HUNG_AFTER_FAILURES and live.state is ReplicaState.READY:
                     self._crashed(
                         live,
                         f"replica {live.replica.id} failed "
@@ -493,6 +512,8 @@ class Deployment:
                     await self.engine.stop_replica(live.replica, 1.0)
 
     def _crashed(self, live: LiveReplica, message: str) -> None:
+        if live.state is not ReplicaState.READY or live not in self.replicas:
+            return  # retired meanwhile (the health check and a switch run side by side)
         log.warning("%s: %s", self.name, message)
         live.state = ReplicaState.FAILED
         self.replicas.remove(live)
@@ -502,6 +523,7 @@ class Deployment:
         self._backoff_s = min(max(self._backoff_s * 2, BACKOFF_START_S), BACKOFF_CAP_S)
         self._retry_at = time.monotonic() + self._backoff_s
         self._changed()
+        self._poke.set()  # the reconcile task starts a replacement (after the backoff)
 
     async def _collect_usage(self, live: LiveReplica) -> None:
         usage = await self.engine.read_usage(live.replica)
