@@ -349,7 +349,7 @@ class WattopsConsole(App[None]):
         if chosen is None:
             return
         link, dep = chosen
-        node = link.snapshot.node if link.snapshot else link.url
+        node = link.node
 
         def picked(precision: str | None) -> None:
             if precision is None or precision == dep.precision:
@@ -397,7 +397,7 @@ class WattopsConsole(App[None]):
         if chosen is None:
             return
         link, dep = chosen
-        node = link.snapshot.node if link.snapshot else link.url
+        node = link.node
 
         def picked(replicas: int | None) -> None:
             if replicas is None or replicas == dep.desired_replicas:
@@ -414,7 +414,7 @@ class WattopsConsole(App[None]):
         chosen = self.selected()
         if chosen:
             link, dep = chosen
-            self._ask_park(link, dep, link.snapshot.node if link.snapshot else link.url)
+            self._ask_park(link, dep, link.node)
 
     def _ask_park(self, link: AgentLink, dep: DeploymentStatus, node: str) -> None:
         question = (
@@ -436,7 +436,7 @@ class WattopsConsole(App[None]):
         if self.read_only:  # belt and braces: check_action already hides these
             self.notify("read-only console: no action is sent", severity="warning")
             return
-        node = link.snapshot.node if link.snapshot else link.url
+        node = link.node
         self.pending[f"{link.url}|{deployment}"] = Pending(action, target, node)
         self._send(link.url, deployment, action, target, node)
 
@@ -446,11 +446,7 @@ class WattopsConsole(App[None]):
     ) -> None:
         try:
             async with AgentClient(url, token=self.token, http=self._control_http) as client:
-                if action == "scale":
-                    assert isinstance(target, int)
-                    await client.scale(deployment, target)
-                else:
-                    await client.precision(deployment, str(target))
+                await client.act(deployment, action, target)
         except AgentError as exc:
             self.pending.pop(f"{url}|{deployment}", None)
             allowed = f" (allowed: {', '.join(exc.allowed)})" if exc.allowed else ""

@@ -86,3 +86,11 @@ class AgentClient:
             "POST", f"/v1/deployments/{deployment}/precision", {"precision": precision}
         )
         return Accepted.model_validate(data)
+
+    async def act(self, deployment: str, action: str, target: str | int) -> Accepted:
+        """`scale` to a replica count or switch `precision`: the console's two actions."""
+        if action == "scale":
+            return await self.scale(deployment, int(target))
+        if action == "precision":
+            return await self.precision(deployment, str(target))
+        raise ValueError(f"unknown action {action!r}; allowed: scale, precision")

@@ -153,11 +153,7 @@ async def _act(
     url, snap = holders[0]
     async with AgentClient(url, token=token) as client:
         try:
-            if action == "scale":
-                assert isinstance(target, int)
-                await client.scale(deployment, target)
-            else:
-                await client.precision(deployment, str(target))
+            await client.act(deployment, action, target)
         except AgentError as exc:
             allowed = f" (allowed: {', '.join(exc.allowed)})" if exc.allowed else ""
             print(f"wattops {action}: {snap.node} refused: {exc.message}{allowed}", file=sys.stderr)

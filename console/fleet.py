@@ -56,6 +56,11 @@ class AgentLink:
     watts: dict[str, deque[float]] = field(default_factory=dict)
     tokens: dict[str, deque[float]] = field(default_factory=dict)
 
+    @property
+    def node(self) -> str:
+        """The node's name, or its URL before the first snapshot."""
+        return self.snapshot.node if self.snapshot else self.url
+
     def link(self, now: float) -> Link:
         """Live, stale (connected but quiet) or offline."""
         if not self.connected:
