@@ -9,7 +9,7 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
-from tests.conftest import TOKEN, Agent, free_port
+from tests.conftest import TOKEN, Agent, free_port, wait_for
 
 WATTOPS = str(Path(sys.executable).with_name("wattops"))
 
@@ -23,6 +23,10 @@ def wattops(*args: str, env: dict[str, str] | None = None) -> subprocess.Complet
 
 
 def test_status_prints_the_fleet_and_fails_for_an_unreachable_node(agent: Agent) -> None:
+    # The row's power is the deployment's attributed watts over the recent window: it needs
+    # a couple of seconds of history first (until then the table says "-").
+    wait_for(lambda: agent.deployment()["accounting"]["figures"]["watts"] is not None, 30,
+             "the first attributed watts")  # fmt: skip
     ok = wattops("status", "--agent", agent.url)
     assert ok.returncode == 0, ok.stderr
     header, line = ok.stdout.splitlines()[:2]
