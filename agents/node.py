@@ -4,7 +4,6 @@ and publishes the node snapshot."""
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import time
 from pathlib import Path
@@ -191,10 +190,8 @@ class NodeAgent:
         """Stop every replica and save state and counters."""
         for task in self._tasks:
             task.cancel()
-        for task in self._tasks:
-            # A task that died of an error must not keep the replicas running at shutdown.
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await task
+        # Collected, not raised: a task that died of an error must not stop the shutdown.
+        await asyncio.gather(*self._tasks, return_exceptions=True)
         if self.meter:
             self.meter.close()
         await asyncio.gather(*(d.stop() for d in self.deployments.values()))

@@ -285,9 +285,8 @@ class Deployment:
         """Stop the tasks and every replica."""
         for task in self._tasks:
             task.cancel()
-        for task in self._tasks:
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await task
+        # Collected, not raised: a task that died of an error must not stop the shutdown.
+        await asyncio.gather(*self._tasks, return_exceptions=True)
         for task in list(self._drains):
             task.cancel()
         await asyncio.gather(*(self._stop_replica(r, 2.0) for r in list(self.replicas)))

@@ -12,7 +12,6 @@ timer, so a slow or dead agent can never freeze the screen.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import time
 from collections import deque
@@ -177,9 +176,8 @@ class FleetState:
         """Cancel the streams and close the connections."""
         for task in self._tasks:
             task.cancel()
-        for task in self._tasks:
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await task
+        # Collected, not raised: a task that died of an error must not stop the shutdown.
+        await asyncio.gather(*self._tasks, return_exceptions=True)
         if self._http is not None:
             await self._http.close()
 
