@@ -222,6 +222,8 @@ class DeploymentStatus(_Model):
     state: DeploymentState
     last_error: str | None = None
     idle_scale_to_zero_s: float | None = None
+    #: Set when the agent scales replicas with load (requests in flight per replica).
+    autoscale_target_in_flight: float | None = None
     idle_s: float = Field(0.0, description="seconds since the last request")
     replicas: list[ReplicaStatus] = []
     counters: DeploymentCounters = DeploymentCounters()

@@ -146,8 +146,21 @@ class DeploymentConfig(_Section):
     replicas: int = Field(1, ge=0)
     max_replicas: int = Field(4, ge=0)
     idle_scale_to_zero_s: float | None = Field(None, gt=0)
+    autoscale_target_in_flight: float | None = Field(
+        None,
+        gt=0,
+        description="scale replicas between autoscale_min_replicas and max_replicas to keep "
+        "this many requests in flight per replica (HPA's rule); unset: replicas are fixed",
+    )
+    autoscale_min_replicas: int = Field(1, ge=1)
+    autoscale_stabilization_s: float = Field(
+        30.0, ge=0, description="scale down to the highest recommendation of this window"
+    )
     threads: int = Field(1, ge=1, description="llamacpp: CPU threads per replica")
     context: int = Field(2048, ge=64, description="llamacpp: context window in tokens")
+    prefix_cache: bool = Field(
+        True, description="llamacpp: reuse the KV of the previous prompt's common prefix"
+    )
     startup_timeout_s: float = Field(120.0, gt=0)
     memory_gb: float | None = Field(
         None,
@@ -178,6 +191,14 @@ class DeploymentConfig(_Section):
         if self.replicas > self.max_replicas:
             raise ValueError(
                 f"replicas ({self.replicas}) exceeds max_replicas ({self.max_replicas})"
+            )
+        if (
+            self.autoscale_target_in_flight is not None
+            and self.autoscale_min_replicas > self.max_replicas
+        ):
+            raise ValueError(
+                f"autoscale_min_replicas ({self.autoscale_min_replicas}) exceeds max_replicas "
+                f"({self.max_replicas})"
             )
         if self.engine == "llamacpp":
             if self.model is None and not self.files:

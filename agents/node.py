@@ -213,6 +213,7 @@ class NodeAgent:
                     log_dir=log_dir,
                     threads=dep.threads,
                     context=dep.context,
+                    prefix_cache=dep.prefix_cache,
                     startup_timeout_s=dep.startup_timeout_s,
                 )
             except (EngineError, OSError) as exc:

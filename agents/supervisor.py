@@ -25,6 +25,7 @@ from wattops.agents.api import (
     ReplicaState,
     ReplicaStatus,
 )
+from wattops.agents.autoscale import Autoscaler
 from wattops.agents.config import AgentSection, DeploymentConfig
 from wattops.agents.state import DesiredState
 from wattops.engines.base import EngineAdapter, EngineError, Replica
@@ -147,6 +148,16 @@ class Deployment:
         self._tasks: list[asyncio.Task[None]] = []
         self._check_now = asyncio.Event()
         self._drains: set[asyncio.Task[None]] = set()
+        self.autoscaler = (
+            Autoscaler(
+                config.autoscale_target_in_flight,
+                config.autoscale_min_replicas,
+                config.max_replicas,
+                stabilization_s=config.autoscale_stabilization_s,
+            )
+            if config.autoscale_target_in_flight is not None and config.max_replicas >= 1
+            else None
+        )
 
     # -- control (called by the API) -------------------------------------------------------
 
@@ -210,6 +221,8 @@ class Deployment:
                 best = candidate
         if best is not None:
             best.take()
+            if self.autoscaler is not None:
+                self.autoscaler.add(time.monotonic(), 1)
         return best
 
     async def acquire(self, timeout_s: float, exclude: LiveReplica | None = None) -> LiveReplica:
@@ -241,6 +254,8 @@ class Deployment:
     def release(self, replica: LiveReplica, latency_s: float | None, error: bool) -> None:
         """Count a finished request and free its slot on `replica`."""
         replica.give_back()
+        if self.autoscaler is not None:
+            self.autoscaler.add(time.monotonic(), -1)
         self.last_request = time.monotonic()
         self.counters.requests_total += 1
         if error:
@@ -269,6 +284,8 @@ class Deployment:
         """The gateway could not reach `replica`: free the slot (the request will be retried,
         not counted twice) and check the replica now rather than at the next tick."""
         replica.give_back()
+        if self.autoscaler is not None:
+            self.autoscaler.add(time.monotonic(), -1)
         replica.health_failures = HUNG_AFTER_FAILURES - 1
         self._check_now.set()
 
@@ -311,6 +328,7 @@ class Deployment:
             try:
                 await self._check_replicas()
                 self._maybe_park()
+                self._autoscale()
             except asyncio.CancelledError:
                 raise
             except Exception:
@@ -557,6 +575,21 @@ class Deployment:
             self.desired.replicas = 0
             self._desired_changed()
 
+    def _autoscale(self) -> None:
+        if self.autoscaler is None:
+            return
+        current = self.desired.replicas
+        if current == 0:  # parked: the next wake starts from one replica and a clean slate
+            self.autoscaler.reset()
+            return
+        if self.switching:
+            return
+        desired = self.autoscaler.recommend(time.monotonic(), current)
+        if desired != current:
+            log.info("%s: autoscaling %d -> %d replicas", self.name, current, desired)
+            self.desired.replicas = desired
+            self._desired_changed()
+
     # -- reporting -------------------------------------------------------------------------
 
     def state(self) -> DeploymentState:
@@ -587,6 +620,7 @@ class Deployment:
             state=self.state(),
             last_error=self.last_error,
             idle_scale_to_zero_s=self.config.idle_scale_to_zero_s,
+            autoscale_target_in_flight=self.config.autoscale_target_in_flight,
             idle_s=round(time.monotonic() - self.last_request, 3),
             replicas=[r.status(self.restarts) for r in self.replicas],
             counters=self.counters.model_copy(),

@@ -39,6 +39,7 @@ class LlamaCppEngine(EngineAdapter):
         log_dir: Path,
         threads: int = 1,
         context: int = 2048,
+        prefix_cache: bool = True,
         startup_timeout_s: float = 120.0,
     ) -> None:
         super().__init__(session)
@@ -50,6 +51,7 @@ class LlamaCppEngine(EngineAdapter):
         self.log_dir = log_dir
         self.threads = threads
         self.context = context
+        self.prefix_cache = prefix_cache
         self.startup_timeout_s = startup_timeout_s
         self.base_precision = precision_of(base_model) if base_model else None
         self.identity = "|".join(
@@ -102,6 +104,7 @@ class LlamaCppEngine(EngineAdapter):
             str(self.threads),
             "--ctx",
             str(self.context),
+            *([] if self.prefix_cache else ["--no-prefix-cache"]),
         ]
         proc = await process.spawn(argv, owner=self.owner, log_path=log_path, capture_stdout=True)
         replica = Replica(

@@ -68,6 +68,8 @@ class Worker:
         self.model_id = args.name
         self.precision = args.precision
         self.default_max_tokens = args.default_max_tokens
+        #: False: evaluate every prompt from scratch (no KV reuse between requests).
+        self.prefix_cache = args.prefix_cache
         self.llm = llama_cpp.Llama(
             model_path=args.model,
             n_ctx=args.ctx,
@@ -170,9 +172,17 @@ class Worker:
             n += 1
         return n
 
+    def _forget_kv(self) -> None:
+        # llama-cpp-python reuses the longest common prefix of the KV it holds; resetting the
+        # token count makes the next prompt evaluate in full, as a server without a prompt
+        # cache would (llama-server's `cache_prompt: false`).
+        if not self.prefix_cache:
+            self.llm.reset()
+
     def complete(self, params: dict[str, Any], chat: bool) -> dict[str, Any]:
         """Blocking: run one request to the end and return the OpenAI answer."""
         started = time.perf_counter()
+        self._forget_kv()
         before = self.llm.input_ids[: self.llm.n_tokens].tolist()
         try:
             if chat:
@@ -193,6 +203,7 @@ class Worker:
     ) -> dict[str, Any]:
         """Blocking: run one streaming request, calling `emit(chunk)` per chunk; returns usage."""
         started = time.perf_counter()
+        self._forget_kv()
         before = self.llm.input_ids[: self.llm.n_tokens].tolist()
         try:
             if chat:
@@ -367,6 +378,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--ctx", type=int, default=2048)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--default-max-tokens", type=int, default=256)
+    parser.add_argument(
+        "--no-prefix-cache",
+        dest="prefix_cache",
+        action="store_false",
+        help="evaluate every prompt in full instead of reusing the KV of the previous one",
+    )
     args = parser.parse_args(argv)
     try:
         import uvloop

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 
 import httpx
 
@@ -189,3 +190,12 @@ def test_stream_options_are_part_of_the_cache_key(agent: Agent) -> None:
     # A client that asked for usage must not get a replay without it, nor the other way round.
     assert (plain.headers["x-cache"], with_usage.headers["x-cache"]) == ("miss", "miss")
     assert '"usage"' in with_usage.text and '"usage"' not in plain.text.replace('"usage":null', "")
+
+
+def test_prefix_cache_off_evaluates_every_prompt_in_full(make_agent: Callable[..., Agent]) -> None:
+    agent = make_agent(prefix_cache=False)
+    prefix = "You are a terse assistant for an on-call engineer. " * 4
+    for question in ("First question?", "Second question?"):
+        usage = agent.chat(prefix + question, temperature=0.7).json()["usage"]
+        assert usage["prompt_tokens"] > 20
+        assert usage["prompt_tokens_details"]["cached_tokens"] == 0
