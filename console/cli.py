@@ -154,6 +154,12 @@ def _load(args: argparse.Namespace) -> int:
     return run_from_args(args)
 
 
+def _bench(args: argparse.Namespace) -> int:
+    from wattops.console.bench import run_from_args
+
+    return run_from_args(args)
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The whole `wattops` argument parser."""
     parser = argparse.ArgumentParser(prog="wattops", description="wattops operator CLI")
@@ -233,6 +239,14 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_arguments(load)
     load.set_defaults(func=_load)
+
+    bench = commands.add_parser(
+        "bench", help="baseline vs quantized vs fully optimized serving, on this machine"
+    )
+    from wattops.console.bench import add_arguments as add_bench_arguments
+
+    add_bench_arguments(bench)
+    bench.set_defaults(func=_bench)
     return parser
 
 

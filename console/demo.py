@@ -11,17 +11,15 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import os
 import signal
-import socket
-import subprocess
 import sys
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
+
+from wattops.console.launch import Launched, agent_argv, free_port, launch, stop_all
 
 #: (node name, hardware profile, precision it starts at)
 DEMO_NODES: tuple[tuple[str, str, str], ...] = (
@@ -54,50 +52,11 @@ context = 1024
 """
 
 
-@dataclass
-class DemoProcess:
-    """Something the demo started, stopped at the end whatever happens."""
-
-    name: str
-    process: subprocess.Popen[bytes]
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-def _start(name: str, argv: list[str], log: Path) -> DemoProcess:
-    log.parent.mkdir(parents=True, exist_ok=True)
-    with log.open("ab") as out:
-        # Its own session: a Ctrl-C in the terminal reaches the demo, which then stops
-        # each child in order, rather than every child at once.
-        proc = subprocess.Popen(argv, stdout=out, stderr=out, stdin=subprocess.DEVNULL,
-                                start_new_session=True)  # fmt: skip
-    return DemoProcess(name, proc)
-
-
-def _stop_all(started: list[DemoProcess]) -> None:
-    for item in reversed(started):
-        if item.process.poll() is None:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(item.process.pid, signal.SIGTERM)
-    deadline = time.monotonic() + 20
-    for item in reversed(started):
-        try:
-            item.process.wait(max(0.1, deadline - time.monotonic()))
-        except subprocess.TimeoutExpired:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(item.process.pid, signal.SIGKILL)
-            item.process.wait()
-
-
 @contextlib.contextmanager
 def demo_fleet(model: Path, state_dir: Path, rate: float, with_load: bool = True
                ) -> Iterator[list[str]]:  # fmt: skip
     """Start the agents (and the load); yield their URLs; stop everything on exit."""
-    started: list[DemoProcess] = []
+    started: list[Launched] = []
 
     def on_signal(signum: int, frame: object) -> None:
         raise KeyboardInterrupt  # ssh hung up or someone sent TERM: clean up the same way
@@ -106,7 +65,7 @@ def demo_fleet(model: Path, state_dir: Path, rate: float, with_load: bool = True
     try:
         urls = []
         for node, profile, precision in DEMO_NODES:
-            port = _free_port()
+            port = free_port()
             node_dir = (state_dir / node).resolve()
             node_dir.mkdir(parents=True, exist_ok=True)
             config = node_dir / "agent.toml"
@@ -114,8 +73,7 @@ def demo_fleet(model: Path, state_dir: Path, rate: float, with_load: bool = True
                 node=node, port=port, state_dir=node_dir, profile=profile, sensor="estimate",
                 model=model.resolve(), precision=precision,
             ))  # fmt: skip
-            argv = [sys.executable, "-m", "wattops.agents.main", "--config", str(config)]
-            started.append(_start(node, argv, node_dir / "agent.log"))
+            started.append(launch(node, agent_argv(config), node_dir / "agent.log"))
             urls.append(f"http://127.0.0.1:{port}")
         _wait_ready(urls, started)
         if with_load:
@@ -127,15 +85,15 @@ def demo_fleet(model: Path, state_dir: Path, rate: float, with_load: bool = True
                         "--model", "tiny", "--rate", str(rate), "--duration", "86400",
                         "--max-tokens", "8,32", "--idle-every", "90", "--idle-len", "20",
                         "--seed", str(seed + n), "--quiet"]  # fmt: skip
-                started.append(_start(f"load {node}", argv, state_dir / node / "load.log"))
+                started.append(launch(f"load {node}", argv, state_dir / node / "load.log"))
         yield urls
     finally:
-        _stop_all(started)
+        stop_all(started)
         for sig, handler in previous.items():
             signal.signal(sig, handler)
 
 
-def _wait_ready(urls: list[str], started: list[DemoProcess], timeout_s: float = 600) -> None:
+def _wait_ready(urls: list[str], started: list[Launched], timeout_s: float = 600) -> None:
     print("wattops demo: starting 3 agents (the first run quantizes the demo model)...",
           flush=True)  # fmt: skip
     deadline = time.monotonic() + timeout_s

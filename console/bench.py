@@ -1,0 +1,579 @@
+"""`wattops bench`: the published experiment, on this machine, against real agents.
+
+Three serving modes run one after another on the same machine, each a real `wattops-agent`
+serving the demo model through real llama.cpp replicas, each sent the same request stream
+within a run (`console/load.py`'s deterministic open-loop workload); 5 runs with different
+seeds. Per mode: energy and cost (from the agent's own accounting: what it attributes to the
+deployment), latency, throughput, cache hits, and the quality of its precision against f16
+(`engines/quality.py`). Results: `results.json` (every raw figure), `table.md`, `chart.png`.
+
+A (run, mode) that finishes is written to `results.json` at once (atomically); `--resume`
+skips what is there, so a multi-hour run that is interrupted loses one mode's work at most.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import hashlib
+import json
+import os
+import platform
+import sys
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+from wattops.console.bench_report import summarise, write_chart, write_table
+from wattops.console.launch import Launched, agent_argv, free_port, launch, stop_all
+from wattops.console.load import LoadProfile, LoadReport, RequestResult, build_workload, run_load
+from wattops.engines.quality import compare
+from wattops.engines.variants import VariantStore
+
+__all__ = ["MODES", "BenchSettings", "Mode", "add_arguments", "run_bench", "run_from_args"]
+
+
+@dataclass(frozen=True)
+class Mode:
+    """One deployment mode of the experiment."""
+
+    key: str
+    title: str
+    precision: str
+    response_cache: bool
+    prefix_cache: bool
+    #: Replicas follow load (HPA's rule) between 1 and the peak need, and park when idle.
+    elastic: bool
+
+
+MODES: tuple[Mode, ...] = (
+    Mode("baseline", "Baseline", "f16", False, False, False),
+    Mode("model_optimized", "Model-optimized", "q4_k_m", False, False, False),
+    Mode("fully_optimized", "Fully optimized", "q4_k_m", True, True, True),
+)
+
+
+def default_workload() -> LoadProfile:
+    """The documented default request stream of one run (seed and count set per run)."""
+    return LoadProfile(
+        rate_rps=1.5,
+        duration_s=None,
+        requests=1000,
+        repeat_fraction=0.25,
+        zipf_s=1.1,
+        burst_factor=2.5,
+        burst_every_s=30.0,
+        burst_len_s=5.0,
+        idle_every_s=60.0,
+        idle_len_s=15.0,
+        prompt_words=(4, 32),
+        max_tokens=(8, 32),
+        temperature=0.0,
+        shared_prefix_fraction=0.5,
+        stream_fraction=1.0,
+    )
+
+
+def quick_workload() -> LoadProfile:
+    """`--quick`: the same shape compressed in time, for a smoke run of a few minutes."""
+    return replace(
+        default_workload(),
+        rate_rps=2.0,
+        requests=24,
+        burst_every_s=6.0,
+        burst_len_s=2.0,
+        idle_every_s=8.0,
+        idle_len_s=4.0,
+    )
+
+
+@dataclass(frozen=True)
+class BenchSettings:
+    """Everything that decides the figures; `results.json` keeps it for `--resume`."""
+
+    model: Path
+    workload: LoadProfile = field(default_factory=default_workload)
+    runs: int = 5
+    seed: int = 0
+    #: Replicas of the fixed modes: the peak need (see README); the elastic mode's ceiling.
+    replicas: int = 2
+    threads: int = 1
+    context: int = 1024
+    hardware: str = "cpu-generic"
+    site: str = "default"
+    sensor: str = "auto"
+    idle_scale_to_zero_s: float = 5.0
+    autoscale_target_in_flight: float = 1.0
+    modes: tuple[str, ...] = tuple(m.key for m in MODES)
+
+    def __post_init__(self) -> None:
+        problems = []
+        if self.runs < 1:
+            problems.append(f"runs must be at least 1, not {self.runs}")
+        if self.replicas < 1:
+            problems.append(f"replicas must be at least 1, not {self.replicas}")
+        if self.threads < 1:
+            problems.append(f"threads must be at least 1, not {self.threads}")
+        if self.workload.requests is None:
+            problems.append("the workload must be bounded by a request count")
+        unknown = [m for m in self.modes if m not in {mode.key for mode in MODES}]
+        if unknown or not self.modes:
+            problems.append(
+                f"modes must be a non-empty subset of {', '.join(m.key for m in MODES)}, "
+                f"not {', '.join(self.modes) or 'nothing'}"
+            )
+        if problems:
+            raise ValueError("; ".join(problems))
+
+    def as_dict(self) -> dict[str, Any]:
+        data = asdict(self)
+        data["model"] = str(self.model)
+        data["modes"] = list(self.modes)
+        return data
+
+    def fingerprint(self) -> str:
+        """Identifies the settings (and the model file) a result was measured under."""
+        stat = self.model.stat()
+        text = json.dumps(
+            {**self.as_dict(), "model_file": [stat.st_size, stat.st_mtime_ns]}, sort_keys=True
+        )
+        return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+# -- one agent per mode ------------------------------------------------------------------
+
+
+def agent_config(settings: BenchSettings, mode: Mode, port: int, state_dir: Path,
+                 files: dict[str, Path]) -> str:  # fmt: skip
+    """The agent configuration that is `mode` (TOML)."""
+    files_line = ", ".join(f'{p} = "{path}"' for p, path in sorted(files.items()))
+    elastic = (
+        f"autoscale_target_in_flight = {settings.autoscale_target_in_flight}\n"
+        f"idle_scale_to_zero_s = {settings.idle_scale_to_zero_s}\n"
+        "replicas = 1\n"
+        if mode.elastic
+        else f"replicas = {settings.replicas}\n"
+    )
+    return f"""\
+[agent]
+node = "bench-{mode.key}"
+listen = "127.0.0.1:{port}"
+state_dir = "{state_dir}"
+profile = "{settings.hardware}"
+sensor = "{settings.sensor}"
+
+[site]
+name = "{settings.site}"
+
+[accounting]
+window_s = 60
+
+[cache]
+enabled = {str(mode.response_cache).lower()}
+
+[[deployments]]
+name = "bench"
+engine = "llamacpp"
+model = "{settings.model.resolve()}"
+files = {{ {files_line} }}
+precision = "{mode.precision}"
+max_replicas = {settings.replicas}
+threads = {settings.threads}
+context = {settings.context}
+prefix_cache = {str(mode.prefix_cache).lower()}
+{elastic}"""
+
+
+def _deployment(node: dict[str, Any]) -> dict[str, Any]:
+    return next(d for d in node["deployments"] if d["name"] == "bench")
+
+
+@contextmanager
+def running_agent(settings: BenchSettings, mode: Mode, work: Path,
+                  files: dict[str, Path]) -> Iterator[str]:  # fmt: skip
+    """Start a fresh agent for `mode`, wait until it serves, yield its URL, stop it."""
+    work.mkdir(parents=True, exist_ok=True)
+    port = free_port()
+    config = work / "agent.toml"
+    config.write_text(agent_config(settings, mode, port, work / "state", files))
+    url = f"http://127.0.0.1:{port}"
+    started: list[Launched] = [launch(f"agent {mode.key}", agent_argv(config), work / "agent.log")]
+    try:
+        deadline = time.monotonic() + 300
+        while True:
+            process = started[0].process
+            if process.poll() is not None:
+                raise RuntimeError(
+                    f"the {mode.key} agent exited with code {process.returncode}; "
+                    f"see {work / 'agent.log'}"
+                )
+            try:
+                dep = _deployment(httpx.get(f"{url}/v1/node", timeout=2).json())
+                if dep["state"] == "serving" and dep["ready_replicas"] >= dep["desired_replicas"]:
+                    break
+            except (httpx.HTTPError, ValueError, StopIteration):
+                pass
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"the {mode.key} agent did not serve within 300 s")
+            time.sleep(0.25)
+        yield url
+    finally:
+        stop_all(started)
+
+
+def _counters(url: str) -> tuple[dict[str, Any], dict[str, Any]]:
+    node = httpx.get(f"{url}/v1/node", timeout=10).json()
+    return node, _deployment(node)
+
+
+# -- measuring one mode over one run -------------------------------------------------------
+
+
+def measure(
+    settings: BenchSettings,
+    mode: Mode,
+    run: int,
+    url: str,
+    on_result: Callable[[RequestResult], None] | None = None,
+) -> dict[str, Any]:
+    """Send run `run`'s stream to the agent at `url`; return the raw figures."""
+    seed = settings.seed + run
+    workload = build_workload(settings.workload, "bench", seed=seed)
+    node0, dep0 = _counters(url)
+    started = time.monotonic()
+    report = asyncio.run(
+        run_load(url, workload, concurrency_limit=256, on_result=on_result, timeout_s=600)
+    )
+    elapsed = time.monotonic() - started
+    # The meter reports every 0.25 s: let the last answers' energy land in the counters.
+    time.sleep(1.0)
+    node1, dep1 = _counters(url)
+    return _figures(mode, run, seed, report, elapsed, node0, dep0, node1, dep1)
+
+
+def _delta(after: dict[str, Any], before: dict[str, Any], key: str) -> float:
+    return float(after[key]) - float(before[key])
+
+
+def _figures(mode: Mode, run: int, seed: int, report: LoadReport, elapsed: float,
+             node0: dict[str, Any], dep0: dict[str, Any], node1: dict[str, Any],
+             dep1: dict[str, Any]) -> dict[str, Any]:  # fmt: skip
+    energy0, energy1 = dep0["accounting"]["totals"], dep1["accounting"]["totals"]
+    joules = _delta(energy1, energy0, "energy_j_total")
+    estimated = _delta(energy1, energy0, "estimated_energy_j_total")
+    cost = _delta(energy1, energy0, "cost_usd_total")
+    tokens = report.prompt_tokens + report.completion_tokens
+    ok = report.ok
+
+    def per(value: float, count: int, scale: float) -> float | None:
+        return value / count * scale if count else None
+
+    return {
+        "mode": mode.key,
+        "run": run,
+        "seed": seed,
+        "precision": mode.precision,
+        "requests": report.planned,
+        "ok": ok,
+        "errors": report.error_count,
+        "dropped": report.dropped,
+        "elapsed_s": elapsed,
+        "energy_source": dep1["accounting"]["energy_source"],
+        "energy_j": joules,
+        "energy_estimated_fraction": estimated / joules if joules > 0 else None,
+        "node_energy_j": _delta(node1["totals"], node0["totals"], "energy_j_total"),
+        "cost_usd": cost,
+        "carbon_g": _delta(energy1, energy0, "carbon_g_total"),
+        "prompt_tokens": report.prompt_tokens,
+        "completion_tokens": report.completion_tokens,
+        "cached_prompt_tokens": report.cached_prompt_tokens,
+        "tokens": tokens,
+        "energy_j_per_1k_requests": per(joules, ok, 1e3),
+        "energy_j_per_1m_tokens": per(joules, tokens, 1e6),
+        "cost_usd_per_1k_requests": per(cost, ok, 1e3),
+        "cost_usd_per_1m_tokens": per(cost, tokens, 1e6),
+        "latency_p50_s": report.latency.p50,
+        "latency_p95_s": report.latency.p95,
+        "latency_p99_s": report.latency.p99,
+        "ttft_p50_s": report.ttft.p50,
+        "ttft_p95_s": report.ttft.p95,
+        "ttft_p99_s": report.ttft.p99,
+        "throughput_requests_per_s": ok / elapsed if elapsed > 0 else None,
+        "throughput_tokens_per_s": report.completion_tokens / elapsed if elapsed > 0 else None,
+        "cache_hit_rate": report.cache_hit_rate or 0.0,
+        "prefix_cache_rate": (
+            report.cached_prompt_tokens / report.prompt_tokens if report.prompt_tokens else 0.0
+        ),
+        "send_lag_p99_s": report.send_lag_p99_s,
+    }
+
+
+# -- the whole experiment ------------------------------------------------------------------
+
+
+def _write_json(path: Path, data: dict[str, Any]) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    with tmp.open("w") as out:
+        json.dump(data, out, indent=2, sort_keys=False)
+        out.write("\n")
+        out.flush()
+        os.fsync(out.fileno())
+    os.replace(tmp, path)
+
+
+def machine() -> dict[str, Any]:
+    """What the figures were measured on."""
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return {
+        "cpu": cpu,
+        "cores": os.cpu_count(),
+        "platform": platform.platform(),
+        "python": platform.python_version(),
+    }
+
+
+class Progress:
+    """A progress bar on a terminal, one line per finished mode elsewhere."""
+
+    def __init__(self, total: int, enabled: bool) -> None:
+        self.bar: Any = None
+        if enabled and sys.stderr.isatty():
+            from rich.progress import (
+                BarColumn,
+                MofNCompleteColumn,
+                TextColumn,
+                TimeElapsedColumn,
+                TimeRemainingColumn,
+            )
+            from rich.progress import Progress as RichProgress
+
+            self.bar = RichProgress(
+                TextColumn("{task.description}"),
+                BarColumn(),
+                MofNCompleteColumn(),
+                TimeElapsedColumn(),
+                TimeRemainingColumn(),
+                transient=False,
+            )
+            self.bar.start()
+            self.task = self.bar.add_task("starting", total=total)
+        self.enabled = enabled
+
+    def stage(self, text: str) -> None:
+        if self.bar is not None:
+            self.bar.update(self.task, description=text)
+        elif self.enabled:
+            print(f"wattops bench: {text}", file=sys.stderr, flush=True)
+
+    def advance(self, _: RequestResult | None = None, n: int = 1) -> None:
+        if self.bar is not None:
+            self.bar.advance(self.task, n)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.stop()
+
+
+def run_bench(settings: BenchSettings, out: Path, resume: bool = False, command: str = "",
+              show_progress: bool = True) -> dict[str, Any]:  # fmt: skip
+    """Run the experiment into `out`; return the results (also in `out/results.json`)."""
+    out.mkdir(parents=True, exist_ok=True)
+    results_path = out / "results.json"
+    fingerprint = settings.fingerprint()
+    runs: list[dict[str, Any]] = []
+    if resume and results_path.exists():
+        previous = json.loads(results_path.read_text())
+        if previous.get("fingerprint") != fingerprint:
+            raise ValueError(
+                f"{results_path} was measured with other settings (or another model file); "
+                "run without --resume, or into another --out directory"
+            )
+        runs = list(previous.get("runs", []))
+    modes = [m for m in MODES if m.key in settings.modes]
+    done = {(r["run"], r["mode"]) for r in runs}
+    todo = [(run, mode) for run in range(settings.runs) for mode in modes]
+    requests = settings.workload.requests or 0
+    progress = Progress(
+        sum(requests for run, mode in todo if (run, mode.key) not in done), show_progress
+    )
+    results: dict[str, Any] = {
+        "command": command,
+        "fingerprint": fingerprint,
+        "machine": machine(),
+        "settings": settings.as_dict(),
+        "started_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+    }
+    try:
+        progress.stage("building the q4_k_m variant and scoring precisions against f16")
+        files, quality = _prepare(settings, out, modes)
+        results["quality"] = quality
+        for run, mode in todo:
+            if (run, mode.key) in done:
+                continue
+            progress.stage(f"run {run + 1}/{settings.runs} {mode.key}")
+            with running_agent(settings, mode, out / "work" / f"run{run}-{mode.key}", files) as url:
+                runs.append(measure(settings, mode, run, url, progress.advance))
+            results["runs"] = runs
+            results.update(summarise(runs, quality, settings.runs, [m.key for m in modes]))
+            _write_json(results_path, results)
+    finally:
+        progress.close()
+    results["runs"] = runs
+    results.update(summarise(runs, quality, settings.runs, [m.key for m in modes]))
+    results["finished_at"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
+    _write_json(results_path, results)
+    write_table(out / "table.md", results)
+    write_chart(out / "chart.png", results)
+    return results
+
+
+def _prepare(settings: BenchSettings, out: Path,
+             modes: list[Mode]) -> tuple[dict[str, Path], dict[str, Any]]:  # fmt: skip
+    store = VariantStore(out / "variants")
+    files: dict[str, Path] = {}
+    quality: dict[str, Any] = {}
+    for precision in sorted({m.precision for m in modes}):
+        if precision == "f16":
+            quality[precision] = {
+                "reference": settings.model.name,
+                "candidate": settings.model.name,
+                "mean_kl": 0.0,
+                "top1_agreement": 1.0,
+                "perplexity_ratio": 1.0,
+                "note": "the reference itself",
+            }
+            continue
+        path = asyncio.run(store.ensure(settings.model, precision, os.cpu_count() or 1))
+        files[precision] = path
+        quality[precision] = compare(settings.model, path, threads=os.cpu_count()).as_dict()
+    return files, quality
+
+
+# -- CLI -----------------------------------------------------------------------------------
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """The `wattops bench` arguments."""
+    defaults = BenchSettings(model=Path("models/demo.gguf"))
+    workload = defaults.workload
+    parser.add_argument(
+        "--model",
+        type=Path,
+        default=Path("models/demo.gguf"),
+        help="base GGUF (f16) every mode serves; default: the demo model (`make models/demo.gguf`)",
+    )
+    parser.add_argument(
+        "--out",
+        type=Path,
+        default=Path("bench-results"),
+        help="directory for results.json, table.md and chart.png",
+    )
+    parser.add_argument(
+        "--quick",
+        action="store_true",
+        help="a smoke run: 2 runs of 24 requests, time constants compressed",
+    )
+    parser.add_argument("--runs", type=int, help=f"runs (default {defaults.runs})")
+    parser.add_argument(
+        "--requests", type=int, help=f"requests per run (default {workload.requests})"
+    )
+    parser.add_argument(
+        "--rate", type=float, help=f"mean arrival rate, req/s (default {workload.rate_rps})"
+    )
+    parser.add_argument("--seed", type=int, default=0, help="seed of run 1 (run k: seed + k - 1)")
+    parser.add_argument(
+        "--replicas",
+        type=int,
+        default=defaults.replicas,
+        help="replicas of the fixed modes, the peak need (default %(default)s)",
+    )
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=defaults.threads,
+        help="CPU threads per replica (default %(default)s)",
+    )
+    parser.add_argument(
+        "--hardware",
+        default=defaults.hardware,
+        help="hardware profile the agents price with (default %(default)s)",
+    )
+    parser.add_argument("--site", default=defaults.site, help="site profile (default %(default)s)")
+    parser.add_argument(
+        "--sensor",
+        default=defaults.sensor,
+        choices=["auto", "nvml", "jetson", "rapl", "estimate"],
+        help="power sensor of the agents (default %(default)s)",
+    )
+    parser.add_argument(
+        "--modes",
+        default=",".join(defaults.modes),
+        help="comma-separated subset of the modes (default: all three)",
+    )
+    parser.add_argument(
+        "--resume",
+        action="store_true",
+        help="keep the (run, mode) results already in --out and run the rest",
+    )
+    parser.add_argument("--quiet", action="store_true", help="no progress output")
+
+
+def settings_from_args(args: argparse.Namespace) -> BenchSettings:
+    """Validated settings; ValueError names what is wrong."""
+    workload = quick_workload() if args.quick else default_workload()
+    if args.requests is not None:
+        workload = replace(workload, requests=args.requests)
+    if args.rate is not None:
+        workload = replace(workload, rate_rps=args.rate)
+    runs = args.runs if args.runs is not None else (2 if args.quick else 5)
+    if not args.model.is_file():
+        raise ValueError(f"--model {args.model}: no such file (make models/demo.gguf builds it)")
+    return BenchSettings(
+        model=args.model,
+        workload=workload,
+        runs=runs,
+        seed=args.seed,
+        replicas=args.replicas,
+        threads=args.threads,
+        hardware=args.hardware,
+        site=args.site,
+        sensor=args.sensor,
+        idle_scale_to_zero_s=2.0 if args.quick else BenchSettings.idle_scale_to_zero_s,
+        modes=tuple(m.strip() for m in args.modes.split(",") if m.strip()),
+    )
+
+
+def run_from_args(args: argparse.Namespace) -> int:
+    """`wattops bench`: exit 0 when every request of every mode was answered, 1 otherwise."""
+    try:
+        settings = settings_from_args(args)
+    except ValueError as exc:
+        print(f"wattops bench: {exc}", file=sys.stderr)
+        return 2
+    command = "wattops bench " + " ".join(sys.argv[2:])
+    try:
+        results = run_bench(settings, args.out, args.resume, command, not args.quiet)
+    except ValueError as exc:
+        print(f"wattops bench: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"wattops bench: interrupted; --resume continues from {args.out}", file=sys.stderr)
+        return 130
+    print((args.out / "table.md").read_text())
+    print(f"wattops bench: results in {args.out}/ (results.json, table.md, chart.png)")
+    failed = sum(r["errors"] + r["dropped"] for r in results["runs"])
+    if failed:
+        print(f"wattops bench: {failed} requests failed or were dropped", file=sys.stderr)
+    return 1 if failed else 0

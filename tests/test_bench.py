@@ -1,0 +1,211 @@
+"""`wattops bench`: its workload, statistics, quality metrics and one small real run."""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from wattops.console.bench import MODES, BenchSettings, default_workload, run_bench
+from wattops.console.bench_report import change_pct, mean_std, summarise
+from wattops.console.cli import main as cli_main
+from wattops.console.load import build_workload
+from wattops.engines.quality import compare, compare_logits
+from wattops.engines.variants import quantize
+
+# -- the workload --------------------------------------------------------------------------
+
+
+def test_every_mode_of_a_run_gets_the_same_stream_and_runs_differ() -> None:
+    settings = BenchSettings(model=Path(__file__))
+    streams = {
+        run: build_workload(settings.workload, "bench", seed=settings.seed + run)
+        for run in range(settings.runs)
+    }
+    again = build_workload(settings.workload, "bench", seed=settings.seed + 2)
+    assert [(p.at_s, p.body) for p in again] == [(p.at_s, p.body) for p in streams[2]]
+    firsts = {json.dumps(s[0].body, sort_keys=True) for s in streams.values()}
+    assert len(firsts) == settings.runs
+
+
+def test_default_workload_shape() -> None:
+    profile = default_workload()
+    plan = build_workload(profile, "bench", seed=0)
+    assert len(plan) == 1000
+    repeats = sum(p.repeat_of is not None for p in plan)
+    assert 0.15 * len(plan) <= repeats <= 0.30 * len(plan)  # "no more than 30% repeat exactly"
+    assert all(p.body["stream"] for p in plan)  # time to first token for every answer
+    assert all(p.body["temperature"] == 0 for p in plan)
+    gaps = np.diff([p.at_s for p in plan])
+    assert gaps.max() >= profile.idle_len_s * 0.8  # idle gaps exist, for scale-to-zero
+    lengths = {p.body["max_tokens"] for p in plan}
+    assert min(lengths) == profile.max_tokens[0] and max(lengths) == profile.max_tokens[1]
+
+
+def test_settings_refuse_bad_values() -> None:
+    with pytest.raises(ValueError, match="modes must be a non-empty subset"):
+        BenchSettings(model=Path(__file__), modes=("baseline", "turbo"))
+    with pytest.raises(ValueError, match="runs must be at least 1"):
+        BenchSettings(model=Path(__file__), runs=0)
+
+
+def test_cli_names_bad_arguments(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        cli_main(["bench", "--model", str(tmp_path / "missing.gguf"), "--out", str(tmp_path)])
+    assert exit_info.value.code == 2
+    assert "missing.gguf: no such file" in capsys.readouterr().err
+    assert not (tmp_path / "results.json").exists()
+
+
+# -- statistics ----------------------------------------------------------------------------
+
+
+def test_mean_and_sample_standard_deviation() -> None:
+    mean, std = mean_std([2.0, 4.0, 4.0, 4.0, 5.0, 5.0, 7.0, 9.0])
+    assert mean == pytest.approx(5.0)
+    assert std == pytest.approx(math.sqrt(32 / 7))  # n - 1, not n
+    assert mean_std([3.0]) == (3.0, None)
+    assert mean_std([]) == (None, None)
+
+
+def test_change_against_baseline() -> None:
+    assert change_pct(60.0, 100.0) == pytest.approx(-40.0)
+    assert change_pct(107.0, 100.0) == pytest.approx(7.0)
+    assert change_pct(1.0, 0.0) is None
+    assert change_pct(None, 1.0) is None
+
+
+def _run(mode: str, run: int, cost: float, energy: float, p50: float) -> dict[str, object]:
+    return {
+        "mode": mode,
+        "run": run,
+        "precision": "f16" if mode == "baseline" else "q4_k_m",
+        "energy_source": "estimate",
+        "energy_estimated_fraction": 1.0,
+        "cost_usd_per_1m_tokens": cost,
+        "energy_j_per_1m_tokens": energy,
+        "latency_p50_s": p50,
+    }
+
+
+def test_summary_means_over_runs_and_changes_of_means() -> None:
+    runs = [
+        _run("baseline", 0, 10.0, 100.0, 1.0),
+        _run("baseline", 1, 12.0, 120.0, 1.2),
+        _run("fully_optimized", 0, 4.0, 70.0, 1.0),
+        _run("fully_optimized", 1, 4.8, 84.0, 1.2),
+    ]
+    quality = {"f16": {"top1_agreement": 1.0}, "q4_k_m": {"top1_agreement": 0.93}}
+    summary = summarise(runs, quality, 2, ["baseline", "fully_optimized"])
+    assert summary["complete"] is True
+    full = summary["modes"]["fully_optimized"]
+    assert full["cost_usd_per_1m_tokens"] == pytest.approx(4.4)
+    assert full["std"]["cost_usd_per_1m_tokens"] == pytest.approx(math.sqrt(0.32))
+    assert full["change_vs_baseline_pct"]["cost_usd_per_1m_tokens"] == pytest.approx(-60.0)
+    assert full["change_vs_baseline_pct"]["energy_j_per_1m_tokens"] == pytest.approx(-30.0)
+    assert full["top1_agreement"] == 0.93
+    assert full["energy_source"] == "estimate"
+    assert summarise(runs[:3], quality, 2, ["baseline", "fully_optimized"])["complete"] is False
+
+
+# -- quality metrics -----------------------------------------------------------------------
+
+
+def test_identical_logits_agree_fully() -> None:
+    rng = np.random.default_rng(0)
+    logits = rng.normal(size=(50, 20))
+    nxt = rng.integers(0, 20, size=50)
+    sums = compare_logits(logits, logits.copy(), nxt)
+    assert sums.kl == pytest.approx(0.0, abs=1e-12)
+    assert sums.agree == 50
+    assert sums.nll_reference == pytest.approx(sums.nll_candidate)
+
+
+def test_kl_top1_and_perplexity_by_hand() -> None:
+    # Two positions, three tokens. Reference p = softmax(log [0.7, 0.2, 0.1]).
+    ref = np.log([[0.7, 0.2, 0.1], [0.5, 0.3, 0.2]])
+    cand = np.log([[0.6, 0.3, 0.1], [0.2, 0.3, 0.5]])
+    nxt = [0, 1]
+    sums = compare_logits(ref, cand, nxt)
+    kl0 = 0.7 * math.log(0.7 / 0.6) + 0.2 * math.log(0.2 / 0.3)
+    kl1 = 0.5 * math.log(0.5 / 0.2) + 0.2 * math.log(0.2 / 0.5)
+    assert sums.kl == pytest.approx(kl0 + kl1)
+    assert sums.agree == 1  # argmax 0/0 at the first position, 0/2 at the second
+    assert sums.nll_reference == pytest.approx(-(math.log(0.7) + math.log(0.3)))
+    assert sums.nll_candidate == pytest.approx(-(math.log(0.6) + math.log(0.3)))
+
+
+def test_compare_logits_refuses_mismatched_shapes() -> None:
+    with pytest.raises(ValueError, match="positions, vocab"):
+        compare_logits(np.zeros((3, 4)), np.zeros((3, 5)), [0, 1, 2])
+
+
+def test_quality_of_real_variants_on_the_test_model(test_model: Path, tmp_path: Path) -> None:
+    itself = compare(test_model, test_model, n_ctx=128, threads=1)
+    assert itself.positions > 128  # the text spans several windows, each scored
+    assert itself.mean_kl == pytest.approx(0.0, abs=1e-6)
+    assert itself.top1_agreement == 1.0
+    assert itself.perplexity_ratio == pytest.approx(1.0)
+    q8, q4 = tmp_path / "t.q8_0.gguf", tmp_path / "t.q4_0.gguf"
+    quantize(test_model, q8, "q8_0")
+    quantize(test_model, q4, "q4_0")
+    r8 = compare(test_model, q8, n_ctx=128, threads=1)
+    r4 = compare(test_model, q4, n_ctx=128, threads=1)
+    # Coarser rounding moves the distributions further from the reference.
+    assert 0 < r8.mean_kl < r4.mean_kl
+    assert r4.top1_agreement <= r8.top1_agreement
+    assert r4.top1_agreement < 1.0
+
+
+# -- a small real run ----------------------------------------------------------------------
+
+
+def test_bench_runs_every_mode_against_real_agents(test_model: Path, tmp_path: Path) -> None:
+    workload = replace(
+        default_workload(),
+        requests=8,
+        rate_rps=4.0,
+        burst_every_s=0.0,
+        idle_every_s=0.0,
+        max_tokens=(4, 8),
+        prompt_words=(4, 8),
+    )
+    settings = BenchSettings(
+        model=test_model, workload=workload, runs=1, sensor="estimate", context=512
+    )
+    out = tmp_path / "bench"
+    results = run_bench(settings, out, show_progress=False)
+    assert set(results["modes"]) == {m.key for m in MODES}
+    for key, entry in results["modes"].items():
+        for field in (
+            "cost_usd_per_1m_tokens",
+            "energy_j_per_1m_tokens",
+            "latency_p50_s",
+            "top1_agreement",
+            "energy_source",
+        ):
+            assert entry[field] is not None, (key, field)
+        assert entry["energy_source"] == "estimate"
+        assert entry["cost_usd_per_1m_tokens"] > 0 and entry["energy_j_per_1m_tokens"] > 0
+    runs = results["runs"]
+    assert all(r["ok"] == 8 and r["errors"] == 0 for r in runs)
+    # The baseline has no response cache and no prefix reuse; the fully optimized mode has both.
+    base = next(r for r in runs if r["mode"] == "baseline")
+    full = next(r for r in runs if r["mode"] == "fully_optimized")
+    assert base["cache_hit_rate"] == 0 and base["prefix_cache_rate"] == 0
+    assert full["prefix_cache_rate"] > 0
+    assert (out / "table.md").read_text().count("| Fully optimized |") == 2
+    assert (out / "chart.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    on_disk = json.loads((out / "results.json").read_text())
+    assert on_disk["complete"] is True and len(on_disk["runs"]) == 3
+
+    # --resume keeps what is done and runs nothing again.
+    again = run_bench(settings, out, resume=True, show_progress=False)
+    assert [r["elapsed_s"] for r in again["runs"]] == [r["elapsed_s"] for r in runs]
+    other = replace(settings, seed=7)
+    with pytest.raises(ValueError, match="other settings"):
+        run_bench(other, out, resume=True, show_progress=False)
