@@ -6,7 +6,7 @@ BIN    := $(VENV)/bin
 # pip caches the built wheel, so only the first install compiles (~8 min on 2 cores).
 export CMAKE_ARGS ?= -DGGML_NATIVE=OFF
 
-.PHONY: help install test lint typecheck pytest prometheus demo models clean
+.PHONY: help install test lint typecheck pytest prometheus kubectl bench bench-quick demo models clean
 
 help:
 	@echo "make demo   start an agent on the generated demo model"
@@ -49,13 +49,31 @@ prometheus:
 	    exit 1; \
 	  fi; }
 
-pytest: $(BIN)/.installed models/test.gguf prometheus
+# The manifest test builds deploy/kubernetes with kubectl's kustomize (no cluster needed).
+kubectl:
+	@command -v kubectl >/dev/null || { \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive \
+	      apt-get install -y -qq --no-install-recommends kubectl >/dev/null; \
+	  else \
+	    echo "make test needs kubectl on PATH (Debian/Ubuntu: apt-get install kubectl)"; \
+	    exit 1; \
+	  fi; }
+
+pytest: $(BIN)/.installed models/test.gguf prometheus kubectl
 	$(BIN)/python -m pytest -q
 
 test: lint typecheck pytest
 
 demo: $(BIN)/.installed models/demo.gguf
 	$(BIN)/wattops demo
+
+# The full experiment (hours on a small machine; --resume continues it). `make bench-quick`: minutes.
+bench: $(BIN)/.installed models/demo.gguf
+	$(BIN)/wattops bench --out bench-results --resume
+
+bench-quick: $(BIN)/.installed models/demo.gguf
+	$(BIN)/wattops bench --quick --out bench-results/quick
 
 clean:
 	rm -rf .build .mypy_cache .ruff_cache .pytest_cache state

@@ -6,8 +6,12 @@ import argparse
 import sys
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from wattops.agents.api import PRECISIONS
+
+if TYPE_CHECKING:
+    from wattops.console.kube import KubeFleet
 
 
 def _model_tiny(args: argparse.Namespace) -> int:
@@ -62,15 +66,30 @@ def _token() -> str | None:
         raise SystemExit(f"wattops: {exc}") from None
 
 
-def _status(args: argparse.Namespace) -> int:
-    from wattops.console.commands import status
+def _kube(args: argparse.Namespace) -> KubeFleet:
+    from wattops.console.kube import KubeError, KubeFleet
 
+    try:
+        return KubeFleet(context=args.context, namespace=args.namespace)
+    except KubeError as exc:
+        raise SystemExit(f"wattops: {exc}") from None
+
+
+def _status(args: argparse.Namespace) -> int:
+    from wattops.console.commands import kube_status, status
+
+    if args.kube:
+        return kube_status(_kube(args), args.json)
     return status(_agent_urls(args), args.json)
 
 
 def _scale(args: argparse.Namespace) -> int:
-    from wattops.console.commands import act
+    from wattops.console.commands import act, kube_act
 
+    if args.kube:
+        return kube_act(
+            _kube(args), args.deployment, "scale", args.replicas, not args.no_wait, args.timeout
+        )
     return act(
         _agent_urls(args),
         args.node,
@@ -84,8 +103,17 @@ def _scale(args: argparse.Namespace) -> int:
 
 
 def _precision(args: argparse.Namespace) -> int:
-    from wattops.console.commands import act
+    from wattops.console.commands import act, kube_act
 
+    if args.kube:
+        return kube_act(
+            _kube(args),
+            args.deployment,
+            "precision",
+            args.precision,
+            not args.no_wait,
+            args.timeout,
+        )
     return act(
         _agent_urls(args),
         args.node,
@@ -121,6 +149,18 @@ def _add_fleet_options(parser: argparse.ArgumentParser) -> None:
         metavar="FLEET.TOML",
         help="a file listing the agents ([[agents]] url = ...)",
     )
+    parser.add_argument(
+        "--kube",
+        action="store_true",
+        help="find agents and engine Deployments through the Kubernetes API "
+        "(kubeconfig from KUBECONFIG or ~/.kube/config)",
+    )
+    parser.add_argument("--context", help="with --kube: the kubeconfig context to use")
+    parser.add_argument(
+        "--namespace",
+        "-n",
+        help="with --kube: only this namespace (default: the context's, else all)",
+    )
 
 
 def _add_action_options(parser: argparse.ArgumentParser) -> None:
@@ -136,9 +176,17 @@ def _console(args: argparse.Namespace) -> int:
     from wattops.console.app import make_app
 
     token = None if args.read_only else _token()
-    make_app(
-        _agent_urls(args), token=token, read_only=args.read_only, prometheus=args.prometheus
-    ).run()
+    urls = _agent_urls(args)
+    if args.kube:
+        from wattops.console.kube import KubeError
+
+        try:
+            urls = _kube(args).agent_urls()
+        except KubeError as exc:
+            raise SystemExit(f"wattops console: {exc}") from None
+        if not urls:
+            raise SystemExit("wattops console: no running wattops-agent pods found")
+    make_app(urls, token=token, read_only=args.read_only, prometheus=args.prometheus).run()
     return 0
 
 

@@ -6,12 +6,14 @@ import asyncio
 import json
 import sys
 from collections.abc import Sequence
+from dataclasses import asdict
 
 import httpx
 
 from wattops.agents.api import NodeSnapshot
 from wattops.console import rows as fmt
 from wattops.console.client import AgentClient, AgentError
+from wattops.console.kube import KubeDeployment, KubeError, KubeFleet
 from wattops.console.rollout import Action, follow
 from wattops.console.rows import FleetRow, Link, rows_for
 
@@ -50,8 +52,11 @@ async def fetch_fleet(
 
 def fleet_rows(fleet: Sequence[tuple[str, NodeSnapshot | None, str | None]]) -> list[FleetRow]:
     """Rows for a fetched fleet; an unreachable node is one `offline` row."""
-    return [r for url, snap, _ in fleet
-            for r in rows_for(url, snap, Link.LIVE if snap else Link.OFFLINE)]  # fmt: skip
+    return [
+        r
+        for url, snap, _ in fleet
+        for r in rows_for(url, snap, Link.LIVE if snap else Link.OFFLINE)
+    ]
 
 
 def table_cells(row: FleetRow) -> tuple[str, ...]:
@@ -185,3 +190,106 @@ def act(
 ) -> int:
     """Scale or switch precision from the shell, waiting for the outcome unless told not to."""
     return asyncio.run(_act(urls, node, deployment, action, target, token, wait, timeout_s))
+
+
+# -- on Kubernetes -------------------------------------------------------------------------
+
+KUBE_COLUMNS = ("NAMESPACE", "DEPLOYMENT", "PRECISION", "DESIRED", "UPDATED", "READY", "AVAILABLE")
+
+
+def render_kube_table(deployments: Sequence[KubeDeployment]) -> str:
+    """The engine Deployments as a plain-text table."""
+    cells = [KUBE_COLUMNS] + [
+        (
+            d.namespace,
+            d.name,
+            d.precision or "-",
+            str(d.desired),
+            str(d.updated),
+            str(d.ready),
+            str(d.available),
+        )
+        for d in deployments
+    ]
+    widths = [max(len(c[i]) for c in cells) for i in range(len(KUBE_COLUMNS))]
+    return "\n".join(
+        "  ".join(c[i].ljust(widths[i]) for i in range(len(KUBE_COLUMNS))).rstrip() for c in cells
+    )
+
+
+def kube_status(fleet: KubeFleet, as_json: bool) -> int:
+    """`wattops status --kube`: the agents found through the API, then the Deployments."""
+    try:
+        urls = fleet.agent_urls()
+        deployments = fleet.deployments()
+    except KubeError as exc:
+        print(f"wattops status: {exc}", file=sys.stderr)
+        return 2
+    snapshots = asyncio.run(fetch_fleet(urls)) if urls else []
+    unreachable = [(url, err) for url, snap, err in snapshots if snap is None]
+    if as_json:
+        out = {
+            "agents": [
+                {
+                    "url": url,
+                    "reachable": snap is not None,
+                    "error": err,
+                    "snapshot": snap.model_dump(mode="json") if snap else None,
+                }
+                for url, snap, err in snapshots
+            ],
+            "deployments": [asdict(d) for d in deployments],
+        }
+        print(json.dumps(out, indent=2))
+    else:
+        if snapshots:
+            print(render_table(fleet_rows(snapshots)))
+        else:
+            print("no running wattops-agent pods found")
+        print()
+        print(render_kube_table(deployments) if deployments else "no wattops Deployments found")
+        for url, err in unreachable:
+            print(f"unreachable: {url}: {err}", file=sys.stderr)
+    return 1 if unreachable else 0
+
+
+def kube_act(
+    fleet: KubeFleet,
+    deployment: str,
+    action: Action,
+    target: str | int,
+    wait: bool,
+    timeout_s: float,
+) -> int:
+    """`wattops scale|precision --kube`: write through the API server, follow the rollout."""
+    try:
+        if action == "scale":
+            assert isinstance(target, int)
+            view = fleet.scale(deployment, target)
+        else:
+            view = fleet.set_precision(deployment, str(target))
+    except KubeError as exc:
+        print(f"wattops {action}: {exc}", file=sys.stderr)
+        return 2
+    print(f"{view.namespace}/{view.name}: {action} -> {target} accepted by the API server")
+    if not wait:
+        return 0
+    last = None
+    try:
+        for last in fleet.follow(deployment, timeout_s):
+            print(f"  {last.state}: {last.message}", flush=True)
+    except KubeError as exc:
+        print(f"wattops {action}: {exc}", file=sys.stderr)
+        return 1
+    if last is None or not last.done:
+        print(f"failed: not finished within {timeout_s:.0f}s", file=sys.stderr)
+        return 1
+    if last.state == "failed":
+        print(
+            f"failed: {last.message}. The old replicas keep serving (maxUnavailable 0); "
+            f"`kubectl -n {view.namespace} rollout undo deployment/{view.name}` goes back.",
+            file=sys.stderr,
+        )
+        return 1
+    print(f"done: {last.message}")
+    return 0
