@@ -218,9 +218,12 @@ class _Relay:
                 self.kept.append(chunk)
             yield chunk
         self.complete = True
+        # Stored before the generator returns, i.e. before the end of the response goes out:
+        # a client that repeats the request the moment it has the answer must get a hit.
+        self._store()
 
     def finish(self) -> None:
-        """Release everything; cache the answer if it ended properly. Idempotent."""
+        """Release everything. Idempotent."""
         if self.finished:
             return
         self.finished = True
@@ -228,8 +231,11 @@ class _Relay:
         self.deployment.release(
             self.replica, time.perf_counter() - self.started, error=not self.complete
         )
+
+    def _store(self) -> None:
+        """Cache the answer if it ended properly."""
         cache = self.gateway.cache
-        if self.complete and self.kept is not None and cache is not None and self.key:
+        if self.kept is not None and cache is not None and self.key:
             body = b"".join(self.kept)
             # An engine that failed mid-stream sends no [DONE]: never replay that.
             if body.rstrip().endswith(b"data: [DONE]"):
