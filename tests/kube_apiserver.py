@@ -668,6 +668,10 @@ def _omit_empty(deployment: Json) -> None:
 
 
 _PERCENT = re.compile(r"^[0-9]+%$")
+_PERCENT_MESSAGE = (
+    "a valid percent string must be a numeric string followed by an ending '%' "
+    "(e.g. '1%',  or '93%', regex used for validation is '[0-9]+%')"
+)
 
 
 def _validate_deployment(deployment: Json, current: Json | None) -> list[_FieldError]:
@@ -694,15 +698,26 @@ def _validate_deployment(deployment: Json, current: Json | None) -> list[_FieldE
         errors.append(_FieldError("spec.selector", "field is immutable", match_labels))
     if not spec["template"]["spec"].get("containers"):
         errors.append(_FieldError("spec.template.spec.containers", "", required=True))
-    for name, value in (spec["strategy"].get("rollingUpdate") or {}).items():
-        if isinstance(value, str) and not _PERCENT.match(value):
-            errors.append(
-                _FieldError(
-                    f"spec.strategy.rollingUpdate.{name}",
-                    "a valid percent string must be a numeric string followed by an ending '%'",
-                    value,
-                )
+    rolling = spec["strategy"].get("rollingUpdate") or {}
+    amounts = {}
+    for name, value in rolling.items():
+        path = f"spec.strategy.rollingUpdate.{name}"
+        if isinstance(value, str) and _PERCENT.match(value):
+            amounts[name] = int(value[:-1])
+        elif not isinstance(value, int) or isinstance(value, bool):
+            errors.append(_FieldError(path, _PERCENT_MESSAGE, value))
+        elif value < 0:
+            errors.append(_FieldError(path, "must be greater than or equal to 0", value))
+        else:
+            amounts[name] = value
+    if amounts.get("maxSurge") == 0 and amounts.get("maxUnavailable") == 0:
+        errors.append(
+            _FieldError(
+                "spec.strategy.rollingUpdate.maxUnavailable",
+                "may not be 0 when `maxSurge` is 0",
+                rolling["maxUnavailable"],
             )
+        )
     return errors
 
 
@@ -1106,6 +1121,7 @@ class KubeApiServer:
         self.stop()
 
     async def _open(self) -> None:
+        self._stopping = False
         self._changed = asyncio.Event()
         app = web.Application()
         app.router.add_route("*", "/{path:.*}", self._handle)
@@ -1407,7 +1423,7 @@ class KubeApiServer:
     ) -> Json:
         """Answer a non-watch request that passed authorization; the lock is held."""
         if info.verb == "list":
-            return self._list(info.resource, info.namespace, query)
+            return self._list(info, query)
         current = copy.deepcopy(self._stored(info.resource, info.namespace, info.name))
         if info.subresource == "scale":
             scale = self._scale(current)
@@ -1428,25 +1444,27 @@ class KubeApiServer:
         )
         return self._update_deployment(current, proposed)
 
-    def _matcher(self, resource: str, namespace: str, query: Mapping[str, str]) -> Matcher:
+    def _matcher(self, info: _RequestInfo, query: Mapping[str, str]) -> Matcher:
+        """The objects a list or watch request selects; a named watch selects that one."""
         labels = _label_selector(query.get("labelSelector", ""))
-        fields = _field_selector(resource, query.get("fieldSelector", ""))
+        fields = _field_selector(info.resource, query.get("fieldSelector", ""))
         return lambda obj: (
-            (not namespace or obj["metadata"]["namespace"] == namespace)
+            (not info.namespace or obj["metadata"]["namespace"] == info.namespace)
+            and (not info.name or obj["metadata"]["name"] == info.name)
             and labels(obj)
             and fields(obj)
         )
 
-    def _list(self, resource: str, namespace: str, query: Mapping[str, str]) -> Json:
-        matches = self._matcher(resource, namespace, query)
-        kind = _KINDS[resource]
+    def _list(self, info: _RequestInfo, query: Mapping[str, str]) -> Json:
+        matches = self._matcher(info, query)
+        kind = _KINDS[info.resource]
         return {
             "kind": f"{kind.kind}List",
             "apiVersion": kind.api_version,
             "metadata": {"resourceVersion": str(self._resource_version)},
             "items": [
                 {k: v for k, v in obj.items() if k not in ("kind", "apiVersion")}
-                for _, obj in sorted(self._objects[resource].items())
+                for _, obj in sorted(self._objects[info.resource].items())
                 if matches(obj)
             ],
         }
@@ -1455,7 +1473,7 @@ class KubeApiServer:
         query = request.query
         since = query.get("resourceVersion", "")
         with self._lock:
-            matches = self._matcher(info.resource, info.namespace, query)
+            matches = self._matcher(info, query)
             if since in ("", "0"):
                 backlog: list[Json] = [
                     {"type": "ADDED", "object": obj}
