@@ -84,9 +84,13 @@ def table_cells(row: FleetRow) -> tuple[str, ...]:
 
 def render_table(rows: Sequence[FleetRow]) -> str:
     """A plain-text table, aligned, for terminals, scripts and incident notes."""
-    cells = [COLUMNS, *(table_cells(r) for r in rows)]
-    widths = [max(len(c[i]) for c in cells) for i in range(len(COLUMNS))]
-    lines = ["  ".join(c[i].ljust(widths[i]) for i in range(len(COLUMNS))).rstrip() for c in cells]
+    return _aligned(COLUMNS, [table_cells(r) for r in rows])
+
+
+def _aligned(columns: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
+    cells = [columns, *rows]
+    widths = [max(len(c[i]) for c in cells) for i in range(len(columns))]
+    lines = ["  ".join(c[i].ljust(widths[i]) for i in range(len(columns))).rstrip() for c in cells]
     return "\n".join(lines)
 
 
@@ -199,22 +203,14 @@ KUBE_COLUMNS = ("NAMESPACE", "DEPLOYMENT", "PRECISION", "DESIRED", "UPDATED", "R
 
 def render_kube_table(deployments: Sequence[KubeDeployment]) -> str:
     """The engine Deployments as a plain-text table."""
-    cells = [KUBE_COLUMNS] + [
-        (
-            d.namespace,
-            d.name,
-            d.precision or "-",
-            str(d.desired),
-            str(d.updated),
-            str(d.ready),
-            str(d.available),
-        )
-        for d in deployments
-    ]
-    widths = [max(len(c[i]) for c in cells) for i in range(len(KUBE_COLUMNS))]
-    return "\n".join(
-        "  ".join(c[i].ljust(widths[i]) for i in range(len(KUBE_COLUMNS))).rstrip() for c in cells
-    )
+    return _aligned(
+        KUBE_COLUMNS,
+        [
+            (d.namespace, d.name, d.precision or "-", str(d.desired), str(d.updated),
+             str(d.ready), str(d.available))
+            for d in deployments
+        ],
+    )  # fmt: skip
 
 
 def kube_status(fleet: KubeFleet, as_json: bool) -> int:

@@ -196,29 +196,23 @@ class KubeFleet:
 
     # -- reading ---------------------------------------------------------------------------
 
+    def _list_labelled(self, resource: str, selector: str) -> list[Any]:
+        """Pods or deployments matching `selector`, in our namespace or in all of them."""
+        api = self.core if resource == "pods" else self.apps
+        kind = "pod" if resource == "pods" else "deployment"
+        args: tuple[str, ...] = ()
+        if self.namespace:
+            fn, args = getattr(api, f"list_namespaced_{kind}"), (self.namespace,)
+        else:
+            fn = getattr(api, f"list_{kind}_for_all_namespaces")
+        result = self._call("list", resource, self.namespace, None, fn, *args,
+                            label_selector=selector)  # fmt: skip
+        return list(result.items)
+
     def agent_urls(self) -> list[str]:
         """Base URLs of the running, ready agent pods."""
-        if self.namespace:
-            pods = self._call(
-                "list",
-                "pods",
-                self.namespace,
-                None,
-                self.core.list_namespaced_pod,
-                self.namespace,
-                label_selector=AGENT_SELECTOR,
-            )
-        else:
-            pods = self._call(
-                "list",
-                "pods",
-                None,
-                None,
-                self.core.list_pod_for_all_namespaces,
-                label_selector=AGENT_SELECTOR,
-            )
         urls = []
-        for pod in pods.items:
+        for pod in self._list_labelled("pods", AGENT_SELECTOR):
             if not pod.status or pod.status.phase != "Running" or not pod.status.pod_ip:
                 continue
             port = 8080
@@ -230,26 +224,7 @@ class KubeFleet:
         return sorted(urls)
 
     def _list(self) -> list[Any]:
-        if self.namespace:
-            result = self._call(
-                "list",
-                "deployments",
-                self.namespace,
-                None,
-                self.apps.list_namespaced_deployment,
-                self.namespace,
-                label_selector=PART_OF_SELECTOR,
-            )
-        else:
-            result = self._call(
-                "list",
-                "deployments",
-                None,
-                None,
-                self.apps.list_deployment_for_all_namespaces,
-                label_selector=PART_OF_SELECTOR,
-            )
-        return list(result.items)
+        return self._list_labelled("deployments", PART_OF_SELECTOR)
 
     def deployments(self) -> list[KubeDeployment]:
         """The wattops engine Deployments, by namespace and name."""
