@@ -38,27 +38,26 @@ typecheck: $(BIN)/.installed
 	for pkg in agents engines console profiles; do ln -sfn ../../../$$pkg .build/typecheck/wattops/$$pkg; done
 	$(BIN)/mypy -p wattops.agents -p wattops.engines -p wattops.console -p wattops.profiles
 
+# $(call apt-tool,COMMAND,PACKAGE): make sure COMMAND is on PATH, installing PACKAGE with apt
+# when we are root on a Debian-like system; otherwise say what to install and fail.
+define apt-tool
+@command -v $(1) >/dev/null || { \
+  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+    apt-get update -qq && DEBIAN_FRONTEND=noninteractive \
+      apt-get install -y -qq --no-install-recommends $(2) >/dev/null; \
+  else \
+    echo "make test needs $(1) on PATH (Debian/Ubuntu: apt-get install $(2))"; \
+    exit 1; \
+  fi; }
+endef
+
 # The Prometheus integration test runs Debian's real server.
 prometheus:
-	@command -v prometheus >/dev/null || { \
-	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
-	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive \
-	      apt-get install -y -qq --no-install-recommends prometheus >/dev/null; \
-	  else \
-	    echo "make test needs a prometheus binary on PATH (Debian/Ubuntu: apt-get install prometheus)"; \
-	    exit 1; \
-	  fi; }
+	$(call apt-tool,prometheus,prometheus)
 
 # The manifest test builds deploy/kubernetes with kubectl's kustomize (no cluster needed).
 kubectl:
-	@command -v kubectl >/dev/null || { \
-	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
-	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive \
-	      apt-get install -y -qq --no-install-recommends kubectl >/dev/null; \
-	  else \
-	    echo "make test needs kubectl on PATH (Debian/Ubuntu: apt-get install kubectl)"; \
-	    exit 1; \
-	  fi; }
+	$(call apt-tool,kubectl,kubectl)
 
 pytest: $(BIN)/.installed models/test.gguf prometheus kubectl
 	$(BIN)/python -m pytest -q
