@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import signal
 import sys
 from pathlib import Path
 
@@ -39,6 +40,16 @@ async def serve(config: AgentConfig) -> None:
                 timeout_graceful_shutdown=10,
             )
         )
+
+        # uvicorn handles SIGINT/SIGTERM while it serves, then raises the signal again with
+        # the handlers that were in place before it started. With Python's defaults that
+        # kills the process before `agent.stop()` below: replicas orphaned, the last seconds
+        # of counters unsaved. These handlers end the serving instead, so the stop runs.
+        def request_exit(signum: int, frame: object) -> None:
+            server.should_exit = True
+
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(signum, request_exit)
         log.info(
             "wattops-agent %s serving node %s on http://%s",
             AGENT_VERSION,
