@@ -30,7 +30,14 @@ from typing import Any
 import httpx
 
 from wattops.console.bench_report import summarise, write_chart, write_table
-from wattops.console.launch import Launched, agent_argv, free_port, launch, stop_all
+from wattops.console.launch import (
+    Launched,
+    agent_argv,
+    free_port,
+    launch,
+    stop_all,
+    stop_on_hangup,
+)
 from wattops.console.load import LoadProfile, LoadReport, RequestResult, build_workload, run_load
 from wattops.engines.quality import compare
 from wattops.engines.variants import VariantStore
@@ -564,7 +571,8 @@ def run_from_args(args: argparse.Namespace) -> int:
         return 2
     command = "wattops bench " + " ".join(sys.argv[2:])
     try:
-        results = run_bench(settings, args.out, args.resume, command, not args.quiet)
+        with stop_on_hangup():
+            results = run_bench(settings, args.out, args.resume, command, not args.quiet)
     except ValueError as exc:
         print(f"wattops bench: {exc}", file=sys.stderr)
         return 2

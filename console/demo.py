@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import signal
 import sys
 import time
 from collections.abc import Iterator
@@ -19,7 +18,14 @@ from pathlib import Path
 
 import httpx
 
-from wattops.console.launch import Launched, agent_argv, free_port, launch, stop_all
+from wattops.console.launch import (
+    Launched,
+    agent_argv,
+    free_port,
+    launch,
+    stop_all,
+    stop_on_hangup,
+)
 
 #: (node name, hardware profile, precision it starts at)
 DEMO_NODES: tuple[tuple[str, str, str], ...] = (
@@ -57,40 +63,34 @@ def demo_fleet(model: Path, state_dir: Path, rate: float, with_load: bool = True
                ) -> Iterator[list[str]]:  # fmt: skip
     """Start the agents (and the load); yield their URLs; stop everything on exit."""
     started: list[Launched] = []
-
-    def on_signal(signum: int, frame: object) -> None:
-        raise KeyboardInterrupt  # ssh hung up or someone sent TERM: clean up the same way
-
-    previous = {s: signal.signal(s, on_signal) for s in (signal.SIGTERM, signal.SIGHUP)}
-    try:
-        urls = []
-        for node, profile, precision in DEMO_NODES:
-            port = free_port()
-            node_dir = (state_dir / node).resolve()
-            node_dir.mkdir(parents=True, exist_ok=True)
-            config = node_dir / "agent.toml"
-            config.write_text(AGENT_CONFIG.format(
-                node=node, port=port, state_dir=node_dir, profile=profile, sensor="estimate",
-                model=model.resolve(), precision=precision,
-            ))  # fmt: skip
-            started.append(launch(node, agent_argv(config), node_dir / "agent.log"))
-            urls.append(f"http://127.0.0.1:{port}")
-        _wait_ready(urls, started)
-        if with_load:
-            # A new prompt stream each run: the agents' disk caches keep answers across runs,
-            # and a repeated stream would be all cache hits.
-            seed = int(time.time())
-            for n, (url, (node, _, _)) in enumerate(zip(urls, DEMO_NODES, strict=True)):
-                argv = [sys.executable, "-m", "wattops.console.cli", "load", "--agent", url,
-                        "--model", "tiny", "--rate", str(rate), "--duration", "86400",
-                        "--max-tokens", "8,32", "--idle-every", "90", "--idle-len", "20",
-                        "--seed", str(seed + n), "--quiet"]  # fmt: skip
-                started.append(launch(f"load {node}", argv, state_dir / node / "load.log"))
-        yield urls
-    finally:
-        stop_all(started)
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
+    with stop_on_hangup():
+        try:
+            urls = []
+            for node, profile, precision in DEMO_NODES:
+                port = free_port()
+                node_dir = (state_dir / node).resolve()
+                node_dir.mkdir(parents=True, exist_ok=True)
+                config = node_dir / "agent.toml"
+                config.write_text(AGENT_CONFIG.format(
+                    node=node, port=port, state_dir=node_dir, profile=profile, sensor="estimate",
+                    model=model.resolve(), precision=precision,
+                ))  # fmt: skip
+                started.append(launch(node, agent_argv(config), node_dir / "agent.log"))
+                urls.append(f"http://127.0.0.1:{port}")
+            _wait_ready(urls, started)
+            if with_load:
+                # A new prompt stream each run: the agents' disk caches keep answers across runs,
+                # and a repeated stream would be all cache hits.
+                seed = int(time.time())
+                for n, (url, (node, _, _)) in enumerate(zip(urls, DEMO_NODES, strict=True)):
+                    argv = [sys.executable, "-m", "wattops.console.cli", "load", "--agent", url,
+                            "--model", "tiny", "--rate", str(rate), "--duration", "86400",
+                            "--max-tokens", "8,32", "--idle-every", "90", "--idle-len", "20",
+                            "--seed", str(seed + n), "--quiet"]  # fmt: skip
+                    started.append(launch(f"load {node}", argv, state_dir / node / "load.log"))
+            yield urls
+        finally:
+            stop_all(started)
 
 
 def _wait_ready(urls: list[str], started: list[Launched], timeout_s: float = 600) -> None:

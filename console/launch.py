@@ -12,10 +12,11 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-__all__ = ["Launched", "agent_argv", "free_port", "launch", "stop_all"]
+__all__ = ["Launched", "agent_argv", "free_port", "launch", "stop_all", "stop_on_hangup"]
 
 
 @dataclass
@@ -63,3 +64,23 @@ def stop_all(started: list[Launched], grace_s: float = 20.0) -> None:
             with contextlib.suppress(ProcessLookupError):
                 os.killpg(item.process.pid, signal.SIGKILL)
             item.process.wait()
+
+
+@contextlib.contextmanager
+def stop_on_hangup() -> Iterator[None]:
+    """Within: SIGTERM and SIGHUP raise KeyboardInterrupt, as Ctrl-C does.
+
+    Python's default for both ends the process at once, skipping every `finally`, so the
+    agents a launcher started would outlive it. This way they are stopped the same way as
+    after a Ctrl-C (ssh hung up, `kill`, a CI timeout).
+    """
+
+    def on_signal(signum: int, frame: object) -> None:
+        raise KeyboardInterrupt
+
+    previous = {s: signal.signal(s, on_signal) for s in (signal.SIGTERM, signal.SIGHUP)}
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
