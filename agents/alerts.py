@@ -115,6 +115,22 @@ def sensor_alert(node: str, source: str, error: str | None) -> Alert | None:
     )
 
 
+def cluster_alert(node: str, error: str | None) -> Alert | None:
+    """Cluster mode cannot list its engine pods: their figures are frozen at the last list."""
+    if error is None:
+        return None
+    return Alert(
+        id=f"cluster:{node}",
+        kind="cluster_unreachable",
+        severity="warning",
+        subject=node,
+        message="cannot list the engine pods on this node; Kubernetes-managed deployments "
+        "show their last known pods",
+        detail=error,
+        since=0,
+    )
+
+
 def evaluate(parts: Mapping[str, list[Alert | None]]) -> list[Alert]:
     """Flatten the alerts of each part (node, deployments), dropping the Nones."""
     return [a for group in parts.values() for a in group if a is not None]

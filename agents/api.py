@@ -198,7 +198,7 @@ class Alert(_Model):
     """Something an operator should look at, with its arithmetic."""
 
     id: str = Field(description="stable id, e.g. budget:node:hour or parkable:tiny")
-    kind: Literal["budget_exceeded", "parkable", "sensor_failed"]
+    kind: Literal["budget_exceeded", "parkable", "sensor_failed", "cluster_unreachable"]
     severity: Literal["info", "warning", "critical"]
     subject: str = Field(description="node or deployment name")
     message: str
@@ -213,6 +213,13 @@ class DeploymentStatus(_Model):
     name: str
     engine: str
     model: str
+    managed_by: Literal["agent", "kubernetes"] = Field(
+        "agent",
+        description="agent: this agent runs the replicas and takes control requests; "
+        "kubernetes: pods of a Kubernetes Deployment on this node, which the agent observes "
+        "and accounts for but does not control",
+    )
+    namespace: str | None = Field(None, description="Kubernetes namespace (managed_by kubernetes)")
     precision: str = Field(description="precision the ready replicas serve")
     desired_precision: str
     available_precisions: list[str]

@@ -5,6 +5,7 @@ A bad file stops the agent with a message naming the file, the field and what is
 
 from __future__ import annotations
 
+import os
 import socket
 import tomllib
 from pathlib import Path
@@ -29,11 +30,17 @@ class AgentSection(_Section):
     """`[agent]`: how the daemon itself runs."""
 
     node: str = Field(
-        default_factory=socket.gethostname, description="node name shown to operators"
+        default_factory=lambda: os.environ.get("NODE_NAME") or socket.gethostname(),
+        description="node name shown to operators (and the node whose pods cluster mode "
+        "watches); default: $NODE_NAME (Kubernetes' downward API), else the host name",
     )
     listen: str = Field("127.0.0.1:8080", description="host:port the HTTP API binds to")
     state_dir: Path = Field(Path("state"), description="desired state, counters, model variants")
-    token: str | None = Field(None, description="bearer token required by control endpoints")
+    token: str | None = Field(
+        default_factory=lambda: os.environ.get("WATTOPS_TOKEN") or None,
+        description="bearer token required by control endpoints; default: $WATTOPS_TOKEN "
+        "(a Kubernetes Secret), else none",
+    )
     wake_timeout_s: float = Field(
         120.0, gt=0, description="how long a request waits for a parked deployment to wake"
     )
@@ -117,6 +124,29 @@ class CacheSection(_Section):
     disk_bytes: int = Field(
         1 * 2**30, ge=0, description="byte cap of the on-disk SQLite tier; 0 disables it"
     )
+
+
+class KubernetesSection(_Section):
+    """`[kubernetes]`: cluster mode. Engines are pods of Kubernetes Deployments that the agent
+    finds on its own node, scrapes and accounts for; it never starts, scales or stops them."""
+
+    enabled: bool = False
+    namespace: str = Field("", description='namespace to watch; "" = all namespaces')
+    selector: str = Field(
+        "app.kubernetes.io/part-of=wattops",
+        min_length=1,
+        description="label selector that makes a pod an engine",
+    )
+    port_name: str = Field(
+        "http", min_length=1, description="container port serving the OpenAI API and /metrics"
+    )
+    poll_s: float = Field(5.0, gt=0, le=300, description="seconds between pod lists")
+    kubeconfig: Path | None = Field(
+        None,
+        description="kubeconfig file to reach the API server with; default: the pod's "
+        "service account in a cluster, else $KUBECONFIG or ~/.kube/config",
+    )
+    context: str | None = Field(None, description="kubeconfig context; default: its current one")
 
 
 Precision = Annotated[str, Field(description="llama.cpp precision name, lower case")]
@@ -223,6 +253,7 @@ class AgentConfig(_Section):
     )
     site: SiteSection = Field(default_factory=SiteSection)
     accounting: AccountingSection = Field(default_factory=AccountingSection)
+    kubernetes: KubernetesSection = Field(default_factory=KubernetesSection)
     deployments: list[DeploymentConfig] = Field(default_factory=list)
 
     @model_validator(mode="after")
@@ -273,6 +304,8 @@ def load_config(path: Path) -> AgentConfig:
     base = path.parent.resolve()
     config.agent.state_dir = (base / config.agent.state_dir).resolve()
     config.agent.sysfs_root = (base / config.agent.sysfs_root).resolve()
+    if config.kubernetes.kubeconfig is not None:
+        config.kubernetes.kubeconfig = (base / config.kubernetes.kubeconfig).resolve()
     for dep in config.deployments:
         if dep.engine == "llamacpp" and dep.model is not None:
             dep.model = str((base / dep.model).resolve())

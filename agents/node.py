@@ -24,8 +24,10 @@ from wattops.agents.api import (
     NodePower,
     NodeSnapshot,
 )
+from wattops.agents.cluster import ClusterDeployment
 from wattops.agents.config import AgentConfig, ConfigError, DeploymentConfig
 from wattops.agents.gateway import Gateway
+from wattops.agents.pods import ClusterError, EnginePod, PodLister
 from wattops.agents.power import PowerMeter
 from wattops.agents.response_cache import ResponseCache
 from wattops.agents.sensors.base import Sensor, SensorError
@@ -69,6 +71,13 @@ class NodeAgent:
         self.sensor_notes: list[str] = []
         self.estimate_basis = ""
         self.alert_book = alerts.AlertBook()
+        #: Cluster mode: lists the engine pods on this node ([kubernetes] enabled).
+        self.pods: PodLister | None = None
+        self.cluster_error: str | None = None
+        #: Saved figures of Kubernetes-managed deployments with no pod here now, kept so that
+        #: their totals continue if their pods come back (and are not lost from the file).
+        self._departed: dict[str, StoredDeployment] = {}
+        self._clashes: set[tuple[str, str]] = set()
 
     # -- lifecycle -------------------------------------------------------------------------
 
@@ -113,6 +122,16 @@ class NodeAgent:
             request_timeout_s=self.config.agent.request_timeout_s,
         )
         self._start_metering(saved.node)
+        if self.config.kubernetes.enabled:
+            try:
+                self.pods = PodLister(self.config.kubernetes, self.config.agent.node)
+            except ClusterError as exc:
+                raise ConfigError(f"kubernetes.enabled: {exc}") from None
+            self._departed = {
+                name: stored
+                for name, stored in saved.deployments.items()
+                if name not in self.deployments
+            }
         self.save()
         for deployment in self.deployments.values():
             deployment.start()
@@ -122,6 +141,8 @@ class NodeAgent:
             asyncio.create_task(self.meter.run(self.accounting.on_interval), name="power"),
             asyncio.create_task(self._tick_loop(), name="accounting"),
         ]
+        if self.pods is not None:
+            self._tasks.append(asyncio.create_task(self._cluster_loop(), name="cluster"))
 
     def _start_metering(self, node_totals: EnergyCounters) -> None:
         cfg = self.config.agent
@@ -178,6 +199,74 @@ class NodeAgent:
             except Exception:  # accounting must never take the agent down
                 log.exception("accounting tick failed")
             self.mark_changed()
+
+    async def _cluster_loop(self) -> None:
+        assert self.pods is not None
+        while True:
+            try:
+                pods = await asyncio.to_thread(self.pods.list)
+            except ClusterError as exc:
+                if str(exc) != self.cluster_error:
+                    log.warning("kubernetes: %s", exc)
+                self.cluster_error = str(exc)
+            except Exception as exc:  # the loop must outlive any one bad poll
+                log.exception("kubernetes: listing pods failed")
+                self.cluster_error = f"listing pods failed: {exc!r}"
+            else:
+                if self.cluster_error is not None:
+                    log.info("kubernetes: pods listed again")
+                self.cluster_error = None
+                await self.apply_pods(pods)
+            await asyncio.sleep(self.config.kubernetes.poll_s)
+
+    async def apply_pods(self, pods: list[EnginePod]) -> None:
+        """Make the Kubernetes-managed deployments the Deployments these pods belong to."""
+        assert self.session is not None
+        groups: dict[tuple[str, str], list[EnginePod]] = {}
+        for pod in sorted(pods, key=lambda p: (p.namespace, p.name)):
+            groups.setdefault((pod.namespace, pod.deployment), []).append(pod)
+        wanted: set[str] = set()
+        for (namespace, name), members in groups.items():
+            current = self.deployments.get(name)
+            if current is None:
+                stored = self._departed.pop(name, None)
+                try:
+                    current = ClusterDeployment(
+                        namespace,
+                        name,
+                        self.session,
+                        stored.counters if stored else DeploymentCounters(),
+                        stored.energy if stored else EnergyCounters(),
+                        self.config.agent,
+                        self.mark_changed,
+                        self.save,
+                        counts_from=self.started_at,
+                    )
+                except ValueError:
+                    self._clash(namespace, name, "its name is not a valid deployment name")
+                    continue
+                log.info("kubernetes: deployment %s/%s has pods on this node", namespace, name)
+                self.deployments[name] = current
+                current.start()
+            elif not isinstance(current, ClusterDeployment) or current.namespace != namespace:
+                self._clash(namespace, name, f"a deployment called {name} is already served")
+                continue
+            current.sync(members)
+            wanted.add(name)
+        for name, dep in list(self.deployments.items()):
+            if isinstance(dep, ClusterDeployment) and name not in wanted:
+                log.info("kubernetes: deployment %s/%s has no pods here now", dep.namespace, name)
+                del self.deployments[name]
+                self._departed[name] = StoredDeployment(
+                    desired=dep.desired.model_copy(), counters=dep.counters, energy=dep.energy
+                )
+                await dep.stop()
+        self.mark_changed()
+
+    def _clash(self, namespace: str, name: str, why: str) -> None:
+        if (namespace, name) not in self._clashes:
+            self._clashes.add((namespace, name))
+            log.warning("kubernetes: ignoring the pods of %s/%s: %s", namespace, name, why)
 
     async def close(self) -> None:
         """Release connections and files without touching the saved state (a failed start)."""
@@ -278,7 +367,8 @@ class NodeAgent:
                     desired=d.desired.model_copy(), counters=d.counters, energy=d.energy
                 )
                 for name, d in self.deployments.items()
-            },
+            }
+            | {name: stored for name, stored in self._departed.items()},
             node=self.accounting.node if self.accounting else EnergyCounters(),
         )
         self.store.save(state)
@@ -316,6 +406,7 @@ class NodeAgent:
         burn, _ = self._burn()
         found: list[Alert | None] = [
             alerts.sensor_alert(node, self.meter.sensor.source, self.meter.error),
+            alerts.cluster_alert(node, self.cluster_error),
             *alerts.budget_alerts(
                 node,
                 burn,

@@ -544,8 +544,11 @@ class Deployment:
 
     async def _collect_usage(self, live: LiveReplica) -> None:
         usage = await self.engine.read_usage(live.replica)
-        if usage is None:
-            return
+        if usage is not None:
+            self._count_usage(live, usage)
+
+    def _count_usage(self, live: LiveReplica, usage: EngineUsage) -> None:
+        """Add what `live`'s engine counted since the last reading to the counters."""
         if not live.usage_read and live.replica.process is None:
             # An attached server's counters predate this agent (and its restarts): the first
             # reading is the baseline, not work done here.

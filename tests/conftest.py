@@ -164,7 +164,10 @@ DEFAULT_DEPLOYMENT = {
 
 
 def render_toml(
-    agent: dict[str, Any], deployments: list[dict[str, Any]], cache: dict[str, Any] | None = None
+    agent: dict[str, Any],
+    deployments: list[dict[str, Any]],
+    cache: dict[str, Any] | None = None,
+    tables: dict[str, dict[str, Any]] | None = None,
 ) -> str:
     """A tiny TOML writer for the flat tables these tests use."""
 
@@ -180,6 +183,8 @@ def render_toml(
     lines = ["[agent]"] + [f"{k} = {value(v)}" for k, v in agent.items()]
     if cache:
         lines += ["", "[cache]"] + [f"{k} = {value(v)}" for k, v in cache.items()]
+    for tname, table in (tables or {}).items():
+        lines += ["", f"[{tname}]"] + [f"{k} = {value(v)}" for k, v in table.items()]
     for dep in deployments:
         lines += ["", "[[deployments]]"]
         tables = {k: v for k, v in dep.items() if isinstance(v, dict)}
@@ -191,7 +196,8 @@ def render_toml(
 
 @pytest.fixture
 def make_agent(tmp_path: Path, test_model: Path) -> Iterator[Callable[..., Agent]]:
-    """Factory: `make_agent(token=..., **deployment_overrides)` starts a real agent."""
+    """Factory: `make_agent(token=..., **deployment_overrides)` starts a real agent;
+    `tables` adds top-level tables such as `[kubernetes]`."""
     agents: list[Agent] = []
 
     def make(
@@ -200,6 +206,7 @@ def make_agent(tmp_path: Path, test_model: Path) -> Iterator[Callable[..., Agent
         deployments: list[dict[str, Any]] | None = None,
         agent_extra: dict[str, Any] | None = None,
         cache: dict[str, Any] | None = None,
+        tables: dict[str, dict[str, Any]] | None = None,
         start: bool = True,
         **overrides: Any,
     ) -> Agent:
@@ -219,7 +226,7 @@ def make_agent(tmp_path: Path, test_model: Path) -> Iterator[Callable[..., Agent
         if deployments is None:
             deployments = [{**DEFAULT_DEPLOYMENT, "model": str(test_model), **overrides}]
         config_path = state_dir.parent / "agent.toml"
-        config_path.write_text(render_toml(agent_table, deployments, cache))
+        config_path.write_text(render_toml(agent_table, deployments, cache, tables))
         agent = Agent(config_path, state_dir, port, token)
         agents.append(agent)
         if start:

@@ -89,6 +89,7 @@ import uuid
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from pathlib import Path
 from types import TracebackType
 from typing import Any, Self
 
@@ -1148,6 +1149,25 @@ class KubeApiServer:
             host=self.url, api_key={"authorization": f"Bearer {token}"}
         )
 
+    def write_kubeconfig(self, path: Path, token: str) -> Path:
+        """A kubeconfig file for this server and `token` (one context, current), as
+        `kubectl config` would write it; returns `path`."""
+        path.write_text(
+            json.dumps(
+                {
+                    "apiVersion": "v1",
+                    "kind": "Config",
+                    "clusters": [{"name": "standin", "cluster": {"server": self.url}}],
+                    "users": [{"name": "user", "user": {"token": token}}],
+                    "contexts": [
+                        {"name": "standin", "context": {"cluster": "standin", "user": "user"}}
+                    ],
+                    "current-context": "standin",
+                }
+            )
+        )
+        return path
+
     # --- users ---
 
     def add_user(self, name: str, token: str) -> None:
@@ -1224,18 +1244,36 @@ class KubeApiServer:
         *,
         ready: bool = True,
         containers: Sequence[Mapping[str, Any]] | None = None,
+        replica_set: str | None = None,
     ) -> Json:
-        """Create a running pod on `node_name` (e.g. a wattops-agent DaemonSet pod); returns it."""
+        """Create a running pod on `node_name` (e.g. a wattops-agent DaemonSet pod); returns it.
+
+        `replica_set`: the pod is owned by that ReplicaSet, as one made by a Deployment's
+        controller is (ownerReferences with controller true); give its pod-template-hash in
+        `labels`. No controller here acts on it, so its address and readiness stay the test's.
+        """
+        metadata: Json = {
+            "name": name,
+            "namespace": namespace,
+            "uid": str(uuid.uuid4()),
+            "labels": dict(labels),
+            "creationTimestamp": _timestamp(),
+        }
+        if replica_set is not None:
+            metadata["ownerReferences"] = [
+                {
+                    "apiVersion": "apps/v1",
+                    "kind": "ReplicaSet",
+                    "name": replica_set,
+                    "uid": str(uuid.uuid5(uuid.NAMESPACE_OID, replica_set)),
+                    "controller": True,
+                    "blockOwnerDeletion": True,
+                }
+            ]
         pod: Json = {
             "apiVersion": "v1",
             "kind": "Pod",
-            "metadata": {
-                "name": name,
-                "namespace": namespace,
-                "uid": str(uuid.uuid4()),
-                "labels": dict(labels),
-                "creationTimestamp": _timestamp(),
-            },
+            "metadata": metadata,
             "spec": {
                 "containers": [copy.deepcopy(dict(c)) for c in containers]
                 if containers is not None

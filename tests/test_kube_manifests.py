@@ -421,10 +421,9 @@ def test_agent_config_enables_kubernetes_and_selects_engines_not_itself(base: Bu
 @pytest.mark.parametrize("variant", sorted(VARIANTS))
 def test_agent_config_is_accepted_by_the_agent(variant: str) -> None:
     data = build(variant).agent_toml()
-    # TODO(kubernetes-config): delete the next line once AgentConfig has a [kubernetes] section.
-    data.pop("kubernetes")
     config = parse_config(data, f"{variant}: agent.toml")
     assert hardware_profile(config.agent.profile).name == config.agent.profile
+    assert config.kubernetes.enabled  # cluster mode: the engines are the cluster's pods
 
 
 # --- the overlays -----------------------------------------------------------------------------
