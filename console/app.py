@@ -11,6 +11,7 @@ import time
 from collections.abc import Iterable
 from dataclasses import dataclass
 from functools import partial
+from typing import TYPE_CHECKING
 
 import httpx
 from textual import on, work
@@ -21,13 +22,13 @@ from textual.containers import Vertical
 from textual.css.query import NoMatches
 from textual.widgets import Footer, Header, Input, OptionList, Static
 
-from wattops.agents.api import DeploymentStatus
+from wattops.agents.api import PRECISIONS, DeploymentStatus
 from wattops.console import rows as fmt
 from wattops.console.client import AgentClient, AgentError
 from wattops.console.fleet import AgentLink, FleetState
 from wattops.console.recommend import precision_advice
 from wattops.console.rollout import Action, judge
-from wattops.console.rows import FleetRow, rows_for
+from wattops.console.rows import FleetRow, kube_key, kube_rows, rows_for
 from wattops.console.screens.modals import ConfirmModal, DetailModal, PrecisionModal, ScaleModal
 from wattops.console.screens.node import NodeScreen
 from wattops.console.widgets.alerts_panel import AlertsPanel, PanelItem
@@ -37,6 +38,15 @@ from wattops.console.widgets.fleet_table import SORTABLE, FleetTable
 _MODALS = (PrecisionModal, ScaleModal, ConfirmModal, DetailModal)
 #: Control actions: hidden and refused in read-only mode.
 CONTROL_ACTIONS = frozenset({"precision", "scale_up", "scale_down", "scale_to", "park"})
+#: Seconds between reads of the Kubernetes Deployments (`--kube`).
+KUBE_POLL_S = 2.0
+#: The most replicas the scale modal offers for a Kubernetes Deployment (more: the CLI).
+KUBE_SCALE_MAX = 100
+#: How long the console follows a Kubernetes rollout before saying it is still going.
+KUBE_ROLLOUT_TIMEOUT_S = 900.0
+
+if TYPE_CHECKING:
+    from wattops.console.kube import KubeDeployment, KubeFleet, Rollout
 
 
 @dataclass
@@ -49,6 +59,8 @@ class Pending:
     #: When the agent answered 202 (monotonic); None while the call is on its way. Only
     #: snapshots that arrive after it can show the action's outcome.
     accepted_at: float | None = None
+    #: A Kubernetes rollout's latest state, as `kubectl rollout status` words it.
+    progress: str = ""
 
 
 class ActionCommands(Provider):
@@ -150,8 +162,13 @@ class WattopsConsole(App[None]):
         prometheus: str | None = None,
         refresh_s: float = 1.0,
         connect: bool = True,
+        kube: KubeFleet | None = None,
     ) -> None:
         super().__init__()
+        #: `--kube`: the API server, for the engine Deployments and for acting on them.
+        self.kube = kube
+        self.kube_deployments: list[KubeDeployment] = []
+        self.kube_error: str | None = None
         #: False: do not open the agents' streams (snapshot tests fill the fleet themselves).
         self.connect = connect
         self.fleet = FleetState(urls)
@@ -191,7 +208,7 @@ class WattopsConsole(App[None]):
         gc.set_threshold(50_000, 50, 100)
         gc.freeze()
         self.sub_title = ("read-only: " if self.read_only else "") + (
-            f"{len(self.fleet.links)} agent(s)"
+            f"{len(self.fleet.links)} agent(s)" + (" + Kubernetes API" if self.kube else "")
         )
         self.query_one("#filter", Input).display = False
         self.fleet.on_change = self._link_changed
@@ -199,9 +216,29 @@ class WattopsConsole(App[None]):
             self.fleet.start()
         # One pool for control calls: a new connection per key press costs tens of ms.
         self._control_http = httpx.AsyncClient(timeout=10.0)
+        if self.kube is not None:
+            self._poll_kube()
+            self.set_interval(KUBE_POLL_S, self._poll_kube)
         self.refresh_fleet()
         self.set_interval(self.refresh_s, self.refresh_fleet)
         self.query_one(FleetTable).focus()
+
+    @work(thread=True, group="kube-poll", exclusive=True, exit_on_error=False)
+    def _poll_kube(self) -> None:
+        from wattops.console.kube import KubeError
+
+        assert self.kube is not None
+        try:
+            found = self.kube.deployments()
+        except KubeError as exc:
+            self.call_from_thread(self._kube_listed, None, str(exc))
+            return
+        self.call_from_thread(self._kube_listed, found, None)
+
+    def _kube_listed(self, found: list[KubeDeployment] | None, error: str | None) -> None:
+        if found is not None:
+            self.kube_deployments = found
+        self.kube_error = error
 
     async def on_unmount(self) -> None:
         await self.fleet.stop()
@@ -248,8 +285,14 @@ class WattopsConsole(App[None]):
         except NoMatches:
             return  # starting up or shutting down
         rows, changed = self.fleet.rows()
+        if self.kube is not None:
+            # A handful of rows, redrawn every time: their counts come from another source.
+            deployments = kube_rows(self.kube_deployments, rows)
+            changed.update(r.key for r in deployments)
+            rows = deployments + rows
         self._judge_pending()
-        labels = {k: f"{p.action}→{p.target}…" for k, p in self.pending.items()}
+        labels = {k: f"{p.action}→{p.target}… {p.progress}".rstrip()
+                  for k, p in self.pending.items()}  # fmt: skip
         changed.update(k for k in labels.keys() | self._labels.keys()
                        if labels.get(k) != self._labels.get(k))  # fmt: skip
         self._labels = labels
@@ -295,6 +338,11 @@ class WattopsConsole(App[None]):
 
     def _panel_items(self) -> list[PanelItem]:
         items = []
+        if self.kube_error is not None:
+            items.append(PanelItem("kube|error", "critical",
+                                   f"Kubernetes API: {self.kube_error}",
+                                   "The Deployments' rows show what was last read; retrying "
+                                   f"every {KUBE_POLL_S:.0f} s."))  # fmt: skip
         for link in self.fleet.links.values():
             key = _items_key(link)
             cached = self._panel_cache.get(link.url)
@@ -345,6 +393,11 @@ class WattopsConsole(App[None]):
 
     def action_precision(self) -> None:
         """Pick a precision, confirm, send."""
+        managed, view = self._kube_selected()
+        if managed:
+            if view is not None:
+                self._kube_precision(view)
+            return
         chosen = self.selected()
         if chosen is None:
             return
@@ -369,6 +422,11 @@ class WattopsConsole(App[None]):
 
     def action_scale_up(self) -> None:
         """One more replica."""
+        managed, view = self._kube_selected()
+        if managed:
+            if view is not None:
+                self._kube_send(view, "scale", view.desired + 1)
+            return
         chosen = self.selected()
         if chosen:
             link, dep = chosen
@@ -381,6 +439,14 @@ class WattopsConsole(App[None]):
 
     def action_scale_down(self) -> None:
         """One replica fewer (to zero asks to confirm, as parking does)."""
+        managed, view = self._kube_selected()
+        if managed:
+            if view is not None and view.desired > 0:
+                if view.desired == 1:
+                    self._kube_ask_park(view)
+                else:
+                    self._kube_send(view, "scale", view.desired - 1)
+            return
         chosen = self.selected()
         if chosen:
             link, dep = chosen
@@ -393,6 +459,11 @@ class WattopsConsole(App[None]):
 
     def action_scale_to(self) -> None:
         """Scale to a number chosen in a modal."""
+        managed, view = self._kube_selected()
+        if managed:
+            if view is not None:
+                self._kube_scale_to(view)
+            return
         chosen = self.selected()
         if chosen is None:
             return
@@ -411,6 +482,11 @@ class WattopsConsole(App[None]):
 
     def action_park(self) -> None:
         """Scale to zero, after confirmation."""
+        managed, view = self._kube_selected()
+        if managed:
+            if view is not None:
+                self._kube_ask_park(view)
+            return
         chosen = self.selected()
         if chosen:
             link, dep = chosen
@@ -461,6 +537,140 @@ class WattopsConsole(App[None]):
         if pending is not None:
             pending.accepted_at = time.monotonic()
         self.notify(f"{node}: {action} {deployment} → {target} accepted", title="sent")
+
+    # -- actions on Kubernetes Deployments (through the API server) ------------------------
+
+    def _kube_selected(self) -> tuple[bool, KubeDeployment | None]:
+        """(True, its Deployment) when the row under the cursor is Kubernetes-managed (the
+        Deployment's own row, or an agent's row of its pods); (True, None) when it is but
+        cannot be acted on (the operator is told why); (False, None) for the agent's own."""
+        key = self.query_one(FleetTable).selected_key()
+        row = next((r for r in self.last_rows if r.key == key), None) if key else None
+        if row is None or row.namespace is None:
+            return False, None
+        if self.kube is None:
+            self.notify(
+                f"{row.deployment} is the Kubernetes Deployment {row.namespace}/{row.deployment}:"
+                " open the console with --kube to scale it or change its precision",
+                severity="warning",
+            )
+            return True, None
+        wanted = (row.namespace, row.deployment)
+        view = next((d for d in self.kube_deployments if (d.namespace, d.name) == wanted), None)
+        if view is None:
+            self.notify(
+                f"{row.namespace}/{row.deployment} is not among the Deployments the API server "
+                "lists for you", severity="warning",
+            )  # fmt: skip
+        return True, view
+
+    def _kube_precision(self, view: KubeDeployment) -> None:
+        current = view.precision or "unknown"
+        where = f"k8s/{view.namespace}"
+
+        def picked(precision: str | None) -> None:
+            if precision is None or precision == current:
+                return
+            question = (
+                f"Roll {view.namespace}/{view.name} from {current} to {precision}?\n"
+                "New pods start first (maxUnavailable 0); old ones stop once new ones are Ready."
+            )
+            self.push_screen(
+                ConfirmModal(question), partial(self._kube_confirmed, view, "precision", precision)
+            )
+
+        self.push_screen(PrecisionModal(view.name, where, current, list(PRECISIONS)), picked)
+
+    def _kube_scale_to(self, view: KubeDeployment) -> None:
+        def picked(replicas: int | None) -> None:
+            if replicas is None or replicas == view.desired:
+                return
+            if replicas == 0:
+                self._kube_ask_park(view)
+            else:
+                self._kube_send(view, "scale", replicas)
+
+        where = f"k8s/{view.namespace}"
+        self.push_screen(ScaleModal(view.name, where, view.desired, KUBE_SCALE_MAX), picked)
+
+    def _kube_ask_park(self, view: KubeDeployment) -> None:
+        question = (
+            f"Scale {view.namespace}/{view.name} to 0? Its {view.desired} pod(s) stop, and "
+            "nothing wakes a Kubernetes Deployment on request: it serves again when scaled up."
+        )
+        self.push_screen(ConfirmModal(question), partial(self._kube_confirmed, view, "scale", 0))
+
+    def _kube_confirmed(
+        self, view: KubeDeployment, action: Action, target: str | int, yes: bool | None
+    ) -> None:
+        if yes:
+            self._kube_send(view, action, target)
+
+    def _kube_send(self, view: KubeDeployment, action: Action, target: str | int) -> None:
+        if self.read_only:
+            self.notify("read-only console: no action is sent", severity="warning")
+            return
+        key = kube_key(view.namespace, view.name)
+        if key in self.pending:
+            self.notify(f"{view.name}: a change is still rolling out", severity="warning")
+            return
+        self.pending[key] = Pending(action, target, f"k8s/{view.namespace}", time.monotonic())
+        self._kube_act(view, action, target)
+
+    @work(thread=True, group="kube-act", exit_on_error=False)
+    def _kube_act(self, view: KubeDeployment, action: Action, target: str | int) -> None:
+        """Write through the API server, then follow the rollout as `kubectl rollout status`."""
+        from wattops.console.kube import KubeError
+
+        assert self.kube is not None
+        key = kube_key(view.namespace, view.name)
+        name, where = view.name, f"{view.namespace}/{view.name}"
+        try:
+            if action == "scale":
+                self.kube.scale(name, int(target), view.namespace)
+            else:
+                self.kube.set_precision(name, str(target), view.namespace)
+            self.call_from_thread(self.notify, f"{where}: {action} → {target} accepted",
+                                  title="sent")  # fmt: skip
+            last: Rollout | None = None
+            for last in self.kube.follow(name, KUBE_ROLLOUT_TIMEOUT_S, namespace=view.namespace):
+                self.call_from_thread(self._kube_progress, key, last)
+        except KubeError as exc:
+            self.call_from_thread(self._kube_finished, key, "failed", f"{where}: {exc}")
+            return
+        if last is None or last.state == "progressing":
+            message = last.message if last else "no news"
+            self.call_from_thread(
+                self._kube_finished, key, "progressing",
+                f"{where}: still rolling out after {KUBE_ROLLOUT_TIMEOUT_S:.0f} s: {message}",
+            )  # fmt: skip
+        elif last.state == "failed":
+            undo = (f"; `kubectl -n {view.namespace} rollout undo deployment/{name}` goes back"
+                    if action == "precision" else "")  # fmt: skip
+            self.call_from_thread(self._kube_finished, key, "failed",
+                                  f"{where}: {last.message}{undo}")  # fmt: skip
+        else:
+            self.call_from_thread(self._kube_finished, key, "complete",
+                                  f"{where}: {last.message}")  # fmt: skip
+
+    def _kube_progress(self, key: str, rollout: Rollout) -> None:
+        pending = self.pending.get(key)
+        if pending is not None:
+            pending.progress = rollout.message
+        self.kube_deployments = [
+            rollout.deployment if (d.namespace, d.name) == (
+                rollout.deployment.namespace, rollout.deployment.name) else d
+            for d in self.kube_deployments
+        ]  # fmt: skip
+
+    def _kube_finished(self, key: str, state: str, message: str) -> None:
+        self.pending.pop(key, None)
+        if state == "complete":
+            self.notify(message, title="done")
+        elif state == "failed":
+            self.notify(message, title="failed", severity="error", timeout=30)
+        else:
+            self.notify(message, title="still rolling out", severity="warning", timeout=30)
 
     def action_node_view(self) -> None:
         """Open the node view of the selected row's node."""
@@ -573,6 +783,7 @@ def make_app(
     prometheus: str | None = None,
     refresh_s: float = 1.0,
     connect: bool = True,
+    kube: KubeFleet | None = None,
 ) -> WattopsConsole:
     """The console app; tests and the demo build it the same way the CLI does."""
     return WattopsConsole(
@@ -582,4 +793,5 @@ def make_app(
         prometheus=prometheus,
         refresh_s=refresh_s,
         connect=connect,
+        kube=kube,
     )

@@ -176,17 +176,23 @@ def _console(args: argparse.Namespace) -> int:
     from wattops.console.app import make_app
 
     token = None if args.read_only else _token()
-    urls = _agent_urls(args)
+    kube = None
     if args.kube:
         from wattops.console.kube import KubeError
 
+        kube = _kube(args)
         try:
-            urls = _kube(args).agent_urls()
+            urls = kube.agent_urls()
         except KubeError as exc:
             raise SystemExit(f"wattops console: {exc}") from None
         if not urls:
-            raise SystemExit("wattops console: no running wattops-agent pods found")
-    make_app(urls, token=token, read_only=args.read_only, prometheus=args.prometheus).run()
+            # Still useful: the Deployments can be scaled and rolled from the API alone.
+            print("wattops console: no running wattops-agent pods found", file=sys.stderr)
+    else:
+        urls = _agent_urls(args)
+    make_app(
+        urls, token=token, read_only=args.read_only, prometheus=args.prometheus, kube=kube
+    ).run()
     return 0
 
 

@@ -255,10 +255,12 @@ class KubeFleet:
 
     # -- writing ---------------------------------------------------------------------------
 
-    def _with_retry(self, name: str, write: Callable[[Any], Any]) -> KubeDeployment:
+    def _with_retry(
+        self, name: str, write: Callable[[Any], Any], namespace: str | None = None
+    ) -> KubeDeployment:
         from kubernetes.client.exceptions import ApiException
 
-        ns = self._namespace_of(name)
+        ns = namespace or self._namespace_of(name)
         for _attempt in range(CONFLICT_RETRIES):
             current = self.get(name, ns)
             try:
@@ -272,7 +274,7 @@ class KubeFleet:
             f"({CONFLICT_RETRIES} conflicting writes); nothing was changed, try again"
         )
 
-    def scale(self, name: str, replicas: int) -> KubeDeployment:
+    def scale(self, name: str, replicas: int, namespace: str | None = None) -> KubeDeployment:
         """Set the desired replicas through the scale subresource."""
         if replicas < 0:
             raise KubeError(f"replicas must be 0 or more, not {replicas}")
@@ -294,9 +296,11 @@ class KubeFleet:
                 body,
             )
 
-        return self._with_retry(name, write)
+        return self._with_retry(name, write, namespace)
 
-    def set_precision(self, name: str, precision: str) -> KubeDeployment:
+    def set_precision(
+        self, name: str, precision: str, namespace: str | None = None
+    ) -> KubeDeployment:
         """Roll the Deployment to `precision` (never below the desired ready count)."""
         if precision not in PRECISIONS:
             raise KubeError(f"unknown precision {precision!r}; allowed: {', '.join(PRECISIONS)}")
@@ -337,13 +341,13 @@ class KubeFleet:
                 _content_type=STRATEGIC_MERGE,
             )
 
-        return self._with_retry(name, write)
+        return self._with_retry(name, write, namespace)
 
     # -- following a rollout ---------------------------------------------------------------
 
-    def rollout(self, name: str) -> Rollout:
+    def rollout(self, name: str, namespace: str | None = None) -> Rollout:
         """Where the rollout of `name` stands now (kubectl rollout status's reading)."""
-        obj = self.get(name)
+        obj = self.get(name, namespace)
         view = _view(obj)
         if view.observed_generation < view.generation:
             return Rollout("progressing", "waiting for the deployment controller", view)
@@ -389,13 +393,20 @@ class KubeFleet:
                     )
         return None
 
-    def follow(self, name: str, timeout_s: float = 600.0, poll_s: float = 1.0) -> Iterator[Rollout]:
+    def follow(
+        self,
+        name: str,
+        timeout_s: float = 600.0,
+        poll_s: float = 1.0,
+        namespace: str | None = None,
+    ) -> Iterator[Rollout]:
         """Yield the rollout's state as it changes, ending with a done one (or on timeout,
         with the last progressing state)."""
         deadline = time.monotonic() + timeout_s
         last: Rollout | None = None
+        ns = namespace or self._namespace_of(name)
         while True:
-            current = self.rollout(name)
+            current = self.rollout(name, ns)
             if last is None or (current.state, current.message) != (last.state, last.message):
                 yield current
             last = current

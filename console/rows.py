@@ -3,10 +3,19 @@
 
 from __future__ import annotations
 
+from collections import Counter
+from collections.abc import Iterable
 from dataclasses import dataclass
 from enum import StrEnum
+from typing import TYPE_CHECKING
 
 from wattops.agents.api import NodeSnapshot
+
+if TYPE_CHECKING:
+    from wattops.console.kube import KubeDeployment
+
+#: Row keys of Kubernetes Deployments start with this (agents' rows with their URL).
+KUBE_KEY = "kube|"
 
 
 class Link(StrEnum):
@@ -42,6 +51,16 @@ class FleetRow:
     p95_s: float | None = None
     alerts: int = 0
     last_error: str | None = None
+    #: Kubernetes-managed: the Deployment's namespace (on agents' rows and on its own row).
+    namespace: str | None = None
+    #: A Kubernetes Deployment's own row: its updated and available replicas.
+    updated: int | None = None
+    available: int | None = None
+
+
+def kube_key(namespace: str, name: str) -> str:
+    """The row key of a Kubernetes Deployment."""
+    return f"{KUBE_KEY}{namespace}/{name}"
 
 
 def rows_for(url: str, snapshot: NodeSnapshot | None, link: Link) -> list[FleetRow]:
@@ -77,9 +96,60 @@ def rows_for(url: str, snapshot: NodeSnapshot | None, link: Link) -> list[FleetR
                 p95_s=dep.latency.p95_s,
                 alerts=alerts,
                 last_error=dep.last_error,
+                namespace=dep.namespace if dep.managed_by == "kubernetes" else None,
             )
         )
     return rows
+
+
+def kube_rows(deployments: Iterable[KubeDeployment], agent_rows: list[FleetRow]) -> list[FleetRow]:
+    """One row per Kubernetes Deployment: its replica counts from the API server, and the sums
+    of what the agents report for its pods on their nodes (power, $/h, tokens/s). Per-token
+    figures and percentiles are per node only: they do not add up across nodes."""
+    pods: dict[tuple[str, str], list[FleetRow]] = {}
+    for row in agent_rows:
+        if row.namespace is not None and row.link is Link.LIVE:
+            pods.setdefault((row.namespace, row.deployment), []).append(row)
+    rows = []
+    for dep in deployments:
+        seen = pods.get((dep.namespace, dep.name), [])
+        template = dep.precision or "unknown"
+        serving = Counter(r.precision for r in seen if r.ready)
+        if dep.desired == 0 and dep.ready == 0:
+            state = "parked"
+        elif dep.updated == dep.ready == dep.available == dep.desired:
+            state = "serving"
+        else:
+            state = "progressing"
+        rows.append(
+            FleetRow(
+                key=kube_key(dep.namespace, dep.name),
+                url=KUBE_KEY.rstrip("|"),
+                node=f"k8s/{dep.namespace}",
+                link=Link.LIVE,
+                deployment=dep.name,
+                precision=serving.most_common(1)[0][0] if serving else template,
+                desired_precision=template,
+                ready=dep.ready,
+                desired=dep.desired,
+                state=state,
+                watts=_sum(r.watts for r in seen),
+                estimated=any(r.estimated for r in seen),
+                usd_per_hour=_sum(r.usd_per_hour for r in seen),
+                tokens_per_s=_sum(r.tokens_per_s for r in seen),
+                alerts=sum(r.alerts for r in seen),
+                last_error=next((r.last_error for r in seen if r.last_error), None),
+                namespace=dep.namespace,
+                updated=dep.updated,
+                available=dep.available,
+            )
+        )
+    return rows
+
+
+def _sum(values: Iterable[float | None]) -> float | None:
+    known = [v for v in values if v is not None]
+    return sum(known) if known else None
 
 
 def watts(value: float | None, estimated: bool) -> str:

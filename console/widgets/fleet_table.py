@@ -47,7 +47,8 @@ SORTABLE: dict[str, str] = {
 
 STATE_STYLE = {
     "serving": Style(color="green"), "switching": Style(color="yellow", bold=True),
-    "scaling": Style(color="yellow"), "parked": Style(dim=True),
+    "scaling": Style(color="yellow"), "progressing": Style(color="yellow"),
+    "parked": Style(dim=True),
     "failed": Style(color="red", bold=True), "offline": Style(color="red", bold=True),
     "stale": Style(color="yellow"),
 }  # fmt: skip
@@ -85,6 +86,8 @@ def cells(row: FleetRow, watts: Sequence[float], tokens: Sequence[float],
         precision += ((f"→{row.desired_precision}", CHANGING),)
     state_text = row.state if row.link is Link.LIVE else row.link.value
     state: Cell = ((state_text, STATE_STYLE.get(state_text)),)
+    if row.updated is not None:  # a Kubernetes Deployment: its rollout counts
+        state += ((f" {row.updated} upd {row.available} avl", DIM),)
     if pending:
         state += ((f" {pending}", PENDING),)
     power: Cell = ((fmt.watts(row.watts, False), None),)
