@@ -78,6 +78,11 @@ class PodReplica(LiveReplica):
 
     def observe(self, usage: EngineUsage, now: float) -> None:
         """Take the engine's busy figures from one scrape."""
+        reports = usage.busy_seconds is not None or usage.in_flight is not None
+        if reports and not self.engine_reports_busy:
+            # From now on the engine's figure: start it where the gateway's count got to, so
+            # busy time never runs backwards (accounting takes differences of it).
+            self.engine_busy_s = super().busy_seconds(now)
         if usage.busy_seconds is not None:
             if self.busy_counter is not None:
                 before = self.busy_counter

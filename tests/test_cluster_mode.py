@@ -218,6 +218,9 @@ def test_busy_time_comes_from_the_engine() -> None:
     silent.observe(EngineUsage(prompt_tokens=3), now=1.0)
     silent.take()
     assert silent.busy_seconds(silent.busy_since + 1.5) == pytest.approx(1.5)
+    # Its engine starts reporting: busy time goes on from there, never backwards.
+    silent.observe(EngineUsage(busy_seconds=0.0), now=silent.busy_since + 2.0)
+    assert silent.busy_seconds(silent.busy_since + 3.0) == pytest.approx(2.0)
 
 
 def _chat(url: str, model: str, content: str) -> httpx.Response:
