@@ -157,8 +157,9 @@ class BenchSettings:
 
 def agent_config(settings: BenchSettings, mode: Mode, port: int, state_dir: Path,
                  files: dict[str, Path]) -> str:  # fmt: skip
-    """The agent configuration that is `mode` (TOML)."""
-    files_line = ", ".join(f'{p} = "{path}"' for p, path in sorted(files.items()))
+    """The agent configuration that is `mode` (TOML). Paths are written absolute: the agent
+    resolves relative ones against the config file's folder, not the bench's."""
+    files_line = ", ".join(f'{p} = "{path.resolve()}"' for p, path in sorted(files.items()))
     elastic = (
         f"autoscale_target_in_flight = {settings.autoscale_target_in_flight}\n"
         f"idle_scale_to_zero_s = {settings.idle_scale_to_zero_s}\n"
@@ -170,7 +171,7 @@ def agent_config(settings: BenchSettings, mode: Mode, port: int, state_dir: Path
 [agent]
 node = "bench-{mode.key}"
 listen = "127.0.0.1:{port}"
-state_dir = "{state_dir}"
+state_dir = "{state_dir.resolve()}"
 profile = "{settings.hardware}"
 sensor = "{settings.sensor}"
 
@@ -221,10 +222,16 @@ def running_agent(settings: BenchSettings, mode: Mode, work: Path,
                 )
             try:
                 dep = _deployment(httpx.get(f"{url}/v1/node", timeout=2).json())
+            except (httpx.HTTPError, ValueError, StopIteration):
+                dep = None
+            if dep is not None:
                 if dep["state"] == "serving" and dep["ready_replicas"] >= dep["desired_replicas"]:
                     break
-            except (httpx.HTTPError, ValueError, StopIteration):
-                pass
+                if dep["state"] == "failed":  # it would only retry the same start
+                    raise RuntimeError(
+                        f"the {mode.key} agent cannot start its replicas: {dep['last_error']}; "
+                        f"see {work / 'agent.log'}"
+                    )
             if time.monotonic() > deadline:
                 raise RuntimeError(f"the {mode.key} agent did not serve within 300 s")
             time.sleep(0.25)
@@ -396,6 +403,7 @@ class Progress:
 def run_bench(settings: BenchSettings, out: Path, resume: bool = False, command: str = "",
               show_progress: bool = True) -> dict[str, Any]:  # fmt: skip
     """Run the experiment into `out`; return the results (also in `out/results.json`)."""
+    out = out.resolve()
     out.mkdir(parents=True, exist_ok=True)
     results_path = out / "results.json"
     fingerprint = settings.fingerprint()

@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import json
 import math
+import tomllib
 from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-from wattops.console.bench import MODES, BenchSettings, default_workload, run_bench
+from wattops.console.bench import MODES, BenchSettings, agent_config, default_workload, run_bench
 from wattops.console.bench_report import change_pct, mean_std, summarise
 from wattops.console.cli import main as cli_main
 from wattops.console.load import build_workload
@@ -62,6 +63,23 @@ def test_cli_names_bad_arguments(tmp_path: Path, capsys: pytest.CaptureFixture[s
 
 
 # -- statistics ----------------------------------------------------------------------------
+
+
+def test_agent_config_paths_are_absolute(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """`make bench` passes a relative --out; the agent resolves relative paths against its
+    config file's folder, so the bench must write them absolute (it once did not)."""
+    monkeypatch.chdir(tmp_path)
+    model = tmp_path / "demo.gguf"
+    model.write_bytes(b"")
+    settings = BenchSettings(model=Path("demo.gguf"))
+    mode = next(m for m in MODES if m.key == "model_optimized")
+    text = agent_config(settings, mode, 8080, Path("out/work/state"),
+                              {"q4_k_m": Path("out/variants/demo.q4_k_m.gguf")})  # fmt: skip
+    config = tomllib.loads(text)
+    deployment = config["deployments"][0]
+    assert config["agent"]["state_dir"] == str(tmp_path / "out/work/state")
+    assert deployment["files"] == {"q4_k_m": str(tmp_path / "out/variants/demo.q4_k_m.gguf")}
+    assert deployment["model"] == str(model)
 
 
 def test_mean_and_sample_standard_deviation() -> None:
