@@ -19,6 +19,7 @@ import hashlib
 import json
 import os
 import platform
+import shutil
 import sys
 import time
 from collections.abc import Callable, Iterator
@@ -205,7 +206,11 @@ def _deployment(node: dict[str, Any]) -> dict[str, Any]:
 def running_agent(settings: BenchSettings, mode: Mode, work: Path,
                   files: dict[str, Path]) -> Iterator[str]:  # fmt: skip
     """Start a fresh agent for `mode`, wait until it serves, yield its URL, stop it."""
-    work.mkdir(parents=True, exist_ok=True)
+    # Fresh means empty: an interrupted attempt at this (run, mode) left its state and its
+    # response cache here, and answers cached then would be hits now (`--resume`).
+    if work.exists():
+        shutil.rmtree(work)
+    work.mkdir(parents=True)
     port = free_port()
     config = work / "agent.toml"
     config.write_text(agent_config(settings, mode, port, work / "state", files))
