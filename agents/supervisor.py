@@ -385,6 +385,10 @@ class Deployment:
             except BaseException:
                 await self._stop_replica(live, 1.0)
                 raise
+            if replica.process is None:
+                # An attached server: its counters so far are the baseline. Read them before
+                # it takes traffic, or the first answers would count as part of the baseline.
+                await self._collect_usage(live)
             return live
 
         results = await asyncio.gather(*(one() for _ in range(count)), return_exceptions=True)
