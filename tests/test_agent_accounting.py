@@ -83,10 +83,13 @@ def test_measured_rapl_power_carries_its_source_to_snapshot_and_metrics(
     make_agent: Callable[..., Agent], rapl_host: FakeRaplHost
 ) -> None:
     agent = make_agent(agent_extra={"sensor": "rapl", "sysfs_root": str(rapl_host.root)})
-    # Two sockets, each package and dram zone at 25 W: 100 W in all.
-    power = wait_for(lambda: (p := agent.node()["power"]) and p["watts"] > 90 and p, 20, "power")
-    assert power["source"] == "rapl"
-    assert power["watts"] == pytest.approx(100.0, rel=0.15)
+    # Two sockets, each package and dram zone at 25 W: 100 W in all. One interval's watts
+    # jitters with thread scheduling (the fake host advances its counters from a thread, the
+    # agent samples from another: 117-119 W seen on a busy machine); the smoothed figure
+    # settles near 100 W, and a wrong reading (one socket, or a zone counted twice) does not.
+    power = wait_for(lambda: (p := agent.node()["power"]) and p["source"] == "rapl"
+                     and abs(p["watts_smoothed"] - 100.0) < 15 and p, 20, "~100 W")  # fmt: skip
+    assert power["watts"] > 0
     assert {d["name"] for d in power["devices"]} >= {"package-0", "package-1"}
     assert agent.chat("measured", temperature=0.3).status_code == 200
     dep = wait_for(lambda: (d := agent.deployment())["accounting"]["totals"]["energy_j_total"]
