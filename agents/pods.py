@@ -32,6 +32,7 @@ STUCK_REASONS = frozenset(
         "CrashLoopBackOff",
         "ImagePullBackOff",
         "ErrImagePull",
+        "CreateContainerError",
         "CreateContainerConfigError",
         "InvalidImageName",
     }

@@ -29,6 +29,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from wattops.agents.api import PRECISIONS
+from wattops.agents.pods import PRECISION_ENV, STUCK_REASONS
 
 __all__ = [
     "AGENT_SELECTOR",
@@ -42,16 +43,6 @@ __all__ = [
 
 PART_OF_SELECTOR = "app.kubernetes.io/part-of=wattops"
 AGENT_SELECTOR = "app.kubernetes.io/name=wattops-agent"
-PRECISION_ENV = "WATTOPS_PRECISION"
-#: Waiting reasons that mean a new pod will not become ready by itself.
-STUCK_REASONS = (
-    "CrashLoopBackOff",
-    "ImagePullBackOff",
-    "ErrImagePull",
-    "CreateContainerError",
-    "CreateContainerConfigError",
-    "InvalidImageName",
-)
 CONFLICT_RETRIES = 5
 STRATEGIC_MERGE = "application/strategic-merge-patch+json"
 
