@@ -130,6 +130,12 @@ def engine_pod(pod: Any, port_name: str) -> EnginePod | None:
     )
 
 
+def kubeconfig_path() -> str:
+    """The kubeconfig kubectl would read: `$KUBECONFIG` (a list of paths is merged), else
+    ~/.kube/config. Read at each call: the client fixes its own default at import time."""
+    return os.environ.get("KUBECONFIG") or os.path.expanduser("~/.kube/config")
+
+
 class PodLister:
     """Lists the engine pods on one node; `list()` blocks (run it in a thread)."""
 
@@ -161,9 +167,9 @@ class PodLister:
                 config.load_incluster_config(client_configuration=configuration)
                 api = client.ApiClient(configuration)
             else:
-                # The client fixes its default path at import; read KUBECONFIG now, as kubectl.
-                path = os.environ.get("KUBECONFIG") or os.path.expanduser("~/.kube/config")
-                api = config.new_client_from_config(config_file=path, context=section.context)
+                api = config.new_client_from_config(
+                    config_file=kubeconfig_path(), context=section.context
+                )
         except (config.ConfigException, OSError) as exc:
             raise ClusterError(f"no Kubernetes credentials: {exc}") from None
         self.host = api.configuration.host

@@ -22,14 +22,13 @@ so what the console may do is what RBAC allows the operator.
 from __future__ import annotations
 
 import math
-import os
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
 from wattops.agents.api import PRECISIONS
-from wattops.agents.pods import PRECISION_ENV, STUCK_REASONS
+from wattops.agents.pods import PRECISION_ENV, STUCK_REASONS, kubeconfig_path
 
 __all__ = [
     "AGENT_SELECTOR",
@@ -134,7 +133,7 @@ class KubeFleet:
 
         if api_client is None:
             try:
-                api_client = config.new_client_from_config(_kubeconfig_path(), context=context)
+                api_client = config.new_client_from_config(kubeconfig_path(), context=context)
             except (config.ConfigException, OSError) as exc:
                 raise KubeError(
                     f"no usable kubeconfig (KUBECONFIG or ~/.kube/config): {exc}"
@@ -435,17 +434,11 @@ def _status_message(exc: Any) -> str:
     return str(body.get("message") or exc.reason or exc.status)
 
 
-def _kubeconfig_path() -> str:
-    # Read now, not when the client was imported (its default is fixed at import time);
-    # a KUBECONFIG list of paths is merged, as kubectl merges it.
-    return os.environ.get("KUBECONFIG") or os.path.expanduser("~/.kube/config")
-
-
 def _context_namespace(context: str | None) -> str | None:
     from kubernetes import config
 
     try:
-        contexts, active = config.list_kube_config_contexts(_kubeconfig_path())
+        contexts, active = config.list_kube_config_contexts(kubeconfig_path())
     except (config.ConfigException, OSError):
         return None
     chosen = next((c for c in contexts if c["name"] == context), None) if context else active
