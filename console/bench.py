@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import fcntl
 import hashlib
 import json
 import os
@@ -405,12 +406,45 @@ class Progress:
             self.bar.stop()
 
 
+@contextmanager
+def exclusive(out: Path) -> Iterator[None]:
+    """Within: this process is the only bench writing into `out` (ValueError otherwise).
+
+    Two benches in one folder would share its variants and work folders and overwrite each
+    other's results.json, and both would measure a machine the other keeps busy. The lock is
+    the kernel's (flock), so a bench that dies releases it.
+    """
+    out.mkdir(parents=True, exist_ok=True)
+    with (out / ".lock").open("a+") as lock:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            lock.seek(0)
+            holder = lock.read().strip() or "unknown"
+            raise ValueError(
+                f"another wattops bench (pid {holder}) is writing to {out}; wait for it, "
+                "or use another --out directory"
+            ) from None
+        lock.seek(0)
+        lock.truncate()
+        lock.write(str(os.getpid()))
+        lock.flush()
+        yield
+
+
 def run_bench(settings: BenchSettings, out: Path, resume: bool = False, command: str = "",
               show_progress: bool = True) -> dict[str, Any]:  # fmt: skip
     """Run the experiment into `out`; return the results (also in `out/results.json`)."""
     out = out.resolve()
-    out.mkdir(parents=True, exist_ok=True)
+    with exclusive(out):
+        return _run_bench(settings, out, resume, command, show_progress)
+
+
+def _run_bench(settings: BenchSettings, out: Path, resume: bool, command: str,
+               show_progress: bool) -> dict[str, Any]:  # fmt: skip
     results_path = out / "results.json"
+    now = time.strftime("%Y-%m-%dT%H:%M:%S%z")
+    started_at, resumed_at = now, []
     fingerprint = settings.fingerprint()
     runs: list[dict[str, Any]] = []
     if resume and results_path.exists():
@@ -421,6 +455,8 @@ def run_bench(settings: BenchSettings, out: Path, resume: bool = False, command:
                 "run without --resume, or into another --out directory"
             )
         runs = list(previous.get("runs", []))
+        started_at = previous.get("started_at", now)
+        resumed_at = [*previous.get("resumed_at", []), now]
     modes = [m for m in MODES if m.key in settings.modes]
     done = {(r["run"], r["mode"]) for r in runs}
     todo = [(run, mode) for run in range(settings.runs) for mode in modes]
@@ -433,8 +469,10 @@ def run_bench(settings: BenchSettings, out: Path, resume: bool = False, command:
         "fingerprint": fingerprint,
         "machine": machine(),
         "settings": settings.as_dict(),
-        "started_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "started_at": started_at,
     }
+    if resumed_at:
+        results["resumed_at"] = resumed_at
     try:
         progress.stage("building the q4_k_m variant and scoring precisions against f16")
         files, quality = _prepare(settings, out, modes)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import tomllib
 from dataclasses import replace
 from pathlib import Path
@@ -11,7 +12,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from wattops.console.bench import MODES, BenchSettings, agent_config, default_workload, run_bench
+from wattops.console.bench import (
+    MODES,
+    BenchSettings,
+    agent_config,
+    default_workload,
+    exclusive,
+    run_bench,
+)
 from wattops.console.bench_report import change_pct, mean_std, summarise
 from wattops.console.cli import main as cli_main
 from wattops.console.load import build_workload
@@ -224,6 +232,15 @@ def test_bench_runs_every_mode_against_real_agents(test_model: Path, tmp_path: P
     # --resume keeps what is done and runs nothing again.
     again = run_bench(settings, out, resume=True, show_progress=False)
     assert [r["elapsed_s"] for r in again["runs"]] == [r["elapsed_s"] for r in runs]
+    # ... and the record still says when the experiment started, and when it was resumed.
+    assert again["started_at"] == on_disk["started_at"] and len(again["resumed_at"]) == 1
+
+    # A second bench into the same folder is refused while one holds it, and changes nothing.
+    before = (out / "results.json").read_bytes()
+    refused = f"another wattops bench \\(pid {os.getpid()}\\)"
+    with exclusive(out), pytest.raises(ValueError, match=refused):
+        run_bench(settings, out, resume=True, show_progress=False)
+    assert (out / "results.json").read_bytes() == before
     other = replace(settings, seed=7)
     with pytest.raises(ValueError, match="other settings"):
         run_bench(other, out, resume=True, show_progress=False)
