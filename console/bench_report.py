@@ -109,7 +109,8 @@ def _num(value: float | None, digits: int = 3) -> str:
     if value == 0:
         return "0"
     magnitude = abs(value)
-    if magnitude >= 1000:
+    if magnitude >= 1000 or magnitude >= 10**digits:
+        # Whole numbers as such: "10,461 ± 594", not "± 5.9e+02".
         return f"{value:,.0f}"
     return f"{value:.{digits}g}"
 

@@ -20,7 +20,7 @@ from wattops.console.bench import (
     exclusive,
     run_bench,
 )
-from wattops.console.bench_report import change_pct, mean_std, summarise
+from wattops.console.bench_report import _num, change_pct, mean_std, summarise
 from wattops.console.cli import main as cli_main
 from wattops.console.load import build_workload
 from wattops.engines.quality import compare, compare_logits
@@ -96,6 +96,13 @@ def test_mean_and_sample_standard_deviation() -> None:
     assert std == pytest.approx(math.sqrt(32 / 7))  # n - 1, not n
     assert mean_std([3.0]) == (3.0, None)
     assert mean_std([]) == (None, None)
+
+
+def test_table_numbers_are_never_in_exponent_notation() -> None:
+    # A spread of 594 J at two significant digits once printed as "5.9e+02".
+    assert _num(594.2, 2) == "594"
+    assert _num(10_461.3) == "10,461"
+    assert _num(0.00036, 2) == "0.00036" and _num(1.66, 3) == "1.66" and _num(None) == "n/a"
 
 
 def test_change_against_baseline() -> None:
