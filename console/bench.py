@@ -31,6 +31,7 @@ from typing import Any
 
 import httpx
 
+from wattops.agents.state import atomic_write
 from wattops.console.bench_report import summarise, write_chart, write_table
 from wattops.console.launch import (
     Launched,
@@ -337,13 +338,7 @@ def _figures(mode: Mode, run: int, seed: int, report: LoadReport, elapsed: float
 
 
 def _write_json(path: Path, data: dict[str, Any]) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    with tmp.open("w") as out:
-        json.dump(data, out, indent=2, sort_keys=False)
-        out.write("\n")
-        out.flush()
-        os.fsync(out.fileno())
-    os.replace(tmp, path)
+    atomic_write(path, (json.dumps(data, indent=2) + "\n").encode())
 
 
 def machine() -> dict[str, Any]:
