@@ -6,7 +6,7 @@ BIN    := $(VENV)/bin
 # pip caches the built wheel, so only the first install compiles (~8 min on 2 cores).
 export CMAKE_ARGS ?= -DGGML_NATIVE=OFF
 
-.PHONY: help install test lint typecheck pytest prometheus kubectl bench bench-quick demo models clean
+.PHONY: help install test lint layout layers typecheck pytest prometheus kubectl bench bench-quick demo models clean
 
 help:
 	@echo "make demo   start an agent on the generated demo model"
@@ -32,11 +32,21 @@ lint: $(BIN)/.installed
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 
-# mypy cannot follow setuptools' editable-install finder, so give it the installed layout.
-typecheck: $(BIN)/.installed
+# The folders installed under the `wattops` namespace (pyproject.toml's package-dir).
+PACKAGES := vocabulary engines agents fleet experiments console profiles
+
+# mypy and lint-imports cannot follow setuptools' editable-install finder, so give them the
+# installed layout: .build/typecheck/wattops/<package> -> <package>.
+layout:
 	mkdir -p .build/typecheck/wattops
-	for pkg in agents engines console profiles; do ln -sfn ../../../$$pkg .build/typecheck/wattops/$$pkg; done
-	$(BIN)/mypy -p wattops.agents -p wattops.engines -p wattops.console -p wattops.profiles
+	for pkg in $(PACKAGES); do ln -sfn ../../../$$pkg .build/typecheck/wattops/$$pkg; done
+
+typecheck: $(BIN)/.installed layout
+	$(BIN)/mypy $(addprefix -p wattops.,$(PACKAGES))
+
+# The layers (pyproject.toml's [tool.importlinter] contracts).
+layers: $(BIN)/.installed layout
+	cd .build/typecheck && ../../$(BIN)/lint-imports --no-cache ../../pyproject.toml
 
 # $(call apt-tool,COMMAND,PACKAGE): make sure COMMAND is on PATH, installing PACKAGE with apt
 # when we are root on a Debian-like system; otherwise say what to install and fail.
@@ -62,7 +72,7 @@ kubectl:
 pytest: $(BIN)/.installed models/test.gguf prometheus kubectl
 	$(BIN)/python -m pytest -q
 
-test: lint typecheck pytest
+test: lint layers typecheck pytest
 
 demo: $(BIN)/.installed models/demo.gguf
 	$(BIN)/wattops demo

@@ -33,13 +33,13 @@ from wattops.agents.api import (
     EnergyCounters,
     Figures,
     HistoryPoint,
-    PowerSourceName,
     ReplicaState,
 )
 from wattops.agents.history import HistoryRing, figures
 from wattops.agents.power import EnergyInterval
 from wattops.agents.supervisor import Deployment, LiveReplica
 from wattops.profiles import HardwareProfile, SiteProfile
+from wattops.vocabulary import PowerSource
 
 J_PER_KWH = 3.6e6
 #: Replica states that hold node resources.
@@ -130,7 +130,7 @@ class Accounting:
         self.output_weight = output_weight
         self.window_s = window_s
         self.history = HistoryRing()
-        self.source: PowerSourceName = "estimate"
+        self.source: PowerSource = "estimate"
         self.node_figures: Figures = Figures(window_s=0)
         self.figures: dict[str, Figures] = {}
         self.shares: dict[str, float] = {}

@@ -1,7 +1,7 @@
 """The agent's HTTP API schema, shared by the agent (server) and the console (client).
 
-This module imports only pydantic and the standard library so that the console can depend on
-it without pulling in the agent's runtime.
+This module imports only pydantic, the standard library and the shared vocabulary, so that the
+fleet core, the router and the console can depend on it without pulling in the agent's runtime.
 """
 
 from __future__ import annotations
@@ -11,33 +11,9 @@ from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from wattops.vocabulary import PowerSource
+
 API_VERSION = "v1"
-
-#: llama.cpp model types by the lower-case names its tools use, best quality first.
-PRECISIONS: tuple[str, ...] = (
-    "f32",
-    "f16",
-    "bf16",
-    "q8_0",
-    "q6_k",
-    "q5_k_m",
-    "q5_k_s",
-    "q5_1",
-    "q5_0",
-    "q4_k_m",
-    "q4_k_s",
-    "iq4_nl",
-    "iq4_xs",
-    "q4_1",
-    "q4_0",
-    "q3_k_l",
-    "q3_k_m",
-    "q3_k_s",
-    "q2_k",
-)
-
-#: Precisions a base model file may have: the agent quantizes from these.
-BASE_PRECISIONS: tuple[str, ...] = ("f32", "f16", "bf16")
 
 
 class DeploymentState(StrEnum):
@@ -99,9 +75,6 @@ class DeploymentCounters(_Model):
     cache_misses_total: int = Field(0, description="cacheable requests that went to an engine")
 
 
-PowerSourceName = Literal["nvml", "jetson", "rapl", "estimate"]
-
-
 class EnergyCounters(_Model):
     """Monotonic energy, cost and carbon totals (kept across agent restarts)."""
 
@@ -143,38 +116,46 @@ class DeploymentAccounting(_Model):
 
     share: float = Field(description="share of the node held now: max(memory, compute) share")
     cost_usd_per_hour: float = Field(description="node price x share (+ its electricity)")
-    energy_source: PowerSourceName
+    energy_source: PowerSource
     budget_usd_per_hour: float | None = None
     budget_usd_per_day: float | None = None
     totals: EnergyCounters = EnergyCounters()
     figures: Figures
 
 
-class DeviceStatus(_Model):
-    """One measured device: a GPU, a Jetson rail or a RAPL zone."""
+class DeviceReading(_Model):
+    """One measured device: a GPU, a Jetson rail or a RAPL zone, as its sensor read it."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
 
     name: str
     watts: float
-    energy_j: float | None = None
-    utilisation: float | None = None
+    energy_j: float | None = Field(
+        None,
+        description="cumulative joules from the device's own counter, wrap-around already "
+        "counted; null when the device has no counter (its energy is integrated from watts)",
+    )
+    utilisation: float | None = Field(None, description="0..1")
     memory_used_bytes: int | None = None
     memory_total_bytes: int | None = None
     power_limit_watts: float | None = None
-    in_total: bool = True
+    volts: float | None = None
+    amps: float | None = None
+    in_total: bool = Field(
+        True, description="counted in the node total (false for rails already inside VDD_IN)"
+    )
 
 
 class NodePower(_Model):
     """The node's power now and its energy so far."""
 
-    source: PowerSourceName = Field(
-        description="where the watts come from; estimate is no measurement"
-    )
+    source: PowerSource = Field(description="where the watts come from; estimate is no measurement")
     sensor: str = Field(description="what is measured, where")
     total_from: str = Field("", description="how the node total is formed from the readings")
     watts: float
     watts_smoothed: float = Field(description="exponential mean over about 5 s")
     sample_hz: float
-    devices: list[DeviceStatus] = []
+    devices: list[DeviceReading] = []
     sensor_error: str | None = None
 
 
@@ -276,7 +257,7 @@ class HistoryPoint(_Model):
 
     t: float = Field(description="unix time at the end of the second")
     watts: float
-    source: PowerSourceName
+    source: PowerSource
     energy_j_total: float
     cost_usd_total: float
     carbon_g_total: float

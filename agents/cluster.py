@@ -20,11 +20,11 @@ import time
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import aiohttp
 
 from wattops.agents.api import (
-    PRECISIONS,
     DeploymentCounters,
     DeploymentStatus,
     EnergyCounters,
@@ -32,11 +32,12 @@ from wattops.agents.api import (
     ReplicaStatus,
 )
 from wattops.agents.config import AgentSection, DeploymentConfig
-from wattops.agents.pods import STUCK_REASONS, EnginePod
+from wattops.agents.pods import EnginePod
 from wattops.agents.state import DesiredState
 from wattops.agents.supervisor import ControlError, Deployment, LiveReplica, NoReplicaError
-from wattops.engines.base import EngineAdapter, EngineError, Replica
+from wattops.engines.base import EngineAdapter, EngineContext, EngineError, Replica
 from wattops.engines.metrics import EngineUsage
+from wattops.vocabulary import PRECISIONS, STUCK_REASONS
 
 
 class PodEngine(EngineAdapter):
@@ -52,6 +53,10 @@ class PodEngine(EngineAdapter):
         self.identity = f"kubernetes/{namespace}/{name}"
         self.image = ""
         self.precisions: list[str] = []
+
+    @classmethod
+    def create(cls, context: EngineContext, settings: Any) -> PodEngine:
+        raise EngineError("engine pods are found on the node, not configured")
 
     def available_precisions(self) -> list[str]:
         return list(self.precisions)

@@ -9,11 +9,22 @@ import os
 import socket
 import tomllib
 from pathlib import Path
-from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    PrivateAttr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
-from wattops.agents.api import PRECISIONS
+from wattops.agents.sensors.registry import sensor_names
+from wattops.engines.base import EngineSettings
+from wattops.engines.registry import ENGINES, engine_type
+from wattops.vocabulary import PRECISIONS
+from wattops.vocabulary.plugins import UnknownPlugin
 
 NAME_PATTERN = r"^[a-z0-9]([a-z0-9._-]{0,62}[a-z0-9])?$"
 
@@ -51,8 +62,10 @@ class AgentSection(_Section):
         120.0, ge=0, description="how long a retired replica may finish in-flight requests"
     )
     health_interval_s: float = Field(1.0, gt=0, description="seconds between replica health checks")
-    sensor: Literal["auto", "nvml", "jetson", "rapl", "estimate"] = Field(
-        "auto", description="power sensor; auto tries nvml, jetson, rapl, then the estimate"
+    sensor: str = Field(
+        "auto",
+        description="power sensor by name (nvml, jetson, rapl, estimate, or an installed one); "
+        "auto tries the measured sensors (nvml, jetson, rapl), then the estimate",
     )
     profile: str = Field("cpu-generic", description="hardware profile name (profiles/hardware)")
     sysfs_root: Path = Field(
@@ -70,6 +83,13 @@ class AgentSection(_Section):
         host, sep, port = value.rpartition(":")
         if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
             raise ValueError(f"must be host:port with a port in 1..65535, got {value!r}")
+        return value
+
+    @field_validator("sensor")
+    @classmethod
+    def _known_sensor(cls, value: str) -> str:
+        if value not in sensor_names():
+            raise ValueError(f"unknown sensor {value!r}; allowed: {', '.join(sensor_names())}")
         return value
 
     @property
@@ -149,29 +169,32 @@ class KubernetesSection(_Section):
     context: str | None = Field(None, description="kubeconfig context; default: its current one")
 
 
-Precision = Annotated[str, Field(description="llama.cpp precision name, lower case")]
+class EngineSettingsError(ValueError):
+    """An engine's own keys did not validate: each problem as (field, message)."""
+
+    def __init__(self, engine: str, problems: list[tuple[str, str]]) -> None:
+        super().__init__(
+            "; ".join(f"{field}: {msg}" if field else msg for field, msg in problems)
+            + f" (keys of engine {engine!r})"
+        )
+        self.problems = problems
 
 
-class DeploymentConfig(_Section):
-    """`[[deployments]]`: one model served under one name."""
+class DeploymentConfig(BaseModel):
+    """`[[deployments]]`: one model served under one name.
+
+    The keys below are common to every engine; the rest of the table are the engine's own
+    (its `Settings` model, e.g. `model`, `threads` and `context` for llamacpp), validated by
+    that model and kept in `settings`.
+    """
+
+    model_config = ConfigDict(extra="allow")
 
     name: str = Field(pattern=NAME_PATTERN, description="what clients put in `model`")
-    engine: Literal["llamacpp", "openai"]
-    model: str | None = Field(
-        None, description="llamacpp: path of the base GGUF (f16, bf16 or f32); openai: model id"
+    engine: str = Field(
+        description="engine adapter, by its registered name (llamacpp, openai, or an "
+        "installed one from the wattops.engines entry-point group)"
     )
-    files: dict[str, Path] = Field(
-        default_factory=dict, description="ready-made GGUF files per precision"
-    )
-    url: str | None = Field(None, description="openai: attach to this running server")
-    command: list[str] | None = Field(
-        None, description="openai: argv template with {model} {port} {precision}"
-    )
-    precisions: list[str] = Field(
-        default_factory=list, description="openai: precisions the command template can serve"
-    )
-    health_path: str = "/health"
-    metrics_path: str = "/metrics"
     precision: str | None = Field(None, description="precision to serve; default: the base's")
     replicas: int = Field(1, ge=0)
     max_replicas: int = Field(4, ge=0)
@@ -186,11 +209,6 @@ class DeploymentConfig(_Section):
     autoscale_stabilization_s: float = Field(
         30.0, ge=0, description="scale down to the highest recommendation of this window"
     )
-    threads: int = Field(1, ge=1, description="llamacpp: CPU threads per replica")
-    context: int = Field(2048, ge=64, description="llamacpp: context window in tokens")
-    prefix_cache: bool = Field(
-        True, description="llamacpp: reuse the KV of the previous prompt's common prefix"
-    )
     startup_timeout_s: float = Field(120.0, gt=0)
     memory_gb: float | None = Field(
         None,
@@ -200,6 +218,22 @@ class DeploymentConfig(_Section):
     )
     budget_usd_per_hour: float | None = Field(None, gt=0)
     budget_usd_per_day: float | None = Field(None, gt=0)
+    _settings: EngineSettings = PrivateAttr()
+
+    @property
+    def settings(self) -> EngineSettings:
+        """The engine's own keys, validated by its `Settings` model."""
+        return self._settings
+
+    @field_validator("engine")
+    @classmethod
+    def _known_engine(cls, value: str) -> str:
+        try:
+            engine_type(value)
+        except UnknownPlugin:
+            known = ", ".join(repr(n) for n in ENGINES.names())
+            raise ValueError(f"unknown engine {value!r}; allowed: {known}") from None
+        return value
 
     @field_validator("precision")
     @classmethod
@@ -208,16 +242,8 @@ class DeploymentConfig(_Section):
             raise ValueError(f"unknown precision {value!r}; allowed: {', '.join(PRECISIONS)}")
         return value
 
-    @field_validator("files")
-    @classmethod
-    def _known_file_precisions(cls, value: dict[str, Path]) -> dict[str, Path]:
-        for key in value:
-            if key not in PRECISIONS:
-                raise ValueError(f"unknown precision {key!r}; allowed: {', '.join(PRECISIONS)}")
-        return value
-
     @model_validator(mode="after")
-    def _engine_fields(self) -> DeploymentConfig:
+    def _engine_settings(self) -> DeploymentConfig:
         if self.replicas > self.max_replicas:
             raise ValueError(
                 f"replicas ({self.replicas}) exceeds max_replicas ({self.max_replicas})"
@@ -230,16 +256,17 @@ class DeploymentConfig(_Section):
                 f"autoscale_min_replicas ({self.autoscale_min_replicas}) exceeds max_replicas "
                 f"({self.max_replicas})"
             )
-        if self.engine == "llamacpp":
-            if self.model is None and not self.files:
-                raise ValueError("engine 'llamacpp' needs `model` (a base GGUF) or `files`")
-            if self.url or self.command:
-                raise ValueError("`url` and `command` are for engine 'openai' only")
-        else:
-            if (self.url is None) == (self.command is None):
-                raise ValueError("engine 'openai' needs exactly one of `url` or `command`")
-            if self.command is not None and not any("{port}" in a for a in self.command):
-                raise ValueError("`command` must contain a {port} placeholder")
+        adapter = engine_type(self.engine)
+        try:
+            self._settings = adapter.Settings.model_validate(self.model_extra or {})
+        except ValidationError as exc:
+            raise EngineSettingsError(
+                self.engine,
+                [
+                    (".".join(str(p) for p in e["loc"]), e["msg"].removeprefix("Value error, "))
+                    for e in exc.errors()
+                ],
+            ) from None
         return self
 
 
@@ -277,6 +304,13 @@ def _describe(error: ValidationError, source: str) -> str:
     lines = [f"{source}: invalid configuration"]
     for item in error.errors():
         loc = ".".join(str(part) for part in item["loc"]) or "(top level)"
+        cause = (item.get("ctx") or {}).get("error")
+        if isinstance(cause, EngineSettingsError):
+            # An engine's own keys: point at each key, as for the common ones.
+            engine = f" (engine {item['input'].get('engine')!r})"
+            lines += [f"  {loc}.{field}: {msg}{engine}" if field else f"  {loc}: {msg}{engine}"
+                      for field, msg in cause.problems]  # fmt: skip
+            continue
         msg = item["msg"].removeprefix("Value error, ")
         lines.append(f"  {loc}: {msg}")
     return "\n".join(lines)
@@ -307,7 +341,5 @@ def load_config(path: Path) -> AgentConfig:
     if config.kubernetes.kubeconfig is not None:
         config.kubernetes.kubeconfig = (base / config.kubernetes.kubeconfig).resolve()
     for dep in config.deployments:
-        if dep.engine == "llamacpp" and dep.model is not None:
-            dep.model = str((base / dep.model).resolve())
-        dep.files = {p: (base / f).resolve() for p, f in dep.files.items()}
+        dep.settings.resolve_paths(base)
     return config

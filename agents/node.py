@@ -17,7 +17,6 @@ from wattops.agents.api import (
     DeploymentAccounting,
     DeploymentCounters,
     DeploymentStatus,
-    DeviceStatus,
     EnergyCounters,
     Figures,
     NodeCost,
@@ -30,15 +29,14 @@ from wattops.agents.gateway import Gateway
 from wattops.agents.pods import ClusterError, EnginePod, PodLister
 from wattops.agents.power import PowerMeter
 from wattops.agents.response_cache import ResponseCache
-from wattops.agents.sensors.base import Sensor, SensorError
+from wattops.agents.sensors.base import Sensor, SensorContext, SensorError
 from wattops.agents.sensors.detect import detect_sensor
 from wattops.agents.sensors.estimate import EstimateSensor, HostCpuUtilisation
 from wattops.agents.state import AgentState, DesiredState, StateStore, StoredDeployment
 from wattops.agents.supervisor import Deployment
 from wattops.engines import process
-from wattops.engines.base import EngineAdapter, EngineError
-from wattops.engines.llamacpp import LlamaCppEngine
-from wattops.engines.openai_server import OpenAIServerEngine
+from wattops.engines.base import EngineAdapter, EngineContext, EngineError
+from wattops.engines.registry import engine_type
 from wattops.engines.variants import VariantStore
 from wattops.profiles import ProfileError, hardware_profile, site_profile
 
@@ -178,7 +176,9 @@ class NodeAgent:
             hardware.idle_watts, hardware.max_watts, utilisation, hardware.name
         )
         try:
-            sensor, self.sensor_notes = detect_sensor(cfg.sensor, cfg.sysfs_root, lambda: estimate)
+            sensor, self.sensor_notes = detect_sensor(
+                cfg.sensor, SensorContext(cfg.sysfs_root, estimate=lambda: estimate)
+            )
         except SensorError as exc:
             raise ConfigError(f"agent.sensor = {cfg.sensor!r}: {exc}") from None
         for note in self.sensor_notes:
@@ -289,39 +289,20 @@ class NodeAgent:
 
     def _engine(self, dep: DeploymentConfig, variants: VariantStore) -> EngineAdapter:
         assert self.session is not None
-        log_dir = self.state_dir / "logs"
-        if dep.engine == "llamacpp":
-            try:
-                return LlamaCppEngine(
-                    self.session,
-                    name=dep.name,
-                    base_model=Path(dep.model) if dep.model else None,
-                    files=dep.files,
-                    variants=variants,
-                    owner=self.state_dir,
-                    log_dir=log_dir,
-                    threads=dep.threads,
-                    context=dep.context,
-                    prefix_cache=dep.prefix_cache,
-                    startup_timeout_s=dep.startup_timeout_s,
-                )
-            except (EngineError, OSError) as exc:
-                raise ConfigError(f"deployments.{dep.name}.model: {exc}") from None
-        precision = dep.precision or (dep.precisions[0] if dep.precisions else "f16")
-        return OpenAIServerEngine(
-            self.session,
+        context = EngineContext(
             name=dep.name,
-            model=dep.model,
-            precision=precision,
-            precisions=dep.precisions or [precision],
-            url=dep.url,
-            command=dep.command,
+            session=self.session,
             owner=self.state_dir,
-            log_dir=log_dir,
-            health_path=dep.health_path,
-            metrics_path=dep.metrics_path,
+            log_dir=self.state_dir / "logs",
+            variants=variants,
+            precision=dep.precision,
             startup_timeout_s=dep.startup_timeout_s,
         )
+        try:
+            return engine_type(dep.engine).create(context, dep.settings)
+        except EngineError as exc:
+            field = f".{exc.field}" if exc.field else ""
+            raise ConfigError(f"deployments.{dep.name}{field}: {exc}") from None
 
     @staticmethod
     def _restore_desired(
@@ -452,19 +433,7 @@ class NodeAgent:
             watts=sample.watts,
             watts_smoothed=self.meter.watts_smoothed,
             sample_hz=self.meter.hz,
-            devices=[
-                DeviceStatus(
-                    name=d.name,
-                    watts=d.watts,
-                    energy_j=d.energy_j,
-                    utilisation=d.utilisation,
-                    memory_used_bytes=d.memory_used_bytes,
-                    memory_total_bytes=d.memory_total_bytes,
-                    power_limit_watts=d.power_limit_watts,
-                    in_total=d.in_total,
-                )
-                for d in sample.devices
-            ],
+            devices=list(sample.devices),
             sensor_error=self.meter.error,
         )
 

@@ -21,22 +21,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from wattops.agents.config import KubernetesSection
-
-#: The env var of an engine pod's first container that names its precision.
-PRECISION_ENV = "WATTOPS_PRECISION"
-#: Shown when a pod does not name its precision.
-UNKNOWN_PRECISION = "unknown"
-#: Container waiting reasons that mean the pod will not become ready by itself.
-STUCK_REASONS = frozenset(
-    {
-        "CrashLoopBackOff",
-        "ImagePullBackOff",
-        "ErrImagePull",
-        "CreateContainerError",
-        "CreateContainerConfigError",
-        "InvalidImageName",
-    }
-)
+from wattops.vocabulary import PRECISION_ENV, UNKNOWN_PRECISION, kubeconfig_path
 
 
 class ClusterError(Exception):
@@ -128,12 +113,6 @@ def engine_pod(pod: Any, port_name: str) -> EnginePod | None:
         restarts=sum(s.restart_count or 0 for s in statuses),
         waiting_reason=waiting,
     )
-
-
-def kubeconfig_path() -> str:
-    """The kubeconfig kubectl would read: `$KUBECONFIG` (a list of paths is merged), else
-    ~/.kube/config. Read at each call: the client fixes its own default at import time."""
-    return os.environ.get("KUBECONFIG") or os.path.expanduser("~/.kube/config")
 
 
 class PodLister:

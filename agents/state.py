@@ -14,6 +14,7 @@ from typing import Any
 from pydantic import BaseModel, ValidationError
 
 from wattops.agents.api import DeploymentCounters, EnergyCounters
+from wattops.vocabulary import atomic_write
 
 
 class DesiredState(BaseModel):
@@ -37,22 +38,6 @@ class AgentState(BaseModel):
     deployments: dict[str, StoredDeployment] = {}
     #: The node's energy, cost and carbon totals.
     node: EnergyCounters = EnergyCounters()
-
-
-def atomic_write(path: Path, data: bytes) -> None:
-    """Replace `path` with `data` so that readers see the old or the new content, never a mix."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with tmp.open("wb") as fh:
-        fh.write(data)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
-    fd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 class StateStore:

@@ -175,7 +175,7 @@ async def measure(urls: list[str], seconds: float, presses: int) -> dict[str, An
             await pilot.pause(0.05)
             key = table.selected_key()
             assert key is not None
-            before = next(r for r in app.last_rows if r.key == key).desired
+            before = next(r for r in app.fleet_screen.last_rows if r.key == key).desired
             # The key goes in the way a terminal's does (through the driver), without the
             # Pilot's wait for the app to go idle, which would be counted otherwise.
             event = events.Key("plus", "+")

@@ -1,4 +1,6 @@
-"""`wattops`: the operator's command line: console, status, scale, precision, load, demo, model."""
+"""`wattops`: the operator's command line: console, status, scale, precision, load, demo, bench,
+model. Each command's work lives in the fleet core (wattops.fleet), the experiments
+(wattops.experiments) or the engines; this module only parses arguments and hands them on."""
 
 from __future__ import annotations
 
@@ -8,10 +10,11 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from wattops.agents.api import PRECISIONS
+from wattops.vocabulary import PRECISIONS
 
 if TYPE_CHECKING:
-    from wattops.console.kube import KubeFleet
+    from wattops.fleet.kube import KubeFleet
+    from wattops.fleet.rollout import Action
 
 
 def _model_tiny(args: argparse.Namespace) -> int:
@@ -46,7 +49,7 @@ DEFAULT_AGENT = "http://127.0.0.1:8080"
 
 
 def _agent_urls(args: argparse.Namespace) -> list[str]:
-    from wattops.console.inventory import InventoryError, load_inventory
+    from wattops.fleet.inventory import InventoryError, load_inventory
 
     urls = list(args.agent or [])
     if args.inventory is not None:
@@ -58,7 +61,7 @@ def _agent_urls(args: argparse.Namespace) -> list[str]:
 
 
 def _token() -> str | None:
-    from wattops.console.credentials import CredentialsError, load_token
+    from wattops.fleet.credentials import CredentialsError, load_token
 
     try:
         return load_token()
@@ -67,7 +70,7 @@ def _token() -> str | None:
 
 
 def _kube(args: argparse.Namespace) -> KubeFleet:
-    from wattops.console.kube import KubeError, KubeFleet
+    from wattops.fleet.kube import KubeError, KubeFleet
 
     try:
         return KubeFleet(context=args.context, namespace=args.namespace)
@@ -76,54 +79,29 @@ def _kube(args: argparse.Namespace) -> KubeFleet:
 
 
 def _status(args: argparse.Namespace) -> int:
-    from wattops.console.commands import kube_status, status
+    from wattops.console.commands import status
 
     if args.kube:
-        return kube_status(_kube(args), args.json)
+        return status([], args.json, kube=_kube(args))
     return status(_agent_urls(args), args.json)
 
 
-def _scale(args: argparse.Namespace) -> int:
-    from wattops.console.commands import act, kube_act
+def _act(args: argparse.Namespace, action: Action, value: str | int) -> int:
+    from wattops.console.commands import act
 
-    if args.kube:
-        return kube_act(
-            _kube(args), args.deployment, "scale", args.replicas, not args.no_wait, args.timeout
-        )
-    return act(
-        _agent_urls(args),
-        args.node,
-        args.deployment,
-        "scale",
-        args.replicas,
-        _token(),
-        not args.no_wait,
-        args.timeout,
-    )
+    kube = _kube(args) if args.kube else None
+    urls = [] if kube else _agent_urls(args)
+    token = None if kube else _token()
+    return act(urls, args.node, args.deployment, action, value, token, not args.no_wait,
+               args.timeout, kube=kube)  # fmt: skip
+
+
+def _scale(args: argparse.Namespace) -> int:
+    return _act(args, "scale", args.replicas)
 
 
 def _precision(args: argparse.Namespace) -> int:
-    from wattops.console.commands import act, kube_act
-
-    if args.kube:
-        return kube_act(
-            _kube(args),
-            args.deployment,
-            "precision",
-            args.precision,
-            not args.no_wait,
-            args.timeout,
-        )
-    return act(
-        _agent_urls(args),
-        args.node,
-        args.deployment,
-        "precision",
-        args.precision,
-        _token(),
-        not args.no_wait,
-        args.timeout,
-    )
+    return _act(args, "precision", args.precision)
 
 
 def _replica_count(text: str) -> int:
@@ -178,7 +156,7 @@ def _console(args: argparse.Namespace) -> int:
     token = None if args.read_only else _token()
     kube = None
     if args.kube:
-        from wattops.console.kube import KubeError
+        from wattops.fleet.kube import KubeError
 
         kube = _kube(args)
         try:
@@ -203,13 +181,13 @@ def _demo(args: argparse.Namespace) -> int:
 
 
 def _load(args: argparse.Namespace) -> int:
-    from wattops.console.load import run_from_args
+    from wattops.experiments.load import run_from_args
 
     return run_from_args(args)
 
 
 def _bench(args: argparse.Namespace) -> int:
-    from wattops.console.bench import run_from_args
+    from wattops.experiments.bench import run_from_args
 
     return run_from_args(args)
 
@@ -289,7 +267,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.set_defaults(func=_demo)
 
     load = commands.add_parser("load", help="send OpenAI chat traffic to an agent")
-    from wattops.console.load import add_arguments
+    from wattops.experiments.load import add_arguments
 
     add_arguments(load)
     load.set_defaults(func=_load)
@@ -297,7 +275,7 @@ def build_parser() -> argparse.ArgumentParser:
     bench = commands.add_parser(
         "bench", help="baseline vs quantized vs fully optimized serving, on this machine"
     )
-    from wattops.console.bench import add_arguments as add_bench_arguments
+    from wattops.experiments.bench import add_arguments as add_bench_arguments
 
     add_bench_arguments(bench)
     bench.set_defaults(func=_bench)

@@ -7,15 +7,15 @@ import json
 import sys
 from collections.abc import Sequence
 from dataclasses import asdict
-
-import httpx
+from typing import Any
 
 from wattops.agents.api import NodeSnapshot
-from wattops.console import rows as fmt
-from wattops.console.client import AgentClient, AgentError
-from wattops.console.kube import KubeDeployment, KubeError, KubeFleet
-from wattops.console.rollout import Action, follow
-from wattops.console.rows import FleetRow, Link, rows_for
+from wattops.console import formats as fmt
+from wattops.fleet.client import fetch_snapshots
+from wattops.fleet.kube import KubeDeployment, KubeError, KubeFleet
+from wattops.fleet.rollout import Action
+from wattops.fleet.rows import FleetRow, Link, rows_for
+from wattops.fleet.target import ActionRefused, AgentTarget, FleetTarget, KubeTarget
 
 COLUMNS = (
     "NODE",
@@ -33,21 +33,6 @@ COLUMNS = (
     "P95",
     "ALERTS",
 )
-
-
-async def fetch_fleet(
-    urls: Sequence[str], timeout_s: float = 5.0
-) -> list[tuple[str, NodeSnapshot | None, str | None]]:
-    """Every agent's snapshot, concurrently: (url, snapshot or None, error or None)."""
-    async with httpx.AsyncClient(timeout=timeout_s) as http:
-
-        async def one(url: str) -> tuple[str, NodeSnapshot | None, str | None]:
-            try:
-                return url, await AgentClient(url, http=http).node(), None
-            except AgentError as exc:
-                return url, None, exc.message
-
-        return list(await asyncio.gather(*(one(u) for u in urls)))
 
 
 def fleet_rows(fleet: Sequence[tuple[str, NodeSnapshot | None, str | None]]) -> list[FleetRow]:
@@ -94,53 +79,29 @@ def _aligned(columns: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
     return "\n".join(lines)
 
 
-def status(urls: Sequence[str], as_json: bool) -> int:
-    """Print the fleet once; exit 1 when any node is unreachable."""
-    fleet = asyncio.run(fetch_fleet(urls))
-    unreachable = [(url, err) for url, snap, err in fleet if snap is None]
-    if as_json:
-        out = [
-            {
-                "url": url,
-                "reachable": snap is not None,
-                "error": err,
-                "snapshot": snap.model_dump(mode="json") if snap else None,
-            }
-            for url, snap, err in fleet
-        ]
-        print(json.dumps(out, indent=2))
-    else:
-        rows = [
-            r
-            for url, snap, _ in fleet
-            for r in rows_for(url, snap, Link.LIVE if snap else Link.OFFLINE)
-        ]
-        print(render_table(rows))
-        for snap in (s for _, s, _ in fleet if s is not None):
-            for alert in snap.alerts:
-                print(f"! {snap.node}: {alert.message}")
-        for url, err in unreachable:
-            print(f"unreachable: {url}: {err}", file=sys.stderr)
-    return 1 if unreachable else 0
+def _agents_json(fleet: Sequence[tuple[str, NodeSnapshot | None, str | None]]) -> list[Any]:
+    return [
+        {
+            "url": url,
+            "reachable": snap is not None,
+            "error": err,
+            "snapshot": snap.model_dump(mode="json") if snap else None,
+        }
+        for url, snap, err in fleet
+    ]
 
 
-async def _act(
-    urls: Sequence[str],
-    node: str | None,
-    deployment: str,
-    action: Action,
-    target: str | int,
-    token: str | None,
-    wait: bool,
-    timeout_s: float,
-) -> int:
-    fleet = await fetch_fleet(urls)
+async def _agent_target(
+    urls: Sequence[str], node: str | None, deployment: str, action: Action, token: str | None
+) -> AgentTarget | int:
+    """The agent deployment to act on, or the exit code after saying why there is none."""
+    fleet = await fetch_snapshots(urls)
     holders = [
-        (url, snap)
+        (url, snap, dep)
         for url, snap, _ in fleet
-        if snap is not None
-        and any(d.name == deployment for d in snap.deployments)
-        and (node is None or snap.node == node)
+        if snap is not None and (node is None or snap.node == node)
+        for dep in snap.deployments
+        if dep.name == deployment
     ]
     if not holders:
         known = sorted({f"{d.name} on {s.node}" for _, s, _ in fleet if s for d in s.deployments})
@@ -152,34 +113,35 @@ async def _act(
         )
         return 2
     if len(holders) > 1:
-        nodes = ", ".join(s.node for _, s in holders)
+        nodes = ", ".join(s.node for _, s, _ in holders)
         print(
             f"wattops {action}: {deployment!r} runs on several nodes ({nodes}); "
             "pick one with --node",
             file=sys.stderr,
         )
         return 2
-    url, snap = holders[0]
-    async with AgentClient(url, token=token) as client:
-        try:
-            await client.act(deployment, action, target)
-        except AgentError as exc:
-            allowed = f" (allowed: {', '.join(exc.allowed)})" if exc.allowed else ""
-            print(f"wattops {action}: {snap.node} refused: {exc.message}{allowed}", file=sys.stderr)
-            return 1
-        print(f"{snap.node}: {action} {deployment} -> {target} accepted")
-        if not wait:
-            return 0
-        outcome = await follow(
-            client.node,
-            deployment,
-            action,
-            target,
-            timeout_s,
-            on_progress=lambda m: print(f"  {m}", flush=True),
-        )
-    print(("done: " if outcome.done else "failed: ") + outcome.message)
-    return 0 if outcome.done else 1
+    url, snap, dep = holders[0]
+    return AgentTarget.of(url, snap.node, dep, token=token)
+
+
+async def _carry_out(
+    target: FleetTarget, action: Action, value: str | int, wait: bool, timeout_s: float
+) -> int:
+    try:
+        print(await target.act(action, value))
+    except ActionRefused as exc:
+        print(f"wattops {action}: {exc.reason}", file=sys.stderr)
+        return exc.exit_code
+    if not wait:
+        return 0
+    outcome = await target.follow(
+        action, value, timeout_s, on_progress=lambda m: print(f"  {m}", flush=True)
+    )
+    if outcome.done:
+        print(f"done: {outcome.message}")
+        return 0
+    print(f"failed: {outcome.message}", file=sys.stderr)
+    return 1
 
 
 def act(
@@ -187,13 +149,31 @@ def act(
     node: str | None,
     deployment: str,
     action: Action,
-    target: str | int,
+    value: str | int,
     token: str | None,
     wait: bool,
     timeout_s: float,
+    kube: KubeFleet | None = None,
 ) -> int:
-    """Scale or switch precision from the shell, waiting for the outcome unless told not to."""
-    return asyncio.run(_act(urls, node, deployment, action, target, token, wait, timeout_s))
+    """`wattops scale|precision`: act on the deployment (an agent's, or with `kube` a
+    Kubernetes Deployment through the API server), waiting for the outcome unless told not to."""
+
+    async def run() -> int:
+        target: FleetTarget | int
+        if kube is not None:
+            try:
+                view = await asyncio.to_thread(kube.deployment, deployment)
+            except KubeError as exc:
+                print(f"wattops {action}: {exc}", file=sys.stderr)
+                return 2
+            target = KubeTarget.of(kube, view)
+        else:
+            target = await _agent_target(urls, node, deployment, action, token)
+        if isinstance(target, int):
+            return target
+        return await _carry_out(target, action, value, wait, timeout_s)
+
+    return asyncio.run(run())
 
 
 # -- on Kubernetes -------------------------------------------------------------------------
@@ -213,79 +193,36 @@ def render_kube_table(deployments: Sequence[KubeDeployment]) -> str:
     )  # fmt: skip
 
 
-def kube_status(fleet: KubeFleet, as_json: bool) -> int:
-    """`wattops status --kube`: the agents found through the API, then the Deployments."""
-    try:
-        urls = fleet.agent_urls()
-        deployments = fleet.deployments()
-    except KubeError as exc:
-        print(f"wattops status: {exc}", file=sys.stderr)
-        return 2
-    snapshots = asyncio.run(fetch_fleet(urls)) if urls else []
-    unreachable = [(url, err) for url, snap, err in snapshots if snap is None]
+def status(urls: Sequence[str], as_json: bool, kube: KubeFleet | None = None) -> int:
+    """`wattops status`: print the fleet once (with `kube`: the agents found through the API,
+    then the engine Deployments); exit 1 when any node is unreachable."""
+    deployments: list[KubeDeployment] = []
+    if kube is not None:
+        try:
+            urls = kube.agent_urls()
+            deployments = kube.deployments()
+        except KubeError as exc:
+            print(f"wattops status: {exc}", file=sys.stderr)
+            return 2
+    fleet = asyncio.run(fetch_snapshots(urls)) if urls else []
+    unreachable = [(url, err) for url, snap, err in fleet if snap is None]
     if as_json:
-        out = {
-            "agents": [
-                {
-                    "url": url,
-                    "reachable": snap is not None,
-                    "error": err,
-                    "snapshot": snap.model_dump(mode="json") if snap else None,
-                }
-                for url, snap, err in snapshots
-            ],
-            "deployments": [asdict(d) for d in deployments],
-        }
+        agents = _agents_json(fleet)
+        out: Any = agents
+        if kube is not None:
+            out = {"agents": agents, "deployments": [asdict(d) for d in deployments]}
         print(json.dumps(out, indent=2))
     else:
-        if snapshots:
-            print(render_table(fleet_rows(snapshots)))
+        if fleet or kube is None:
+            print(render_table(fleet_rows(fleet)))
         else:
             print("no running wattops-agent pods found")
-        print()
-        print(render_kube_table(deployments) if deployments else "no wattops Deployments found")
+        for snap in (s for _, s, _ in fleet if s is not None):
+            for alert in snap.alerts:
+                print(f"! {snap.node}: {alert.message}")
+        if kube is not None:
+            print()
+            print(render_kube_table(deployments) if deployments else "no wattops Deployments found")
         for url, err in unreachable:
             print(f"unreachable: {url}: {err}", file=sys.stderr)
     return 1 if unreachable else 0
-
-
-def kube_act(
-    fleet: KubeFleet,
-    deployment: str,
-    action: Action,
-    target: str | int,
-    wait: bool,
-    timeout_s: float,
-) -> int:
-    """`wattops scale|precision --kube`: write through the API server, follow the rollout."""
-    try:
-        if action == "scale":
-            assert isinstance(target, int)
-            view = fleet.scale(deployment, target)
-        else:
-            view = fleet.set_precision(deployment, str(target))
-    except KubeError as exc:
-        print(f"wattops {action}: {exc}", file=sys.stderr)
-        return 2
-    print(f"{view.namespace}/{view.name}: {action} -> {target} accepted by the API server")
-    if not wait:
-        return 0
-    last = None
-    try:
-        for last in fleet.follow(deployment, timeout_s):
-            print(f"  {last.state}: {last.message}", flush=True)
-    except KubeError as exc:
-        print(f"wattops {action}: {exc}", file=sys.stderr)
-        return 1
-    if last is None or not last.done:
-        print(f"failed: not finished within {timeout_s:.0f}s", file=sys.stderr)
-        return 1
-    if last.state == "failed":
-        print(
-            f"failed: {last.message}. The old replicas keep serving (maxUnavailable 0); "
-            f"`kubectl -n {view.namespace} rollout undo deployment/{view.name}` goes back.",
-            file=sys.stderr,
-        )
-        return 1
-    print(f"done: {last.message}")
-    return 0

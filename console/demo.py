@@ -18,7 +18,7 @@ from pathlib import Path
 
 import httpx
 
-from wattops.console.launch import (
+from wattops.experiments.launch import (
     Launched,
     agent_argv,
     free_port,
@@ -126,10 +126,11 @@ def run_demo(model: Path, state_dir: Path, headless: bool, rate: float,
     try:
         with demo_fleet(model, state_dir, rate) as urls:
             if headless:
-                from wattops.console.commands import fetch_fleet, fleet_rows, render_table
+                from wattops.console.commands import fleet_rows, render_table
+                from wattops.fleet.client import fetch_snapshots
 
                 while True:
-                    rows = fleet_rows(asyncio.run(fetch_fleet(urls)))
+                    rows = fleet_rows(asyncio.run(fetch_snapshots(urls)))
                     print(time.strftime("\n%H:%M:%S"), flush=True)
                     print(render_table(rows), flush=True)
                     time.sleep(interval_s)

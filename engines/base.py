@@ -1,4 +1,10 @@
-"""The engine adapter interface: start a replica at a precision, check it, stop it, read usage."""
+"""The engine adapter interface: start a replica at a precision, check it, stop it, read usage.
+
+Adapters are found by name in the `wattops.engines` entry-point group (engines/registry.py).
+Each declares its own `[[deployments]]` keys as a pydantic `Settings` model, and builds itself
+from those settings and an `EngineContext` in `create()`: a new engine is one module plus its
+entry point, with no change to the agent.
+"""
 
 from __future__ import annotations
 
@@ -7,16 +13,57 @@ import time
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import aiohttp
+from pydantic import BaseModel, ConfigDict
 
 from wattops.engines import process
 from wattops.engines.metrics import EngineUsage, parse_usage
 
+if TYPE_CHECKING:
+    from wattops.engines.variants import VariantStore
+
 
 class EngineError(Exception):
-    """An engine could not do what was asked; the message says why and what to check."""
+    """An engine could not do what was asked; the message says why and what to check.
+
+    `field` names the deployment setting at fault when there is one (e.g. `model` for a
+    model file that cannot be read), so a start-up failure can point into the config file.
+    """
+
+    def __init__(self, message: str, field: str | None = None) -> None:
+        super().__init__(message)
+        self.field = field
+
+
+class EngineSettings(BaseModel):
+    """An engine's own `[[deployments]]` keys (next to the common ones: name, precision,
+    replicas, ...). Subclasses add fields, each with a description; unknown keys are refused."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    def resolve_paths(self, base: Path) -> None:
+        """Make relative file paths absolute against the config file's folder `base`."""
+
+
+@dataclass(frozen=True)
+class EngineContext:
+    """What the agent hands an adapter to build one deployment's engine."""
+
+    #: The deployment's name.
+    name: str
+    session: aiohttp.ClientSession
+    #: The agent's state directory: replica processes are marked as its own.
+    owner: Path
+    #: Where replica logs go.
+    log_dir: Path
+    #: Built precision variants (quantized GGUFs), shared by the node's deployments.
+    variants: VariantStore
+    #: The precision the config asks for, if any.
+    precision: str | None
+    #: How long one replica may take to start.
+    startup_timeout_s: float
 
 
 @dataclass(eq=False)
@@ -57,6 +104,8 @@ class EngineAdapter(ABC):
 
     #: Engine name as written in the config (`engine = "..."`).
     kind: ClassVar[str]
+    #: The engine's own deployment keys.
+    Settings: ClassVar[type[EngineSettings]] = EngineSettings
     #: The adapter starts and stops OS processes (False: it attaches to a running server).
     manages_processes: ClassVar[bool] = True
     #: More than one precision can be served, so precision switches are possible.
@@ -73,6 +122,12 @@ class EngineAdapter(ABC):
         self._session = session
         #: What identifies the model served (for cache keys): set by each adapter.
         self.identity = ""
+
+    @classmethod
+    @abstractmethod
+    def create(cls, context: EngineContext, settings: Any) -> EngineAdapter:
+        """Build the adapter for one deployment from its validated `settings` (an instance of
+        `cls.Settings`). Raises EngineError (with `field`) when the settings cannot be used."""
 
     @abstractmethod
     def available_precisions(self) -> list[str]:

@@ -7,11 +7,53 @@ import sys
 from pathlib import Path
 
 import aiohttp
+from pydantic import Field, field_validator, model_validator
 
-from wattops.agents.api import PRECISIONS
 from wattops.engines import process
-from wattops.engines.base import EngineAdapter, EngineError, Replica
+from wattops.engines.base import (
+    EngineAdapter,
+    EngineContext,
+    EngineError,
+    EngineSettings,
+    Replica,
+)
 from wattops.engines.variants import VariantStore, precision_of, quantizable_from
+from wattops.vocabulary import PRECISIONS
+
+
+class LlamaCppSettings(EngineSettings):
+    """`engine = "llamacpp"`: a GGUF served by llama.cpp replicas on this node's CPU."""
+
+    model: Path | None = Field(
+        None, description="path of the base GGUF (f16, bf16 or f32) the precisions are made from"
+    )
+    files: dict[str, Path] = Field(
+        default_factory=dict, description="ready-made GGUF files per precision"
+    )
+    threads: int = Field(1, ge=1, description="CPU threads per replica")
+    context: int = Field(2048, ge=64, description="context window in tokens")
+    prefix_cache: bool = Field(
+        True, description="reuse the KV of the previous prompt's common prefix"
+    )
+
+    @field_validator("files")
+    @classmethod
+    def _known_file_precisions(cls, value: dict[str, Path]) -> dict[str, Path]:
+        for key in value:
+            if key not in PRECISIONS:
+                raise ValueError(f"unknown precision {key!r}; allowed: {', '.join(PRECISIONS)}")
+        return value
+
+    @model_validator(mode="after")
+    def _some_model(self) -> LlamaCppSettings:
+        if self.model is None and not self.files:
+            raise ValueError("engine 'llamacpp' needs `model` (a base GGUF) or `files`")
+        return self
+
+    def resolve_paths(self, base: Path) -> None:
+        if self.model is not None:
+            self.model = (base / self.model).resolve()
+        self.files = {p: (base / f).resolve() for p, f in self.files.items()}
 
 
 class LlamaCppEngine(EngineAdapter):
@@ -22,6 +64,7 @@ class LlamaCppEngine(EngineAdapter):
     """
 
     kind = "llamacpp"
+    Settings = LlamaCppSettings
     manages_processes = True
     switches_precision = True
     builds_variants = True
@@ -59,6 +102,27 @@ class LlamaCppEngine(EngineAdapter):
             for p in ([base_model] if base_model else []) + sorted(self.files.values())
             if p.exists()
         )
+
+    @classmethod
+    def create(cls, context: EngineContext, settings: LlamaCppSettings) -> LlamaCppEngine:
+        try:
+            return cls(
+                context.session,
+                name=context.name,
+                base_model=settings.model,
+                files=settings.files,
+                variants=context.variants,
+                owner=context.owner,
+                log_dir=context.log_dir,
+                threads=settings.threads,
+                context=settings.context,
+                prefix_cache=settings.prefix_cache,
+                startup_timeout_s=context.startup_timeout_s,
+            )
+        except OSError as exc:
+            raise EngineError(str(exc), field="model") from None
+        except EngineError as exc:
+            raise EngineError(str(exc), field="model") from None
 
     def available_precisions(self) -> list[str]:
         names = set(self.files)

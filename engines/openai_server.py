@@ -11,9 +11,16 @@ import socket
 from pathlib import Path
 
 import aiohttp
+from pydantic import Field, model_validator
 
 from wattops.engines import process
-from wattops.engines.base import EngineAdapter, EngineError, Replica
+from wattops.engines.base import (
+    EngineAdapter,
+    EngineContext,
+    EngineError,
+    EngineSettings,
+    Replica,
+)
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -23,10 +30,38 @@ def free_port(host: str = "127.0.0.1") -> int:
         return int(sock.getsockname()[1])
 
 
+class OpenAIServerSettings(EngineSettings):
+    """`engine = "openai"`: an OpenAI-compatible server (vLLM, TGI, llama-server), launched
+    from a command template or attached to by URL."""
+
+    model: str | None = Field(None, description="the model id the server serves; default: name")
+    url: str | None = Field(None, description="attach to this running server")
+    command: list[str] | None = Field(
+        None,
+        description="argv template with {model} {port} {precision}; never run through a shell",
+    )
+    precisions: list[str] = Field(
+        default_factory=list,
+        description="precisions the command template can serve ({precision} placeholder); "
+        "default: the deployment's precision, else f16",
+    )
+    health_path: str = Field("/health", description="answers 200 when the server is ready")
+    metrics_path: str = Field("/metrics", description="the server's Prometheus metrics")
+
+    @model_validator(mode="after")
+    def _url_or_command(self) -> OpenAIServerSettings:
+        if (self.url is None) == (self.command is None):
+            raise ValueError("engine 'openai' needs exactly one of `url` or `command`")
+        if self.command is not None and not any("{port}" in a for a in self.command):
+            raise ValueError("`command` must contain a {port} placeholder")
+        return self
+
+
 class OpenAIServerEngine(EngineAdapter):
     """Launches or attaches to an OpenAI-compatible inference server."""
 
     kind = "openai"
+    Settings = OpenAIServerSettings
     builds_variants = False
     reports_prefix_cache = True  # when the server exports vLLM's prefix-cache counters
 
@@ -64,6 +99,24 @@ class OpenAIServerEngine(EngineAdapter):
         # An attached server is one fixed replica at one precision.
         self.manages_processes = command is not None  # type: ignore[misc]
         self.switches_precision = command is not None and len(self.precisions) > 1  # type: ignore[misc]
+
+    @classmethod
+    def create(cls, context: EngineContext, settings: OpenAIServerSettings) -> OpenAIServerEngine:
+        precision = context.precision or (settings.precisions[0] if settings.precisions else "f16")
+        return cls(
+            context.session,
+            name=context.name,
+            model=settings.model,
+            precision=precision,
+            precisions=settings.precisions or [precision],
+            url=settings.url,
+            command=settings.command,
+            owner=context.owner,
+            log_dir=context.log_dir,
+            health_path=settings.health_path,
+            metrics_path=settings.metrics_path,
+            startup_timeout_s=context.startup_timeout_s,
+        )
 
     def available_precisions(self) -> list[str]:
         return list(self.precisions)

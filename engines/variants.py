@@ -15,8 +15,8 @@ import os
 import sys
 from pathlib import Path
 
-from wattops.agents.api import BASE_PRECISIONS, PRECISIONS
 from wattops.engines.base import EngineError
+from wattops.vocabulary import BASE_PRECISIONS, PRECISIONS
 
 # gguf's LlamaFileType member names for the precisions whose name differs from the pattern.
 _FILE_TYPE_NAMES = {"f32": "ALL_F32"}

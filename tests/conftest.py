@@ -64,6 +64,8 @@ class Agent:
     port: int
     token: str | None
     proc: subprocess.Popen[bytes] | None = None
+    #: How to start it; default: the installed `wattops-agent`.
+    command: list[str] = field(default_factory=lambda: [str(AGENT_BIN)])
     client: httpx.Client = field(init=False)
 
     def __post_init__(self) -> None:
@@ -73,7 +75,7 @@ class Agent:
     def start(self, wait_ready: bool = True) -> Agent:
         log = (self.state_dir.parent / "agent.log").open("ab")
         self.proc = subprocess.Popen(
-            [str(AGENT_BIN), "--config", str(self.config_path), "--log-level", "info"],
+            [*self.command, "--config", str(self.config_path), "--log-level", "info"],
             stdout=log,
             stderr=log,
         )

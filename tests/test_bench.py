@@ -12,7 +12,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from wattops.console.bench import (
+from wattops.console.cli import main as cli_main
+from wattops.engines.quality import compare, compare_logits
+from wattops.engines.variants import quantize
+from wattops.experiments.bench import (
     MODES,
     BenchSettings,
     agent_config,
@@ -20,11 +23,8 @@ from wattops.console.bench import (
     exclusive,
     run_bench,
 )
-from wattops.console.bench_report import _num, change_pct, mean_std, summarise
-from wattops.console.cli import main as cli_main
-from wattops.console.load import build_workload
-from wattops.engines.quality import compare, compare_logits
-from wattops.engines.variants import quantize
+from wattops.experiments.bench_report import _num, change_pct, mean_std, summarise
+from wattops.experiments.load import build_workload
 
 # -- the workload --------------------------------------------------------------------------
 

@@ -37,7 +37,7 @@ def test_a_good_config_resolves_paths_against_its_folder(tmp_path: Path) -> None
     assert config.agent.port == 9000
     assert config.agent.state_dir == (tmp_path / "st").resolve()
     dep = config.deployment("tiny")
-    assert dep.model == str((tmp_path / "m.gguf").resolve())
+    assert dep.settings.model == (tmp_path / "m.gguf").resolve()  # type: ignore[attr-defined]
     assert (dep.replicas, dep.max_replicas, dep.precision) == (2, 4, "q4_k_m")
 
 

@@ -12,8 +12,8 @@ from textual.pilot import Pilot
 
 from tests.conftest import TOKEN, Agent
 from wattops.console.app import WattopsConsole, make_app
-from wattops.console.rows import FleetRow, Link
 from wattops.console.screens.modals import ConfirmModal, PrecisionModal, ScaleModal
+from wattops.fleet.rows import FleetRow, Link
 
 SIZE = (200, 40)
 
@@ -31,12 +31,12 @@ async def until(pilot: Pilot[Any], predicate: Callable[[], Any], within: float =
 
 
 def row(app: WattopsConsole, deployment: str = "tiny", node: str | None = None) -> FleetRow:
-    return next(r for r in app.last_rows
+    return next(r for r in app.fleet_screen.last_rows
                 if r.deployment == deployment and (node is None or r.node == node))  # fmt: skip
 
 
 def serving(app: WattopsConsole) -> bool:
-    return any(r.deployment == "tiny" and r.state == "serving" for r in app.last_rows)
+    return any(r.deployment == "tiny" and r.state == "serving" for r in app.fleet_screen.last_rows)
 
 
 async def test_scale_keys_scale_the_real_deployment(make_agent: Callable[..., Agent]) -> None:
@@ -113,7 +113,7 @@ async def test_read_only_console_offers_and_sends_nothing(agent: Agent) -> None:
         await pilot.pause(1.0)
         assert isinstance(app.screen, type(app.get_default_screen()))  # no modal opened
         assert agent.deployment()["desired_replicas"] == 1
-        assert app.pending == {}
+        assert app.fleet_screen.pending == {}
 
 
 async def test_killed_agent_is_shown_offline_while_others_keep_updating(
@@ -123,11 +123,12 @@ async def test_killed_agent_is_shown_offline_while_others_keep_updating(
     second = make_agent()
     app = make_app([first.url, second.url], refresh_s=0.1)
     async with app.run_test(size=SIZE) as pilot:
-        await until(pilot, lambda: len([r for r in app.last_rows if r.state == "serving"]) == 2,
+        rows = app.fleet_screen
+        await until(pilot, lambda: len([r for r in rows.last_rows if r.state == "serving"]) == 2,
                     30, "both nodes")  # fmt: skip
         second.stop(signal.SIGKILL)
         await until(pilot, lambda: any(r.link is Link.OFFLINE and r.url == second.url
-                                       for r in app.last_rows), 30, "the offline mark")  # fmt: skip
+                                       for r in rows.last_rows), 30, "the offline")  # fmt: skip
         link = app.fleet.links[first.url]
         version = link.version
         await until(pilot, lambda: link.version > version + 2, 15, "more events from the other")
@@ -136,4 +137,4 @@ async def test_killed_agent_is_shown_offline_while_others_keep_updating(
         # The screen keeps answering keys while one agent is gone.
         await pilot.press("o")
         await asyncio.sleep(0)
-        assert app.sort_key == "node"
+        assert app.fleet_screen.sort_key == "node"

@@ -14,9 +14,9 @@ import kubernetes.client
 from tests.kube_apiserver import OPERATOR_TOKEN, VIEWER_TOKEN, KubeApiServer
 from tests.test_console import SIZE, until
 from wattops.console.app import WattopsConsole, make_app
-from wattops.console.kube import KubeFleet
-from wattops.console.rows import FleetRow, Link, kube_rows
 from wattops.console.screens.modals import ConfirmModal, PrecisionModal
+from wattops.fleet.kube import KubeFleet
+from wattops.fleet.rows import FleetRow, Link, kube_rows
 
 NS = "ml"
 LABELS = {"app.kubernetes.io/part-of": "wattops", "app.kubernetes.io/name": "chat"}
@@ -37,7 +37,7 @@ def _fleet(api: KubeApiServer, token: str = OPERATOR_TOKEN) -> KubeFleet:
 
 
 def _row(app: WattopsConsole) -> FleetRow | None:
-    return next((r for r in app.last_rows if r.key == f"kube|{NS}/chat"), None)
+    return next((r for r in app.fleet_screen.last_rows if r.key == f"kube|{NS}/chat"), None)
 
 
 def _notes(app: WattopsConsole) -> list[tuple[str, str]]:
@@ -82,7 +82,7 @@ async def test_console_scales_and_rolls_a_kubernetes_deployment() -> None:
             # + scales through the scale subresource; the row follows the controller.
             await pilot.press("plus")
             await until(pilot, lambda: (r := _row(app)) and r.ready == 3 and r.available == 3
-                        and not app.pending, 20, "three ready pods")  # fmt: skip
+                        and not app.fleet_screen.pending, 20, "three ready pods")  # fmt: skip
             assert ("done", f"{NS}/chat: 3 of 3 ready and updated") in notes
 
             # p rolls the pod template; the rollout never drops below 3 ready pods.
@@ -96,7 +96,7 @@ async def test_console_scales_and_rolls_a_kubernetes_deployment() -> None:
                 if r is not None and r.desired == 3:
                     lowest = min(lowest, r.ready)
                 return bool(r and r.desired_precision == "q8_0" and r.state == "serving"
-                            and not app.pending)  # fmt: skip
+                            and not app.fleet_screen.pending)  # fmt: skip
 
             await until(pilot, rolled, 30, "the rollout to finish")
             assert lowest == 3
@@ -117,7 +117,7 @@ async def test_console_scales_and_rolls_a_kubernetes_deployment() -> None:
             )  # fmt: skip
             assert "CrashLoopBackOff" in failed
             assert f"kubectl -n {NS} rollout undo deployment/chat" in failed
-            assert not app.pending
+            assert not app.fleet_screen.pending
             assert _row(app).ready == 3  # type: ignore[union-attr]
 
 
@@ -135,7 +135,7 @@ async def test_rbac_refusal_is_shown_and_nothing_changes() -> None:
                 "the refusal",
             )  # fmt: skip
             assert "RBAC refused: you may not patch deployments/scale in namespace ml" in refused
-            assert not app.pending
+            assert not app.fleet_screen.pending
         apps = kubernetes.client.AppsV1Api(
             kubernetes.client.ApiClient(api.configuration(VIEWER_TOKEN))
         )
@@ -143,7 +143,7 @@ async def test_rbac_refusal_is_shown_and_nothing_changes() -> None:
 
 
 def test_deployment_rows_add_up_the_agents_rows_of_their_pods() -> None:
-    from wattops.console.kube import KubeDeployment
+    from wattops.fleet.kube import KubeDeployment
 
     view = KubeDeployment(NS, "chat", "q8_0", desired=3, updated=1, ready=3, available=3,
                           generation=2, observed_generation=2, resource_version="7")  # fmt: skip

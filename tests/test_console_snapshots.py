@@ -17,7 +17,7 @@ from wattops.agents.api import (
     DeploymentCounters,
     DeploymentState,
     DeploymentStatus,
-    DeviceStatus,
+    DeviceReading,
     EnergyCounters,
     Figures,
     LatencySummary,
@@ -60,10 +60,10 @@ def snapshot(node: str, profile: str, precision: str, watts: float, source: str,
                                         energy_source=source, totals=EnergyCounters(),
                                         figures=fig),
     )  # fmt: skip
-    devices = [DeviceStatus(name="GPU 0 NVIDIA A100-SXM4-80GB", watts=w, utilisation=0.41,
+    devices = [DeviceReading(name="GPU 0 NVIDIA A100-SXM4-80GB", watts=w, utilisation=0.41,
                             memory_used_bytes=21 * 2**30, memory_total_bytes=80 * 2**30,
                             power_limit_watts=400.0)] if source == "nvml" else [
-        DeviceStatus(name=f"{profile} profile", watts=w, utilisation=0.3)]  # fmt: skip
+        DeviceReading(name=f"{profile} profile", watts=w, utilisation=0.3)]  # fmt: skip
     alerts = [Alert(id="budget:cpu-3:hour", kind="budget_exceeded", severity="critical",
                     subject="cpu-3", message="cpu-3 burns $0.36/h, over its $0.30/h budget",
                     detail="burn now = $0.3570/h > budget $0.3000/h", since=0.0)] \
@@ -96,7 +96,7 @@ async def fill(pilot: Pilot[Any]) -> None:
         for t in range(12):
             link.accept(snapshot(node, profile, precision, watts, source, price, t))
         link.connected = True
-    app.refresh_fleet()
+    app.fleet_screen.refresh_fleet()
     await pilot.pause()
 
 

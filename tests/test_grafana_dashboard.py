@@ -16,7 +16,7 @@ from wattops.agents.api import (
     DeploymentAccounting,
     DeploymentState,
     DeploymentStatus,
-    DeviceStatus,
+    DeviceReading,
     Figures,
     LatencySummary,
     NodeCost,
@@ -65,7 +65,7 @@ def full_snapshot() -> NodeSnapshot:
             watts=100.0,
             watts_smoothed=100.0,
             sample_hz=10.0,
-            devices=[DeviceStatus(name="gpu0", watts=100.0)],
+            devices=[DeviceReading(name="gpu0", watts=100.0)],
         ),
         cost=NodeCost(
             profile="a100-80gb",

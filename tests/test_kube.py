@@ -19,7 +19,7 @@ import pytest
 from tests.conftest import Agent
 from tests.kube_apiserver import OPERATOR_TOKEN, VIEWER_TOKEN, KubeApiServer
 from wattops.console.cli import main as cli_main
-from wattops.console.kube import KubeError, KubeFleet
+from wattops.fleet.kube import KubeError, KubeFleet
 
 NS = "ml"
 ENGINE = {"app.kubernetes.io/part-of": "wattops", "app.kubernetes.io/name": "chat"}

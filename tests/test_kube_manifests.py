@@ -22,9 +22,9 @@ import pytest
 import yaml
 from kubernetes import client
 
-from wattops.agents.api import PRECISIONS
 from wattops.agents.config import parse_config
 from wattops.profiles import hardware_profile
+from wattops.vocabulary import PRECISIONS
 
 ROOT = Path(__file__).resolve().parent.parent
 KUBE = ROOT / "deploy" / "kubernetes"

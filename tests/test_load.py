@@ -15,7 +15,7 @@ import pytest
 from aiohttp import web
 
 from tests.conftest import Agent
-from wattops.console.load import (
+from wattops.experiments.load import (
     LoadProfile,
     LoadReport,
     PlannedRequest,

@@ -15,7 +15,7 @@ import pynvml
 import pytest
 
 from wattops.agents.sensors import rapl
-from wattops.agents.sensors.base import PowerSample, Sensor, SensorError
+from wattops.agents.sensors.base import PowerSample, Sensor, SensorContext, SensorError
 from wattops.agents.sensors.detect import detect_sensor
 from wattops.agents.sensors.estimate import EstimateSensor, HostCpuUtilisation
 from wattops.agents.sensors.jetson import JetsonSensor
@@ -472,7 +472,9 @@ NO_NVML = FakeNvml([], init_error=pynvml.NVML_ERROR_LIBRARY_NOT_FOUND)
 
 
 def test_detect_auto_prefers_nvml(nvml_sensors: list[Sensor]) -> None:
-    sensor, notes = detect_sensor("auto", ORIN_NANO, not_called, nvml=FakeNvml([FakeGpu()]))
+    sensor, notes = detect_sensor(
+        "auto", SensorContext(ORIN_NANO, estimate=not_called, nvml=FakeNvml([FakeGpu()]))
+    )
     nvml_sensors.append(sensor)
     assert isinstance(sensor, NvmlSensor)
     assert notes == []
@@ -487,14 +489,14 @@ def test_detect_auto_prefers_nvml(nvml_sensors: list[Sensor]) -> None:
     ],
 )
 def test_detect_auto_order(root: Path, expected: type, skipped: list[str]) -> None:
-    sensor, notes = detect_sensor("auto", root, not_called, nvml=NO_NVML)
+    sensor, notes = detect_sensor("auto", SensorContext(root, estimate=not_called, nvml=NO_NVML))
     assert isinstance(sensor, expected)
     assert [note.split(":")[0] for note in notes] == skipped
     assert notes[0].startswith("nvml: NVML library not found")
 
 
 def test_detect_auto_falls_back_to_the_estimate(tmp_path: Path) -> None:
-    sensor, notes = detect_sensor("auto", tmp_path, fallback, nvml=NO_NVML)
+    sensor, notes = detect_sensor("auto", SensorContext(tmp_path, estimate=fallback, nvml=NO_NVML))
     assert isinstance(sensor, EstimateSensor)
     assert [note.split(":")[0] for note in notes] == ["nvml", "jetson", "rapl"]
 
@@ -505,7 +507,7 @@ def test_detect_auto_needs_a_successful_read(tmp_path: Path) -> None:
             raise pynvml.NVMLError(pynvml.NVML_ERROR_GPU_IS_LOST)
 
     fake = LostAtOnce([FakeGpu()])
-    sensor, notes = detect_sensor("auto", ORIN_NANO, not_called, nvml=fake)
+    sensor, notes = detect_sensor("auto", SensorContext(ORIN_NANO, estimate=not_called, nvml=fake))
     assert isinstance(sensor, JetsonSensor)
     assert notes[0].startswith("nvml: no GPU could be read")
     assert fake.shutdown_calls == 1  # the NVML sensor that failed was closed
@@ -521,7 +523,7 @@ def test_detect_auto_needs_a_successful_read(tmp_path: Path) -> None:
 )
 def test_detect_explicit_kind_that_fails_raises(kind: str, root: Path, message: str) -> None:
     with pytest.raises(SensorError, match=message):
-        detect_sensor(kind, root, not_called, nvml=NO_NVML)
+        detect_sensor(kind, SensorContext(root, estimate=not_called, nvml=NO_NVML))
 
 
 @pytest.mark.parametrize(
@@ -534,11 +536,11 @@ def test_detect_explicit_kind_that_fails_raises(kind: str, root: Path, message: 
 )
 def test_detect_explicit_kind(kind: str, root: Path, expected: type) -> None:
     estimate: Callable[[], Sensor] = fallback if kind == "estimate" else not_called
-    sensor, notes = detect_sensor(kind, root, estimate, nvml=NO_NVML)
+    sensor, notes = detect_sensor(kind, SensorContext(root, estimate=estimate, nvml=NO_NVML))
     assert isinstance(sensor, expected)
     assert notes == []
 
 
 def test_detect_unknown_kind() -> None:
     with pytest.raises(SensorError, match="unknown sensor kind 'ina'"):
-        detect_sensor("ina", SYSFS, not_called)
+        detect_sensor("ina", SensorContext(SYSFS, estimate=not_called))

@@ -1,15 +1,16 @@
 """What every power sensor returns: one sample of node power with its source, and per-device
-readings (GPUs, INA3221 rails, RAPL zones)."""
+readings (GPUs, INA3221 rails, RAPL zones, the API's `DeviceReading`)."""
 
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import ClassVar, Literal
+from pathlib import Path
+from typing import Any, ClassVar
 
-#: Where a watt figure comes from. Only `estimate` is not a measurement.
-PowerSource = Literal["nvml", "jetson", "rapl", "estimate"]
-SOURCES: tuple[PowerSource, ...] = ("nvml", "jetson", "rapl", "estimate")
+from wattops.agents.api import DeviceReading
+from wattops.vocabulary import PowerSource
 
 
 class SensorError(Exception):
@@ -17,25 +18,6 @@ class SensorError(Exception):
 
     The message names the sensor and the path or call that failed, and what to check.
     """
-
-
-@dataclass(frozen=True)
-class DeviceReading:
-    """One measured device: a GPU, a Jetson rail or a RAPL zone."""
-
-    name: str
-    watts: float
-    #: Cumulative energy in joules from the device's own counter, wrap-around already
-    #: counted; None when the device has no counter (its energy is integrated from watts).
-    energy_j: float | None = None
-    utilisation: float | None = None  # 0..1
-    memory_used_bytes: int | None = None
-    memory_total_bytes: int | None = None
-    power_limit_watts: float | None = None
-    volts: float | None = None
-    amps: float | None = None
-    #: Counted in the node total (False for e.g. Jetson rails already inside VDD_IN).
-    in_total: bool = True
 
 
 @dataclass(frozen=True)
@@ -56,12 +38,36 @@ class PowerSample:
     warnings: tuple[str, ...] = field(default_factory=tuple)
 
 
+@dataclass(frozen=True)
+class SensorContext:
+    """What a sensor may need to open: where the host's /sys is, and the node's estimate."""
+
+    #: Where the host's /sys is mounted (containers, tests): sysfs paths are read under it.
+    sysfs_root: Path = Path("/")
+    #: Builds the node's utilisation estimate (from its hardware profile).
+    estimate: Callable[[], Sensor] | None = None
+    #: An NVML module to use instead of pynvml (tests pass a stand-in).
+    nvml: Any = None
+
+
 class Sensor(ABC):
     """A power sensor. `read()` is called from the agent's sampling thread, ~10 times a second,
-    so it must be cheap and must not block for long."""
+    so it must be cheap and must not block for long.
 
-    #: The `source` its samples carry.
+    Sensors are found by `source` in the `wattops.sensors` entry-point group (see
+    agents/sensors/registry.py); a new one is a subclass in its own module plus its entry point.
+    """
+
+    #: The `source` its samples carry; also its name in the config (`sensor = "..."`).
     source: ClassVar[PowerSource]
+    #: Place in `sensor = "auto"` detection, lowest first; None: used only when named.
+    auto_order: ClassVar[int | None] = None
+
+    @classmethod
+    @abstractmethod
+    def open(cls, context: SensorContext) -> Sensor:
+        """Build the sensor for this host. Raises SensorError (or OSError/ValueError) when it
+        is absent; detection then reads it once before trusting it."""
 
     @abstractmethod
     def read(self) -> PowerSample:
@@ -73,3 +79,6 @@ class Sensor(ABC):
 
     def close(self) -> None:  # noqa: B027 - optional: most sensors hold nothing open
         """Release what the sensor holds (NVML handles, open files)."""
+
+
+__all__ = ["DeviceReading", "PowerSample", "PowerSource", "Sensor", "SensorError"]

@@ -1,25 +1,16 @@
-"""Choosing the node's power sensor: an explicit kind, or the first that works of NVML, Jetson
-and RAPL, falling back to the estimate."""
+"""Choosing the node's power sensor: an explicit kind, or the first that works of the measured
+sensors (NVML, Jetson, RAPL and any installed one with an `auto_order`), falling back to the
+estimate."""
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from pathlib import Path
-from typing import Any
-
-from wattops.agents.sensors.base import Sensor, SensorError
-from wattops.agents.sensors.jetson import JetsonSensor
-from wattops.agents.sensors.nvml import NvmlSensor
-from wattops.agents.sensors.rapl import RaplSensor
-
-KINDS = ("auto", "nvml", "jetson", "rapl", "estimate")
-#: The order `auto` tries measured sensors in: GPUs draw most of an inference node's power.
-AUTO_ORDER = ("nvml", "jetson", "rapl")
+from wattops.agents.sensors.base import Sensor, SensorContext, SensorError
+from wattops.agents.sensors.registry import SENSORS, auto_order, sensor_names
+from wattops.vocabulary import ESTIMATE
+from wattops.vocabulary.plugins import UnknownPlugin
 
 
-def detect_sensor(
-    kind: str, sysfs_root: Path, estimate: Callable[[], Sensor], nvml: Any = None
-) -> tuple[Sensor, list[str]]:
+def detect_sensor(kind: str, context: SensorContext) -> tuple[Sensor, list[str]]:
     """The sensor to use and, for `auto`, why each measured sensor before it was skipped
     (e.g. "nvml: NVML library not found ...").
 
@@ -27,30 +18,30 @@ def detect_sensor(
     that cannot be read raises SensorError: the operator asked for that sensor, so there is no
     quiet fallback to something else.
     """
-    if kind not in KINDS:
-        raise SensorError(f"unknown sensor kind {kind!r}; choose one of {', '.join(KINDS)}")
-    builders: dict[str, Callable[[], Sensor]] = {
-        "nvml": lambda: NvmlSensor(nvml),
-        "jetson": lambda: JetsonSensor(sysfs_root),
-        "rapl": lambda: RaplSensor(sysfs_root),
-    }
-    if kind == "estimate":
-        return estimate(), []
     if kind != "auto":
-        return _open(kind, builders[kind]), []
-    notes: list[str] = []
-    for name in AUTO_ORDER:
         try:
-            return _open(name, builders[name]), notes
+            cls = SENSORS.get(kind)
+        except UnknownPlugin:
+            raise SensorError(
+                f"unknown sensor kind {kind!r}; choose one of {', '.join(sensor_names())}"
+            ) from None
+        if kind == ESTIMATE:
+            return cls.open(context), []
+        return _open(cls, context), []
+    notes: list[str] = []
+    for cls in auto_order():
+        try:
+            return _open(cls, context), notes
         except SensorError as err:
             notes.append(str(err))
-    return estimate(), notes
+    return SENSORS.get(ESTIMATE).open(context), notes
 
 
-def _open(name: str, build: Callable[[], Sensor]) -> Sensor:
+def _open(cls: type[Sensor], context: SensorContext) -> Sensor:
     """Build the sensor and read it once; SensorError (prefixed with its name) if either fails."""
+    name = cls.source
     try:
-        sensor = build()
+        sensor = cls.open(context)
     except SensorError:
         raise
     except (OSError, ValueError) as err:

@@ -9,7 +9,14 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import ClassVar
 
-from wattops.agents.sensors.base import DeviceReading, PowerSample, PowerSource, Sensor, SensorError
+from wattops.agents.sensors.base import (
+    DeviceReading,
+    PowerSample,
+    PowerSource,
+    Sensor,
+    SensorContext,
+    SensorError,
+)
 
 
 class EstimateSensor(Sensor):
@@ -17,6 +24,13 @@ class EstimateSensor(Sensor):
     its samples say so in `source` and spell out the model in `total_from`."""
 
     source: ClassVar[PowerSource] = "estimate"
+
+    @classmethod
+    def open(cls, context: SensorContext) -> Sensor:
+        """The node's own estimate, built from its hardware profile."""
+        if context.estimate is None:
+            raise SensorError("estimate: no hardware profile to estimate from")
+        return context.estimate()
 
     def __init__(
         self,

@@ -9,7 +9,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import ClassVar
 
-from wattops.agents.sensors.base import DeviceReading, PowerSample, PowerSource, Sensor, SensorError
+from wattops.agents.sensors.base import (
+    DeviceReading,
+    PowerSample,
+    PowerSource,
+    Sensor,
+    SensorContext,
+    SensorError,
+)
 
 #: JetPack 5/6: `<chip>/hwmon/hwmonN/in*_label`, `in*_input` (mV), `curr*_input` (mA).
 HWMON_DRIVER = "sys/bus/i2c/drivers/ina3221"
@@ -58,6 +65,11 @@ class JetsonSensor(Sensor):
     small files per rail (one on JetPack 4)."""
 
     source: ClassVar[PowerSource] = "jetson"
+    auto_order: ClassVar[int | None] = 20
+
+    @classmethod
+    def open(cls, context: SensorContext) -> JetsonSensor:
+        return cls(context.sysfs_root)
 
     def __init__(self, sysfs_root: Path = Path("/")) -> None:
         self._root = sysfs_root

@@ -10,7 +10,14 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
-from wattops.agents.sensors.base import DeviceReading, PowerSample, PowerSource, Sensor, SensorError
+from wattops.agents.sensors.base import (
+    DeviceReading,
+    PowerSample,
+    PowerSource,
+    Sensor,
+    SensorContext,
+    SensorError,
+)
 
 
 @dataclass
@@ -31,6 +38,11 @@ class NvmlSensor(Sensor):
     """Every GPU NVML can see; node watts are the sum of the GPUs' watts."""
 
     source: ClassVar[PowerSource] = "nvml"
+    auto_order: ClassVar[int | None] = 10
+
+    @classmethod
+    def open(cls, context: SensorContext) -> NvmlSensor:
+        return cls(context.nvml)
 
     def __init__(self, nvml: Any = None) -> None:
         """`nvml` is the `pynvml` module, or an object with the same functions and names (tests).

@@ -10,7 +10,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import ClassVar
 
-from wattops.agents.sensors.base import DeviceReading, PowerSample, PowerSource, Sensor, SensorError
+from wattops.agents.sensors.base import (
+    DeviceReading,
+    PowerSample,
+    PowerSource,
+    Sensor,
+    SensorContext,
+    SensorError,
+)
 
 POWERCAP = "sys/class/powercap"
 #: Zones counted in the node total. `core` and `uncore` are parts of their package, and `psys`
@@ -53,6 +60,11 @@ class RaplSensor(Sensor):
     repeats the last figure, 0.0 W at first, and keeps counting energy."""
 
     source: ClassVar[PowerSource] = "rapl"
+    auto_order: ClassVar[int | None] = 30
+
+    @classmethod
+    def open(cls, context: SensorContext) -> RaplSensor:
+        return cls(context.sysfs_root)
 
     def __init__(
         self, sysfs_root: Path = Path("/"), clock: Callable[[], float] = time.monotonic

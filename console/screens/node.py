@@ -14,8 +14,8 @@ from textual.screen import Screen
 from textual.widgets import DataTable, Footer, Label, Sparkline, Static
 
 from wattops.agents.api import History, NodeSnapshot
-from wattops.console import rows as fmt
-from wattops.console.fleet import AgentLink
+from wattops.console import formats as fmt
+from wattops.fleet.state import AgentLink
 
 
 class NodeScreen(Screen[None]):

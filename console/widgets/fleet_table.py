@@ -20,8 +20,8 @@ from textual.reactive import reactive
 from textual.scroll_view import ScrollView
 from textual.strip import Strip
 
-from wattops.console import rows as fmt
-from wattops.console.rows import FleetRow, Link
+from wattops.console import formats as fmt
+from wattops.fleet.rows import FleetRow, Link
 
 SPARK = "▁▂▃▄▅▆▇█"
 #: Points shown in the trend columns (one per second).

@@ -31,9 +31,10 @@ from typing import Any
 
 import httpx
 
-from wattops.agents.state import atomic_write
-from wattops.console.bench_report import summarise, write_chart, write_table
-from wattops.console.launch import (
+from wattops.engines.quality import compare
+from wattops.engines.variants import VariantStore
+from wattops.experiments.bench_report import summarise, write_chart, write_table
+from wattops.experiments.launch import (
     Launched,
     agent_argv,
     free_port,
@@ -41,9 +42,14 @@ from wattops.console.launch import (
     stop_all,
     stop_on_hangup,
 )
-from wattops.console.load import LoadProfile, LoadReport, RequestResult, build_workload, run_load
-from wattops.engines.quality import compare
-from wattops.engines.variants import VariantStore
+from wattops.experiments.load import (
+    LoadProfile,
+    LoadReport,
+    RequestResult,
+    build_workload,
+    run_load,
+)
+from wattops.vocabulary import BUILTIN_SOURCES, atomic_write
 
 __all__ = ["MODES", "BenchSettings", "Mode", "add_arguments", "run_bench", "run_from_args"]
 
@@ -567,7 +573,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--sensor",
         default=defaults.sensor,
-        choices=["auto", "nvml", "jetson", "rapl", "estimate"],
+        choices=["auto", *BUILTIN_SOURCES],
         help="power sensor of the agents (default %(default)s)",
     )
     parser.add_argument(

@@ -27,8 +27,14 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
-from wattops.agents.api import PRECISIONS
-from wattops.agents.pods import PRECISION_ENV, STUCK_REASONS, kubeconfig_path
+from wattops.vocabulary import (
+    AGENT_SELECTOR,
+    PART_OF_SELECTOR,
+    PRECISION_ENV,
+    PRECISIONS,
+    STUCK_REASONS,
+    kubeconfig_path,
+)
 
 __all__ = [
     "AGENT_SELECTOR",
@@ -40,8 +46,6 @@ __all__ = [
     "Rollout",
 ]
 
-PART_OF_SELECTOR = "app.kubernetes.io/part-of=wattops"
-AGENT_SELECTOR = "app.kubernetes.io/name=wattops-agent"
 CONFLICT_RETRIES = 5
 STRATEGIC_MERGE = "application/strategic-merge-patch+json"
 
@@ -52,7 +56,7 @@ class KubeError(Exception):
 
 @dataclass(frozen=True)
 class KubeDeployment:
-    """An engine Deployment as the console shows it."""
+    """An engine Deployment as the fleet shows it."""
 
     namespace: str
     name: str
@@ -235,6 +239,10 @@ class KubeFleet:
                 "say which with --namespace"
             )
         return found[0]
+
+    def deployment(self, name: str, namespace: str | None = None) -> KubeDeployment:
+        """The engine Deployment called `name` (in the one namespace that has it)."""
+        return _view(self.get(name, namespace))
 
     def get(self, name: str, namespace: str | None = None) -> Any:
         """The Deployment object (the client's V1Deployment)."""

@@ -1,5 +1,5 @@
-"""The fleet as rows: one per deployment per node, the unit of the fleet table and of
-`wattops status`. Also the number formats every view shares."""
+"""The fleet as rows: one per deployment per node, the unit of the fleet table, of
+`wattops status` and of a routes view's candidates."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING
 from wattops.agents.api import NodeSnapshot
 
 if TYPE_CHECKING:
-    from wattops.console.kube import KubeDeployment
+    from wattops.fleet.kube import KubeDeployment
 
 #: Row keys of Kubernetes Deployments start with this (agents' rows with their URL).
 KUBE_KEY = "kube|"
@@ -150,35 +150,3 @@ def kube_rows(deployments: Iterable[KubeDeployment], agent_rows: list[FleetRow])
 def _sum(values: Iterable[float | None]) -> float | None:
     known = [v for v in values if v is not None]
     return sum(known) if known else None
-
-
-def watts(value: float | None, estimated: bool) -> str:
-    """`312 W`, or `312 W est.` for an estimate; `-` for no data."""
-    if value is None:
-        return "-"
-    return f"{value:,.0f} W" + (" est." if estimated else "")
-
-
-def number(value: float | None, digits: int = 2, unit: str = "") -> str:
-    """A figure with a fixed number of decimals, or `-`."""
-    return "-" if value is None else f"{value:,.{digits}f}{unit}"
-
-
-def money(value: float | None, suffix: str = "") -> str:
-    """Dollars with cents (more decimals under a cent)."""
-    if value is None:
-        return "-"
-    digits = 2 if abs(value) >= 0.1 else 4
-    return f"${value:,.{digits}f}{suffix}"
-
-
-def percent(value: float | None) -> str:
-    """0.234 -> `23%`."""
-    return "-" if value is None else f"{value:.0%}"
-
-
-def millis(value: float | None) -> str:
-    """Seconds as milliseconds, or seconds when long."""
-    if value is None:
-        return "-"
-    return f"{value * 1000:.0f} ms" if value < 10 else f"{value:.1f} s"

@@ -1,10 +1,13 @@
-"""An HTTP client for one agent's API, shared by the CLI commands and the console."""
+"""An HTTP client for one agent's API, shared by the CLI, the console and the fleet targets."""
 
 from __future__ import annotations
 
+import asyncio
+import json
+from collections.abc import Sequence
 from typing import Any
 
-import httpx
+import aiohttp
 
 from wattops.agents.api import Accepted, NodeSnapshot
 
@@ -35,17 +38,17 @@ class AgentClient:
         url: str,
         token: str | None = None,
         timeout_s: float = 10.0,
-        http: httpx.AsyncClient | None = None,
+        http: aiohttp.ClientSession | None = None,
     ) -> None:
         self.url = url.rstrip("/")
         self.token = token
         self._own = http is None
-        self.http = http or httpx.AsyncClient(timeout=timeout_s)
+        self.http = http or aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=timeout_s))
 
     async def close(self) -> None:
         """Close the connection pool if this client made it."""
         if self._own:
-            await self.http.aclose()
+            await self.http.close()
 
     async def __aenter__(self) -> AgentClient:
         return self
@@ -56,18 +59,27 @@ class AgentClient:
     async def _call(self, method: str, path: str, body: dict[str, Any] | None = None) -> Any:
         headers = {"Authorization": f"Bearer {self.token}"} if self.token and body else {}
         try:
-            resp = await self.http.request(method, self.url + path, json=body, headers=headers)
-        except httpx.HTTPError as exc:
+            async with self.http.request(
+                method, self.url + path, json=body, headers=headers
+            ) as resp:
+                text = await resp.text()
+                status = resp.status
+        except (aiohttp.ClientError, TimeoutError) as exc:
             raise AgentUnreachable(self.url, 0, "unreachable", f"no answer: {exc!r}") from None
-        if resp.status_code >= 400:
-            try:
-                data = resp.json()
+        try:
+            data = json.loads(text)
+        except ValueError:
+            data = None
+        if status >= 400:
+            if isinstance(data, dict):
                 message, code = data.get("message") or str(data), data.get("error", "error")
                 allowed = data.get("allowed")
-            except ValueError:
-                message, code, allowed = resp.text[:200], "error", None
-            raise AgentError(self.url, resp.status_code, code, message, allowed)
-        return resp.json()
+            else:
+                message, code, allowed = text[:200], "error", None
+            raise AgentError(self.url, status, code, message, allowed)
+        if data is None:
+            raise AgentError(self.url, status, "bad_answer", f"not JSON: {text[:200]!r}")
+        return data
 
     async def node(self) -> NodeSnapshot:
         """GET /v1/node."""
@@ -88,9 +100,25 @@ class AgentClient:
         return Accepted.model_validate(data)
 
     async def act(self, deployment: str, action: str, target: str | int) -> Accepted:
-        """`scale` to a replica count or switch `precision`: the console's two actions."""
+        """`scale` to a replica count or switch `precision`: the two control actions."""
         if action == "scale":
             return await self.scale(deployment, int(target))
         if action == "precision":
             return await self.precision(deployment, str(target))
         raise ValueError(f"unknown action {action!r}; allowed: scale, precision")
+
+
+async def fetch_snapshots(
+    urls: Sequence[str], timeout_s: float = 5.0
+) -> list[tuple[str, NodeSnapshot | None, str | None]]:
+    """Every agent's snapshot once, concurrently: (url, snapshot or None, error or None)."""
+    timeout = aiohttp.ClientTimeout(total=timeout_s)
+    async with aiohttp.ClientSession(timeout=timeout) as http:
+
+        async def one(url: str) -> tuple[str, NodeSnapshot | None, str | None]:
+            try:
+                return url, await AgentClient(url, http=http).node(), None
+            except AgentError as exc:
+                return url, None, exc.message
+
+        return list(await asyncio.gather(*(one(u) for u in urls)))

@@ -1,17 +1,17 @@
-"""The console's live view of the fleet: one SSE stream per agent, reconnecting with backoff.
+"""The fleet's live state: one SSE stream per agent, reconnecting with backoff.
 
 Each `AgentLink` keeps the latest NodeSnapshot of its agent, fed by the agent's `/v1/events`
 stream, and knows whether that data is live, stale or offline. The streams use aiohttp with
 aiohttp-sse-client2 rather than httpx + httpx-sse: against 1,000 agents at 1 Hz, httpx's
-per-event cost alone took about 40% of a core (docs/benchmarks.md); control calls stay on
-httpx. Links run
-as tasks on the app's event loop and never block it; the UI reads `FleetState` on its own
-timer, so a slow or dead agent can never freeze the screen.
+per-event cost alone took about 40% of a core (docs/benchmarks.md). Links run as tasks on the
+caller's event loop and never block it; a UI reads `FleetState` on its own timer, so a slow or
+dead agent can never freeze the screen.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from collections import deque
@@ -29,10 +29,11 @@ from tenacity import (
     wait_exponential_jitter,
 )
 
-from wattops.agents.api import NodeSnapshot
-from wattops.console.rows import FleetRow, Link, rows_for
+from wattops.agents.api import DeploymentStatus, NodeSnapshot
+from wattops.fleet.client import AgentUnreachable
+from wattops.fleet.rows import FleetRow, Link, rows_for
 
-log = logging.getLogger("wattops.console")
+log = logging.getLogger("wattops.fleet")
 
 #: No event for this long marks a node stale (agents push at least once a second).
 STALE_AFTER_S = 5.0
@@ -54,11 +55,28 @@ class AgentLink:
     version: int = 0
     watts: dict[str, deque[float]] = field(default_factory=dict)
     tokens: dict[str, deque[float]] = field(default_factory=dict)
+    _updated: asyncio.Event = field(default_factory=asyncio.Event, repr=False)
 
     @property
     def node(self) -> str:
         """The node's name, or its URL before the first snapshot."""
         return self.snapshot.node if self.snapshot else self.url
+
+    def deployment(self, name: str) -> DeploymentStatus | None:
+        """The deployment called `name` in the latest snapshot, if any."""
+        if self.snapshot is None:
+            return None
+        return next((d for d in self.snapshot.deployments if d.name == name), None)
+
+    async def next_snapshot(self, within_s: float = 1.0) -> NodeSnapshot:
+        """The next snapshot the stream brings, or the latest one after `within_s` without
+        news (a quiet or lost stream must not hold up whoever follows an action)."""
+        self._updated.clear()
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._updated.wait(), within_s)
+        if self.snapshot is None:
+            raise AgentUnreachable(self.url, 0, "unreachable", self.error or "no snapshot yet")
+        return self.snapshot
 
     def link(self, now: float) -> Link:
         """Live, stale (connected but quiet) or offline."""
@@ -74,6 +92,7 @@ class AgentLink:
         self.snapshot = snapshot
         self.last_event = time.monotonic()
         self.version += 1
+        self._updated.set()
         if previous is not None and int(previous.time) == int(snapshot.time):
             return  # several events in one second: one point per second is enough
         for dep in snapshot.deployments:
