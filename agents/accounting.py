@@ -8,107 +8,38 @@ Allocation follows what a deployment holds, the way Kubecost allocates cluster c
   node's accelerators on a GPU or Jetson node). A deployment's share is the sum over its
   running replicas, capped at 1; if the deployments together hold more than the whole node,
   their shares are scaled down to sum to 1. A parked deployment holds nothing.
-- Cost: the node's price per hour (cloud on-demand rental, or purchase price over lifetime
-  for owned hardware) times the share held, plus, on owned hardware, the electricity for the
-  energy attributed to the deployment (kWh x PUE x $/kWh). A cloud price already includes
-  electricity, so none is added there. What no deployment holds is the node's unallocated
-  cost; the node's burn is always its full price.
+- Cost (agents/cost.py, the one place prices are applied): the node's price per hour times
+  the share held, plus, on owned hardware, the electricity for the energy attributed to the
+  deployment. What no deployment holds is the node's unallocated cost; the node's burn is
+  always its full price.
 - Energy is split at the profile's idle power: up to idle_watts x seconds is idle energy, the
   rest is active energy. Active energy goes to deployments by busy time (seconds with at least
   one request in flight on a replica, weighted by that replica's compute share); idle energy
   by share held. Unattributed energy stays with the node.
-- Carbon: energy x PUE x grid gCO2e/kWh.
+- Carbon: energy x PUE x grid gCO2e/kWh (agents/cost.py).
 """
 
 from __future__ import annotations
 
-import os
 import time
 import weakref
 from collections.abc import Mapping
-from dataclasses import dataclass
 
 from wattops.agents.api import (
     DeploymentHistory,
-    EnergyCounters,
     Figures,
     HistoryPoint,
     ReplicaState,
+    Totals,
 )
+from wattops.agents.cost import CostModel
 from wattops.agents.history import HistoryRing, figures
 from wattops.agents.power import EnergyInterval
 from wattops.agents.supervisor import Deployment, LiveReplica
-from wattops.profiles import HardwareProfile, SiteProfile
 from wattops.vocabulary import PowerSource
 
-J_PER_KWH = 3.6e6
 #: Replica states that hold node resources.
 _HOLDING = (ReplicaState.STARTING, ReplicaState.READY, ReplicaState.DRAINING)
-
-
-@dataclass(frozen=True)
-class CostModel:
-    """Prices and capacities from the hardware and site profiles."""
-
-    profile: str
-    kind: str
-    node_usd_per_hour: float
-    owned: bool
-    price_basis: str
-    electricity_usd_per_kwh: float
-    pue: float
-    grid_gco2e_per_kwh: float
-    idle_watts: float
-    max_watts: float
-    accelerators: int
-    memory_bytes: int
-    cpu_cores: int
-
-    @classmethod
-    def from_profiles(cls, hardware: HardwareProfile, site: SiteProfile) -> CostModel:
-        """Build from validated profiles; CPU cores default to this host's."""
-        price = hardware.price
-        basis = (
-            f"owned: ${price.purchase_usd:,.0f} over {price.lifetime_years:g} years"
-            if price.owned
-            else f"cloud on-demand ${price.cloud_usd_per_hour:.4g}/h"
-        )
-        return cls(
-            profile=hardware.name,
-            kind=hardware.kind,
-            node_usd_per_hour=price.usd_per_hour,
-            owned=price.owned,
-            price_basis=f"{basis} ({price.source}, {price.as_of})",
-            electricity_usd_per_kwh=site.electricity_usd_per_kwh,
-            pue=site.pue,
-            grid_gco2e_per_kwh=site.grid_gco2e_per_kwh,
-            idle_watts=hardware.idle_watts,
-            max_watts=hardware.max_watts,
-            accelerators=max(1, hardware.accelerators),
-            memory_bytes=int(hardware.memory_gb * 2**30),
-            cpu_cores=hardware.cpu_cores or os.cpu_count() or 1,
-        )
-
-    def electricity_usd(self, joules: float) -> float:
-        """What the electricity for `joules` costs; 0 on cloud (the rental includes it)."""
-        if not self.owned:
-            return 0.0
-        return joules / J_PER_KWH * self.pue * self.electricity_usd_per_kwh
-
-    def carbon_g(self, joules: float) -> float:
-        """gCO2e for `joules` at the device, facility overhead (PUE) included."""
-        return joules / J_PER_KWH * self.pue * self.grid_gco2e_per_kwh
-
-    def compute_share(self, live: LiveReplica) -> float:
-        """The part of the node's compute one busy replica uses."""
-        if self.kind == "cpu":
-            return min(1.0, (live.replica.threads or 1) / self.cpu_cores)
-        return 1.0 / self.accelerators
-
-    def holding(self, live: LiveReplica) -> float:
-        """The share of the node a running replica holds: max(memory, compute)."""
-        memory = (live.replica.memory_bytes or 0) / self.memory_bytes if self.memory_bytes else 0
-        return min(1.0, max(memory, self.compute_share(live)))
 
 
 class Accounting:
@@ -117,7 +48,7 @@ class Accounting:
     def __init__(
         self,
         cost: CostModel,
-        node_totals: EnergyCounters,
+        node_totals: Totals,
         deployments: Mapping[str, Deployment],
         input_weight: float,
         output_weight: float,
@@ -167,9 +98,19 @@ class Accounting:
             raw = {name: share / total for name, share in raw.items()}
         return raw
 
-    def cost_per_hour(self, share: float) -> float:
-        """Hardware cost per hour of holding `share` of the node (electricity excluded)."""
-        return self.cost.node_usd_per_hour * share
+    def burn_usd_per_hour(self, watts: float) -> float:
+        """The node's full price now: all of it held, drawing `watts`."""
+        return self.cost.usd_per_hour(1.0, watts)
+
+    def deployment_usd_per_hour(self, name: str) -> float:
+        """Share held now, plus electricity for the deployment's recent attributed power."""
+        figures = self.figures.get(name)
+        watts = figures.watts if figures and figures.watts is not None else 0.0
+        return self.cost.usd_per_hour(self.shares.get(name, 0.0), watts)
+
+    def unallocated_usd_per_hour(self) -> float:
+        """The hardware price of what no deployment holds now."""
+        return self.cost.usd_per_hour(max(0.0, 1.0 - sum(self.shares.values())), 0.0)
 
     def on_interval(self, interval: EnergyInterval) -> None:
         """Attribute one sampling interval's energy, cost and carbon."""
@@ -191,7 +132,6 @@ class Accounting:
                 self._busy_seen[live] = busy
             weights[name] = weight
         total_weight = sum(weights.values())
-        hardware_usd = self.cost.node_usd_per_hour * seconds / 3600.0
         estimated_part = min(1.0, interval.estimated_joules / joules) if joules > 0 else 0.0
         _add(
             self.node,
@@ -199,7 +139,7 @@ class Accounting:
             idle,
             active,
             estimated_part,
-            hardware_usd + self.cost.electricity_usd(joules),
+            self.cost.usd(seconds, 1.0, joules),
             self.cost.carbon_g(joules),
         )
         for name, dep in self.deployments.items():
@@ -207,12 +147,12 @@ class Accounting:
             dep_idle = idle * shares[name]
             dep_joules = dep_active + dep_idle
             _add(
-                dep.energy,
+                dep.totals,
                 dep_joules,
                 dep_idle,
                 dep_active,
                 estimated_part,
-                hardware_usd * shares[name] + self.cost.electricity_usd(dep_joules),
+                self.cost.usd(seconds, shares[name], dep_joules),
                 self.cost.carbon_g(dep_joules),
             )
             self._second_by_deployment[name] = (
@@ -244,9 +184,9 @@ class Accounting:
                     cached_prompt_tokens_total=dep.counters.cached_prompt_tokens_total,
                     cache_hits_total=dep.counters.cache_hits_total,
                     cache_misses_total=dep.counters.cache_misses_total,
-                    energy_j_total=dep.energy.energy_j_total,
-                    cost_usd_total=dep.energy.cost_usd_total,
-                    carbon_g_total=dep.energy.carbon_g_total,
+                    energy_j_total=dep.totals.energy_j_total,
+                    cost_usd_total=dep.totals.cost_usd_total,
+                    carbon_g_total=dep.totals.carbon_g_total,
                 )
                 for name, dep in self.deployments.items()
             },
@@ -271,7 +211,7 @@ class Accounting:
 
 
 def _add(
-    totals: EnergyCounters,
+    totals: Totals,
     joules: float,
     idle: float,
     active: float,
@@ -285,3 +225,6 @@ def _add(
     totals.estimated_energy_j_total += joules * estimated_part
     totals.cost_usd_total += usd
     totals.carbon_g_total += grams
+
+
+__all__ = ["Accounting", "CostModel"]

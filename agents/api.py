@@ -75,8 +75,9 @@ class DeploymentCounters(_Model):
     cache_misses_total: int = Field(0, description="cacheable requests that went to an engine")
 
 
-class EnergyCounters(_Model):
-    """Monotonic energy, cost and carbon totals (kept across agent restarts)."""
+class Totals(_Model):
+    """Monotonic energy, cost and carbon totals (kept across agent restarts): what a
+    deployment or the node has used and what that cost, since it was first configured."""
 
     energy_j_total: float = Field(0.0, description="joules at the wall of the measured devices")
     active_energy_j_total: float = Field(0.0, description="energy above the idle baseline")
@@ -119,7 +120,7 @@ class DeploymentAccounting(_Model):
     energy_source: PowerSource
     budget_usd_per_hour: float | None = None
     budget_usd_per_day: float | None = None
-    totals: EnergyCounters = EnergyCounters()
+    totals: Totals = Totals()
     figures: Figures
 
 
@@ -230,7 +231,7 @@ class NodeSnapshot(_Model):
     deployments: list[DeploymentStatus]
     power: NodePower | None = None
     cost: NodeCost | None = None
-    totals: EnergyCounters = EnergyCounters()
+    totals: Totals = Totals()
     figures: Figures | None = None
     alerts: list[Alert] = []
 

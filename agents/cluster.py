@@ -27,9 +27,9 @@ import aiohttp
 from wattops.agents.api import (
     DeploymentCounters,
     DeploymentStatus,
-    EnergyCounters,
     ReplicaState,
     ReplicaStatus,
+    Totals,
 )
 from wattops.agents.config import AgentSection, DeploymentConfig
 from wattops.agents.pods import EnginePod
@@ -133,7 +133,7 @@ class ClusterDeployment(Deployment):
         name: str,
         session: aiohttp.ClientSession,
         counters: DeploymentCounters,
-        energy: EnergyCounters,
+        totals: Totals,
         settings: AgentSection,
         on_change: Callable[[], None],
         persist: Callable[[], None],
@@ -152,7 +152,7 @@ class ClusterDeployment(Deployment):
             PodEngine(session, namespace, name),
             DesiredState(precision="unknown", replicas=0),
             counters,
-            energy,
+            totals,
             settings,
             on_change,
             persist,

@@ -17,11 +17,11 @@ from wattops.agents.api import (
     DeploymentAccounting,
     DeploymentCounters,
     DeploymentStatus,
-    EnergyCounters,
     Figures,
     NodeCost,
     NodePower,
     NodeSnapshot,
+    Totals,
 )
 from wattops.agents.cluster import ClusterDeployment
 from wattops.agents.config import AgentConfig, ConfigError, DeploymentConfig
@@ -96,13 +96,13 @@ class NodeAgent:
             stored = saved.deployments.get(dep.name)
             desired = self._restore_desired(dep, engine, stored)
             counters = stored.counters if stored else DeploymentCounters()
-            energy = stored.energy if stored else EnergyCounters()
+            totals = stored.totals if stored else Totals()
             self.deployments[dep.name] = Deployment(
                 dep,
                 engine,
                 desired,
                 counters,
-                energy,
+                totals,
                 self.config.agent,
                 self.mark_changed,
                 self.save,
@@ -142,7 +142,7 @@ class NodeAgent:
         if self.pods is not None:
             self._tasks.append(asyncio.create_task(self._cluster_loop(), name="cluster"))
 
-    def _start_metering(self, node_totals: EnergyCounters) -> None:
+    def _start_metering(self, node_totals: Totals) -> None:
         cfg = self.config.agent
         try:
             hardware = hardware_profile(cfg.profile, dict(self.config.hardware))
@@ -236,7 +236,7 @@ class NodeAgent:
                         name,
                         self.session,
                         stored.counters if stored else DeploymentCounters(),
-                        stored.energy if stored else EnergyCounters(),
+                        stored.totals if stored else Totals(),
                         self.config.agent,
                         self.mark_changed,
                         self.save,
@@ -258,7 +258,7 @@ class NodeAgent:
                 log.info("kubernetes: deployment %s/%s has no pods here now", dep.namespace, name)
                 del self.deployments[name]
                 self._departed[name] = StoredDeployment(
-                    desired=dep.desired.model_copy(), counters=dep.counters, energy=dep.energy
+                    desired=dep.desired.model_copy(), counters=dep.counters, totals=dep.totals
                 )
                 await dep.stop()
         self.mark_changed()
@@ -345,12 +345,12 @@ class NodeAgent:
         state = AgentState(
             deployments={
                 name: StoredDeployment(
-                    desired=d.desired.model_copy(), counters=d.counters, energy=d.energy
+                    desired=d.desired.model_copy(), counters=d.counters, totals=d.totals
                 )
                 for name, d in self.deployments.items()
             }
             | {name: stored for name, stored in self._departed.items()},
-            node=self.accounting.node if self.accounting else EnergyCounters(),
+            node=self.accounting.node if self.accounting else Totals(),
         )
         self.store.save(state)
         self._dirty = False
@@ -366,25 +366,16 @@ class NodeAgent:
 
     # -- reporting -----------------------------------------------------------------------
 
-    def _burn(self) -> tuple[float, float]:
-        """(node burn $/h now, electricity part), from the smoothed watts."""
-        assert self.cost is not None and self.meter is not None
-        electricity = self.cost.electricity_usd(self.meter.watts_smoothed * 3600.0)
-        return self.cost.node_usd_per_hour + electricity, electricity
-
-    def deployment_cost_per_hour(self, name: str) -> float:
-        """Hardware share held now, plus electricity for its recent attributed power."""
-        assert self.accounting is not None and self.cost is not None
-        share = self.accounting.shares.get(name, 0.0)
-        figures = self.accounting.figures.get(name)
-        watts = figures.watts if figures and figures.watts is not None else 0.0
-        return self.cost.node_usd_per_hour * share + self.cost.electricity_usd(watts * 3600.0)
+    def _burn(self) -> float:
+        """The node's burn $/h now, from the smoothed watts."""
+        assert self.accounting is not None and self.meter is not None
+        return self.accounting.burn_usd_per_hour(self.meter.watts_smoothed)
 
     def _evaluate_alerts(self) -> None:
         assert self.accounting is not None and self.cost is not None and self.meter is not None
         cfg = self.config.agent
         node = cfg.node
-        burn, _ = self._burn()
+        burn = self._burn()
         found: list[Alert | None] = [
             alerts.sensor_alert(node, self.meter.sensor.source, self.meter.error),
             alerts.cluster_alert(node, self.cluster_error),
@@ -397,7 +388,7 @@ class NodeAgent:
             ),
         ]
         for name, dep in self.deployments.items():
-            rate = self.deployment_cost_per_hour(name)
+            rate = self.accounting.deployment_usd_per_hour(name)
             found += alerts.budget_alerts(
                 name,
                 rate,
@@ -440,8 +431,7 @@ class NodeAgent:
     def _cost(self) -> NodeCost | None:
         if self.cost is None or self.accounting is None or self.meter is None:
             return None
-        burn, _ = self._burn()
-        held = sum(self.accounting.shares.values())
+        burn = self._burn()
         cfg = self.config.agent
         return NodeCost(
             profile=self.cost.profile,
@@ -452,7 +442,7 @@ class NodeAgent:
             pue=self.cost.pue,
             grid_gco2e_per_kwh=self.cost.grid_gco2e_per_kwh,
             burn_usd_per_hour=burn,
-            unallocated_usd_per_hour=self.cost.node_usd_per_hour * max(0.0, 1.0 - held),
+            unallocated_usd_per_hour=self.accounting.unallocated_usd_per_hour(),
             budget_usd_per_hour=cfg.budget_usd_per_hour,
             budget_usd_per_day=cfg.budget_usd_per_day,
         )
@@ -463,11 +453,11 @@ class NodeAgent:
             return status
         status.accounting = DeploymentAccounting(
             share=self.accounting.shares.get(dep.name, 0.0),
-            cost_usd_per_hour=self.deployment_cost_per_hour(dep.name),
+            cost_usd_per_hour=self.accounting.deployment_usd_per_hour(dep.name),
             energy_source=self.accounting.source,
             budget_usd_per_hour=dep.config.budget_usd_per_hour,
             budget_usd_per_day=dep.config.budget_usd_per_day,
-            totals=dep.energy.model_copy(),
+            totals=dep.totals.model_copy(),
             figures=self.accounting.figures.get(dep.name) or Figures(window_s=0),
         )
         return status
@@ -483,7 +473,7 @@ class NodeAgent:
             deployments=[self._deployment_status(d) for d in self.deployments.values()],
             power=self._power(),
             cost=self._cost(),
-            totals=self.accounting.node.model_copy() if self.accounting else EnergyCounters(),
+            totals=self.accounting.node.model_copy() if self.accounting else Totals(),
             figures=self.accounting.node_figures if self.accounting else None,
             alerts=list(self.alert_book.active),
         )

@@ -11,9 +11,9 @@ import os
 from pathlib import Path
 from typing import Any
 
-from pydantic import BaseModel, ValidationError
+from pydantic import AliasChoices, BaseModel, Field, ValidationError
 
-from wattops.agents.api import DeploymentCounters, EnergyCounters
+from wattops.agents.api import DeploymentCounters, Totals
 from wattops.vocabulary import atomic_write
 
 
@@ -29,7 +29,8 @@ class StoredDeployment(BaseModel):
 
     desired: DesiredState
     counters: DeploymentCounters = DeploymentCounters()
-    energy: EnergyCounters = EnergyCounters()
+    #: Energy, cost and carbon; state files written before the fleet core call it `energy`.
+    totals: Totals = Field(Totals(), validation_alias=AliasChoices("totals", "energy"))
 
 
 class AgentState(BaseModel):
@@ -37,7 +38,7 @@ class AgentState(BaseModel):
 
     deployments: dict[str, StoredDeployment] = {}
     #: The node's energy, cost and carbon totals.
-    node: EnergyCounters = EnergyCounters()
+    node: Totals = Totals()
 
 
 class StateStore:

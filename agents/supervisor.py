@@ -20,10 +20,10 @@ from wattops.agents.api import (
     DeploymentCounters,
     DeploymentState,
     DeploymentStatus,
-    EnergyCounters,
     LatencySummary,
     ReplicaState,
     ReplicaStatus,
+    Totals,
 )
 from wattops.agents.autoscale import Autoscaler
 from wattops.agents.config import AgentSection, DeploymentConfig
@@ -114,7 +114,7 @@ class Deployment:
         engine: EngineAdapter,
         desired: DesiredState,
         counters: DeploymentCounters,
-        energy: EnergyCounters,
+        totals: Totals,
         settings: AgentSection,
         on_change: Callable[[], None],
         persist: Callable[[], None],
@@ -125,7 +125,8 @@ class Deployment:
         self.desired = desired
         self.counters = counters
         #: Energy, cost and carbon attributed to this deployment (kept across restarts).
-        self.energy = energy
+        #: Energy, cost and carbon so far (kept across restarts).
+        self.totals = totals
         #: (joules, USD) per token over the recent window, for per-answer estimates.
         self.per_token: tuple[float, float] | None = None
         self.settings = settings

@@ -47,12 +47,12 @@ def snapshot(i: int, tick: int, replicas: int, version: int, watts: float | None
         DeploymentCounters,
         DeploymentState,
         DeploymentStatus,
-        EnergyCounters,
         Figures,
         LatencySummary,
         NodeCost,
         NodePower,
         NodeSnapshot,
+        Totals,
     )
 
     if watts is None:
@@ -71,7 +71,7 @@ def snapshot(i: int, tick: int, replicas: int, version: int, watts: float | None
                                     completion_tokens_total=tick * 60),
         latency=LatencySummary(p50_s=0.8, p95_s=1.9, window=100),
         accounting=DeploymentAccounting(share=1.0, cost_usd_per_hour=5.12,
-                                        energy_source="estimate", totals=EnergyCounters(),
+                                        energy_source="estimate", totals=Totals(),
                                         figures=fig),
     )  # fmt: skip
     snap = NodeSnapshot(

@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from wattops.agents.accounting import Accounting, CostModel
-from wattops.agents.api import DeploymentCounters, EnergyCounters, ReplicaState
+from wattops.agents.api import DeploymentCounters, ReplicaState, Totals
 from wattops.agents.config import AgentSection, DeploymentConfig
 from wattops.agents.power import PowerMeter
 from wattops.agents.sensors.base import Sensor
@@ -51,7 +51,7 @@ def deployments() -> dict[str, Deployment]:
         )  # fmt: skip
         dep = Deployment(
             DeploymentConfig(name=name, engine="openai", url="http://127.0.0.1:9"), engine,
-            DesiredState(precision="f16", replicas=2), DeploymentCounters(), EnergyCounters(),
+            DesiredState(precision="f16", replicas=2), DeploymentCounters(), Totals(),
             AgentSection(), lambda: None, lambda: None,
         )  # fmt: skip
         for r in range(2):
@@ -69,7 +69,7 @@ async def run(sensor: Sensor | None, seconds: float, hz: float) -> float:
         electricity_usd_per_kwh=0.12, pue=1.5, grid_gco2e_per_kwh=390, idle_watts=20,
         max_watts=100, accelerators=1, memory_bytes=16 * 2**30, cpu_cores=8,
     )  # fmt: skip
-    accounting = Accounting(cost, EnergyCounters(), deployments(), 1.0, 3.0, 300)
+    accounting = Accounting(cost, Totals(), deployments(), 1.0, 3.0, 300)
     tasks = []
     if sensor is not None:
         meter = PowerMeter(sensor, None, hz)

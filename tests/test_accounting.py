@@ -14,9 +14,9 @@ from wattops.agents.alerts import AlertBook, budget_alerts, parkable_alert
 from wattops.agents.api import (
     DeploymentCounters,
     DeploymentHistory,
-    EnergyCounters,
     HistoryPoint,
     ReplicaState,
+    Totals,
 )
 from wattops.agents.config import AgentSection, DeploymentConfig
 from wattops.agents.history import figures
@@ -50,7 +50,7 @@ def deployment(name: str, replicas: list[tuple[int, int, float]]) -> Deployment:
     config = DeploymentConfig(name=name, engine="openai", url="http://127.0.0.1:9")
     dep = Deployment(
         config, engine, DesiredState(precision="f16", replicas=len(replicas)),
-        DeploymentCounters(), EnergyCounters(), AgentSection(), lambda: None, lambda: None,
+        DeploymentCounters(), Totals(), AgentSection(), lambda: None, lambda: None,
     )  # fmt: skip
     for i, (memory, threads, busy) in enumerate(replicas):
         replica = Replica(id=f"{name}-{i}", precision="f16", url="", memory_bytes=memory,
@@ -68,7 +68,7 @@ def test_share_held_is_the_larger_of_memory_and_compute() -> None:
     cost = cost_model()
     small = deployment("small", [(1 * GIB, 2, 0.0)])  # compute 2/8 beats memory 1/16
     big = deployment("big", [(8 * GIB, 1, 0.0)])  # memory 8/16 beats compute 1/8
-    acc = Accounting(cost, EnergyCounters(), {"small": small, "big": big}, 1, 3, 300)
+    acc = Accounting(cost, Totals(), {"small": small, "big": big}, 1, 3, 300)
     assert acc.held_shares() == {"small": pytest.approx(0.25), "big": pytest.approx(0.5)}
 
 
@@ -76,20 +76,20 @@ def test_a_parked_deployment_holds_nothing_and_is_charged_nothing() -> None:
     cost = cost_model()
     serving = deployment("serving", [(1 * GIB, 2, 4.0), (1 * GIB, 2, 2.0)])
     parked = deployment("parked", [])
-    node = EnergyCounters()
+    node = Totals()
     acc = Accounting(cost, node, {"serving": serving, "parked": parked}, 1, 3, 300)
     acc.on_interval(interval(joules=500.0, seconds=10.0))
     # idle = 20 W x 10 s = 200 J, active = 300 J.
     assert node.energy_j_total == pytest.approx(500.0)
     assert (node.idle_energy_j_total, node.active_energy_j_total) == (200.0, 300.0)
     # All active energy to the only busy deployment; idle energy by share held (0.5).
-    assert serving.energy.active_energy_j_total == pytest.approx(300.0)
-    assert serving.energy.idle_energy_j_total == pytest.approx(100.0)
-    assert parked.energy.energy_j_total == 0.0
-    assert parked.energy.cost_usd_total == 0.0
+    assert serving.totals.active_energy_j_total == pytest.approx(300.0)
+    assert serving.totals.idle_energy_j_total == pytest.approx(100.0)
+    assert parked.totals.energy_j_total == 0.0
+    assert parked.totals.cost_usd_total == 0.0
     # Cloud price: hardware only (electricity is in the rental), split by share held.
     assert node.cost_usd_total == pytest.approx(0.40 * 10 / 3600)
-    assert serving.energy.cost_usd_total == pytest.approx(0.40 * 10 / 3600 * 0.5)
+    assert serving.totals.cost_usd_total == pytest.approx(0.40 * 10 / 3600 * 0.5)
     # Carbon: kWh x PUE x grid intensity.
     assert node.carbon_g_total == pytest.approx(500 / 3.6e6 * 1.5 * 400)
 
@@ -98,23 +98,23 @@ def test_active_energy_follows_busy_time_weighted_by_compute() -> None:
     cost = cost_model()
     a = deployment("a", [(GIB, 4, 3.0)])  # 3 s busy x 4/8 of the cores = 1.5
     b = deployment("b", [(GIB, 1, 4.0)])  # 4 s busy x 1/8 = 0.5
-    acc = Accounting(cost, EnergyCounters(), {"a": a, "b": b}, 1, 3, 300)
+    acc = Accounting(cost, Totals(), {"a": a, "b": b}, 1, 3, 300)
     acc.on_interval(interval(joules=600.0, seconds=10.0))
     active = 600.0 - 200.0
-    assert a.energy.active_energy_j_total == pytest.approx(active * 1.5 / 2.0)
-    assert b.energy.active_energy_j_total == pytest.approx(active * 0.5 / 2.0)
+    assert a.totals.active_energy_j_total == pytest.approx(active * 1.5 / 2.0)
+    assert b.totals.active_energy_j_total == pytest.approx(active * 0.5 / 2.0)
     # The next interval only counts busy time added since this one.
     a.replicas[0].busy_s += 1.0
     acc.on_interval(interval(joules=400.0, seconds=10.0))
-    assert a.energy.active_energy_j_total == pytest.approx(active * 0.75 + 200.0)
-    assert b.energy.active_energy_j_total == pytest.approx(active * 0.25)
+    assert a.totals.active_energy_j_total == pytest.approx(active * 0.75 + 200.0)
+    assert b.totals.active_energy_j_total == pytest.approx(active * 0.25)
 
 
 def test_shares_over_the_whole_node_are_scaled_down() -> None:
     gpu = cost_model(kind="gpu", accelerators=1, memory_bytes=80 * GIB)
     one = deployment("one", [(10 * GIB, 8, 0.0)])
     two = deployment("two", [(10 * GIB, 8, 0.0)])
-    acc = Accounting(gpu, EnergyCounters(), {"one": one, "two": two}, 1, 3, 300)
+    acc = Accounting(gpu, Totals(), {"one": one, "two": two}, 1, 3, 300)
     # Each replica takes the node's one accelerator: together they hold the node once.
     assert acc.held_shares() == {"one": 0.5, "two": 0.5}
 
@@ -122,11 +122,11 @@ def test_shares_over_the_whole_node_are_scaled_down() -> None:
 def test_owned_hardware_adds_electricity_at_pue() -> None:
     owned = cost_model(owned=True, node_usd_per_hour=0.05)
     dep = deployment("d", [(GIB, 8, 10.0)])  # the whole CPU, busy all the time
-    node = EnergyCounters()
+    node = Totals()
     acc = Accounting(owned, node, {"d": dep}, 1, 3, 300)
     acc.on_interval(interval(joules=3.6e6, seconds=3600.0, estimated=True))  # 1 kWh in 1 h
     assert node.cost_usd_total == pytest.approx(0.05 + 1.0 * 1.5 * 0.10)
-    assert dep.energy.cost_usd_total == pytest.approx(0.05 + 1.0 * 1.5 * 0.10)
+    assert dep.totals.cost_usd_total == pytest.approx(0.05 + 1.0 * 1.5 * 0.10)
     assert node.estimated_energy_j_total == node.energy_j_total
 
 

@@ -18,7 +18,6 @@ from wattops.agents.api import (
     DeploymentState,
     DeploymentStatus,
     DeviceReading,
-    EnergyCounters,
     Figures,
     LatencySummary,
     NodeCost,
@@ -26,6 +25,7 @@ from wattops.agents.api import (
     NodeSnapshot,
     ReplicaState,
     ReplicaStatus,
+    Totals,
 )
 from wattops.console.app import WattopsConsole, make_app
 
@@ -57,7 +57,7 @@ def snapshot(node: str, profile: str, precision: str, watts: float, source: str,
                                     cache_misses_total=69),
         latency=LatencySummary(p50_s=0.84, p95_s=2.1, window=100),
         accounting=DeploymentAccounting(share=0.5, cost_usd_per_hour=price / 2,
-                                        energy_source=source, totals=EnergyCounters(),
+                                        energy_source=source, totals=Totals(),
                                         figures=fig),
     )  # fmt: skip
     devices = [DeviceReading(name="GPU 0 NVIDIA A100-SXM4-80GB", watts=w, utilisation=0.41,
@@ -77,7 +77,7 @@ def snapshot(node: str, profile: str, precision: str, watts: float, source: str,
                       owned=False, electricity_usd_per_kwh=0.1274, pue=1.56,
                       grid_gco2e_per_kwh=390, burn_usd_per_hour=price,
                       unallocated_usd_per_hour=price / 2),
-        totals=EnergyCounters(energy_j_total=360000.0, idle_energy_j_total=200000.0,
+        totals=Totals(energy_j_total=360000.0, idle_energy_j_total=200000.0,
                               active_energy_j_total=160000.0, cost_usd_total=1.23,
                               carbon_g_total=61.0),
         figures=fig, alerts=alerts,
