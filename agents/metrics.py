@@ -2,8 +2,17 @@
 
 Names follow Prometheus conventions: base units in the name (`_watts`, `_joules`, `_usd`,
 `_seconds`, `_grams`), `_total` on counters. Every series carries `node`; deployment series
-add `deployment` and `precision`; power and energy series add `source` (nvml, jetson, rapl or
-estimate), so a dashboard can never show an estimate as a measurement.
+add `deployment`.
+
+Counters keep one fixed label set for their whole life: a precision switch or a sensor that
+fails over to the estimate must never move a running total to a new series, or `rate()` and
+`increase()` would see a reset and sums by precision would count the same joules twice. So:
+- the precision (and engine, model) is in `wattops_deployment_info`, a gauge of 1 to join
+  on (`* on (node, deployment) group_left (precision) wattops_deployment_info`);
+- energy is split by `kind`: `measured` and `estimated` joules are two counters that each only
+  grow (an interval's estimated part goes to the second), so a dashboard can never show an
+  estimate as a measurement and no total moves between them;
+- the power gauges carry the `source` of the latest reading (a gauge may change labels).
 """
 
 from __future__ import annotations
@@ -103,8 +112,13 @@ class SnapshotCollector(Collector):
         yield alerts
 
     def _deployments(self, snap: NodeSnapshot, node: str) -> Iterator[Metric]:
-        labels = ["node", "deployment", "precision"]
+        labels = ["node", "deployment"]
         families: dict[str, CounterMetricFamily | GaugeMetricFamily] = {
+            "info": GaugeMetricFamily(
+                "wattops_deployment_info",
+                "1 per deployment: what it serves now (join on node, deployment)",
+                labels=[*labels, "engine", "model", "precision", "desired_precision"],
+            ),
             "requests": CounterMetricFamily(
                 "wattops_deployment_requests", "Answered requests", labels=labels
             ),
@@ -123,8 +137,8 @@ class SnapshotCollector(Collector):
             ),
             "energy": CounterMetricFamily(
                 "wattops_deployment_energy_joules",
-                "Energy attributed to the deployment",
-                labels=[*labels, "source"],
+                "Energy attributed to the deployment (kind: measured, estimated)",
+                labels=[*labels, "kind"],
             ),
             "cost": CounterMetricFamily(
                 "wattops_deployment_cost_usd",
@@ -158,7 +172,10 @@ class SnapshotCollector(Collector):
             ),
         }
         for dep in snap.deployments:
-            key = [node, dep.name, dep.precision]
+            key = [node, dep.name]
+            families["info"].add_metric(
+                [*key, dep.engine, dep.model, dep.precision, dep.desired_precision], 1.0
+            )
             c = dep.counters
             families["requests"].add_metric(key, c.requests_total)
             families["errors"].add_metric(key, c.errors_total)
@@ -176,7 +193,10 @@ class SnapshotCollector(Collector):
                 families["latency"].add_metric([*key, "0.95"], dep.latency.p95_s)
             acc = dep.accounting
             if acc is not None:
-                families["energy"].add_metric([*key, acc.energy_source], acc.totals.energy_j_total)
+                t = acc.totals
+                estimated = t.estimated_energy_j_total
+                families["energy"].add_metric([*key, "measured"], t.energy_j_total - estimated)
+                families["energy"].add_metric([*key, "estimated"], estimated)
                 families["cost"].add_metric(key, acc.totals.cost_usd_total)
                 families["carbon"].add_metric(key, acc.totals.carbon_g_total)
                 families["share"].add_metric(key, acc.share)

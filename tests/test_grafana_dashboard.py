@@ -101,6 +101,25 @@ def exposed_names() -> set[str]:
 
 
 @pytest.fixture(scope="module")
+def exposed_labels() -> dict[str, set[str]]:
+    """Each exposed metric's label names."""
+    snap = full_snapshot()
+    text = generate_latest(registry_for(lambda: snap)).decode()
+    found: dict[str, set[str]] = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            found.setdefault(sample.name, set()).update(sample.labels)
+    return found
+
+
+#: `metric{matchers}`: a selector and the labels it matches on.
+SELECTOR = re.compile(r"\b(wattops_[a-z_]+)\{([^}]*)\}")
+MATCHER = re.compile(r"([a-z_]+)\s*(?:=~|!~|!=|=)")
+#: `by (...)`, `on (...)`, `group_left (...)`: labels an expression groups or joins on.
+GROUPING = re.compile(r"\b(?:by|on|group_left|group_right|without)\s*\(([^)]*)\)")
+
+
+@pytest.fixture(scope="module")
 def dashboard() -> dict[str, Any]:
     return json.loads(DASHBOARD.read_text())
 
@@ -144,6 +163,20 @@ def test_every_query_names_only_metrics_the_agent_exposes(
         names = set(METRIC_NAME.findall(expr))
         assert names, f"no wattops metric in {expr!r}"
         assert names <= exposed_names, f"{expr!r} names unknown {sorted(names - exposed_names)}"
+
+
+def test_every_query_uses_only_labels_its_metrics_carry(
+    dashboard: dict[str, Any], exposed_labels: dict[str, set[str]]
+) -> None:
+    for expr in exprs(dashboard):
+        for metric, matchers in SELECTOR.findall(expr):
+            used = set(MATCHER.findall(matchers))
+            carried = exposed_labels.get(metric, set())
+            assert used <= carried, f"{metric} has no label {sorted(used - carried)} in {expr!r}"
+        carried = set().union(*(exposed_labels.get(m, set()) for m in METRIC_NAME.findall(expr)))
+        for group in GROUPING.findall(expr):
+            labels = {label.strip() for label in group.split(",") if label.strip()}
+            assert labels <= carried, f"no metric of {expr!r} carries {sorted(labels - carried)}"
 
 
 def test_every_rate_uses_the_rate_interval(dashboard: dict[str, Any]) -> None:

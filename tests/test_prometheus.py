@@ -65,7 +65,11 @@ def test_prometheus_scrapes_power_cost_and_tokens_from_a_real_agent(
     )  # fmt: skip
     labels = requests[0]["metric"]
     assert labels["node"] == "test-node-0"
-    assert labels["precision"] == "q8_0"
+    # The precision is not a counter label (a switch would move the total to a new series):
+    # it is on the info gauge, to join on.
+    assert "precision" not in labels
+    served = series('wattops_deployment_info{deployment="tiny"}')
+    assert [r["metric"]["precision"] for r in served] == ["q8_0"]
     # Every watt carries its source; on this machine it is the profile estimate.
     power = series("wattops_node_power_watts")
     assert power and power[0]["metric"]["source"] == "estimate"
