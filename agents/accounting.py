@@ -98,26 +98,29 @@ class Accounting:
             raw = {name: share / total for name, share in raw.items()}
         return raw
 
-    def burn_usd_per_hour(self, watts: float) -> float:
-        """The node's full price now: all of it held, drawing `watts`."""
-        return self.cost.usd_per_hour(1.0, watts)
+    # The $/h rates: one window (the figures' `window_s`) for the node and every deployment,
+    # so that what the deployments are charged plus what nobody holds is the node's burn.
+
+    def burn_usd_per_hour(self) -> float:
+        """The node's full price over the recent window: all of it held, at its mean watts."""
+        return self.cost.usd_per_hour(1.0, _watts(self.node_figures))
 
     def deployment_usd_per_hour(self, name: str) -> float:
-        """Share held now, plus electricity for the deployment's recent attributed power."""
-        figures = self.figures.get(name)
-        watts = figures.watts if figures and figures.watts is not None else 0.0
-        return self.cost.usd_per_hour(self.shares.get(name, 0.0), watts)
+        """Share held now, plus electricity for the deployment's mean attributed watts."""
+        return self.cost.usd_per_hour(self.shares.get(name, 0.0), _watts(self.figures.get(name)))
 
     def unallocated_usd_per_hour(self) -> float:
-        """The hardware price of what no deployment holds now."""
-        return self.cost.usd_per_hour(max(0.0, 1.0 - sum(self.shares.values())), 0.0)
+        """The burn no deployment is charged: the hardware nobody holds, and the electricity
+        of the energy attributed to nobody. Deployments + this = the burn."""
+        allocated = sum(self.deployment_usd_per_hour(name) for name in self.deployments)
+        return max(0.0, self.burn_usd_per_hour() - allocated)
 
     def on_interval(self, interval: EnergyInterval) -> None:
         """Attribute one sampling interval's energy, cost and carbon."""
         seconds, joules = interval.seconds, max(0.0, interval.joules)
         if seconds <= 0:
             return
-        self.source = interval.sample.source
+        self.source = interval.source
         idle = min(joules, self.cost.idle_watts * seconds)
         active = joules - idle
         shares = self.held_shares()
@@ -208,6 +211,10 @@ class Accounting:
                 if fig.j_per_token is not None and fig.usd_per_1m_tokens is not None
                 else None
             )
+
+
+def _watts(fig: Figures | None) -> float:
+    return fig.watts if fig is not None and fig.watts is not None else 0.0
 
 
 def _add(

@@ -367,15 +367,16 @@ class NodeAgent:
     # -- reporting -----------------------------------------------------------------------
 
     def _burn(self) -> float:
-        """The node's burn $/h now, from the smoothed watts."""
-        assert self.accounting is not None and self.meter is not None
-        return self.accounting.burn_usd_per_hour(self.meter.watts_smoothed)
+        """The node's burn $/h over the accounting window."""
+        assert self.accounting is not None
+        return self.accounting.burn_usd_per_hour()
 
     def _evaluate_alerts(self) -> None:
         assert self.accounting is not None and self.cost is not None and self.meter is not None
         cfg = self.config.agent
         node = cfg.node
         burn = self._burn()
+        window = f"{self.config.accounting.window_s:g} s"
         found: list[Alert | None] = [
             alerts.sensor_alert(node, self.meter.sensor.source, self.meter.error),
             alerts.cluster_alert(node, self.cluster_error),
@@ -384,7 +385,7 @@ class NodeAgent:
                 burn,
                 cfg.budget_usd_per_hour,
                 cfg.budget_usd_per_day,
-                "now (full node price + electricity)",
+                f"over the last {window} (full node price + electricity)",
             ),
         ]
         for name, dep in self.deployments.items():
@@ -394,7 +395,7 @@ class NodeAgent:
                 rate,
                 dep.config.budget_usd_per_hour,
                 dep.config.budget_usd_per_day,
-                "now (share held x node price + electricity)",
+                f"over the last {window} (share held x node price + electricity)",
             )
             found.append(
                 alerts.parkable_alert(

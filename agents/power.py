@@ -18,6 +18,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from wattops.agents.sensors.base import PowerSample, Sensor, SensorError
+from wattops.vocabulary import ESTIMATE
 
 log = logging.getLogger("wattops.agent")
 
@@ -35,6 +36,12 @@ class EnergyInterval:
     seconds: float
     #: The part of `joules` that was estimated rather than measured.
     estimated_joules: float = 0.0
+
+    @property
+    def source(self) -> str:
+        """Where the interval's energy comes from, by its weakest part: `estimate` as soon as
+        any of it was estimated, else the sensor's source."""
+        return ESTIMATE if self.estimated_joules > 0 else self.sample.source
 
 
 class PowerMeter:
@@ -72,7 +79,7 @@ class PowerMeter:
             log.info("power sensor %s is back", self.sensor.source)
         self.error = None
         self.error_since = None
-        return sample, sample.source == "estimate"
+        return sample, sample.source == ESTIMATE
 
     @staticmethod
     def interval(previous: PowerSample, current: PowerSample) -> float:
@@ -86,6 +93,15 @@ class PowerMeter:
         ):
             return current.energy_j - previous.energy_j
         return (previous.watts + current.watts) / 2.0 * seconds
+
+    @classmethod
+    def step(cls, previous: PowerSample, current: PowerSample) -> tuple[float, float]:
+        """(joules, estimated joules) between two samples. A step with an estimate at either
+        end counts as estimated: integrated across a change of source, half its trapezoid is
+        estimate watts, so it takes the weaker source's label, never the measured one."""
+        joules = cls.interval(previous, current)
+        estimated = ESTIMATE in (previous.source, current.source)
+        return joules, joules if estimated else 0.0
 
     def _smooth(self, watts: float, seconds: float) -> None:
         if self.latest is None:
@@ -104,7 +120,7 @@ class PowerMeter:
             if next_at < time.monotonic() - period:
                 next_at = time.monotonic()
             try:
-                sample, is_estimate = self.read()
+                sample, _ = self.read()
             except SensorError:
                 continue
             except Exception:  # a sensor bug must not stop the meter
@@ -112,13 +128,12 @@ class PowerMeter:
                 continue
             previous = self.latest
             if previous is not None:
-                step = self.interval(previous, sample)
+                step, step_estimated = self.step(previous, sample)
                 dt = max(0.0, sample.monotonic - previous.monotonic)
                 self._smooth(sample.watts, dt)
                 joules += step
                 seconds += dt
-                if is_estimate:
-                    estimated += step
+                estimated += step_estimated
             else:
                 self._smooth(sample.watts, 0.0)
             self.latest = sample

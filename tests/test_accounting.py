@@ -14,6 +14,7 @@ from wattops.agents.alerts import AlertBook, budget_alerts, parkable_alert
 from wattops.agents.api import (
     DeploymentCounters,
     DeploymentHistory,
+    Figures,
     HistoryPoint,
     ReplicaState,
     Totals,
@@ -189,3 +190,22 @@ def test_an_ongoing_alert_keeps_the_time_it_began() -> None:
     assert book.update([]) == []
     time.sleep(0.01)
     assert book.update(budget_alerts("n", 2.0, 1.0, None, "now"))[0].since > first
+
+
+def test_deployments_and_unallocated_add_up_to_the_burn() -> None:
+    # $4/h owned node, PUE 1.5, $0.10/kWh, 400 W over the window; two deployments holding 0.3
+    # and 0.5 of it, attributed 150 W and 200 W. The 50 W nobody was charged for is
+    # unallocated electricity, and the hardware nobody holds (0.2) unallocated hardware.
+    cost = cost_model(node_usd_per_hour=4.0, owned=True, pue=1.5, electricity_usd_per_kwh=0.10)
+    a, b = deployment("a", []), deployment("b", [])
+    acc = Accounting(cost, Totals(), {"a": a, "b": b}, 1, 3, 300)
+    acc.shares = {"a": 0.3, "b": 0.5}
+    acc.node_figures = Figures(window_s=300, watts=400.0)
+    acc.figures = {"a": Figures(window_s=300, watts=150.0), "b": Figures(window_s=300, watts=200.0)}
+    burn = acc.burn_usd_per_hour()
+    assert burn == pytest.approx(4.0 + 0.4 * 1.5 * 0.10)  # $4.06/h
+    assert acc.deployment_usd_per_hour("a") == pytest.approx(4.0 * 0.3 + 0.15 * 1.5 * 0.10)
+    assert acc.deployment_usd_per_hour("b") == pytest.approx(4.0 * 0.5 + 0.20 * 1.5 * 0.10)
+    assert acc.unallocated_usd_per_hour() == pytest.approx(4.0 * 0.2 + 0.05 * 1.5 * 0.10)
+    total = sum(acc.deployment_usd_per_hour(n) for n in "ab") + acc.unallocated_usd_per_hour()
+    assert total == pytest.approx(burn, rel=1e-12)

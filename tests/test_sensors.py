@@ -14,6 +14,7 @@ from typing import Any
 import pynvml
 import pytest
 
+from wattops.agents.power import EnergyInterval, PowerMeter
 from wattops.agents.sensors import rapl
 from wattops.agents.sensors.base import PowerSample, Sensor, SensorContext, SensorError
 from wattops.agents.sensors.detect import detect_sensor
@@ -544,3 +545,41 @@ def test_detect_explicit_kind(kind: str, root: Path, expected: type) -> None:
 def test_detect_unknown_kind() -> None:
     with pytest.raises(SensorError, match="unknown sensor kind 'ina'"):
         detect_sensor("ina", SensorContext(SYSFS, estimate=not_called))
+
+
+def test_rapl_counter_resets_are_not_read_as_wrap_arounds(tmp_path: Path) -> None:
+    # A zone drawing 30 W whose counter is reset to zero (driver reload, suspend) four times
+    # in five seconds: read as wrap-arounds, each reset added a whole range (~262 kJ).
+    root = tmp_path / "host"
+    shutil.copytree(LAPTOP, root)
+    clock = Clock()
+    sensor = RaplSensor(root, clock=clock)
+    counter = int((root / "sys/class/powercap/intel-rapl:0/energy_uj").read_text())
+    start = sensor.read().energy_j or 0.0
+    for step in range(1, 51):  # 5 s at 10 Hz
+        clock.now += 0.1
+        counter = 0 if step in (10, 22, 35, 47) else counter + 3_000_000  # 3 J per 0.1 s
+        set_energy(root, "intel-rapl:0", counter)
+        sample = sensor.read()
+    package = by_name(sample)["package-0"]
+    # 46 steps counted 3 J each; the 4 resets count what the counter gathered since: 0 J.
+    assert (package.energy_j or 0.0) - start == pytest.approx(46 * 3.0)
+    assert package.watts == pytest.approx(30.0)
+
+
+# -- the power meter's steps -----------------------------------------------------------------
+
+
+def test_a_step_back_from_the_estimate_is_labelled_estimated() -> None:
+    estimate = PowerSample(monotonic=10.0, source="estimate", watts=100.0)
+    measured = PowerSample(monotonic=11.0, source="nvml", watts=50.0, energy_j=500.0)
+    later = PowerSample(monotonic=12.0, source="nvml", watts=60.0, energy_j=555.0)
+    # Across the change of source the step is integrated: half of it is estimate watts.
+    assert PowerMeter.step(estimate, measured) == (pytest.approx(75.0), pytest.approx(75.0))
+    fell_back = PowerSample(monotonic=12.0, source="estimate", watts=100.0)
+    assert PowerMeter.step(measured, fell_back) == (pytest.approx(75.0), pytest.approx(75.0))
+    # Measured at both ends: from the counter, and measured.
+    assert PowerMeter.step(measured, later) == (pytest.approx(55.0), 0.0)
+    mixed = EnergyInterval(later, joules=130.0, seconds=2.0, estimated_joules=75.0)
+    assert mixed.source == "estimate"
+    assert EnergyInterval(later, joules=55.0, seconds=1.0).source == "nvml"

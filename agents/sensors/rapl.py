@@ -26,6 +26,9 @@ COUNTED = ("package", "dram")
 #: Watts are formed over at least this long: RAPL counters tick about every millisecond in
 #: ~61 uJ steps, so a shorter window gives noise rather than a figure.
 MIN_WINDOW_S = 0.05
+#: More than any one RAPL zone draws (server packages peak at a few hundred watts): a
+#: backwards step that would mean more than this since the last read is a reset, not a wrap.
+PLAUSIBLE_MAX_W = 2000.0
 
 PERMISSION_FIX = (
     "energy_uj is readable by root only since the 2020 fix for CVE-2020-8694 (Platypus): run "
@@ -50,6 +53,8 @@ class _Zone:
     #: `total_uj` when the current watts window began.
     window_uj: int = 0
     watts: float = 0.0
+    #: Clock time of the last read of `last_uj`.
+    last_read: float = 0.0
 
 
 class RaplSensor(Sensor):
@@ -73,6 +78,8 @@ class RaplSensor(Sensor):
         self._clock = clock
         self._zones = _discover(sysfs_root / POWERCAP)
         self._window_start = clock()
+        for zone in self._zones:
+            zone.last_read = self._window_start
 
     def read(self) -> PowerSample:
         now = self._clock()
@@ -81,8 +88,15 @@ class RaplSensor(Sensor):
             if value >= zone.last_uj:
                 zone.total_uj += value - zone.last_uj
             else:
-                zone.total_uj += value + zone.max_range_uj - zone.last_uj
+                # Backwards: a wrap past max_energy_range_uj, or a reset to zero (driver reload,
+                # suspend, a firmware update). Read as a wrap, a reset from 2 J to 1 J would add
+                # a whole range (262 kJ: a 262 kW "reading"); a step no zone could draw in the
+                # time since the last read is a reset, and counts what was gathered since.
+                wrapped = value + zone.max_range_uj - zone.last_uj
+                seconds = max(now - zone.last_read, MIN_WINDOW_S)
+                zone.total_uj += value if wrapped / 1e6 / seconds > PLAUSIBLE_MAX_W else wrapped
             zone.last_uj = value
+            zone.last_read = now
         elapsed = now - self._window_start
         if elapsed >= MIN_WINDOW_S:
             for zone in self._zones:
