@@ -35,9 +35,11 @@ from wattops.agents.api import (
 from wattops.agents.cost import CostModel
 from wattops.agents.history import HistoryRing, figures
 from wattops.agents.power import EnergyInterval
-from wattops.agents.supervisor import Deployment, LiveReplica
+from wattops.agents.supervisor import Deployment
 from wattops.vocabulary import PowerSource
 
+#: Busy seconds already attributed, per replica and per deployment (its variant builds).
+_Seen = weakref.WeakKeyDictionary[object, float]
 #: Replica states that hold node resources.
 _HOLDING = (ReplicaState.STARTING, ReplicaState.READY, ReplicaState.DRAINING)
 
@@ -65,8 +67,8 @@ class Accounting:
         self.node_figures: Figures = Figures(window_s=0)
         self.figures: dict[str, Figures] = {}
         self.shares: dict[str, float] = {}
-        self._busy_seen: weakref.WeakKeyDictionary[LiveReplica, float] = weakref.WeakKeyDictionary()
-        self._util_seen: weakref.WeakKeyDictionary[LiveReplica, float] = weakref.WeakKeyDictionary()
+        self._busy_seen: _Seen = weakref.WeakKeyDictionary()
+        self._util_seen: _Seen = weakref.WeakKeyDictionary()
         self._util_at = time.monotonic()
         self._second_energy = 0.0
         self._second_seconds = 0.0
@@ -79,13 +81,26 @@ class Accounting:
         now = time.monotonic()
         seconds = now - self._util_at
         self._util_at = now
-        busy = 0.0
-        for dep in list(self.deployments.values()):
-            for live in list(dep.replicas):
-                seen = live.busy_seconds(now)
-                busy += (seen - self._util_seen.get(live, 0.0)) * self.cost.compute_share(live)
-                self._util_seen[live] = seen
+        busy = sum(
+            self._busy_since(dep, now, self._util_seen) for dep in list(self.deployments.values())
+        )
         return min(1.0, busy / seconds) if seconds > 0 else 0.0
+
+    def _busy_since(
+        self, dep: Deployment, now: float, seen: weakref.WeakKeyDictionary[object, float]
+    ) -> float:
+        """Compute-weighted busy seconds of `dep` since the last call with the same `seen`:
+        replicas serving or starting, and variant builds (quantizing), each by the share of
+        the node's compute it uses."""
+        busy = 0.0
+        for live in list(dep.replicas):
+            total = live.busy_seconds(now)
+            busy += (total - seen.get(live, 0.0)) * self.cost.compute_share(live)
+            seen[live] = total
+        total = dep.preparing_seconds(now)
+        busy += (total - seen.get(dep, 0.0)) * self.cost.threads_share(dep.engine.threads)
+        seen[dep] = total
+        return busy
 
     def held_shares(self) -> dict[str, float]:
         """Share of the node each deployment holds now (summing to at most 1)."""
@@ -126,14 +141,10 @@ class Accounting:
         shares = self.held_shares()
         self.shares = shares
         now = time.monotonic()
-        weights: dict[str, float] = {}
-        for name, dep in self.deployments.items():
-            weight = 0.0
-            for live in dep.replicas:
-                busy = live.busy_seconds(now)
-                weight += (busy - self._busy_seen.get(live, 0.0)) * self.cost.compute_share(live)
-                self._busy_seen[live] = busy
-            weights[name] = weight
+        weights = {
+            name: self._busy_since(dep, now, self._busy_seen)
+            for name, dep in self.deployments.items()
+        }
         total_weight = sum(weights.values())
         estimated_part = min(1.0, interval.estimated_joules / joules) if joules > 0 else 0.0
         _add(

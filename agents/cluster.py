@@ -236,14 +236,14 @@ class ClusterDeployment(Deployment):
                 changed = True
             elif live.pod != pod or live.state is not state:
                 live.pod = pod
-                live.state = state
+                live.set_state(state)
                 live.replica.url = pod.url or ""
                 live.replica.precision = pod.precision
                 live.replica.memory_bytes = pod.memory_bytes
                 live.replica.threads = pod.cpu_threads
                 changed = True
         for gone in known.values():
-            gone.state = ReplicaState.STOPPED
+            gone.set_state(ReplicaState.STOPPED)
             self.replicas.remove(gone)
             changed = True
         self.ready = [r for r in self.replicas if r.state is ReplicaState.READY]

@@ -79,8 +79,13 @@ class CostModel:
 
     def compute_share(self, live: LiveReplica) -> float:
         """The part of the node's compute one busy replica uses."""
+        return self.threads_share(live.replica.threads)
+
+    def threads_share(self, threads: int | None) -> float:
+        """The part of the node's compute a job uses: its threads of the cores on a CPU node,
+        one accelerator of the node's on a GPU or Jetson node."""
         if self.kind == "cpu":
-            return min(1.0, (live.replica.threads or 1) / self.cpu_cores)
+            return min(1.0, (threads or 1) / self.cpu_cores)
         return 1.0 / self.accelerators
 
     def holding(self, live: LiveReplica) -> float:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import aiohttp
@@ -38,7 +39,7 @@ from wattops.engines import process
 from wattops.engines.base import EngineAdapter, EngineContext, EngineError
 from wattops.engines.registry import engine_type
 from wattops.engines.variants import VariantStore
-from wattops.profiles import ProfileError, hardware_profile, site_profile
+from wattops.profiles import HardwareProfile, ProfileError, hardware_profile, site_profile
 
 log = logging.getLogger("wattops.agent")
 
@@ -149,6 +150,45 @@ class NodeAgent:
             site = site_profile(self.config.site.name, self.config.site.overrides())
         except ProfileError as exc:
             raise ConfigError(str(exc)) from None
+        # What the estimate scales with: the host's CPU on a CPU node (measured from
+        # /proc/stat); the engines' busy time on accelerator nodes with no readable sensor.
+        # /proc/stat is host-wide even inside a container, so it is read at /, not sysfs_root.
+        utilisation: Callable[[], float]
+        try:
+            utilisation = (
+                HostCpuUtilisation(Path("/"))
+                if hardware.kind == "cpu"
+                else lambda: self.accounting.engine_utilisation() if self.accounting else 0.0
+            )
+        except SensorError as exc:
+            raise ConfigError(f"agent.profile = {cfg.profile!r} (a CPU node): {exc}") from None
+        self.estimate_basis = (
+            "host CPU time (/proc/stat)" if hardware.kind == "cpu" else "engine busy time"
+        )
+        estimates: list[Sensor] = []
+
+        def estimate() -> Sensor:
+            # Built from the profile as fitted to the devices found (below), once.
+            if not estimates:
+                estimates.append(EstimateSensor(
+                    hardware.idle_watts, hardware.max_watts, utilisation, hardware.name
+                ))  # fmt: skip
+            return estimates[0]
+
+        try:
+            sensor, self.sensor_notes = detect_sensor(
+                cfg.sensor, SensorContext(cfg.sysfs_root, estimate=estimate)
+            )
+        except SensorError as exc:
+            raise ConfigError(f"agent.sensor = {cfg.sensor!r}: {exc}") from None
+        try:
+            hardware = self._fit_profile(hardware, sensor)
+        except ConfigError:
+            sensor.close()
+            raise
+        for note in self.sensor_notes:
+            log.info("sensor detection: %s", note)
+        log.info("power sensor: %s", sensor.describe())
         self.cost = CostModel.from_profiles(hardware, site)
         self.accounting = Accounting(
             self.cost,
@@ -158,34 +198,33 @@ class NodeAgent:
             self.config.accounting.output_token_weight,
             self.config.accounting.window_s,
         )
-        # What the estimate scales with: the host's CPU on a CPU node (measured from
-        # /proc/stat); the engines' busy time on accelerator nodes with no readable sensor.
-        # /proc/stat is host-wide even inside a container, so it is read at /, not sysfs_root.
-        try:
-            utilisation = (
-                HostCpuUtilisation(Path("/"))
-                if hardware.kind == "cpu"
-                else self.accounting.engine_utilisation
+        fallback = estimate()
+        self.meter = PowerMeter(sensor, None if sensor is fallback else fallback, cfg.sample_hz)
+
+    def _fit_profile(self, hardware: HardwareProfile, sensor: Sensor) -> HardwareProfile:
+        """The profile scaled to the accelerators the sensor measures: NVML sums every GPU it
+        sees, and a one-GPU profile against an 8-GPU box would call 7 GPUs' idle power active
+        and price the box at an eighth. `[hardware] accelerators` pins the count: a pin that
+        disagrees with the devices found is refused, naming both."""
+        found = sensor.accelerators()
+        if found is None or hardware.kind == "cpu" or found == hardware.accelerators:
+            return hardware
+        profile = self.config.agent.profile
+        if "accelerators" in self.config.hardware:
+            raise ConfigError(
+                f"hardware.accelerators = {hardware.accelerators}, but {sensor.source} measures "
+                f"{found} on this node (its total covers all {found}): set accelerators = "
+                f"{found}, or remove it to scale the {profile} profile to {found}"
             )
-        except SensorError as exc:
-            raise ConfigError(f"agent.profile = {cfg.profile!r} (a CPU node): {exc}") from None
-        self.estimate_basis = (
-            "host CPU time (/proc/stat)" if hardware.kind == "cpu" else "engine busy time"
+        fitted = hardware.scaled(found)
+        note = (
+            f"profile {profile} describes {hardware.accelerators} accelerator(s) and "
+            f"{sensor.source} measures {found}: price, idle and max watts and memory scaled "
+            f"x{found / hardware.accelerators:g} (pin with [hardware] accelerators)"
         )
-        estimate = EstimateSensor(
-            hardware.idle_watts, hardware.max_watts, utilisation, hardware.name
-        )
-        try:
-            sensor, self.sensor_notes = detect_sensor(
-                cfg.sensor, SensorContext(cfg.sysfs_root, estimate=lambda: estimate)
-            )
-        except SensorError as exc:
-            raise ConfigError(f"agent.sensor = {cfg.sensor!r}: {exc}") from None
-        for note in self.sensor_notes:
-            log.info("sensor detection: %s", note)
-        log.info("power sensor: %s", sensor.describe())
-        fallback: Sensor | None = None if sensor is estimate else estimate
-        self.meter = PowerMeter(sensor, fallback, cfg.sample_hz)
+        log.warning("%s", note)
+        self.sensor_notes.append(note)
+        return fitted
 
     async def _tick_loop(self) -> None:
         assert self.accounting is not None

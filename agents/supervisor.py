@@ -69,9 +69,12 @@ class LiveReplica:
     drained: asyncio.Event = field(default_factory=asyncio.Event)
     usage_seen: EngineUsage = field(default_factory=EngineUsage)
     usage_read: bool = False
-    #: Seconds with at least one request in flight, up to `busy_since`.
+    #: Seconds busy: with at least one request in flight (up to `busy_since`), and while it
+    #: was starting (loading weights draws power with no request in flight).
     busy_s: float = 0.0
     busy_since: float = 0.0
+    #: When it began starting (monotonic).
+    starting_since: float = field(default_factory=time.monotonic)
 
     def take(self) -> None:
         """One more request in flight."""
@@ -88,8 +91,17 @@ class LiveReplica:
                 self.drained.set()
 
     def busy_seconds(self, now: float) -> float:
-        """Busy time so far, including the current busy stretch."""
-        return self.busy_s + (now - self.busy_since if self.in_flight else 0.0)
+        """Busy time so far, including the current busy stretch (and the start-up so far)."""
+        busy = self.busy_s + (now - self.busy_since if self.in_flight else 0.0)
+        if self.state is ReplicaState.STARTING:
+            busy += now - self.starting_since
+        return busy
+
+    def set_state(self, state: ReplicaState) -> None:
+        """Move to `state`; the time it spent starting stays counted as busy."""
+        if self.state is ReplicaState.STARTING and state is not ReplicaState.STARTING:
+            self.busy_s += time.monotonic() - self.starting_since
+        self.state = state
 
     def status(self, restarts: int) -> ReplicaStatus:
         """The API view of this replica."""
@@ -149,6 +161,9 @@ class Deployment:
         self._tasks: list[asyncio.Task[None]] = []
         self._check_now = asyncio.Event()
         self._drains: set[asyncio.Task[None]] = set()
+        #: Time spent in engine.prepare (building precision variants), and since when now.
+        self._prepare_s = 0.0
+        self._preparing_since: float | None = None
         self.autoscaler = (
             Autoscaler(
                 config.autoscale_target_in_flight,
@@ -362,13 +377,27 @@ class Deployment:
         self.switching = True
         self._changed()
         try:
-            await self.engine.prepare(precision)
+            await self._prepare(precision)
             self.precision = precision
         except EngineError as exc:
             self._switch_failed(precision, str(exc))
         finally:
             self.switching = False
             self._changed()
+
+    async def _prepare(self, precision: str) -> None:
+        """Make `precision` servable (a quantization may run): busy time of this deployment."""
+        self._preparing_since = time.monotonic()
+        try:
+            await self.engine.prepare(precision)
+        finally:
+            self._prepare_s += time.monotonic() - self._preparing_since
+            self._preparing_since = None
+
+    def preparing_seconds(self, now: float) -> float:
+        """Seconds spent making precisions servable (quantizing), the current one included."""
+        running = now - self._preparing_since if self._preparing_since is not None else 0.0
+        return self._prepare_s + running
 
     async def _start_ready(self, precision: str, count: int) -> list[LiveReplica]:
         """Start `count` replicas and wait until each is healthy; all or nothing."""
@@ -378,7 +407,9 @@ class Deployment:
             replica = await self.engine.start_replica(precision, replica_id)
             if self.config.memory_gb is not None:
                 replica.memory_bytes = int(self.config.memory_gb * 2**30)
-            live = LiveReplica(replica)
+            # Busy since its process was spawned: start_replica already waited for the load.
+            loading = max(0.0, time.time() - replica.started_at)
+            live = LiveReplica(replica, starting_since=time.monotonic() - loading)
             self.replicas.append(live)
             self._changed()
             try:
@@ -417,7 +448,7 @@ class Deployment:
 
     async def _make_ready(self, replicas: list[LiveReplica]) -> None:
         for live in replicas:
-            live.state = ReplicaState.READY
+            live.set_state(ReplicaState.READY)
         self.ready = [r for r in self.replicas if r.state is ReplicaState.READY]
         self.failed = False
         async with self._ready_changed:
@@ -447,7 +478,7 @@ class Deployment:
 
     def _retire(self, victims: list[LiveReplica]) -> None:
         for live in victims:
-            live.state = ReplicaState.DRAINING
+            live.set_state(ReplicaState.DRAINING)
             if live.in_flight == 0:
                 live.drained.set()
             task = asyncio.get_running_loop().create_task(self._drain(live))
@@ -463,7 +494,7 @@ class Deployment:
         await self._stop_replica(live, 5.0)
 
     async def _stop_replica(self, live: LiveReplica, grace_s: float) -> None:
-        live.state = ReplicaState.STOPPED
+        live.set_state(ReplicaState.STOPPED)
         await self.engine.stop_replica(live.replica, grace_s)
         if live in self.replicas:
             self.replicas.remove(live)
@@ -480,7 +511,7 @@ class Deployment:
             log.info(
                 "%s: switching %s -> %s (%d replicas)", self.name, self.precision, target, count
             )
-            await self.engine.prepare(target)
+            await self._prepare(target)
             started = await self._start_ready(target, count) if count else []
         except EngineError as exc:
             self._switch_failed(target, str(exc))
@@ -537,7 +568,7 @@ class Deployment:
         if live.state is not ReplicaState.READY or live not in self.replicas:
             return  # retired meanwhile (the health check and a switch run side by side)
         log.warning("%s: %s", self.name, message)
-        live.state = ReplicaState.FAILED
+        live.set_state(ReplicaState.FAILED)
         self.replicas.remove(live)
         self.ready = [r for r in self.replicas if r.state is ReplicaState.READY]
         self.restarts += 1

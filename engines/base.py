@@ -117,6 +117,8 @@ class EngineAdapter(ABC):
 
     health_path: str = "/health"
     metrics_path: str = "/metrics"
+    #: CPU threads a replica or a variant build computes with, when it runs on the CPU.
+    threads: int | None = None
 
     def __init__(self, session: aiohttp.ClientSession) -> None:
         self._session = session

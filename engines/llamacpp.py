@@ -65,6 +65,7 @@ class LlamaCppEngine(EngineAdapter):
 
     kind = "llamacpp"
     Settings = LlamaCppSettings
+    threads: int
     manages_processes = True
     switches_precision = True
     builds_variants = True

@@ -165,6 +165,34 @@ class HardwareProfile(_Named):
             raise ValueError(f'accelerators must be at least 1 for kind = "{self.kind}", got 0')
         return self
 
+    def scaled(self, accelerators: int) -> HardwareProfile:
+        """The same hardware with `accelerators` devices instead of `self.accelerators`: price,
+        idle and maximum watts, memory and cores scale in proportion (a whole 8-GPU box
+        against a one-GPU profile costs and draws eight times as much)."""
+        if self.kind == "cpu" or accelerators == self.accelerators:
+            return self
+        factor = accelerators / self.accelerators
+        price = self.price
+        amounts = (
+            {"cloud_usd_per_hour": (price.cloud_usd_per_hour or 0.0) * factor}
+            if not price.owned
+            else {"purchase_usd": (price.purchase_usd or 0.0) * factor}
+        )
+        note = (
+            f"x{factor:g} ({accelerators} devices found, the profile describes {self.accelerators})"
+        )
+        return self.model_copy(
+            update={
+                "accelerators": accelerators,
+                "idle_watts": self.idle_watts * factor,
+                "max_watts": self.max_watts * factor,
+                "memory_gb": self.memory_gb * factor,
+                "cpu_cores": round(self.cpu_cores * factor),
+                "description": f"{self.description} {note}".strip(),
+                "price": price.model_copy(update={**amounts, "source": f"{price.source}; {note}"}),
+            }
+        )
+
 
 class SiteProfile(_Named):
     """Where hardware runs: what electricity costs, facility overhead (PUE) and grid carbon."""

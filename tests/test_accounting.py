@@ -3,6 +3,7 @@ per-token figures, and the alerts built on them (README: "How cost and energy ar
 
 from __future__ import annotations
 
+import asyncio
 import time
 from pathlib import Path
 from typing import Any
@@ -209,3 +210,41 @@ def test_deployments_and_unallocated_add_up_to_the_burn() -> None:
     assert acc.unallocated_usd_per_hour() == pytest.approx(4.0 * 0.2 + 0.05 * 1.5 * 0.10)
     total = sum(acc.deployment_usd_per_hour(n) for n in "ab") + acc.unallocated_usd_per_hour()
     assert total == pytest.approx(burn, rel=1e-12)
+
+
+def test_a_starting_replica_counts_as_busy_for_its_own_deployment() -> None:
+    # Loading weights draws power with no request in flight: the deployment whose replica
+    # is starting gets that active energy, not the one that served for 10 ms meanwhile.
+    cost = cost_model()
+    loading, serving = deployment("loading", []), deployment("serving", [(1 * GIB, 2, 0.01)])
+    starting = Replica(id="loading-0", precision="f16", url="", memory_bytes=GIB, threads=2)
+    live = LiveReplica(starting, starting_since=time.monotonic() - 10.0)
+    loading.replicas.append(live)
+    acc = Accounting(cost, Totals(), {"loading": loading, "serving": serving}, 1, 3, 300)
+    acc.on_interval(interval(joules=320.0, seconds=1.0))  # 20 J idle, 300 J active
+    assert loading.totals.active_energy_j_total == pytest.approx(300.0 * 10 / 10.01, rel=1e-3)
+    # Once ready, its start-up stays counted: busy time never runs backwards.
+    before = live.busy_seconds(time.monotonic())
+    live.set_state(ReplicaState.READY)
+    assert live.busy_seconds(time.monotonic()) >= before
+
+
+async def test_a_quantizing_deployment_counts_as_busy() -> None:
+    cost = cost_model()
+    building, serving = deployment("building", []), deployment("serving", [(1 * GIB, 2, 0.01)])
+    done = asyncio.Event()
+
+    async def prepare(precision: str) -> None:  # a variant build: seconds of CPU, no replica
+        await done.wait()
+
+    building.engine.prepare = prepare  # type: ignore[method-assign]
+    building.engine.threads = 2
+    acc = Accounting(cost, Totals(), {"building": building, "serving": serving}, 1, 3, 300)
+    task = asyncio.create_task(building._prepare("q4_0"))
+    await asyncio.sleep(0.5)
+    acc.on_interval(interval(joules=320.0, seconds=1.0))
+    done.set()
+    await task
+    # 0.5 s of building against 0.01 s of serving, both at 2 threads of 8 cores.
+    assert building.totals.active_energy_j_total == pytest.approx(300.0 * 0.5 / 0.51, rel=0.05)
+    assert building.preparing_seconds(time.monotonic()) >= 0.5

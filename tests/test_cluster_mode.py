@@ -23,6 +23,7 @@ from kubernetes import client
 
 from tests.conftest import Agent, free_port, wait_for
 from tests.kube_apiserver import ClusterRole, KubeApiServer, PolicyRule
+from wattops.agents.api import ReplicaState
 from wattops.agents.cluster import PodReplica
 from wattops.agents.config import KubernetesSection
 from wattops.agents.pods import ClusterError, PodLister, engine_pod
@@ -196,8 +197,12 @@ def test_a_pod_object_becomes_an_engine_pod() -> None:
     assert engine_pod(pod, "http") is None
 
 
+READY = ReplicaState.READY
+
+
 def test_busy_time_comes_from_the_engine() -> None:
-    live = PodReplica(Replica(id="p", precision="q8_0", url="http://x"))
+    # Pods seen Ready (a starting one would count its start-up as busy too).
+    live = PodReplica(Replica(id="p", precision="q8_0", url="http://x"), state=READY)
     live.busy_counter = 0.0  # a pod created after the agent: its counter counts from zero
     live.observe(EngineUsage(busy_seconds=2.0), now=10.0)
     live.observe(EngineUsage(busy_seconds=5.5), now=11.0)
@@ -206,7 +211,7 @@ def test_busy_time_comes_from_the_engine() -> None:
     assert live.busy_seconds(13.0) == 6.5
     # An engine with only a requests-in-flight gauge: busy from a scrape that saw work
     # to the next scrape.
-    sampled = PodReplica(Replica(id="q", precision="q8_0", url="http://x"))
+    sampled = PodReplica(Replica(id="q", precision="q8_0", url="http://x"), state=READY)
     sampled.observe(EngineUsage(in_flight=0), now=1.0)
     sampled.observe(EngineUsage(in_flight=2), now=2.0)
     sampled.observe(EngineUsage(in_flight=1), now=3.5)
@@ -214,7 +219,7 @@ def test_busy_time_comes_from_the_engine() -> None:
     sampled.observe(EngineUsage(in_flight=0), now=9.0)
     assert sampled.busy_seconds(9.0) == pytest.approx(2.0)
     # One that reports neither: the requests routed through the agent.
-    silent = PodReplica(Replica(id="r", precision="q8_0", url="http://x"))
+    silent = PodReplica(Replica(id="r", precision="q8_0", url="http://x"), state=READY)
     silent.observe(EngineUsage(prompt_tokens=3), now=1.0)
     silent.take()
     assert silent.busy_seconds(silent.busy_since + 1.5) == pytest.approx(1.5)

@@ -14,6 +14,10 @@ from typing import Any
 import pynvml
 import pytest
 
+from wattops.agents.accounting import Accounting, CostModel
+from wattops.agents.api import Totals
+from wattops.agents.config import ConfigError, parse_config
+from wattops.agents.node import NodeAgent
 from wattops.agents.power import EnergyInterval, PowerMeter
 from wattops.agents.sensors import rapl
 from wattops.agents.sensors.base import PowerSample, Sensor, SensorContext, SensorError
@@ -22,6 +26,7 @@ from wattops.agents.sensors.estimate import EstimateSensor, HostCpuUtilisation
 from wattops.agents.sensors.jetson import JetsonSensor
 from wattops.agents.sensors.nvml import NvmlSensor
 from wattops.agents.sensors.rapl import RaplSensor
+from wattops.profiles import hardware_profile, site_profile
 
 SYSFS = Path(__file__).resolve().parent / "fixtures" / "sysfs"
 AGX_ORIN = SYSFS / "agx-orin-jp5"
@@ -583,3 +588,48 @@ def test_a_step_back_from_the_estimate_is_labelled_estimated() -> None:
     mixed = EnergyInterval(later, joules=130.0, seconds=2.0, estimated_joules=75.0)
     assert mixed.source == "estimate"
     assert EnergyInterval(later, joules=55.0, seconds=1.0).source == "nvml"
+
+
+# -- a whole multi-GPU box against a one-GPU profile -----------------------------------------
+
+
+def node_for(hardware: dict[str, Any] | None = None) -> NodeAgent:
+    config = parse_config({"agent": {"profile": "a100-80gb"}, "hardware": hardware or {}})
+    return NodeAgent(config)
+
+
+@pytest.mark.parametrize("gpus", [1, 8])
+def test_the_profile_is_scaled_to_the_gpus_nvml_measures(
+    gpus: int, nvml_sensors: list[Sensor]
+) -> None:
+    # NVML sums every GPU it sees: the bundled a100-80gb profile describes one GPU at 1/8 of
+    # a p4de.24xlarge ($5.12/h, 60 W idle).
+    sensor = NvmlSensor(FakeNvml([FakeGpu() for _ in range(gpus)]))
+    nvml_sensors.append(sensor)
+    assert sensor.accelerators() == gpus
+    node = node_for()
+    bundled = hardware_profile("a100-80gb")
+    fitted = node._fit_profile(bundled, sensor)
+    cost = CostModel.from_profiles(fitted, site_profile())
+    assert cost.node_usd_per_hour == pytest.approx(5.12 * gpus)  # $40.96/h for the whole box
+    assert (cost.idle_watts, cost.max_watts) == (pytest.approx(60.0 * gpus), 400.0 * gpus)
+    assert cost.accelerators == gpus
+    assert bool(node.sensor_notes) == (gpus != 1)
+    # An 8-GPU box idling at 480 W is all idle, not 60 W idle and 420 W "active".
+    accounting = Accounting(cost, Totals(), {}, 1, 3, 300)
+    sample = PowerSample(monotonic=1.0, source="nvml", watts=60.0 * gpus)
+    accounting.on_interval(EnergyInterval(sample, joules=60.0 * gpus, seconds=1.0))
+    assert accounting.node.idle_energy_j_total == pytest.approx(60.0 * gpus)
+    assert accounting.node.active_energy_j_total == pytest.approx(0.0)
+
+
+def test_a_pinned_device_count_that_disagrees_is_refused(nvml_sensors: list[Sensor]) -> None:
+    sensor = NvmlSensor(FakeNvml([FakeGpu() for _ in range(8)]))
+    nvml_sensors.append(sensor)
+    node = node_for({"accelerators": 4})
+    with pytest.raises(ConfigError, match=r"accelerators = 4, but nvml measures 8.*set "
+                                          r"accelerators = 8"):  # fmt: skip
+        node._fit_profile(hardware_profile("a100-80gb", {"accelerators": 4}), sensor)
+    pinned = node_for({"accelerators": 8})
+    fitted = pinned._fit_profile(hardware_profile("a100-80gb", {"accelerators": 8}), sensor)
+    assert fitted.accelerators == 8 and pinned.sensor_notes == []

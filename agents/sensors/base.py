@@ -77,6 +77,12 @@ class Sensor(ABC):
         """A one-line description for logs and the node view (what is measured, where)."""
         return self.source
 
+    def accelerators(self) -> int | None:
+        """How many accelerators (GPUs, Jetson modules) the node total covers, when the sensor
+        knows; None when it measures no accelerator (RAPL) or nothing at all (the estimate).
+        The agent scales a profile that describes fewer to this many."""
+        return None
+
     def close(self) -> None:  # noqa: B027 - optional: most sensors hold nothing open
         """Release what the sensor holds (NVML handles, open files)."""
 

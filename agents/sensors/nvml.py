@@ -74,6 +74,9 @@ class NvmlSensor(Sensor):
             detail = "; ".join(self._startup_warnings) or "nvmlDeviceGetCount returned 0"
             raise SensorError(f"nvml: NVML is loaded but no GPU can be used ({detail})")
 
+    def accelerators(self) -> int | None:
+        return len(self._gpus)
+
     def _discover(self) -> list[_Gpu]:
         nvml = self._nvml
         gpus: list[_Gpu] = []
