@@ -169,6 +169,11 @@ class NodeCost(_Model):
     owned: bool
     electricity_usd_per_kwh: float
     pue: float
+    pue_basis: str = Field(
+        "",
+        description="where the PUE comes from: the site, or the cloud "
+        "provider's published figure for cloud hardware",
+    )
     grid_gco2e_per_kwh: float
     burn_usd_per_hour: float = Field(description="the node's full price now (+ electricity)")
     unallocated_usd_per_hour: float = Field(description="burn no deployment holds")

@@ -6,7 +6,8 @@ snapshot's $/h (node burn, deployments, unallocated), the budget and parking ale
 - Hardware: the node's price per hour (cloud on-demand rental, or purchase price over
   lifetime for owned hardware) times the share of the node held.
 - Electricity: on owned hardware only (a cloud price already includes it): kWh x PUE x $/kWh.
-- Carbon: kWh x PUE x grid gCO2e/kWh.
+- Carbon: kWh x PUE x grid gCO2e/kWh. The PUE is the site's, except for cloud hardware whose
+  profile carries the provider's published figure (its energy is used in their buildings).
 - Shares: a running replica holds max(its memory share, its compute share) of the node.
 """
 
@@ -41,11 +42,15 @@ class CostModel:
     accelerators: int
     memory_bytes: int
     cpu_cores: int
+    #: Where `pue` comes from: the cloud provider's published figure, or the site profile.
+    pue_basis: str = ""
 
     @classmethod
     def from_profiles(cls, hardware: HardwareProfile, site: SiteProfile) -> CostModel:
         """Build from validated profiles; CPU cores default to this host's."""
         price = hardware.price
+        # Cloud hardware runs in the provider's data centers: their PUE, when published.
+        facility = hardware.facility if not price.owned else None
         basis = (
             f"owned: ${price.purchase_usd:,.0f} over {price.lifetime_years:g} years"
             if price.owned
@@ -58,7 +63,12 @@ class CostModel:
             owned=price.owned,
             price_basis=f"{basis} ({price.source}, {price.as_of})",
             electricity_usd_per_kwh=site.electricity_usd_per_kwh,
-            pue=site.pue,
+            pue=facility.pue if facility else site.pue,
+            pue_basis=(
+                f"the provider's: {facility.source} ({facility.as_of})"
+                if facility
+                else f"site {site.name}: {site.source} ({site.as_of})"
+            ),
             grid_gco2e_per_kwh=site.grid_gco2e_per_kwh,
             idle_watts=hardware.idle_watts,
             max_watts=hardware.max_watts,

@@ -480,6 +480,7 @@ class NodeAgent:
             owned=self.cost.owned,
             electricity_usd_per_kwh=self.cost.electricity_usd_per_kwh,
             pue=self.cost.pue,
+            pue_basis=self.cost.pue_basis,
             grid_gco2e_per_kwh=self.cost.grid_gco2e_per_kwh,
             burn_usd_per_hour=burn,
             unallocated_usd_per_hour=self.accounting.unallocated_usd_per_hour(),

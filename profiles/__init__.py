@@ -119,6 +119,24 @@ class Price(_Strict):
         return self.purchase_usd / (self.lifetime_years * HOURS_PER_YEAR)
 
 
+class Facility(_Strict):
+    """The data-center overhead a cloud provider publishes for its own sites.
+
+    A cloud rental runs in the provider's data centers, not at the operator's site: carbon for
+    its energy is multiplied by the provider's PUE (hyperscale sites run at about 1.1-1.2)
+    rather than the site profile's, which describes the operator's own facility.
+    """
+
+    pue: float = Field(ge=1.0)
+    """Power usage effectiveness the provider reports for its data centers."""
+
+    source: str = Field(min_length=1)
+    """Where the figure comes from: provider, report, scope (global, region)."""
+
+    as_of: str = Field(pattern=AS_OF_PATTERN)
+    """Year (or date) the figure describes: YYYY, YYYY-MM or YYYY-MM-DD."""
+
+
 class _Named(_Strict):
     """A profile: a named, strictly validated model whose name equals its file name."""
 
@@ -152,6 +170,11 @@ class HardwareProfile(_Named):
 
     price: Price
     """What one hour of this hardware costs, with source and date."""
+
+    facility: Facility | None = None
+    """Cloud hardware: the provider's published PUE, used for the carbon of its energy instead
+    of the site's while the price is a cloud rate (a profile overridden to owned hardware runs
+    at your site: the site's PUE). None: the site profile's PUE."""
 
     @model_validator(mode="after")
     def _consistent(self) -> HardwareProfile:

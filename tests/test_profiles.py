@@ -260,3 +260,21 @@ def test_missing_field_in_a_file_is_named(tmp_path: Path) -> None:
     (tmp_path / "nomem.toml").write_text(text)
     with pytest.raises(ProfileError, match=r"nomem\.toml: memory_gb: Field required"):
         hardware_profile("nomem", search=[tmp_path])
+
+
+def test_cloud_hardware_uses_its_providers_pue_for_carbon() -> None:
+    from wattops.agents.cost import CostModel
+
+    site = site_profile("default")  # an industry-average owned site: PUE 1.56
+    cloud = hardware_profile("a100-80gb")
+    assert cloud.facility is not None and cloud.facility.source and cloud.facility.as_of
+    assert cloud.facility.pue < site.pue
+    cost = CostModel.from_profiles(cloud, site)
+    assert cost.pue == cloud.facility.pue
+    assert cost.pue_basis.startswith("the provider's")
+    assert cost.carbon_g(3.6e6) == pytest.approx(cloud.facility.pue * site.grid_gco2e_per_kwh)
+    # Owned hardware runs at the site; so does a cloud profile overridden to owned hardware.
+    owned = CostModel.from_profiles(hardware_profile("jetson-agx-orin-64gb"), site)
+    assert (owned.pue, owned.pue_basis.startswith("site default")) == (site.pue, True)
+    bought = hardware_profile("a100-80gb", {"price": {"purchase_usd": 15000, "lifetime_years": 4}})
+    assert CostModel.from_profiles(bought, site).pue == site.pue
