@@ -8,14 +8,24 @@ the OpenAI field, and exports llama-server-compatible Prometheus counters at /me
 
 llama.cpp's context is not safe to share between threads, so requests are served one at a
 time by a single inference thread; concurrency comes from running more replicas.
+
+Streamed answers are generated here, not by llama-cpp-python's streaming loop: that loop
+detokenizes the pending tokens again on every step while they do not form whole UTF-8
+characters, which byte-fallback tokens (random weights, some scripts) rarely do, so a long
+answer grew quadratic and blocked the replica for minutes. This one decodes each token's bytes
+once, incrementally, and checks at every token whether the client is still there. Token
+counters advance per token, so the agent can tell a replica that makes no progress from one
+that is busy.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import codecs
 import contextlib
 import os
+import random
 import signal
 import sys
 import threading
@@ -110,13 +120,113 @@ class Worker:
 
     def _counting_generate(self, tokens: Any, *args: Any, **kwargs: Any) -> Iterator[int]:
         # llama-cpp-python reports no usage on streamed answers; counting what its
-        # completion loop consumes gives the same figures as its non-streamed usage.
+        # completion loop consumes gives the same figures as its non-streamed usage. The
+        # /metrics counters move per token: progress is visible while an answer is made.
         self.last_prompt_tokens = len(tokens)
         self.last_completion_tokens = 0
+        self.prompt_tokens.inc(len(tokens))
         for token in self._generate(tokens, *args, **kwargs):
             if not self._is_eog(token):
                 self.last_completion_tokens += 1
+                self.predicted_tokens.inc()
             yield token
+
+    def _prompt_tokens(self, prompt: str | list[int]) -> list[int]:
+        """The prompt's tokens exactly as llama-cpp-python's completion builds them."""
+        if isinstance(prompt, list):
+            return prompt
+        model = self.llm._model
+        bos = model.token_cls() if model.token_cls() != -1 else self.llm.token_bos()
+        head = [bos] if model.add_bos_token() and bos != -1 else []
+        sep = model.token_sep()
+        tail = (
+            []
+            if not model.add_eos_token() and sep == -1
+            else [sep if sep != -1 else self.llm.token_eos()]
+        )
+        body = self.llm.tokenize(prompt.encode("utf-8"), add_bos=False, special=True)
+        return head + (body if prompt else []) + tail
+
+    def _stream_completion(
+        self,
+        prompt: str | list[int],
+        *,
+        cancelled: threading.Event,
+        max_tokens: int | None = 16,
+        temperature: float = 0.8,
+        top_p: float = 0.95,
+        top_k: int = 40,
+        min_p: float = 0.05,
+        repeat_penalty: float = 1.0,
+        presence_penalty: float = 0.0,
+        frequency_penalty: float = 0.0,
+        seed: int | None = None,
+        stop: str | list[str] | None = None,
+        **_ignored: Any,
+    ) -> Iterator[dict[str, Any]]:
+        """OpenAI completion chunks for `prompt`, one per token that completes text.
+
+        Each token's bytes are decoded once (an incremental UTF-8 decoder holds at most an
+        unfinished character), text that may begin a stop sequence is held back until it
+        cannot, and `cancelled` is checked at every token. Sampling, seeding and the context
+        limit follow llama-cpp-python's own completion, so streamed and unstreamed answers
+        agree.
+        """
+        tokens = self._prompt_tokens(prompt)
+        n_ctx = self.llm.n_ctx()
+        if len(tokens) >= n_ctx:
+            raise ValueError(f"Requested tokens ({len(tokens)}) exceed context window of {n_ctx}")
+        if max_tokens is None or max_tokens <= 0 or max_tokens + len(tokens) >= n_ctx:
+            max_tokens = n_ctx - len(tokens)
+        stops = [stop] if isinstance(stop, str) else [s for s in (stop or []) if s]
+        self.llm.set_seed(
+            seed if seed is not None else random.Random(self.llm._seed).randint(0, 2**32)
+        )
+        head = {"id": f"cmpl-{uuid.uuid4()}", "object": "text_completion",
+                "created": int(time.time()), "model": self.model_id}  # fmt: skip
+
+        def chunk(text: str, finish: str | None) -> dict[str, Any]:
+            choice = {"text": text, "index": 0, "logprobs": None, "finish_reason": finish}
+            return {**head, "choices": [choice]}
+
+        decoder = codecs.getincrementaldecoder("utf-8")(errors="ignore")  # as unstreamed
+        pending = ""  # decoded, not yet sent: may be the start of a stop sequence
+        finish = "length"
+        produced = 0
+        generator = self.llm.generate(
+            tokens, top_k=top_k, top_p=top_p, min_p=min_p, temp=temperature,
+            repeat_penalty=repeat_penalty, frequency_penalty=frequency_penalty,
+            presence_penalty=presence_penalty,
+        )  # fmt: skip
+        try:
+            for token in generator:
+                if cancelled.is_set():
+                    finish = "cancelled"
+                    break
+                if self._is_eog(token):
+                    finish = "stop"
+                    break
+                produced += 1
+                pending += decoder.decode(self.llm._model.detokenize([token]))
+                cut = min((pending.find(s) for s in stops if s in pending), default=-1)
+                if cut >= 0:
+                    pending, finish = pending[:cut], "stop"
+                    break
+                hold = max((k for s in stops for k in range(1, len(s)) if pending.endswith(s[:k])),
+                           default=0)  # fmt: skip
+                if len(pending) > hold:
+                    yield chunk(pending[: len(pending) - hold], None)
+                    pending = pending[len(pending) - hold :]
+                if produced >= max_tokens:
+                    break
+        finally:
+            generator.close()
+        if finish == "cancelled":
+            return
+        pending += decoder.decode(b"", final=True)
+        if pending:
+            yield chunk(pending, None)
+        yield chunk("", finish)
 
     # -- request parsing -------------------------------------------------------------------
 
@@ -205,17 +315,25 @@ class Worker:
         started = time.perf_counter()
         self._forget_kv()
         before = self.llm.input_ids[: self.llm.n_tokens].tolist()
+
+        def completion(**kwargs: Any) -> Iterator[dict[str, Any]]:
+            return self._stream_completion(cancelled=cancelled, **kwargs)
+
         try:
             if chat:
-                chunks: Any = self.llm.create_chat_completion(**params, stream=True)
+                # The chat handler formats the messages with the model's template, then asks
+                # for a streamed completion: this worker's own, for the time of the call.
+                self.llm.create_completion = completion  # type: ignore[method-assign,assignment]
+                try:
+                    chunks: Any = self.llm.create_chat_completion(**params, stream=True)
+                    for chunk in chunks:
+                        chunk["model"] = self.model_id
+                        emit(chunk)
+                finally:
+                    del self.llm.create_completion
             else:
-                chunks = self.llm.create_completion(**params, stream=True)
-            for chunk in chunks:
-                if cancelled.is_set():
-                    chunks.close()
-                    break
-                chunk["model"] = self.model_id
-                emit(chunk)
+                for chunk in completion(**params):
+                    emit(chunk)
         finally:
             self.busy.inc(time.perf_counter() - started)
         prompt_tokens = self.last_prompt_tokens
@@ -230,9 +348,8 @@ class Worker:
         return usage
 
     def _count(self, usage: dict[str, Any]) -> None:
+        # Prompt and generated tokens were counted as they went (_counting_generate).
         self.requests.inc()
-        self.prompt_tokens.inc(usage["prompt_tokens"])
-        self.predicted_tokens.inc(usage["completion_tokens"])
         self.cached_tokens.inc(usage["prompt_tokens_details"]["cached_tokens"])
 
     # -- HTTP ------------------------------------------------------------------------------
