@@ -209,7 +209,16 @@ class DeploymentConfig(BaseModel):
     autoscale_stabilization_s: float = Field(
         30.0, ge=0, description="scale down to the highest recommendation of this window"
     )
-    startup_timeout_s: float = Field(120.0, gt=0)
+    startup_timeout_s: float = Field(
+        120.0, gt=0, description="how long one replica may take to load and answer its health path"
+    )
+    no_progress_timeout_s: float = Field(
+        120.0,
+        gt=0,
+        description="a replica with requests in flight whose engine counts no token (prompt or "
+        "generated) for this long is hung: it is killed and replaced, although its health "
+        "path may still answer; keep it above your longest prompt's evaluation time",
+    )
     memory_gb: float | None = Field(
         None,
         gt=0,

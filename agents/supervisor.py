@@ -75,6 +75,8 @@ class LiveReplica:
     busy_since: float = 0.0
     #: When it began starting (monotonic).
     starting_since: float = field(default_factory=time.monotonic)
+    #: When its engine's token counters last moved (monotonic); 0: never seen moving.
+    progress_at: float = 0.0
 
     def take(self) -> None:
         """One more request in flight."""
@@ -552,6 +554,17 @@ class Deployment:
             if await self.engine.health(live.replica):
                 live.health_failures = 0
                 await self._collect_usage(live)
+                stalled = self._stalled_for(live)
+                if stalled is not None:
+                    self._crashed(
+                        live,
+                        f"replica {live.replica.id} made no progress for {stalled:.0f}s with "
+                        f"{live.in_flight} request(s) in flight (its health check still "
+                        f"answered): hung, restarted (no_progress_timeout_s = "
+                        f"{self.config.no_progress_timeout_s:g})",
+                    )
+                    await self.engine.stop_replica(live.replica, 1.0)
+                    continue
                 if self._backoff_s and now - live.replica.started_at > STABLE_AFTER_S:
                     self._backoff_s = 0.0
             else:
@@ -563,6 +576,17 @@ class Deployment:
                         f"{live.health_failures} health checks; restarted",
                     )
                     await self.engine.stop_replica(live.replica, 1.0)
+
+    def _stalled_for(self, live: LiveReplica) -> float | None:
+        """Seconds a busy replica has produced no token, when that is past the deployment's
+        `no_progress_timeout_s`; None otherwise. Busy is not stuck: a replica that works moves
+        its token counters (prompt tokens as it starts a request, every generated token); one
+        whose inference thread is wedged answers its health check and moves nothing. Only
+        engines whose counters can be read are judged."""
+        if not live.in_flight or not live.usage_read:
+            return None
+        quiet = time.monotonic() - max(live.progress_at, live.busy_since)
+        return quiet if quiet > self.config.no_progress_timeout_s else None
 
     def _crashed(self, live: LiveReplica, message: str) -> None:
         if live.state is not ReplicaState.READY or live not in self.replicas:
@@ -601,6 +625,7 @@ class Deployment:
         )
         if usage != seen:
             live.usage_seen = usage
+            live.progress_at = time.monotonic()
             self._changed()
 
     def _maybe_park(self) -> None:

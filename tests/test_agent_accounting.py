@@ -162,10 +162,14 @@ def test_answers_carry_estimated_energy_and_cost(agent: Agent) -> None:
 def test_history_keeps_one_point_per_second(agent: Agent) -> None:
     wait_for(lambda: len(agent.client.get("/v1/history?seconds=60").json()["points"]) >= 4, 20,
              "four history points")  # fmt: skip
-    points = agent.client.get("/v1/history", params={"seconds": 60}).json()["points"]
+    history = agent.client.get("/v1/history", params={"seconds": 60}).json()
+    points = history["points"]
+    # Order and spacing from the agent's own timestamps (no wall-clock bound here): strictly
+    # increasing, and never more than one point per `resolution_s`.
+    assert history["resolution_s"] == 1.0
     times = [p["t"] for p in points]
-    assert times == sorted(times)
-    assert all(0.5 < b - a < 1.5 for a, b in itertools.pairwise(times))
+    assert all(b > a for a, b in itertools.pairwise(times))
+    assert len(times) - 1 <= (times[-1] - times[0]) / history["resolution_s"] + 0.5
     energy = [p["energy_j_total"] for p in points]
     assert energy == sorted(energy)
     assert points[-1]["deployments"]["tiny"]["precision"] == "q8_0"
@@ -180,22 +184,32 @@ def test_counters_survive_kill_9_and_are_not_counted_twice(
     for i in range(3):
         assert agent.chat(f"count {i}", temperature=0.4).status_code == 200
     wait_for(lambda: agent.deployment()["counters"]["completion_tokens_total"] > 0, 10, "tokens")
-    time.sleep(6)  # past one periodic save
+    time.sleep(16)  # past three periodic saves: far more energy counted than one save period
     before = agent.node()
     dep_before = before["deployments"][0]
+    history = agent.client.get("/v1/history", params={"seconds": 16}).json()["points"]
+    watts_before = max(p["watts"] for p in history)
     killed_at = time.monotonic()
     agent.stop(signal.SIGKILL)
     agent.start()
     after = agent.node()
+    down_and_up_s = time.monotonic() - killed_at
+    history = agent.client.get("/v1/history", params={"seconds": 60}).json()["points"]
+    watts_after = max([p["watts"] for p in history] + [after["power"]["watts"]])
     dep_after = after["deployments"][0]
     # Requests and tokens stopped before the last save: restored exactly.
     for key in ("requests_total", "prompt_tokens_total", "completion_tokens_total"):
         assert dep_after["counters"][key] == dep_before["counters"][key], key
-    # Energy and cost: restored from the last save (at most one save period lost), and not
-    # more than the node could have used since (60..400 W for an A100 80GB).
-    lost_at_most = 5.0 * 400.0
-    gained_at_most = (time.monotonic() - killed_at) * 400.0
+    # Energy: restored from the last save, at most one save period (5 s) before `before`, at
+    # the watts measured then; and since the kill at most what the node drew at the watts
+    # measured after it. Not restored (a few seconds' worth) or counted twice fails both.
     e_before, e_after = before["totals"]["energy_j_total"], after["totals"]["energy_j_total"]
-    assert e_before - lost_at_most <= e_after <= e_before + gained_at_most
-    assert after["totals"]["cost_usd_total"] >= before["totals"]["cost_usd_total"] - 5.12 * 5 / 3600
+    low, high = e_before - 5.5 * watts_before, e_before + down_and_up_s * watts_after
+    assert low > down_and_up_s * watts_after  # a counter that was not restored cannot pass
+    assert high < 2 * e_before  # nor one restored twice
+    assert low <= e_after <= high
+    # Cost the same way at the a100-80gb price ($5.12/h, electricity included in the rental).
+    rate = 5.12 / 3600
+    c_before, c_after = before["totals"]["cost_usd_total"], after["totals"]["cost_usd_total"]
+    assert c_before - 5.5 * rate <= c_after <= c_before + down_and_up_s * rate * 1.001
     assert dep_after["accounting"]["totals"]["energy_j_total"] > 0

@@ -3,14 +3,18 @@ restarts, bad input, and the operator token."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
 import subprocess
+import sys
 import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
+
+import httpx
 
 from tests.conftest import TOKEN, Agent, replica_pids, wait_for
 
@@ -260,11 +264,13 @@ def test_a_hung_replica_is_killed_and_replaced(agent: Agent) -> None:
             60,
             "a replacement for the hung replica",
         )
+        assert "health checks" in dep["last_error"]
+        # A stopped process ignores SIGTERM: only the agent's escalation to SIGKILL ends it.
+        # Checked before the clean-up below, which would kill it otherwise.
+        wait_for(lambda: pid not in replica_pids(agent.state_dir), 30, "the hung replica to go")
     finally:
         if pid in replica_pids(agent.state_dir):
             os.kill(pid, signal.SIGKILL)
-    assert "health checks" in dep["last_error"]
-    assert pid not in replica_pids(agent.state_dir)
 
 
 def test_sigterm_stops_replicas_and_saves_the_last_counters(agent: Agent) -> None:
@@ -275,3 +281,36 @@ def test_sigterm_stops_replicas_and_saves_the_last_counters(agent: Agent) -> Non
     saved = json.loads((agent.state_dir / "state.json").read_text())
     assert saved["deployments"]["tiny"]["counters"]["requests_total"] == counters["requests_total"]
     assert not replica_pids(agent.state_dir)
+
+
+def test_a_busy_replica_that_makes_no_progress_is_hung(make_agent: Callable[..., Agent]) -> None:
+    # Its health path answers, so health checks alone would keep it (and a scale-down, which
+    # retires the least busy first, would keep it too): no token counted while a request is
+    # in flight is what tells a wedged replica from a busy one.
+    stand_in = str(Path(__file__).with_name("stuck_engine.py"))
+    agent = make_agent(deployments=[{
+        "name": "stuck", "engine": "openai", "precision": "f16",
+        "command": [sys.executable, stand_in, "--port", "{port}"],
+        "no_progress_timeout_s": 2.0, "startup_timeout_s": 30,
+    }])  # fmt: skip
+    first = agent.deployment("stuck")["replicas"][0]["id"]
+    body = {"model": "stuck", "messages": [{"role": "user", "content": "hello?"}]}
+    with contextlib.suppress(httpx.TimeoutException):
+        agent.client.post("/v1/chat/completions", json=body, timeout=1.0)
+    dep = wait_for(lambda: (d := agent.deployment("stuck"))["last_error"] and d, 30,
+                   "the hung replica to be noticed")  # fmt: skip
+    assert "made no progress" in dep["last_error"] and "hung" in dep["last_error"]
+    wait_for(lambda: (d := agent.deployment("stuck"))["ready_replicas"] == 1
+             and d["replicas"][0]["id"] != first, 60, "a replacement")  # fmt: skip
+
+
+def test_a_busy_replica_that_makes_progress_is_left_alone(make_agent: Callable[..., Agent]) -> None:
+    # The other side: a long answer takes many times no_progress_timeout_s, but its tokens
+    # keep counting, so the replica is busy, not hung.
+    agent = make_agent(context=4096, no_progress_timeout_s=0.5)
+    first = agent.deployment()["replicas"][0]["id"]
+    answer = agent.chat("a long one", max_tokens=3000, temperature=0.6)
+    assert answer.status_code == 200, answer.text
+    assert answer.json()["usage"]["completion_tokens"] == 3000
+    dep = agent.deployment()
+    assert dep["last_error"] is None and dep["replicas"][0]["id"] == first

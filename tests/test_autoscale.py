@@ -98,6 +98,7 @@ def test_agent_scales_out_under_load_and_back_in(make_agent: Callable[..., Agent
     )
     assert agent.deployment()["autoscale_target_in_flight"] == 1.0
     stop = threading.Event()
+    statuses: list[int] = []
 
     def client(n: int) -> None:
         with httpx.Client(base_url=agent.url, timeout=60) as http:
@@ -108,16 +109,24 @@ def test_agent_scales_out_under_load_and_back_in(make_agent: Callable[..., Agent
                     "max_tokens": 32,
                     "temperature": 0.9,  # not cacheable: every request reaches a replica
                 }
-                http.post("/v1/chat/completions", json=body)
+                statuses.append(http.post("/v1/chat/completions", json=body).status_code)
 
     threads = [threading.Thread(target=client, args=(n,), daemon=True) for n in range(4)]
     for thread in threads:
         thread.start()
     try:
         wait_for(lambda: agent.deployment()["desired_replicas"] == 2, 60, "scale out to 2")
+        # Not only asked for: the second replica starts and takes traffic.
+        dep = wait_for(lambda: (d := agent.deployment())["ready_replicas"] == 2 and d, 60,
+                       "a second ready replica")  # fmt: skip
+        wait_for(lambda: all(r["in_flight"] > 0 for r in agent.deployment()["replicas"]), 30,
+                 "both replicas serving")  # fmt: skip
+        assert len(dep["replicas"]) == 2
     finally:
         stop.set()
         for thread in threads:
             thread.join(60)
+    # Scaling out and back in drops no request.
+    assert statuses and set(statuses) == {200}, sorted(set(statuses))
     wait_for(lambda: agent.deployment()["desired_replicas"] == 1, 60, "scale back in to 1")
     agent.wait_converged()
