@@ -139,7 +139,7 @@ class AccountingSection(_Section):
 class CacheSection(_Section):
     """`[cache]`: the gateway's response cache for deterministic (temperature 0) requests."""
 
-    enabled: bool = True
+    enabled: bool = Field(True, description="answer repeated temperature-0 requests from the cache")
     memory_bytes: int = Field(64 * 2**20, ge=0, description="byte cap of the in-memory LRU tier")
     disk_bytes: int = Field(
         1 * 2**30, ge=0, description="byte cap of the on-disk SQLite tier; 0 disables it"
@@ -150,7 +150,9 @@ class KubernetesSection(_Section):
     """`[kubernetes]`: cluster mode. Engines are pods of Kubernetes Deployments that the agent
     finds on its own node, scrapes and accounts for; it never starts, scales or stops them."""
 
-    enabled: bool = False
+    enabled: bool = Field(
+        False, description="cluster mode: account for the engine pods on this node"
+    )
     namespace: str = Field("", description='namespace to watch; "" = all namespaces')
     selector: str = Field(
         "app.kubernetes.io/part-of=wattops",
@@ -196,16 +198,22 @@ class DeploymentConfig(BaseModel):
         "installed one from the wattops.engines entry-point group)"
     )
     precision: str | None = Field(None, description="precision to serve; default: the base's")
-    replicas: int = Field(1, ge=0)
-    max_replicas: int = Field(4, ge=0)
-    idle_scale_to_zero_s: float | None = Field(None, gt=0)
+    replicas: int = Field(1, ge=0, description="replicas to run; 0 parks the deployment")
+    max_replicas: int = Field(
+        4, ge=0, description="the most replicas scaling (by hand or autoscaling) may ask for"
+    )
+    idle_scale_to_zero_s: float | None = Field(
+        None, gt=0, description="park after this long without a request; unset: never"
+    )
     autoscale_target_in_flight: float | None = Field(
         None,
         gt=0,
         description="scale replicas between autoscale_min_replicas and max_replicas to keep "
         "this many requests in flight per replica (HPA's rule); unset: replicas are fixed",
     )
-    autoscale_min_replicas: int = Field(1, ge=1)
+    autoscale_min_replicas: int = Field(
+        1, ge=1, description="the fewest replicas autoscaling keeps while not parked"
+    )
     autoscale_stabilization_s: float = Field(
         30.0, ge=0, description="scale down to the highest recommendation of this window"
     )
@@ -225,8 +233,12 @@ class DeploymentConfig(BaseModel):
         description="memory one replica holds; default: its model file (llamacpp) "
         "or one whole accelerator (openai)",
     )
-    budget_usd_per_hour: float | None = Field(None, gt=0)
-    budget_usd_per_day: float | None = Field(None, gt=0)
+    budget_usd_per_hour: float | None = Field(
+        None, gt=0, description="alert when the deployment's cost rate is above this"
+    )
+    budget_usd_per_day: float | None = Field(
+        None, gt=0, description="alert when its cost rate projects above this per day"
+    )
     _settings: EngineSettings = PrivateAttr()
 
     @property

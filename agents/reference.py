@@ -112,7 +112,7 @@ def render_reference() -> str:
     ]
     for name in ENGINES.names():
         settings = ENGINES.get(name).Settings
-        out += [f"### `engine = \"{name}\"`", "", _doc(settings), "", *_table(name, settings), ""]
+        out += [f'### `engine = "{name}"`', "", _doc(settings), "", *_table(name, settings), ""]
     return "\n".join(out).rstrip("\n") + "\n"
 
 

@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import subprocess
+import tomllib
 from pathlib import Path
 
 import pytest
 
-from tests.conftest import AGENT_BIN
-from wattops.agents.config import ConfigError, load_config
+from tests.conftest import AGENT_BIN, ROOT
+from wattops.agents.config import ConfigError, load_config, parse_config
+from wattops.agents.reference import render_reference
+from wattops.profiles import hardware_profile, site_profile
 
 
 def write(tmp_path: Path, text: str) -> Path:
@@ -118,3 +121,27 @@ def test_an_unknown_profile_lists_the_available_ones(tmp_path: Path, test_model:
                             capture_output=True, text=True, timeout=60)  # fmt: skip
     assert result.returncode == 2
     assert "tpu-v9" in result.stderr and "a100-80gb" in result.stderr
+
+
+def readme_example() -> str:
+    text = (ROOT / "README.md").read_text()
+    section = text[text.index("## Configuration") :]
+    return section[section.index("```toml\n") + len("```toml\n") : section.index("```\n", 8)]
+
+
+def test_the_readmes_example_configuration_is_accepted() -> None:
+    data = tomllib.loads(readme_example())
+    config = parse_config(data, "README.md")
+    assert [d.name for d in config.deployments] == ["llama2-13b", "falcon-7b"]
+    assert config.deployment("llama2-13b").settings.threads == 8  # type: ignore[attr-defined]
+    # [hardware] and [site] override profile fields: those are checked at start, against them.
+    hardware_profile(config.agent.profile, dict(config.hardware))
+    site_profile(config.site.name, config.site.overrides())
+
+
+def test_the_configuration_reference_is_current() -> None:
+    committed = (ROOT / "docs" / "configuration.md").read_text()
+    assert committed == render_reference(), (
+        "docs/configuration.md is out of date: "
+        "python -m wattops.agents.reference > docs/configuration.md"
+    )
