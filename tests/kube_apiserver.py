@@ -206,6 +206,21 @@ class ClusterRole:
     rules: tuple[PolicyRule, ...]
 
 
+def cluster_role_from_manifest(path: Path, name: str) -> ClusterRole:
+    """The ClusterRole called `name` as a manifest file declares it (the same rules the real
+    API server would load from it with `kubectl apply`)."""
+    import yaml
+
+    for doc in yaml.safe_load_all(path.read_text()):
+        if doc and doc.get("kind") == "ClusterRole" and doc["metadata"]["name"] == name:
+            return ClusterRole(name, tuple(
+                PolicyRule(tuple(r["verbs"]), tuple(r.get("apiGroups", [""])),
+                           tuple(r["resources"]))
+                for r in doc.get("rules", [])
+            ))  # fmt: skip
+    raise KeyError(f"no ClusterRole {name!r} in {path}")
+
+
 WATTOPS_VIEWER = ClusterRole(
     "wattops-viewer", (PolicyRule(("get", "list", "watch"), ("*",), ("*",)),)
 )

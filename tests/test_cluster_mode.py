@@ -21,8 +21,8 @@ import httpx
 import pytest
 from kubernetes import client
 
-from tests.conftest import Agent, free_port, wait_for
-from tests.kube_apiserver import ClusterRole, KubeApiServer, PolicyRule
+from tests.conftest import ROOT, Agent, free_port, wait_for
+from tests.kube_apiserver import KubeApiServer, cluster_role_from_manifest
 from wattops.agents.api import ReplicaState
 from wattops.agents.cluster import PodReplica
 from wattops.agents.config import KubernetesSection
@@ -38,8 +38,10 @@ LABELS = {
     "app.kubernetes.io/name": "tiny-chat",
     "pod-template-hash": HASH,
 }
-#: What deploy/kubernetes/base/agent-rbac.yaml grants the agent's ServiceAccount.
-AGENT_ROLE = ClusterRole("wattops-agent", (PolicyRule(("get", "list", "watch"), ("",), ("pods",)),))
+#: What deploy/kubernetes/base/agent-rbac.yaml grants the agent's ServiceAccount, read from it.
+AGENT_ROLE = cluster_role_from_manifest(
+    ROOT / "deploy" / "kubernetes" / "base" / "agent-rbac.yaml", "wattops-agent"
+)
 AGENT_TOKEN = "wattops-agent-sa-token"
 
 

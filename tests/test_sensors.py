@@ -66,36 +66,65 @@ class FakeNvml:
     `_nvmlCheckReturn` does, `NVMLError(code)`, which pynvml turns into the code's subclass;
     constants and exception classes are pynvml's own."""
 
-    def __init__(self, gpus: list[FakeGpu], init_error: int | None = None) -> None:
+    def __init__(
+        self,
+        gpus: list[FakeGpu],
+        init_error: int | None = None,
+        count_error: int | None = None,
+        handle_errors: dict[int, int] | None = None,
+    ) -> None:
         self.gpus = gpus
         self.init_error = init_error
+        #: nvmlDeviceGetCount fails with this code (a driver in a bad state).
+        self.count_error = count_error
+        #: nvmlDeviceGetHandleByIndex fails for these indexes with these codes.
+        self.handle_errors = handle_errors or {}
         self.init_calls = 0
         self.shutdown_calls = 0
+        #: NVML counts nvmlInit calls; device calls outside init..shutdown are Uninitialized.
+        self.initialised = 0
 
     def __getattr__(self, name: str) -> Any:
         if name.startswith("NVML"):
             return getattr(pynvml, name)
         raise AttributeError(name)
 
+    def _require_init(self) -> None:
+        if self.initialised <= 0:
+            raise pynvml.NVMLError(pynvml.NVML_ERROR_UNINITIALIZED)
+
     def nvmlInit(self) -> None:
         self.init_calls += 1
         if self.init_error is not None:
             raise pynvml.NVMLError(self.init_error)
+        self.initialised += 1
 
     def nvmlShutdown(self) -> None:
         self.shutdown_calls += 1
+        self._require_init()
+        self.initialised -= 1
 
     def nvmlDeviceGetCount(self) -> int:
+        self._require_init()
+        if self.count_error is not None:
+            raise pynvml.NVMLError(self.count_error)
         return len(self.gpus)
 
     def nvmlDeviceGetHandleByIndex(self, index: int) -> FakeGpu:
+        self._require_init()
+        if index in self.handle_errors:
+            raise pynvml.NVMLError(self.handle_errors[index])
+        if not 0 <= index < len(self.gpus):
+            raise pynvml.NVMLError(pynvml.NVML_ERROR_INVALID_ARGUMENT)
         return self.gpus[index]
 
     def nvmlDeviceGetName(self, gpu: FakeGpu) -> str:
+        self._require_init()
         gpu.check()
         return gpu.name
 
     def nvmlDeviceGetPowerUsage(self, gpu: FakeGpu) -> int:
+        self._require_init()
         gpu.check()
         return gpu.milliwatts
 
@@ -633,3 +662,35 @@ def test_a_pinned_device_count_that_disagrees_is_refused(nvml_sensors: list[Sens
     pinned = node_for({"accelerators": 8})
     fitted = pinned._fit_profile(hardware_profile("a100-80gb", {"accelerators": 8}), sensor)
     assert fitted.accelerators == 8 and pinned.sensor_notes == []
+
+
+# -- NVML start-up failures -------------------------------------------------------------------
+
+
+def test_nvml_that_cannot_count_its_gpus_is_an_error_and_is_shut_down() -> None:
+    fake = FakeNvml([FakeGpu()], count_error=pynvml.NVML_ERROR_UNKNOWN)
+    with pytest.raises(
+        SensorError, match=r"nvml: cannot list GPUs \(nvmlDeviceGetCount: .*nvidia-smi"
+    ):
+        NvmlSensor(fake)
+    assert (fake.init_calls, fake.shutdown_calls, fake.initialised) == (1, 1, 0)
+
+
+def test_a_gpu_without_a_handle_is_left_out_with_a_warning(nvml_sensors: list[Sensor]) -> None:
+    fake = FakeNvml([FakeGpu(), FakeGpu(milliwatts=100_000)],
+                    handle_errors={0: pynvml.NVML_ERROR_GPU_IS_LOST})  # fmt: skip
+    sensor = NvmlSensor(fake)
+    nvml_sensors.append(sensor)
+    sample = sensor.read()
+    assert sample.watts == pytest.approx(100.0)
+    assert sensor.accelerators() == 1
+    assert any("GPU 0 left out at start-up" in w for w in sample.warnings)
+
+
+def test_no_usable_gpu_at_start_is_an_error_and_is_shut_down() -> None:
+    fake = FakeNvml([FakeGpu()], handle_errors={0: pynvml.NVML_ERROR_NO_PERMISSION})
+    with pytest.raises(SensorError, match=r"no GPU can be used \(nvml: GPU 0 left out"):
+        NvmlSensor(fake)
+    assert fake.initialised == 0
+    # Closing once more (the agent's shutdown) does not call NVML after its shutdown.
+    assert fake.shutdown_calls == 1
