@@ -130,6 +130,31 @@ class Accounting:
         allocated = sum(self.deployment_usd_per_hour(name) for name in self.deployments)
         return max(0.0, self.burn_usd_per_hour() - allocated)
 
+    def on_gap(self, seconds: float, joules: float | None, shares: dict[str, float]) -> float:
+        """Count a stretch the agent was down: the node's price for `seconds` and each
+        deployment's at the share it held; `joules` (from counters that kept counting) as
+        idle up to the profile's idle watts, the rest active and the node's own (no replica
+        ran); None: energy unknown, the seconds go to `unmetered_s_total`. Returns the $."""
+        if seconds <= 0:
+            return 0.0
+        known = joules is not None
+        energy = max(0.0, joules or 0.0)
+        idle = min(energy, self.cost.idle_watts * seconds)
+        usd = self.cost.usd(seconds, 1.0, energy)
+        _add(self.node, energy, idle, energy - idle, 0.0, usd, self.cost.carbon_g(energy))
+        if not known:
+            self.node.unmetered_s_total += seconds
+        for name, dep in self.deployments.items():
+            share = shares.get(name, 0.0)
+            if share <= 0:
+                continue
+            dep_idle = idle * share
+            _add(dep.totals, dep_idle, dep_idle, 0.0, 0.0,
+                 self.cost.usd(seconds, share, dep_idle), self.cost.carbon_g(dep_idle))  # fmt: skip
+            if not known:
+                dep.totals.unmetered_s_total += seconds
+        return usd
+
     def on_interval(self, interval: EnergyInterval) -> None:
         """Attribute one sampling interval's energy, cost and carbon."""
         seconds, joules = interval.seconds, max(0.0, interval.joules)

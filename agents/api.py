@@ -9,7 +9,7 @@ from __future__ import annotations
 from enum import StrEnum
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from wattops.vocabulary import PowerSource
 
@@ -87,6 +87,11 @@ class Totals(_Model):
     )
     cost_usd_total: float = Field(0.0, description="hardware (rental or amortised) + electricity")
     carbon_g_total: float = Field(0.0, description="gCO2e: energy x PUE x grid intensity")
+    unmetered_s_total: float = Field(
+        0.0,
+        description="seconds the agent was down while the node (still billed, still drawing) "
+        "could not be metered: their cost is counted, their energy is unknown, not zero",
+    )
 
 
 class Figures(_Model):
@@ -185,7 +190,9 @@ class Alert(_Model):
     """Something an operator should look at, with its arithmetic."""
 
     id: str = Field(description="stable id, e.g. budget:node:hour or parkable:tiny")
-    kind: Literal["budget_exceeded", "parkable", "sensor_failed", "cluster_unreachable"]
+    kind: Literal[
+        "budget_exceeded", "parkable", "sensor_failed", "cluster_unreachable", "agent_downtime"
+    ]
     severity: Literal["info", "warning", "critical"]
     subject: str = Field(description="node or deployment name")
     message: str
@@ -278,16 +285,28 @@ class History(_Model):
     points: list[HistoryPoint]
 
 
-class ScaleRequest(_Model):
+class _Request(_Model):
+    # Strict: a control call says exactly what it means ("2" is not 2 replicas).
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+
+class ScaleRequest(_Request):
     """Body of POST /v1/deployments/{name}/scale."""
 
     replicas: Annotated[int, Field(ge=0, description="desired replica count; 0 parks")]
 
 
-class PrecisionRequest(_Model):
+class PrecisionRequest(_Request):
     """Body of POST /v1/deployments/{name}/precision."""
 
-    precision: str = Field(description="llama.cpp precision name, lower case, e.g. q4_k_m")
+    precision: str = Field(
+        description="llama.cpp precision name, e.g. q4_k_m (read case-insensitively: Q4_K_M)"
+    )
+
+    @field_validator("precision")
+    @classmethod
+    def _lower(cls, value: str) -> str:
+        return value.strip().lower()
 
 
 class Accepted(_Model):

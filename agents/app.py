@@ -132,8 +132,13 @@ def create_app(agent: NodeAgent) -> FastAPI:
         version=AGENT_VERSION,
         description="Node agent: OpenAI-compatible gateway, replica control, node snapshot.",
         responses={
-            404: {"model": ErrorBody},
-            422: {"model": ErrorBody},
+            400: {"model": ErrorBody, "description": "the body is not valid JSON"},
+            404: {"model": ErrorBody, "description": "no such deployment or path"},
+            405: {"model": ErrorBody, "description": "method not allowed (see `Allow`)"},
+            422: {
+                "model": ErrorBody,
+                "description": "a field is missing, of the wrong type or out of range",
+            },
         },
     )
     app.state.agent = agent
@@ -149,6 +154,11 @@ def create_app(agent: NodeAgent) -> FastAPI:
         for err in exc.errors():
             if err.get("type") == "json_invalid":
                 status = 400
+                at = next((p for p in err.get("loc", ()) if isinstance(p, int)), None)
+                where = f" (at character {at})" if at is not None else ""
+                reason = (err.get("ctx") or {}).get("error", err.get("msg"))
+                problems.append(f"the body is not valid JSON{where}: {reason}")
+                continue
             loc = ".".join(str(p) for p in err.get("loc", ()) if p != "body") or "body"
             problems.append(f"{loc}: {err.get('msg')}")
         code = "invalid_json" if status == 400 else "invalid_request"
@@ -156,7 +166,11 @@ def create_app(agent: NodeAgent) -> FastAPI:
 
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
-        return _error_response(APIError(exc.status_code, "http_error", str(exc.detail)))
+        # The exception's headers carry e.g. `Allow` on a 405: kept.
+        code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http_error")
+        return _error_response(
+            APIError(exc.status_code, code, str(exc.detail), headers=dict(exc.headers or {}))
+        )
 
     @app.get("/healthz", tags=["node"])
     async def healthz() -> dict[str, str]:
@@ -272,6 +286,16 @@ def _document_gateway_routes(app: FastAPI) -> None:
                 "summary": summary,
                 "responses": {"200": {"description": "the engine's answer; `X-Cache: hit|miss`"}},
             }
+            if method == "post":
+                operation["responses"].update({
+                    "400": {"description": "OpenAI's invalid_request_error: the body breaks a "
+                                           "rule of OpenAI's API; `error.param` names the field"},
+                    "404": {"description": "no deployment is called `model` (model_not_found)"},
+                    "413": {"description": "the body is over the size limit"},
+                    "502": {"description": "the engine failed"},
+                    "503": {"description": "no replica could be made ready in time"},
+                    "504": {"description": "the engine did not answer in time"},
+                })  # fmt: skip
             if method == "post":
                 operation["requestBody"] = {
                     "required": True,

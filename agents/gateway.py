@@ -20,13 +20,15 @@ import orjson
 from starlette.responses import Response, StreamingResponse
 from starlette.types import Receive, Scope, Send
 
+from wattops.agents import openai_rules
 from wattops.agents.response_cache import CachedAnswer, ResponseCache, cache_key, is_cacheable
 from wattops.agents.supervisor import Deployment, LiveReplica, NoReplicaError
 
 _JSON = "application/json"
 _UPSTREAM_HEADERS = {"Content-Type": _JSON}
 #: Paths the gateway serves; everything else goes to the FastAPI control/read API.
-GATEWAY_PATHS = frozenset({"/v1/models", "/v1/chat/completions", "/v1/completions"})
+CHAT_PATH = "/v1/chat/completions"
+GATEWAY_PATHS = frozenset({"/v1/models", CHAT_PATH, "/v1/completions"})
 #: Largest request body accepted (a long prompt is well under this).
 MAX_BODY_BYTES = 16 * 2**20
 # Failures that happen before the upstream sent anything: safe to retry elsewhere.
@@ -101,8 +103,12 @@ class Gateway:
             return openai_error(400, f"the body is not valid JSON: {exc}", "invalid_json")
         if not isinstance(body, dict):
             return openai_error(400, "the body must be a JSON object", "invalid_body")
-        name = body.get("model")
-        deployment = self.deployments.get(name) if isinstance(name, str) else None
+        try:
+            openai_rules.check(body, chat=endpoint == CHAT_PATH)
+        except openai_rules.InvalidRequest as exc:
+            return openai_error(400, str(exc), "invalid_value", exc.param)
+        name = body["model"]
+        deployment = self.deployments.get(name)
         if deployment is None:
             return openai_error(
                 404,

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import aiohttp
 
-from wattops.agents import alerts
+from wattops.agents import alerts, downtime
 from wattops.agents.accounting import Accounting, CostModel
 from wattops.agents.api import (
     Alert,
@@ -33,7 +33,7 @@ from wattops.agents.response_cache import ResponseCache
 from wattops.agents.sensors.base import Sensor, SensorContext, SensorError
 from wattops.agents.sensors.detect import detect_sensor
 from wattops.agents.sensors.estimate import EstimateSensor, HostCpuUtilisation
-from wattops.agents.state import AgentState, DesiredState, StateStore, StoredDeployment
+from wattops.agents.state import AgentState, DesiredState, Meter, StateStore, StoredDeployment
 from wattops.agents.supervisor import Deployment
 from wattops.engines import process
 from wattops.engines.base import EngineAdapter, EngineContext, EngineError
@@ -46,6 +46,8 @@ log = logging.getLogger("wattops.agent")
 AGENT_VERSION = "0.1.0"
 #: How often counters are written to disk between shutdowns.
 PERSIST_INTERVAL_S = 5.0
+#: How long the note on the downtime before this start stays among the alerts.
+DOWNTIME_ALERT_S = 3600.0
 
 
 class NodeAgent:
@@ -77,6 +79,9 @@ class NodeAgent:
         #: their totals continue if their pods come back (and are not lost from the file).
         self._departed: dict[str, StoredDeployment] = {}
         self._clashes: set[tuple[str, str]] = set()
+        #: What the last downtime cost and drew, shown for DOWNTIME_ALERT_S after a start.
+        self._downtime_alert: Alert | None = None
+        self._boot_id = downtime.boot_id()
 
     # -- lifecycle -------------------------------------------------------------------------
 
@@ -121,6 +126,7 @@ class NodeAgent:
             request_timeout_s=self.config.agent.request_timeout_s,
         )
         self._start_metering(saved.node)
+        self._account_downtime(saved)
         if self.config.kubernetes.enabled:
             try:
                 self.pods = PodLister(self.config.kubernetes, self.config.agent.node)
@@ -225,6 +231,35 @@ class NodeAgent:
         log.warning("%s", note)
         self.sensor_notes.append(note)
         return fitted
+
+    def _account_downtime(self, saved: AgentState) -> None:
+        """Count what the node cost and drew between the last save and this start."""
+        assert self.accounting is not None and self.meter is not None and self.cost is not None
+        if saved.saved_at is None:
+            return  # a first start: nothing was running before
+        seconds = time.time() - saved.saved_at
+        if seconds <= 0:
+            return
+        gap = downtime.measure(
+            saved.meter, self.meter.sensor, downtime.boot_id(), seconds, self.cost.max_watts
+        )
+        shares = {name: stored.share for name, stored in saved.deployments.items()}
+        usd = self.accounting.on_gap(gap.seconds, gap.joules, shares)
+        message = downtime.describe(gap, usd, self.meter.sensor.source)
+        log.warning("%s", message)
+        self._downtime_alert = Alert(
+            id=f"downtime:{self.config.agent.node}",
+            kind="agent_downtime",
+            severity="info" if gap.joules is not None else "warning",
+            subject=self.config.agent.node,
+            message=message.capitalize(),
+            detail=(
+                f"from the last save at {saved.saved_at:.0f} to the start at "
+                f"{saved.saved_at + seconds:.0f} (unix time): node price x {seconds:.0f} s, "
+                "each deployment at the share it held then"
+            ),
+            since=time.time(),
+        )
 
     async def _tick_loop(self) -> None:
         assert self.accounting is not None
@@ -380,16 +415,28 @@ class NodeAgent:
         return self.version
 
     def save(self) -> None:
-        """Write desired state and counters atomically."""
+        """Write desired state, counters, the shares held and the meter's counters atomically."""
+        shares = self.accounting.shares if self.accounting else {}
         state = AgentState(
             deployments={
                 name: StoredDeployment(
-                    desired=d.desired.model_copy(), counters=d.counters, totals=d.totals
+                    desired=d.desired.model_copy(),
+                    counters=d.counters,
+                    totals=d.totals,
+                    share=shares.get(name, 0.0),
                 )
                 for name, d in self.deployments.items()
             }
             | {name: stored for name, stored in self._departed.items()},
             node=self.accounting.node if self.accounting else Totals(),
+            saved_at=time.time(),
+            meter=Meter(
+                source=self.meter.sensor.source,
+                boot_id=self._boot_id,
+                counters=self.meter.sensor.counters(),
+            )
+            if self.meter is not None
+            else None,
         )
         self.store.save(state)
         self._dirty = False
@@ -417,6 +464,9 @@ class NodeAgent:
         burn = self._burn()
         window = f"{self.config.accounting.window_s:g} s"
         found: list[Alert | None] = [
+            self._downtime_alert
+            if self._downtime_alert and time.time() - self._downtime_alert.since < DOWNTIME_ALERT_S
+            else None,
             alerts.sensor_alert(node, self.meter.sensor.source, self.meter.error),
             alerts.cluster_alert(node, self.cluster_error),
             *alerts.budget_alerts(

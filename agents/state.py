@@ -31,6 +31,21 @@ class StoredDeployment(BaseModel):
     counters: DeploymentCounters = DeploymentCounters()
     #: Energy, cost and carbon; state files written before the fleet core call it `energy`.
     totals: Totals = Field(Totals(), validation_alias=AliasChoices("totals", "energy"))
+    #: The share of the node it held when saved: what it goes on paying for while the agent
+    #: is down (a rented node keeps billing).
+    share: float = 0.0
+
+
+class Meter(BaseModel):
+    """The power sensor's hardware counters when the state was saved: what lets a restarted
+    agent measure the energy used while it was down (NVML and RAPL counters keep counting
+    across an agent restart, not across a reboot)."""
+
+    source: str
+    #: The host's boot id (/proc/sys/kernel/random/boot_id): a different one means a reboot.
+    boot_id: str
+    #: Per device: (joules on its counter, joules after which it wraps, or None).
+    counters: dict[str, tuple[float, float | None]]
 
 
 class AgentState(BaseModel):
@@ -39,6 +54,9 @@ class AgentState(BaseModel):
     deployments: dict[str, StoredDeployment] = {}
     #: The node's energy, cost and carbon totals.
     node: Totals = Totals()
+    #: Unix time of the save: the start of any downtime that follows.
+    saved_at: float | None = None
+    meter: Meter | None = None
 
 
 class StateStore:

@@ -54,8 +54,8 @@ _PASSTHROUGH: dict[str, tuple[type, ...]] = {
 }
 
 
-class BadRequest(Exception):
-    """The request body is not something this worker can serve."""
+class BadRequest(ValueError):
+    """The request body is not something this worker can serve; `param` names the field."""
 
     def __init__(self, message: str, param: str | None = None) -> None:
         super().__init__(message)
@@ -152,7 +152,7 @@ class Worker:
         prompt: str | list[int],
         *,
         cancelled: threading.Event,
-        max_tokens: int | None = 16,
+        max_tokens: int | None = None,
         temperature: float = 0.8,
         top_p: float = 0.95,
         top_k: int = 40,
@@ -174,10 +174,21 @@ class Worker:
         """
         tokens = self._prompt_tokens(prompt)
         n_ctx = self.llm.n_ctx()
-        if len(tokens) >= n_ctx:
-            raise ValueError(f"Requested tokens ({len(tokens)}) exceed context window of {n_ctx}")
-        if max_tokens is None or max_tokens <= 0 or max_tokens + len(tokens) >= n_ctx:
-            max_tokens = n_ctx - len(tokens)
+        room = n_ctx - len(tokens)
+        if room <= 0:
+            raise ValueError(
+                f"the prompt is {len(tokens)} tokens, more than this model's context of {n_ctx} "
+                "tokens: shorten it"
+            )
+        if max_tokens is None:  # the request gave none: the worker's default, as room allows
+            max_tokens = min(self.default_max_tokens, room)
+        elif max_tokens > room:
+            # As OpenAI answers: an impossible max_tokens is refused, not quietly cut.
+            raise BadRequest(
+                f"max_tokens is too large: {max_tokens}. The context is {n_ctx} tokens and the "
+                f"prompt takes {len(tokens)}: at most {room} completion tokens",
+                "max_tokens",
+            )
         stops = [stop] if isinstance(stop, str) else [s for s in (stop or []) if s]
         self.llm.set_seed(
             seed if seed is not None else random.Random(self.llm._seed).randint(0, 2**32)
@@ -240,7 +251,6 @@ class Worker:
                 params[key] = value
         if params.get("max_tokens", 1) < 1:
             raise BadRequest("`max_tokens` must be at least 1", "max_tokens")
-        params.setdefault("max_tokens", self.default_max_tokens)
         if body.get("n") not in (None, 1):
             raise BadRequest("only n=1 is supported; run more replicas for throughput", "n")
         stop = body.get("stop")
@@ -295,10 +305,11 @@ class Worker:
         self._forget_kv()
         before = self.llm.input_ids[: self.llm.n_tokens].tolist()
         try:
-            if chat:
-                result: Any = self.llm.create_chat_completion(**params)
-            else:
-                result = self.llm.create_completion(**params)
+            with self._own_completions(threading.Event()) as completion:
+                if chat:
+                    result: Any = self.llm.create_chat_completion(**params)
+                else:
+                    result = completion(**params)
         finally:
             self.busy.inc(time.perf_counter() - started)
         usage = result["usage"]
@@ -308,6 +319,38 @@ class Worker:
         self._count(usage)
         return dict(result)
 
+    @contextlib.contextmanager
+    def _own_completions(self, cancelled: threading.Event) -> Iterator[Any]:
+        """For the time of one request, llama-cpp-python's chat handler (which formats the
+        messages with the model's chat template, then asks for a completion) gets this
+        worker's completion instead of its own; yields that completion."""
+
+        def completion(stream: bool = False, **kwargs: Any) -> Any:
+            chunks = self._stream_completion(cancelled=cancelled, **kwargs)
+            return chunks if stream else self._assemble(chunks)
+
+        self.llm.create_completion = completion  # type: ignore[method-assign,assignment]
+        try:
+            yield completion
+        finally:
+            del self.llm.create_completion
+
+    def _assemble(self, chunks: Iterator[dict[str, Any]]) -> dict[str, Any]:
+        """One unstreamed completion from the chunks of a streamed one."""
+        text, finish, head = [], None, None
+        for chunk in chunks:
+            head = head or chunk
+            choice = chunk["choices"][0]
+            text.append(choice["text"])
+            finish = choice["finish_reason"] or finish
+        assert head is not None
+        prompt, completion = self.last_prompt_tokens, self.last_completion_tokens
+        choice = {"text": "".join(text), "index": 0, "logprobs": None, "finish_reason": finish}
+        return {**head, "choices": [choice], "usage": {
+            "prompt_tokens": prompt, "completion_tokens": completion,
+            "total_tokens": prompt + completion,
+        }}  # fmt: skip
+
     def stream(
         self, params: dict[str, Any], chat: bool, emit: Any, cancelled: threading.Event
     ) -> dict[str, Any]:
@@ -316,23 +359,14 @@ class Worker:
         self._forget_kv()
         before = self.llm.input_ids[: self.llm.n_tokens].tolist()
 
-        def completion(**kwargs: Any) -> Iterator[dict[str, Any]]:
-            return self._stream_completion(cancelled=cancelled, **kwargs)
-
         try:
-            if chat:
-                # The chat handler formats the messages with the model's template, then asks
-                # for a streamed completion: this worker's own, for the time of the call.
-                self.llm.create_completion = completion  # type: ignore[method-assign,assignment]
-                try:
+            with self._own_completions(cancelled) as completion:
+                if chat:
                     chunks: Any = self.llm.create_chat_completion(**params, stream=True)
-                    for chunk in chunks:
-                        chunk["model"] = self.model_id
-                        emit(chunk)
-                finally:
-                    del self.llm.create_completion
-            else:
-                for chunk in completion(**params):
+                else:
+                    chunks = completion(stream=True, **params)
+                for chunk in chunks:
+                    chunk["model"] = self.model_id
                     emit(chunk)
         finally:
             self.busy.inc(time.perf_counter() - started)
@@ -388,8 +422,8 @@ class Worker:
             if not body.get("stream"):
                 try:
                     result = await loop.run_in_executor(self.executor, self.complete, params, chat)
-                except ValueError as exc:  # llama-cpp-python: prompt longer than the context
-                    return _error(400, str(exc))
+                except ValueError as exc:  # a prompt or max_tokens beyond the context
+                    return _error(400, str(exc), getattr(exc, "param", None))
                 return web.Response(body=orjson.dumps(result), content_type="application/json")
             options = body.get("stream_options") or {}
             include_usage = isinstance(options, dict) and bool(options.get("include_usage"))
@@ -419,10 +453,16 @@ class Worker:
         )
         first: dict[str, Any] | None = None
         try:
+            # Headers wait for the first chunk: a request refused before any token (a prompt or
+            # max_tokens beyond the context) gets a plain 400, as OpenAI answers it.
+            chunk = await queue.get()
+            if chunk is None:
+                await job  # raises what refused it
             await response.prepare(request)
-            while (chunk := await queue.get()) is not None:
+            while chunk is not None:
                 first = first or chunk
                 await response.write(b"data: " + orjson.dumps(chunk) + b"\n\n")
+                chunk = await queue.get()
             usage = await job
             if include_usage and first is not None:
                 tail = {
@@ -444,7 +484,7 @@ class Worker:
         except ValueError as exc:  # e.g. the prompt is longer than the context
             cancelled.set()
             if not response.prepared:
-                return _error(400, str(exc))
+                return _error(400, str(exc), getattr(exc, "param", None))
             # Headers are gone: say so in the stream (OpenAI's error shape), and no [DONE].
             error = {"error": {"message": str(exc), "type": "invalid_request_error"}}
             with contextlib.suppress(ConnectionResetError):

@@ -99,6 +99,13 @@ class Agent:
         resp.raise_for_status()
         return resp.json()  # type: ignore[no-any-return]
 
+    def node_from_state(self) -> dict[str, Any]:
+        """The node's saved totals, with `saved_at`, from the state file of a stopped agent."""
+        import json
+
+        state = json.loads((self.state_dir / "state.json").read_text())
+        return {**state["node"], "saved_at": state["saved_at"]}
+
     def deployment(self, name: str = "tiny") -> dict[str, Any]:
         return next(d for d in self.node()["deployments"] if d["name"] == name)
 

@@ -116,7 +116,8 @@ def test_models_lists_deployments(agent: Agent) -> None:
 
 
 def test_unknown_model_is_404_naming_what_is_served(agent: Agent) -> None:
-    resp = agent.client.post("/v1/chat/completions", json={"model": "nope", "messages": []})
+    body = {"model": "nope", "messages": [{"role": "user", "content": "hi"}]}
+    resp = agent.client.post("/v1/chat/completions", json=body)
     assert resp.status_code == 404
     assert "tiny" in resp.json()["error"]["message"]
 

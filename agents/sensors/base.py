@@ -77,6 +77,12 @@ class Sensor(ABC):
         """A one-line description for logs and the node view (what is measured, where)."""
         return self.source
 
+    def counters(self) -> dict[str, tuple[float, float | None]]:
+        """The devices' hardware energy counters as they stand, in joules, with the value they
+        wrap at (None: they do not): counters that keep counting while the agent is down, so
+        a restarted agent can measure the gap. Empty when the sensor has none."""
+        return {}
+
     def accelerators(self) -> int | None:
         """How many accelerators (GPUs, Jetson modules) the node total covers, when the sensor
         knows; None when it measures no accelerator (RAPL) or nothing at all (the estimate).

@@ -77,6 +77,12 @@ class NvmlSensor(Sensor):
     def accelerators(self) -> int | None:
         return len(self._gpus)
 
+    def counters(self) -> dict[str, tuple[float, float | None]]:
+        # Millijoules since the driver loaded, 64 bits: it does not wrap in practice.
+        if not all(gpu.has_counter for gpu in self._gpus):
+            return {}
+        return {f"gpu{gpu.index}": (gpu.counter_mj / 1000.0, None) for gpu in self._gpus}
+
     def _discover(self) -> list[_Gpu]:
         nvml = self._nvml
         gpus: list[_Gpu] = []

@@ -116,6 +116,9 @@ class RaplSensor(Sensor):
             total_from="sum of RAPL " + ", ".join(zone.name for zone in self._zones),
         )
 
+    def counters(self) -> dict[str, tuple[float, float | None]]:
+        return {z.zone: (z.last_uj / 1e6, z.max_range_uj / 1e6) for z in self._zones}
+
     def describe(self) -> str:
         zones = ", ".join(f"{zone.name} ({zone.zone})" for zone in self._zones)
         return f"rapl: {zones} in {self._root / POWERCAP}"
