@@ -9,7 +9,7 @@ export CMAKE_ARGS ?= -DGGML_NATIVE=OFF
 .PHONY: help install test lint layout layers typecheck pytest prometheus kubectl bench bench-quick demo models clean
 
 help:
-	@echo "make demo   start an agent on the generated demo model"
+	@echo "make demo   a three-node fleet on this machine, with load, in the console"
 	@echo "make test   lint, type-check and run the test suite"
 
 $(BIN)/.installed: pyproject.toml
@@ -21,9 +21,11 @@ $(BIN)/.installed: pyproject.toml
 install: $(BIN)/.installed
 
 models/test.gguf: | $(BIN)/.installed
+	mkdir -p models
 	$(BIN)/wattops model tiny $@ --size test
 
 models/demo.gguf: | $(BIN)/.installed
+	mkdir -p models
 	$(BIN)/wattops model tiny $@ --size demo
 
 models: models/test.gguf models/demo.gguf

@@ -20,6 +20,16 @@ if TYPE_CHECKING:
 def _model_tiny(args: argparse.Namespace) -> int:
     from wattops.engines.tiny_model import write_tiny_model
 
+    out: Path = args.out
+    if out.is_dir():
+        raise SystemExit(
+            f"wattops model tiny: {out} is a folder; give a file, e.g. {out}/test.gguf"
+        )
+    if not out.parent.is_dir():
+        raise SystemExit(
+            f"wattops model tiny: the folder {out.parent} does not exist; create it first "
+            f"(mkdir -p {out.parent})"
+        )
     started = time.perf_counter()
     path = write_tiny_model(args.out, args.size, seed=args.seed)
     size_mb = path.stat().st_size / 2**20
@@ -57,7 +67,8 @@ def _agent_urls(args: argparse.Namespace) -> list[str]:
             urls += load_inventory(args.inventory)
         except InventoryError as exc:
             raise SystemExit(f"wattops: {exc}") from None
-    return urls or [DEFAULT_AGENT]
+    # The same agent given twice (by --agent and in the inventory) is one agent.
+    return list(dict.fromkeys(urls)) or [DEFAULT_AGENT]
 
 
 def _token() -> str | None:
@@ -104,6 +115,35 @@ def _precision(args: argparse.Namespace) -> int:
     return _act(args, "precision", args.precision)
 
 
+def _agent_url(text: str) -> str:
+    from wattops.fleet.client import agent_url
+
+    try:
+        return agent_url(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def _positive_seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a number of seconds, got {text!r}") from None
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"must be more than 0 seconds, got {text}")
+    return value
+
+
+def _seed(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a whole number, got {text!r}") from None
+    if not 0 <= value < 2**32:
+        raise argparse.ArgumentTypeError(f"must be in 0..{2**32 - 1}, got {value}")
+    return value
+
+
 def _replica_count(text: str) -> int:
     try:
         value = int(text)
@@ -118,6 +158,7 @@ def _add_fleet_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--agent",
         action="append",
+        type=_agent_url,
         metavar="URL",
         help=f"an agent's base URL (repeatable; default {DEFAULT_AGENT})",
     )
@@ -146,7 +187,10 @@ def _add_action_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--node", help="the node, when the deployment runs on several")
     parser.add_argument("--no-wait", action="store_true", help="return once accepted")
     parser.add_argument(
-        "--timeout", type=float, default=600.0, help="seconds to wait for the outcome (default 600)"
+        "--timeout",
+        type=_positive_seconds,
+        default=600.0,
+        help="seconds to wait for the outcome (default 600)",
     )
 
 
@@ -207,7 +251,9 @@ def build_parser() -> argparse.ArgumentParser:
         default="test",
         help="test: a few MB, loads instantly; demo: about 100M parameters",
     )
-    tiny.add_argument("--seed", type=int, default=0, help="weights seed (same seed, same file)")
+    tiny.add_argument(
+        "--seed", type=_seed, default=0, help="weights seed, 0..2**32-1 (same seed, same file)"
+    )
     tiny.set_defaults(func=_model_tiny)
 
     quant = model_cmds.add_parser("quantize", help="quantize a GGUF with llama.cpp")

@@ -12,6 +12,28 @@ import aiohttp
 from wattops.agents.api import Accepted, NodeSnapshot
 
 
+def agent_url(text: str) -> str:
+    """An agent's base URL as given on a command line or in an inventory: `host:port` means
+    `http://host:port`; a trailing slash is dropped. ValueError for what cannot be one."""
+    url = text.strip().rstrip("/")
+    if "://" not in url:
+        url = "http://" + url
+    scheme, _, rest = url.partition("://")
+    if scheme not in ("http", "https") or not rest.split("/", 1)[0]:
+        raise ValueError(f"{text!r} is not an agent URL; give http://HOST:PORT (or HOST:PORT)")
+    return url
+
+
+def describe_error(exc: BaseException) -> str:
+    """Why a connection to an agent failed, in words (never empty)."""
+    if isinstance(exc, aiohttp.ClientConnectorError | ConnectionRefusedError):
+        cause = exc.os_error.strerror if isinstance(exc, aiohttp.ClientConnectorError) else ""
+        return f"cannot connect ({cause or 'connection refused'})"
+    if isinstance(exc, TimeoutError):
+        return "timed out"
+    return str(exc) or type(exc).__name__
+
+
 class AgentError(Exception):
     """The agent refused or failed a call; `message` is the agent's own explanation."""
 
@@ -65,7 +87,7 @@ class AgentClient:
                 text = await resp.text()
                 status = resp.status
         except (aiohttp.ClientError, TimeoutError) as exc:
-            raise AgentUnreachable(self.url, 0, "unreachable", f"no answer: {exc!r}") from None
+            raise AgentUnreachable(self.url, 0, "unreachable", describe_error(exc)) from None
         try:
             data = json.loads(text)
         except ValueError:

@@ -15,6 +15,8 @@ from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
+from wattops.fleet.client import agent_url
+
 
 class InventoryError(Exception):
     """The inventory file is invalid; the message names the file and the field."""
@@ -30,9 +32,7 @@ class AgentEntry(BaseModel):
     @field_validator("url")
     @classmethod
     def _http(cls, value: str) -> str:
-        if not value.startswith(("http://", "https://")):
-            raise ValueError(f"must start with http:// or https://, got {value!r}")
-        return value.rstrip("/")
+        return agent_url(value)
 
 
 class Inventory(BaseModel):

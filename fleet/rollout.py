@@ -70,5 +70,5 @@ async def follow(
             on_progress(outcome.message)
             last = outcome.message
         if time.monotonic() > deadline:
-            return Outcome(False, f"still not done after {timeout_s:.0f}s: {outcome.message}")
+            return Outcome(False, f"still not done after {timeout_s:g}s: {outcome.message}")
         await asyncio.sleep(interval_s)

@@ -30,7 +30,7 @@ from tenacity import (
 )
 
 from wattops.agents.api import DeploymentStatus, NodeSnapshot
-from wattops.fleet.client import AgentUnreachable
+from wattops.fleet.client import AgentUnreachable, describe_error
 from wattops.fleet.rows import FleetRow, Link, rows_for
 
 log = logging.getLogger("wattops.fleet")
@@ -112,7 +112,7 @@ class AgentLink:
 
         def gone(state: RetryCallState) -> None:
             exc = state.outcome.exception() if state.outcome else None
-            self.error = _describe(exc) if isinstance(exc, Exception) else "disconnected"
+            self.error = describe_error(exc) if isinstance(exc, Exception) else "disconnected"
             self.attempts = state.attempt_number
             self._lost(on_change)
 
@@ -156,14 +156,6 @@ class AgentLink:
                     continue
                 self.connected = True
                 on_change(self)
-
-
-def _describe(exc: Exception) -> str:
-    if isinstance(exc, aiohttp.ClientConnectorError | ConnectionRefusedError):
-        return "connection refused"
-    if isinstance(exc, TimeoutError):
-        return "timed out"
-    return str(exc) or type(exc).__name__
 
 
 class FleetState:

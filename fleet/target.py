@@ -18,6 +18,7 @@ import aiohttp
 
 from wattops.agents.api import DeploymentStatus, NodeSnapshot
 from wattops.fleet.client import AgentClient, AgentError
+from wattops.fleet.credentials import ENV_CONFIG, ENV_TOKEN, config_path
 from wattops.fleet.kube import KubeDeployment, KubeError, KubeFleet
 from wattops.fleet.rollout import Action, Outcome, follow
 from wattops.fleet.rows import kube_key
@@ -34,6 +35,20 @@ class ActionRefused(Exception):
         super().__init__(reason)
         self.reason = reason
         self.exit_code = exit_code
+
+
+def refusal(exc: AgentError) -> str:
+    """An agent's refusal for people: its message, what is allowed (unless the message says
+    it already), and for a missing or wrong token, how to give one."""
+    text = exc.message
+    if exc.allowed and not all(a in text for a in exc.allowed):
+        text += f" (allowed: {', '.join(exc.allowed)})"
+    if exc.status in (401, 403):
+        text += (
+            f'. Give the agent\'s control token in {ENV_TOKEN}, or as `token = "..."` in '
+            f"{config_path()} (mode 600; {ENV_CONFIG} names another file)"
+        )
+    return text
 
 
 @dataclass
@@ -142,8 +157,7 @@ class AgentTarget(FleetTarget):
             async with AgentClient(self.url, token=self.token, http=self.http) as client:
                 await client.act(self.deployment, action, target)
         except AgentError as exc:
-            allowed = f" (allowed: {', '.join(exc.allowed)})" if exc.allowed else ""
-            raise ActionRefused(f"{self.where} refused: {exc.message}{allowed}") from None
+            raise ActionRefused(f"{self.where} refused: {refusal(exc)}") from None
         return f"{self.where}: {action} {self.deployment} -> {target} accepted"
 
     async def follow(

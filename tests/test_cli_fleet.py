@@ -80,7 +80,41 @@ def test_a_token_file_readable_by_others_is_refused(agent: Agent, tmp_path: Path
 
 def test_inventory_file_errors_name_the_field(tmp_path: Path) -> None:
     inventory = tmp_path / "fleet.toml"
-    inventory.write_text('[[agents]]\nurl = "gpu-a1:8080"\n')
+    inventory.write_text('[[agents]]\nurl = "ftp://gpu-a1:8080"\n')  # not HTTP
     out = wattops("status", "--inventory", str(inventory))
     assert out.returncode != 0
     assert "agents.0.url" in out.stderr and "http://" in out.stderr
+
+
+def test_what_a_new_user_types_is_understood_or_refused_with_the_reason(
+    make_agent: Callable[..., Agent], tmp_path: Path
+) -> None:
+    agent = make_agent(token=TOKEN)
+    host_port = agent.url.removeprefix("http://")
+    # No scheme: it is an agent's address all the same; given twice, it is one node.
+    out = wattops("status", "--agent", host_port, "--agent", agent.url + "/")
+    assert out.returncode == 0, out.stderr
+    assert [line.split()[0] for line in out.stdout.splitlines()[1:] if line.strip()
+            and not line.startswith("!")] == ["test-node-0"]  # fmt: skip
+    # A refused control call says how to give the token.
+    refused = wattops("scale", "tiny", "2", "--agent", agent.url)
+    assert refused.returncode == 1
+    assert "WATTOPS_TOKEN" in refused.stderr and "mode 600" in refused.stderr
+    # A refused precision lists what is allowed once.
+    env = {"WATTOPS_TOKEN": TOKEN}
+    wrong = wattops("precision", "tiny", "q9_9", "--agent", agent.url, env=env)
+    assert wrong.stderr.count("q4_k_m") == 1
+    # An address nobody answers on says why.
+    dead = wattops("status", "--agent", f"127.0.0.1:{free_port()}")
+    assert dead.returncode == 1 and "cannot connect" in dead.stderr
+    # Numbers that cannot be meant are refused before anything is sent.
+    bad = wattops("scale", "tiny", "2", "--agent", agent.url, "--timeout", "-5", env=env)
+    assert bad.returncode == 2 and "more than 0 seconds" in bad.stderr
+    assert agent.deployment()["desired_replicas"] == 1
+    seed = wattops("model", "tiny", str(tmp_path / "x.gguf"), "--seed", "-3")
+    assert seed.returncode == 2 and "0..4294967295" in seed.stderr
+    missing = wattops("model", "tiny", str(tmp_path / "no" / "such" / "x.gguf"))
+    assert missing.returncode != 0 and "does not exist" in missing.stderr
+    assert not (tmp_path / "no").exists()
+    folder = wattops("model", "tiny", str(tmp_path))
+    assert folder.returncode != 0 and "is a folder" in folder.stderr
