@@ -100,6 +100,23 @@ def parkable_alert(
     )
 
 
+def failed_alert(deployment: str, node: str, failed: bool, error: str | None) -> Alert | None:
+    """A deployment with no replica able to start: the reason, where people look first."""
+    if not failed:
+        return None
+    reason = error or "no replica could be started (no reason given)"
+    return Alert(
+        id=f"failed:{deployment}",
+        kind="deployment_failed",
+        severity="critical",
+        subject=deployment,
+        message=f"{deployment} on {node} failed: {reason.splitlines()[0][:200]}",
+        detail=f"{reason}\nThe agent retries with backoff (up to 30 s); the replica logs are in "
+        "the agent's state_dir/logs.",
+        since=0,
+    )
+
+
 def sensor_alert(node: str, source: str, error: str | None) -> Alert | None:
     """A failing sensor: readings fall back to the estimate, labelled as such."""
     if error is None:

@@ -191,7 +191,12 @@ class Alert(_Model):
 
     id: str = Field(description="stable id, e.g. budget:node:hour or parkable:tiny")
     kind: Literal[
-        "budget_exceeded", "parkable", "sensor_failed", "cluster_unreachable", "agent_downtime"
+        "budget_exceeded",
+        "parkable",
+        "sensor_failed",
+        "cluster_unreachable",
+        "agent_downtime",
+        "deployment_failed",
     ]
     severity: Literal["info", "warning", "critical"]
     subject: str = Field(description="node or deployment name")

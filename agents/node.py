@@ -17,6 +17,7 @@ from wattops.agents.api import (
     Alert,
     DeploymentAccounting,
     DeploymentCounters,
+    DeploymentState,
     DeploymentStatus,
     Figures,
     NodeCost,
@@ -478,6 +479,8 @@ class NodeAgent:
             ),
         ]
         for name, dep in self.deployments.items():
+            failed = dep.state() is DeploymentState.FAILED
+            found.append(alerts.failed_alert(name, node, failed, dep.last_error))
             rate = self.accounting.deployment_usd_per_hour(name)
             found += alerts.budget_alerts(
                 name,

@@ -146,7 +146,12 @@ class OpenAIServerEngine(EngineAdapter):
             return Replica(id=replica_id, precision=precision, url=self.url)
         port = free_port()
         log_path = self.log_dir / f"{replica_id}.log"
-        proc = await process.spawn(self.argv(precision, port), owner=self.owner, log_path=log_path)
+        try:
+            proc = await process.spawn(
+                self.argv(precision, port), owner=self.owner, log_path=log_path
+            )
+        except OSError as exc:
+            raise EngineError(f"{self.name}: cannot start the engine: {exc}", "command") from None
         return Replica(
             id=replica_id,
             precision=precision,

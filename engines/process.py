@@ -11,12 +11,15 @@ import asyncio
 import contextlib
 import ctypes
 import os
+import shutil
 import signal
 import sys
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
 MARKER_ENV = "WATTOPS_REPLICA_OF"
+#: Replica logs kept in an agent's log folder (the newest; one per replica started).
+LOGS_KEPT = 50
 _PR_SET_PDEATHSIG = 1
 
 
@@ -58,6 +61,15 @@ async def spawn(
     full_env = dict(os.environ)
     full_env.update(env or {})
     full_env[MARKER_ENV] = str(owner)
+    program = argv[0] if argv else ""
+    if shutil.which(program, path=full_env.get("PATH")) is None:
+        # Said before any log file exists: nothing runs, so nothing is left behind either.
+        where = "is not an executable file" if os.sep in program else "was not found on PATH"
+        raise FileNotFoundError(
+            f"{program!r} {where} (PATH={full_env.get('PATH', '')}): install it, or give its "
+            "full path in the deployment's command"
+        )
+    prune_logs(log_path.parent, keep=LOGS_KEPT)
     with log_path.open("ab") as log:
         return await asyncio.create_subprocess_exec(
             *argv,
@@ -82,6 +94,17 @@ async def terminate(process: asyncio.subprocess.Process, grace_s: float = 5.0) -
         with contextlib.suppress(ProcessLookupError):
             os.killpg(process.pid, signal.SIGKILL)
         await process.wait()
+
+
+def prune_logs(folder: Path, keep: int) -> None:
+    """Keep the `keep` newest replica logs in `folder`: every restart writes a new one."""
+    try:
+        logs = sorted(folder.glob("*.log"), key=lambda p: p.stat().st_mtime, reverse=True)
+    except OSError:
+        return
+    for old in logs[keep:]:
+        with contextlib.suppress(OSError):
+            old.unlink()
 
 
 def tail(path: Path, max_bytes: int = 2000) -> str:

@@ -118,3 +118,26 @@ def test_what_a_new_user_types_is_understood_or_refused_with_the_reason(
     assert not (tmp_path / "no").exists()
     folder = wattops("model", "tiny", str(tmp_path))
     assert folder.returncode != 0 and "is a folder" in folder.stderr
+
+
+def test_a_failed_deployment_says_why_where_people_look(
+    make_agent: Callable[..., Agent], test_model: Path
+) -> None:
+    missing = {"name": "falcon-7b", "engine": "openai", "model": "tiiuae/falcon-7b",
+               "command": ["vllm-not-installed", "serve", "{model}", "--port", "{port}"],
+               "precision": "f16"}  # fmt: skip
+    tiny = {"name": "tiny", "engine": "llamacpp", "model": str(test_model), "context": 512}
+    agent = make_agent(deployments=[tiny, missing], start=False)
+    agent.start(wait_ready=False)
+    alert = wait_for(lambda: next((a for a in agent.node()["alerts"]
+                                   if a["kind"] == "deployment_failed"), None), 60,
+                     "the failure alert")  # fmt: skip
+    assert alert["subject"] == "falcon-7b" and alert["severity"] == "critical"
+    assert "'vllm-not-installed' was not found on PATH" in alert["message"]
+    out = wattops("status", "--agent", agent.url)
+    row = next(line for line in out.stdout.splitlines() if "falcon-7b" in line)
+    assert "failed" in row and row.split()[-1] == "1"  # its ALERTS column
+    assert "! test-node-0: falcon-7b on test-node-0 failed:" in out.stdout
+    assert "not found on PATH" in out.stdout
+    # Nothing ran, so no log was left behind for it (one per attempt, empty, before).
+    assert not any("falcon" in p.name for p in (agent.state_dir / "logs").glob("*.log"))
