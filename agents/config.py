@@ -303,6 +303,12 @@ class AgentConfig(_Section):
     accounting: AccountingSection = Field(default_factory=AccountingSection)
     kubernetes: KubernetesSection = Field(default_factory=KubernetesSection)
     deployments: list[DeploymentConfig] = Field(default_factory=list)
+    _source: str = PrivateAttr("<config>")
+
+    @property
+    def source(self) -> str:
+        """The file this configuration was read from (for messages)."""
+        return self._source
 
     @model_validator(mode="after")
     def _unique_names(self) -> AgentConfig:
@@ -340,9 +346,11 @@ def _describe(error: ValidationError, source: str) -> str:
 def parse_config(data: dict[str, object], source: str = "<config>") -> AgentConfig:
     """Validate an already-parsed config mapping; relative paths stay as written."""
     try:
-        return AgentConfig.model_validate(data)
+        config = AgentConfig.model_validate(data)
     except ValidationError as exc:
         raise ConfigError(_describe(exc, source)) from None
+    config._source = source
+    return config
 
 
 def load_config(path: Path) -> AgentConfig:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -88,7 +89,13 @@ class NodeAgent:
 
     async def start(self) -> None:
         """Clean up after a killed predecessor, restore desired state, start reconciling."""
-        self.state_dir.mkdir(parents=True, exist_ok=True)
+        self._check_state_dir()
+        if not self.config.deployments and not self.config.kubernetes.enabled:
+            log.warning(
+                "%s configures no [[deployments]] (and cluster mode is off): this agent serves "
+                "no model; it still meters the node",
+                self.config.source,
+            )
         killed = process.kill_orphans(self.state_dir)
         if killed:
             log.warning(
@@ -150,13 +157,45 @@ class NodeAgent:
         if self.pods is not None:
             self._tasks.append(asyncio.create_task(self._cluster_loop(), name="cluster"))
 
+    def _profile_error(self, section: str, exc: ProfileError) -> str:
+        """A profile that does not validate: when the config overrides it, say so first, with
+        the user's file and section (the profile file is one they never edited)."""
+        overrides = self.config.hardware if section == "hardware" else self.config.site.overrides()
+        if not overrides:
+            return str(exc)
+        keys = ", ".join(sorted(overrides))
+        return f"{self.config.source} [{section}] (overriding {keys}): {exc}"
+
+    def _check_state_dir(self) -> None:
+        """The state folder must be one the agent can create, read and write: said at once,
+        naming the field, rather than as a traceback later."""
+        where = f"{self.config.source}: agent.state_dir = {self.state_dir}"
+        try:
+            self.state_dir.mkdir(parents=True, exist_ok=True)
+            probe = self.state_dir / f".write-test.{os.getpid()}"
+            probe.write_bytes(b"")
+            probe.unlink()
+            os.listdir(self.state_dir)
+        except FileExistsError:
+            raise ConfigError(f"{where}: exists and is not a folder") from None
+        except NotADirectoryError:
+            raise ConfigError(f"{where}: a part of the path is a file, not a folder") from None
+        except OSError as exc:
+            raise ConfigError(
+                f"{where}: cannot be created, read and written ({exc.strerror}); give a folder "
+                "the agent's user owns"
+            ) from None
+
     def _start_metering(self, node_totals: Totals) -> None:
         cfg = self.config.agent
         try:
             hardware = hardware_profile(cfg.profile, dict(self.config.hardware))
+        except ProfileError as exc:
+            raise ConfigError(self._profile_error("hardware", exc)) from None
+        try:
             site = site_profile(self.config.site.name, self.config.site.overrides())
         except ProfileError as exc:
-            raise ConfigError(str(exc)) from None
+            raise ConfigError(self._profile_error("site", exc)) from None
         # What the estimate scales with: the host's CPU on a CPU node (measured from
         # /proc/stat); the engines' busy time on accelerator nodes with no readable sensor.
         # /proc/stat is host-wide even inside a container, so it is read at /, not sysfs_root.

@@ -39,6 +39,16 @@ def check_gguf(path: Path) -> int:
     import gguf  # imported here: reading the module costs ~0.2 s and few callers need it
 
     try:
+        with path.open("rb") as fh:
+            head = fh.read(4)
+    except OSError as exc:
+        raise CorruptModelError(f"{path}: cannot read the model file: {exc.strerror}") from None
+    if head != b"GGUF":
+        raise CorruptModelError(
+            f"{path}: not a GGUF file (it begins with {head!r}; a GGUF file begins with "
+            "b'GGUF'): give a llama.cpp model file"
+        )
+    try:
         reader = gguf.GGUFReader(path)
     except Exception as exc:  # the reader raises ValueError, struct.error, IndexError...
         raise CorruptModelError(f"{path}: not a readable GGUF file ({exc})") from None

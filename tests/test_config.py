@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+import socket
 import subprocess
 import tomllib
 from pathlib import Path
@@ -145,3 +147,61 @@ def test_the_configuration_reference_is_current() -> None:
         "docs/configuration.md is out of date: "
         "python -m wattops.agents.reference > docs/configuration.md"
     )
+
+
+def run_agent(path: Path, timeout: float = 60) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([str(AGENT_BIN), "--config", str(path)], capture_output=True,
+                          text=True, timeout=timeout)  # fmt: skip
+
+
+def good_with(tmp_path: Path, test_model: Path, **agent: str) -> Path:
+    """GOOD with the test model, and these [agent] keys set (replacing GOOD's own)."""
+    text = GOOD.replace('model = "m.gguf"', f'model = "{test_model}"')
+    for key, value in agent.items():
+        text = re.sub(rf"^{key} = .*\n", "", text, flags=re.M)
+        text = text.replace("[agent]\n", f'[agent]\n{key} = "{value}"\n', 1)
+    return write(tmp_path, text)
+
+
+@pytest.mark.parametrize("kind", ["a file", "under a file", "unwritable"])
+def test_a_bad_state_dir_is_named_with_exit_2(tmp_path: Path, test_model: Path, kind: str) -> None:
+    blocker = tmp_path / "blocker"
+    blocker.write_text("not a folder")
+    state = {"a file": blocker, "under a file": blocker / "state",
+             "unwritable": Path("/proc/wattops-state")}[kind]  # fmt: skip
+    result = run_agent(good_with(tmp_path, test_model, state_dir=str(state)))
+    assert result.returncode == 2, result.stderr
+    assert "agent.state_dir" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_a_listen_address_in_use_is_refused_before_anything_starts(
+    tmp_path: Path, test_model: Path
+) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        result = run_agent(good_with(tmp_path, test_model, listen=f"127.0.0.1:{port}"))
+    assert result.returncode == 2, result.stderr
+    assert f"port {port} is in use" in result.stderr
+    assert "serving" not in result.stderr  # no replica was started first
+    assert not list((tmp_path / "st").glob("logs/*.log"))
+    elsewhere = run_agent(good_with(tmp_path, test_model, listen="192.0.2.1:9000"))
+    assert elsewhere.returncode == 2 and "not an address of this host" in elsewhere.stderr
+
+
+def test_a_bad_override_names_the_users_file_and_section(tmp_path: Path, test_model: Path) -> None:
+    path = good_with(tmp_path, test_model)
+    path.write_text(path.read_text() + "\n[site]\npue = 0.5\n")
+    result = run_agent(path)
+    assert result.returncode == 2
+    assert f"{path} [site] (overriding pue)" in result.stderr
+    assert "pue" in result.stderr and "greater than or equal to 1" in result.stderr
+
+
+def test_a_model_that_is_not_gguf_says_so(tmp_path: Path) -> None:
+    model = tmp_path / "m.gguf"
+    model.write_text("<html>404 Not Found</html>")
+    result = run_agent(write(tmp_path, GOOD))
+    assert result.returncode == 2
+    assert "deployments.tiny.model" in result.stderr and "not a GGUF file" in result.stderr
