@@ -242,11 +242,10 @@ class Accounting:
         for name, dep in self.deployments.items():
             fig = figures(old, new, name, w_in, w_out)
             self.figures[name] = fig
-            dep.per_token = (
-                (fig.j_per_token, fig.usd_per_1m_tokens / 1e6)
-                if fig.j_per_token is not None and fig.usd_per_1m_tokens is not None
-                else None
-            )
+            # A window without tokens (idle, or parked and just woken) keeps the last figures
+            # the deployment had: the first answer after a wake still carries its estimate.
+            if fig.j_per_token is not None and fig.usd_per_1m_tokens is not None:
+                dep.per_token = (fig.j_per_token, fig.usd_per_1m_tokens / 1e6)
 
 
 def _watts(fig: Figures | None) -> float:

@@ -292,7 +292,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     precision = commands.add_parser("precision", help="switch a deployment's precision")
     precision.add_argument("deployment")
-    precision.add_argument("precision", help=f"one of: {', '.join(PRECISIONS)}")
+    precision.add_argument(
+        "precision",
+        help="llama.cpp's name, any case (q4_k_m, Q8_0); which ones a deployment can serve "
+        "depends on its base model (an f16 base cannot become f32): `wattops status --json` "
+        "lists each deployment's available_precisions, and a refusal names them",
+    )
     _add_action_options(precision)
     precision.set_defaults(func=_precision)
 

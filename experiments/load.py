@@ -565,6 +565,8 @@ class LoadReport:
     est_energy_j: float | None
     est_cost_usd: float | None
     results: list[RequestResult] = field(repr=False)
+    #: Why the run gave up before its end (a run of identical refusals), if it did.
+    gave_up: str | None = None
 
     @classmethod
     def build(
@@ -578,6 +580,7 @@ class LoadReport:
         concurrency_limit: int = 64,
         elapsed_s: float = 0.0,
         send_window_s: float = 0.0,
+        gave_up: str | None = None,
     ) -> LoadReport:
         results = sorted(results, key=lambda r: r.index)
         sent = [r for r in results if not r.dropped]
@@ -616,6 +619,7 @@ class LoadReport:
             est_energy_j=sum(energy) if energy else None,
             est_cost_usd=sum(cost) if cost else None,
             results=results,
+            gave_up=gave_up,
         )
 
     @property
@@ -650,6 +654,8 @@ class LoadReport:
         if self.cancelled:
             parts.append(f"{self.cancelled} in flight when stopped and abandoned")
         text = ", ".join(parts) + "."
+        if self.gave_up:
+            text += f" Gave up: {self.gave_up}."
         if self.ok:
             text += (
                 f" Latency p50/p95/p99 {self.latency.text()}; time to first byte {self.ttfb.text()}"
@@ -681,6 +687,10 @@ class LoadReport:
         return text
 
 
+#: Identical client errors (4xx but 429) in a row after which a run stops sending.
+GIVE_UP_AFTER = 5
+
+
 async def run_load(
     agent_url: str,
     workload: list[PlannedRequest],
@@ -710,11 +720,25 @@ async def run_load(
     started = time.perf_counter()
     last_send = 0.0
     in_flight = 0
+    #: The same refusal over and over (a wrong URL, model or token) will not get better.
+    halt = asyncio.Event()
+    gave_up: str | None = None
+    streak: tuple[tuple[int, str | None] | None, int] = (None, 0)
 
     def record(result: RequestResult) -> None:
+        nonlocal gave_up, streak
         results.append(result)
         if on_result is not None:
             on_result(result)
+        if result.status is not None and 400 <= result.status < 500 and result.status != 429:
+            key = (result.status, result.error)
+            streak = (key, streak[1] + 1 if streak[0] == key else 1)
+            if streak[1] >= GIVE_UP_AFTER and gave_up is None:
+                gave_up = (f"{streak[1]} requests in a row refused with {result.status}: "
+                           f"{result.error}")  # fmt: skip
+                halt.set()
+        elif not result.dropped:
+            streak = (None, 0)
 
     async def send(session: aiohttp.ClientSession, index: int, planned: PlannedRequest) -> None:
         nonlocal in_flight
@@ -752,15 +776,13 @@ async def run_load(
             task.add_done_callback(tasks.discard)
 
     async def until_stopped(work: asyncio.Future[Any]) -> bool:
-        """Wait for `work`; True if `stop` was set first."""
-        if stop is None:
-            await work
-            return False
-        stopper = asyncio.ensure_future(stop.wait())
+        """Wait for `work`; True if `stop` (or giving up) came first."""
+        stoppers = [asyncio.ensure_future(e.wait()) for e in (stop, halt) if e is not None]
         try:
-            await asyncio.wait({work, stopper}, return_when=asyncio.FIRST_COMPLETED)
+            await asyncio.wait({work, *stoppers}, return_when=asyncio.FIRST_COMPLETED)
         finally:
-            stopper.cancel()
+            for stopper in stoppers:
+                stopper.cancel()
         if work.done():
             work.result()  # re-raise a failure of the work itself
             return False
@@ -795,6 +817,7 @@ async def run_load(
         concurrency_limit=concurrency_limit,
         elapsed_s=time.perf_counter() - started,
         send_window_s=last_send,
+        gave_up=gave_up,
     )
 
 
@@ -978,10 +1001,16 @@ _fraction = _number("use a number from 0 to 1", lambda v: 0 <= v <= 1)
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """The options of `wattops load`."""
     parser.add_argument(
-        "--agent", default="http://127.0.0.1:8080", metavar="URL", help="the agent's base URL"
+        "--agent",
+        default="http://127.0.0.1:8080",
+        metavar="URL",
+        help="the agent's base URL (default %(default)s)",
     )
     parser.add_argument(
-        "--model", default="tiny", metavar="DEPLOYMENT", help="deployment name (`model` field)"
+        "--model",
+        default="tiny",
+        metavar="DEPLOYMENT",
+        help="deployment name, the `model` field (default %(default)s)",
     )
     parser.add_argument(
         "--rate",
@@ -1074,7 +1103,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         metavar="SECONDS",
         help="per request, whole answer (default 120)",
     )
-    parser.add_argument("--seed", type=int, default=0, help="same seed, same requests")
+    parser.add_argument(
+        "--seed", type=int, default=0, help="same seed, same requests (default %(default)s)"
+    )
     parser.add_argument("--quiet", action="store_true", help="no progress lines, summary only")
     # Kept so run_from_args can report checks across options the way argparse reports its own.
     parser.set_defaults(_load_parser=parser)
@@ -1230,6 +1261,6 @@ def run_from_args(args: argparse.Namespace) -> int:
         print("wattops load: stopped before any request was sent", file=sys.stderr)
         return 130
     print(report.summary())
-    if report.interrupted:
+    if report.interrupted and not report.gave_up:
         return 130
     return 0 if report.error_count == 0 else 1

@@ -351,3 +351,13 @@ def test_load_against_a_real_agent(agent: Agent, capsys: pytest.CaptureFixture[s
     assert run_from_args(args) == 0
     out = capsys.readouterr().out
     assert out.startswith("Sent 5 of 5 planned requests to " + agent.url)
+
+    # A wrong model: every request is refused alike. The run gives up after a few, says why
+    # in the agent's own words, and exits 1 (it used to send for its whole duration).
+    argv = ["--agent", agent.url, "--model", "nope", "--requests", "200", "--rate", "50"]
+    args = _parser().parse_args([*argv, "--quiet", "--max-tokens", "2"])
+    assert run_from_args(args) == 1
+    out = capsys.readouterr().out
+    assert "Gave up: 5 requests in a row refused with 404" in out
+    assert "model 'nope' is not served here; available: tiny" in out
+    assert "Sent 200 of 200" not in out
