@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import pytest
 from textual.pilot import Pilot
 
 from wattops.agents.api import (
@@ -28,6 +29,7 @@ from wattops.agents.api import (
     Totals,
 )
 from wattops.console.app import WattopsConsole, make_app
+from wattops.console.screens.modals import DetailModal
 
 SIZE = (200, 42)
 # Port 9 (discard) on loopback refuses connections: the node view's history says so.
@@ -104,6 +106,25 @@ def test_fleet_view(snap_compare: Any) -> None:
     assert snap_compare(fleet_app(), terminal_size=SIZE, run_before=fill)
 
 
+@pytest.mark.parametrize("columns", [80, 100, 160, 200])
+def test_fleet_view_keeps_the_figures_that_matter_on_narrow_terminals(
+    snap_compare: Any, columns: int
+) -> None:
+    # Columns are sized to their content and kept by priority: on 80 columns NODE,
+    # DEPLOYMENT, STATE, REPLICAS, $/H, POWER, ALERTS and PRECISION stay; the trend
+    # sparklines go first. The header marks the sort column.
+    async def sorted_by_cost(pilot: Pilot[Any]) -> None:
+        await fill(pilot)
+        app = pilot.app
+        assert isinstance(app, WattopsConsole)
+        screen = app.fleet_screen
+        screen.sort_key, screen.sort_reverse = "usd_per_hour", True
+        screen.refresh_fleet()
+        await pilot.pause()
+
+    assert snap_compare(fleet_app(), terminal_size=(columns, 24), run_before=sorted_by_cost)
+
+
 def test_node_view(snap_compare: Any) -> None:
     async def open_node(pilot: Pilot[Any]) -> None:
         await fill(pilot)
@@ -135,3 +156,34 @@ def test_park_confirmation(snap_compare: Any) -> None:
         await pilot.press("down", "down", "z")
 
     assert snap_compare(fleet_app(), terminal_size=SIZE, run_before=open_modal)
+
+
+async def test_an_empty_filter_says_so_and_escape_clears_it() -> None:
+    app = fleet_app()
+    notes: list[str] = []
+    async with app.run_test(size=SIZE) as pilot:
+        await fill(pilot)
+        original = app.notify
+        app.notify = lambda message, **kw: (notes.append(message),  # type: ignore[method-assign]
+                                            original(message, **kw))[1]  # fmt: skip
+        await pilot.press("slash", "z", "z", "z", "enter")
+        await pilot.pause()
+        screen = app.fleet_screen
+        assert screen.last_rows == []
+        assert any("no row matches 'zzz'" in n for n in notes)
+        await pilot.press("escape")
+        await pilot.pause()
+        assert screen.filter_text == "" and len(screen.last_rows) == 3
+
+
+async def test_help_explains_every_key_and_column() -> None:
+    app = fleet_app()
+    async with app.run_test(size=SIZE) as pilot:
+        await fill(pilot)
+        await pilot.press("question_mark")
+        await pilot.pause()
+        assert isinstance(app.screen, DetailModal)
+        text = app.screen.body
+        for needed in ("enter", "Open the node view", "tab", "POWER TREND", "TOK/S TREND",
+                       "est.: from the estimate", "the deployment's share"):  # fmt: skip
+            assert needed in text, needed

@@ -27,7 +27,7 @@ from wattops.console import formats as fmt
 from wattops.console.screens.modals import ConfirmModal, DetailModal, PrecisionModal, ScaleModal
 from wattops.console.screens.node import NodeScreen
 from wattops.console.widgets.alerts_panel import AlertsPanel, PanelItem
-from wattops.console.widgets.fleet_table import SORTABLE, FleetTable
+from wattops.console.widgets.fleet_table import COLUMNS, SORTABLE, FleetTable
 from wattops.fleet.advice import precision_advice
 from wattops.fleet.kube import KubeDeployment, KubeError, KubeFleet
 from wattops.fleet.rollout import Action
@@ -133,6 +133,14 @@ class FleetScreen(Screen[None]):
             tooltip="Filter rows by node, deployment, precision or state",
         ),
         Binding("o", "sort", "Sort", id="fleet.sort", tooltip="Sort by the next figure"),
+        Binding(
+            "escape",
+            "clear_filter",
+            "Clear filter",
+            show=False,
+            id="fleet.clear_filter",
+            tooltip="Show every row again",
+        ),
         Binding(
             "a",
             "alerts",
@@ -291,6 +299,7 @@ class FleetScreen(Screen[None]):
             known.sort(key=lambda r: getattr(r, attr), reverse=self.sort_reverse)
             rows = known + [r for r in rows if getattr(r, attr) is None]
         self.last_rows = rows
+        table.sort_marker(self.sort_key, self.sort_reverse)
         series = {}
         for key in changed:
             url, _, name = key.partition("|")
@@ -526,6 +535,19 @@ class FleetScreen(Screen[None]):
         event.input.display = bool(self.filter_text)
         self.query_one(FleetTable).focus()
         self.refresh_fleet()
+        if self.filter_text and not self.last_rows:
+            self.notify(f"no row matches {self.filter_text!r}; escape clears the filter",
+                        severity="warning")  # fmt: skip
+
+    def action_clear_filter(self) -> None:
+        """Escape: drop the filter and show every row."""
+        box = self.query_one("#filter", Input)
+        box.value = ""
+        box.display = False
+        if self.filter_text:
+            self.filter_text = ""
+            self.refresh_fleet()
+        self.query_one(FleetTable).focus()
 
     def action_sort(self) -> None:
         """Cycle the sort column: ascending, then descending, then the next column."""
@@ -559,10 +581,19 @@ class FleetScreen(Screen[None]):
         """Show the keys."""
         lines = [
             f"{b.key_display or b.key:>6}  {b.description}: {b.tooltip}"
-            for b in [*self.BINDINGS, *self.app.BINDINGS]
-            if isinstance(b, Binding) and not (self.read_only and b.action in CONTROL_ACTIONS)
+            for b in [*self.BINDINGS, *self.app.BINDINGS, *FleetTable.BINDINGS]
+            if isinstance(b, Binding) and b.tooltip
+            and not (self.read_only and b.action in CONTROL_ACTIONS)
+        ]  # fmt: skip
+        lines += [
+            "   tab  Focus: move between the table and the alerts",
+            "\nctrl+p opens the command palette with the same actions.",
+            "\nColumns (a narrow terminal shows the most needed first: the trends go first):",
+            *(f"{c.header:>12}  {c.meaning}" for c in COLUMNS),
+            "\nFigures are over the agent's accounting window (window_s, 300 s by default),",
+            "so a deployment parked a moment ago still shows what it drew before; the header's",
+            "W is the whole node's power, a row's POWER the deployment's share of it.",
         ]
-        lines.append("\nctrl+p opens the command palette with the same actions.")
         if self.read_only:
             lines.append("Read-only: no action can be sent from this console.")
         self.app.push_screen(DetailModal("Keys", "\n".join(lines)))

@@ -9,6 +9,7 @@ and redraws only the lines whose text changed and are on screen.
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 
 from rich.segment import Segment
 from rich.style import Style
@@ -27,16 +28,48 @@ SPARK = "▁▂▃▄▅▆▇█"
 #: Points shown in the trend columns (one per second).
 SPARK_WIDTH = 12
 
-#: (key, header, width)
-COLUMNS: tuple[tuple[str, str, int], ...] = (
-    ("node", "NODE", 22), ("deployment", "DEPLOYMENT", 16), ("precision", "PRECISION", 15),
-    ("replicas", "REPLICAS", 8), ("state", "STATE", 22), ("power", "POWER", 12),
-    ("power_trend", "W", SPARK_WIDTH), ("j_per_token", "J/TOK", 7),
-    ("usd_per_1m", "$/1M TOK", 9), ("usd_per_hour", "$/H", 8), ("tokens_per_s", "TOK/S", 7),
-    ("tokens_trend", "TOK/S", SPARK_WIDTH), ("cache", "CACHE", 5), ("p50", "P50", 8),
-    ("p95", "P95", 8), ("alerts", "ALERTS", 6),
+
+@dataclass(frozen=True)
+class Column:
+    """One column of the fleet table."""
+
+    key: str
+    header: str
+    #: The most characters it takes.
+    width: int
+    #: Which columns stay on a narrow terminal: lowest first (NODE, DEPLOYMENT, STATE, ...,
+    #: the trend sparklines last).
+    priority: int
+    #: Sized to its content (names, states), up to `width`; else always `width` wide.
+    fit: bool = False
+    #: For the help: what the column shows.
+    meaning: str = ""
+
+
+COLUMNS: tuple[Column, ...] = (
+    Column("node", "NODE", 22, 0, True, "the node's name (its agent)"),
+    Column("deployment", "DEPLOYMENT", 16, 1, True, "the deployment: what clients put in model"),
+    Column("precision", "PRECISION", 15, 7, True, "precision served; →x: switching to x"),
+    Column("replicas", "REPLICAS", 8, 3, False, "ready/desired replicas"),
+    Column("state", "STATE", 22, 2, True, "serving, switching, scaling, parked, failed; "
+           "offline/stale: the agent's data is not live; an action under way after it"),
+    Column("power", "POWER", 11, 5, False, "watts attributed to the deployment, mean over the "
+           "accounting window (est.: from the estimate, not a sensor)"),
+    Column("power_trend", "POWER TREND", SPARK_WIDTH, 14, False,
+           "POWER over the last 12 s, one mark a second, scaled to its own peak"),
+    Column("j_per_token", "J/TOK", 7, 11, False, "joules per token over the window"),
+    Column("usd_per_1m", "$/1M TOK", 9, 8, False, "dollars per million tokens over the window"),
+    Column("usd_per_hour", "$/H", 8, 4, False, "what the deployment costs per hour: the "
+           "share of the node it holds x the node's price (+ electricity when owned)"),
+    Column("tokens_per_s", "TOK/S", 7, 9, False, "tokens per second, mean over the window"),
+    Column("tokens_trend", "TOK/S TREND", SPARK_WIDTH, 15, False,
+           "TOK/S over the last 12 s, one mark a second, scaled to its own peak"),
+    Column("cache", "CACHE", 5, 12, False, "response-cache hits / cacheable requests"),
+    Column("p50", "P50", 8, 13, False, "median answer latency over recent requests"),
+    Column("p95", "P95", 8, 10, False, "95th percentile answer latency"),
+    Column("alerts", "ALERTS", 6, 6, False, "alerts about this deployment (press a)"),
 )  # fmt: skip
-COLUMN_INDEX = {key: i for i, (key, _, _) in enumerate(COLUMNS)}
+COLUMN_INDEX = {c.key: i for i, c in enumerate(COLUMNS)}
 #: Columns `o` cycles through when sorting, and the FleetRow field each sorts by.
 SORTABLE: dict[str, str] = {
     "node": "node", "deployment": "deployment", "power": "watts", "j_per_token": "j_per_token",
@@ -110,10 +143,35 @@ def cell_text(cell: Cell) -> str:
     return "".join(text for text, _ in cell)
 
 
-def line(row_cells: Sequence[Cell]) -> list[Segment]:
-    """One table line: each cell cut or padded to its column's width, one space between."""
+#: The columns shown and how wide: (index into COLUMNS, width), in COLUMNS' order.
+Layout = tuple[tuple[int, int], ...]
+
+
+def fit_columns(total: int, content: Mapping[str, int]) -> Layout:
+    """The columns that fit in `total` characters, most important first, each as wide as its
+    content (`content`: the widest text of the fitted columns) or its fixed width."""
+    widths = {
+        c.key: min(c.width, max(len(c.header), content.get(c.key, 0))) if c.fit else c.width
+        for c in COLUMNS
+    }
+    chosen: set[int] = set()
+    used = 0
+    for index in sorted(range(len(COLUMNS)), key=lambda i: COLUMNS[i].priority):
+        need = widths[COLUMNS[index].key] + 1
+        if used + need <= total or len(chosen) < 2:  # NODE and DEPLOYMENT always
+            chosen.add(index)
+            used += need
+    return tuple((i, widths[COLUMNS[i].key]) for i in sorted(chosen))
+
+
+FULL: Layout = tuple((i, c.width) for i, c in enumerate(COLUMNS))
+
+
+def line(row_cells: Sequence[Cell], layout: Layout = FULL) -> list[Segment]:
+    """One table line: the layout's cells cut or padded to their width, one space between."""
     segments: list[Segment] = []
-    for cell, (_, _, width) in zip(row_cells, COLUMNS, strict=True):
+    for index, width in layout:
+        cell = row_cells[index]
         used = 0
         for text, style in cell:
             room = width - used
@@ -126,8 +184,20 @@ def line(row_cells: Sequence[Cell]) -> list[Segment]:
     return segments
 
 
-HEADER_LINE = line([((label, HEADER),) for _, label, _ in COLUMNS])
-LINE_WIDTH = sum(width + 1 for _, _, width in COLUMNS)
+def header(layout: Layout, sorted_by: tuple[str, bool] | None) -> list[Segment]:
+    """The header line; the sort column marked ▲ (ascending) or ▼ (descending)."""
+    labels = []
+    for column in COLUMNS:
+        mark = ""
+        if sorted_by is not None and sorted_by[0] == column.key:
+            mark = "▼" if sorted_by[1] else "▲"
+        labels.append(((column.header + mark, HEADER),))
+    return line(labels, layout)
+
+
+def width_of(layout: Layout) -> int:
+    """Characters a line of `layout` takes."""
+    return sum(width + 1 for _, width in layout)
 
 
 class FleetTable(ScrollView, can_focus=True):
@@ -171,6 +241,29 @@ class FleetTable(ScrollView, can_focus=True):
                                     str | None]] = {}  # fmt: skip
         self._cells: dict[str, tuple[Cell, ...]] = {}
         self._lines: dict[str, Strip] = {}
+        #: The widest content of each fitted column over the rows shown.
+        self._content: dict[str, int] = {}
+        self._layout: Layout = FULL
+        self._sorted_by: tuple[str, bool] | None = None
+
+    def sort_marker(self, key: str | None, reverse: bool) -> None:
+        """Mark column `key` as the sort column in the header (None: no sort)."""
+        wanted = (key, reverse) if key else None
+        if wanted != self._sorted_by:
+            self._sorted_by = wanted
+            self.refresh_line(0)
+
+    def _fit(self) -> None:
+        """Choose the columns for the current width and content; redraw if they changed."""
+        layout = fit_columns(self.size.width or width_of(FULL), self._content)
+        if layout != self._layout:
+            self._layout = layout
+            self._lines.clear()
+            self.virtual_size = Size(width_of(layout), len(self._order) + 1)
+            self.refresh()
+
+    def on_resize(self) -> None:
+        self._fit()
 
     # -- data ------------------------------------------------------------------------------
 
@@ -188,6 +281,16 @@ class FleetTable(ScrollView, can_focus=True):
         """
         selected = self.selected_key()
         order = [r.key for r in rows]
+        self._content = {
+            "node": max((len(r.node) for r in rows), default=0),
+            "deployment": max((len(r.deployment) for r in rows), default=0),
+            "precision": max((len(r.precision) + (len(r.desired_precision) + 1
+                              if r.desired_precision != r.precision else 0) for r in rows),
+                             default=0),
+            "state": max((len(r.state) + (len(pending[r.key]) + 1 if r.key in pending else 0)
+                          for r in rows), default=0),
+        }  # fmt: skip
+        self._fit()
         for row in rows:
             if changed is None or row.key in changed or row.key not in self._rows:
                 self._rows[row.key] = (row, series.get(row.key, ((), ())),
@@ -201,7 +304,7 @@ class FleetTable(ScrollView, can_focus=True):
                 self._cells.pop(gone, None)
                 self._lines.pop(gone, None)
             self._order = order
-            self.virtual_size = Size(LINE_WIDTH, len(order) + 1)
+            self.virtual_size = Size(width_of(self._layout), len(order) + 1)
             if selected in order:
                 self.cursor_row = order.index(selected)
             self.cursor_row = min(self.cursor_row, max(0, len(order) - 1))
@@ -258,8 +361,9 @@ class FleetTable(ScrollView, can_focus=True):
     def render_line(self, y: int) -> Strip:
         scroll_x, scroll_y = self.scroll_offset
         base = self.rich_style
+        width = width_of(self._layout)
         if y == 0:
-            strip = Strip(HEADER_LINE, LINE_WIDTH).apply_style(base)
+            strip = Strip(header(self._layout, self._sorted_by), width).apply_style(base)
         else:
             index = y - 1 + scroll_y
             if index >= len(self._order):
@@ -269,7 +373,7 @@ class FleetTable(ScrollView, can_focus=True):
             if cached is None:
                 # The widget's own style under every segment: unstyled cells would otherwise
                 # be drawn without the table's colours.
-                cached = Strip(line(self._row_cells(key)), LINE_WIDTH).apply_style(base)
+                cached = Strip(line(self._row_cells(key), self._layout), width).apply_style(base)
                 self._lines[key] = cached
             strip = cached
             if index == self.cursor_row and self.has_focus:
