@@ -39,11 +39,11 @@ def _model_tiny(args: argparse.Namespace) -> int:
 
 def _model_quantize(args: argparse.Namespace) -> int:
     from wattops.engines.base import EngineError
-    from wattops.engines.variants import quantize
+    from wattops.engines.variants import quantize_quietly
 
     started = time.perf_counter()
     try:
-        quantize(args.source, args.target, args.precision, args.threads)
+        quantize_quietly(args.source, args.target, args.precision, args.threads)
     except EngineError as exc:
         print(f"wattops model quantize: {exc}", file=sys.stderr)
         return 1

@@ -12,6 +12,7 @@ import asyncio
 import ctypes
 import hashlib
 import os
+import subprocess
 import sys
 from pathlib import Path
 
@@ -153,24 +154,38 @@ class VariantStore:
                 except CorruptModelError:
                     target.unlink(missing_ok=True)  # rebuilt below
             proc = await asyncio.create_subprocess_exec(
-                sys.executable,
-                "-m",
-                "wattops.engines.variants",
-                str(base),
-                str(target),
-                precision,
-                "--threads",
-                str(threads),
+                *build_argv(base, target, precision, threads),
                 stdin=asyncio.subprocess.DEVNULL,
                 stdout=asyncio.subprocess.PIPE,
                 stderr=asyncio.subprocess.STDOUT,
             )
             output, _ = await proc.communicate()
             if proc.returncode != 0:
-                lines = output.decode("utf-8", "replace").strip().splitlines()
-                reason = lines[-1] if lines else f"exit code {proc.returncode}"
-                raise EngineError(f"building {precision} from {base.name} failed: {reason}")
+                raise build_failure(base, precision, output, proc.returncode)
             return target
+
+
+def build_argv(base: Path, target: Path, precision: str, threads: int) -> list[str]:
+    """The child process that builds a variant: llama.cpp's loader log stays in its output."""
+    return [sys.executable, "-m", "wattops.engines.variants", str(base), str(target), precision,
+            "--threads", str(threads)]  # fmt: skip
+
+
+def build_failure(base: Path, precision: str, output: bytes, code: int | None) -> EngineError:
+    """Why a build failed: our own `error:` line if the child wrote one, else the log's tail."""
+    lines = output.decode("utf-8", "replace").strip().splitlines()
+    ours = [line.removeprefix("error: ") for line in lines if line.startswith("error: ")]
+    reason = ours[-1] if ours else ("\n".join(lines[-3:]) or f"exit code {code}")
+    return EngineError(f"building {precision} from {base.name} failed: {reason}")
+
+
+def quantize_quietly(source: Path, target: Path, precision: str, threads: int = 0) -> None:
+    """`quantize` in a child process, its llama.cpp log kept out of the terminal (it is over a
+    hundred lines); EngineError with the reason when it fails."""
+    done = subprocess.run(build_argv(source, target, precision, threads), capture_output=True,
+                          stdin=subprocess.DEVNULL, check=False)  # fmt: skip
+    if done.returncode != 0:
+        raise build_failure(source, precision, done.stdout + done.stderr, done.returncode)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -137,7 +137,10 @@ class AgentLink:
         self, http: aiohttp.ClientSession, on_change: Callable[[AgentLink], None]
     ) -> None:
         def ended() -> None:
-            self.error = "the agent closed the stream"
+            # Called for a stream that broke off, and for one that never opened (a refused
+            # connection): only the first is the agent closing it; the retry names the other.
+            if self.connected:
+                self.error = "the agent closed the stream"
             self._lost(on_change)
 
         source = EventSource(

@@ -141,3 +141,17 @@ def test_a_failed_deployment_says_why_where_people_look(
     assert "not found on PATH" in out.stdout
     # Nothing ran, so no log was left behind for it (one per attempt, empty, before).
     assert not any("falcon" in p.name for p in (agent.state_dir / "logs").glob("*.log"))
+
+
+def test_model_quantize_keeps_llama_cpps_log_out_and_says_why_it_failed(
+    test_model: Path, tmp_path: Path
+) -> None:
+    out = wattops("model", "quantize", str(test_model), str(tmp_path / "q.gguf"),
+                  "--precision", "q4_0")  # fmt: skip
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.startswith("wrote ") and out.stderr == ""  # not llama.cpp's loader log
+    text = tmp_path / "notes.gguf"
+    text.write_text("# not a model\n")
+    bad = wattops("model", "quantize", str(text), str(tmp_path / "x.gguf"), "--precision", "q4_0")
+    assert bad.returncode == 1
+    assert bad.stderr.count("\n") == 1 and "not a GGUF file" in bad.stderr
