@@ -8,7 +8,7 @@ from collections.abc import Callable
 
 import httpx
 
-from tests.conftest import Agent, wait_for
+from tests.conftest import TOKEN, Agent, wait_for
 
 
 def test_chat_completion_answers_with_usage(agent: Agent) -> None:
@@ -239,3 +239,21 @@ def test_prefix_cache_off_evaluates_every_prompt_in_full(make_agent: Callable[..
         usage = agent.chat(prefix + question, temperature=0.7).json()["usage"]
         assert usage["prompt_tokens"] > 20
         assert usage["prompt_tokens_details"]["cached_tokens"] == 0
+
+
+def test_the_first_answer_after_a_wake_carries_its_estimates(
+    make_agent: Callable[..., Agent],
+) -> None:
+    # A window with no tokens (parked, idle) used to drop the per-token figures, so the
+    # answer that woke the deployment had no X-Wattops-Est-* headers.
+    agent = make_agent(token=TOKEN, tables={"accounting": {"window_s": 2}})
+    first = wait_for(lambda: (r := agent.chat("warm up", temperature=0.5)).headers.get(
+        "x-wattops-est-energy-j") and r, 30, "answers with estimates")  # fmt: skip
+    assert float(first.headers["x-wattops-est-cost-usd"]) > 0
+    assert agent.control("/v1/deployments/tiny/scale", {"replicas": 0}).status_code == 202
+    wait_for(lambda: agent.deployment()["state"] == "parked", 30, "parked")
+    wait_for(lambda: agent.deployment()["accounting"]["figures"]["j_per_token"] is None, 30,
+             "a window without tokens")  # fmt: skip
+    woken = agent.chat("wake up", temperature=0.5)
+    assert woken.status_code == 200
+    assert float(woken.headers["x-wattops-est-energy-j"]) > 0

@@ -155,3 +155,25 @@ def test_model_quantize_keeps_llama_cpps_log_out_and_says_why_it_failed(
     bad = wattops("model", "quantize", str(text), str(tmp_path / "x.gguf"), "--precision", "q4_0")
     assert bad.returncode == 1
     assert bad.stderr.count("\n") == 1 and "not a GGUF file" in bad.stderr
+
+
+def test_help_says_what_is_true() -> None:
+    make_help = subprocess.run(["make", "-s", "help"], cwd=Path(__file__).parent.parent,
+                               capture_output=True, text=True, timeout=60)  # fmt: skip
+    assert "three-node fleet" in make_help.stdout  # not "an agent"
+    precision = wattops("precision", "--help").stdout
+    assert "available_precisions" in precision and "f32, f16, bf16" not in precision
+    load = wattops("load", "--help").stdout
+    assert "(default http://127.0.0.1:8080)" in load and "(default tiny)" in load
+
+
+def test_old_replica_logs_are_pruned(tmp_path: Path) -> None:
+    from wattops.engines.process import prune_logs
+
+    for i in range(60):
+        log = tmp_path / f"tiny-q8_0-{i:02d}.log"
+        log.write_text("x")
+        os.utime(log, (1_000_000 + i, 1_000_000 + i))
+    prune_logs(tmp_path, keep=50)
+    kept = sorted(p.name for p in tmp_path.glob("*.log"))
+    assert len(kept) == 50 and kept[0] == "tiny-q8_0-10.log"  # the oldest ten went

@@ -138,3 +138,22 @@ async def test_killed_agent_is_shown_offline_while_others_keep_updating(
         await pilot.press("o")
         await asyncio.sleep(0)
         assert app.fleet_screen.sort_key == "node"
+
+
+async def test_a_refused_connection_is_not_called_a_closed_stream() -> None:
+    from tests.conftest import free_port
+    from wattops.fleet.state import FleetState
+
+    url = f"http://127.0.0.1:{free_port()}"
+    fleet = FleetState([url])
+    fleet.start()
+    try:
+        link = fleet.links[url]
+        for _ in range(300):  # the first retry names the failure
+            if link.error:
+                break
+            await asyncio.sleep(0.1)
+        assert link.error is not None and "cannot connect" in link.error
+        assert "closed the stream" not in link.error
+    finally:
+        await fleet.stop()
