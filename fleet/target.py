@@ -167,13 +167,17 @@ class AgentTarget(FleetTarget):
         timeout_s: float,
         on_progress: Callable[[str], None] | None = None,
     ) -> Outcome:
-        if self.snapshots is not None:
-            return await follow(self.snapshots, self.deployment, action, target, timeout_s,
-                                on_progress, interval_s=0.0)  # fmt: skip
-        async with AgentClient(self.url, token=self.token, http=self.http) as client:
-            return await follow(
-                client.node, self.deployment, action, target, timeout_s, on_progress
-            )
+        try:
+            if self.snapshots is not None:
+                return await follow(self.snapshots, self.deployment, action, target, timeout_s,
+                                    on_progress, interval_s=0.0)  # fmt: skip
+            async with AgentClient(self.url, token=self.token, http=self.http) as client:
+                return await follow(
+                    client.node, self.deployment, action, target, timeout_s, on_progress
+                )
+        except AgentError as exc:
+            # The action was accepted; only its outcome is unknown (the agent went away).
+            return Outcome(None, f"lost touch with the agent while following it: {exc.message}")
 
 
 @dataclass
