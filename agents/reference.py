@@ -110,7 +110,9 @@ def render_reference() -> str:
         "another engine are refused.",
         "",
     ]
-    for name in ENGINES.names():
+    # wattops' own engines: an engine installed from another package documents itself.
+    own = [n for n in ENGINES.names() if ENGINES.get(n).__module__.startswith("wattops.")]
+    for name in own:
         settings = ENGINES.get(name).Settings
         out += [f'### `engine = "{name}"`', "", _doc(settings), "", *_table(name, settings), ""]
     return "\n".join(out).rstrip("\n") + "\n"
