@@ -29,9 +29,10 @@ from wattops.experiments.launch import (
 
 #: (node name, hardware profile, precision it starts at)
 DEMO_NODES: tuple[tuple[str, str, str], ...] = (
-    ("node-a", "a100-80gb", "q8_0"),
-    ("node-b", "jetson-agx-orin-64gb", "q4_k_m"),
-    ("node-c", "cpu-generic", "f16"),
+    # Named after their hardware: in a mixed fleet the operator must see which node is which.
+    ("gpu-a100", "a100-80gb", "q8_0"),
+    ("jetson-orin", "jetson-agx-orin-64gb", "q4_k_m"),
+    ("cpu-host", "cpu-generic", "f16"),
 )
 
 AGENT_CONFIG = """\

@@ -34,6 +34,8 @@ class FleetRow:
     url: str
     node: str
     link: Link
+    #: The node's hardware profile (a100-80gb, jetson-agx-orin-64gb, cpu-generic, ...).
+    profile: str = ""
     deployment: str = ""
     precision: str = ""
     desired_precision: str = ""
@@ -68,6 +70,7 @@ def rows_for(url: str, snapshot: NodeSnapshot | None, link: Link) -> list[FleetR
     if snapshot is None:
         return [FleetRow(key=f"{url}|", url=url, node=url, link=link, state=link.value)]
     estimated = snapshot.power is not None and snapshot.power.source == "estimate"
+    profile = snapshot.cost.profile if snapshot.cost is not None else ""
     rows = []
     for dep in snapshot.deployments:
         acc = dep.accounting
@@ -79,6 +82,7 @@ def rows_for(url: str, snapshot: NodeSnapshot | None, link: Link) -> list[FleetR
                 url=url,
                 node=snapshot.node,
                 link=link,
+                profile=profile,
                 deployment=dep.name,
                 precision=dep.precision,
                 desired_precision=dep.desired_precision,

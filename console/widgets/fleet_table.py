@@ -48,6 +48,8 @@ class Column:
 
 COLUMNS: tuple[Column, ...] = (
     Column("node", "NODE", 22, 0, True, "the node's name (its agent)"),
+    Column("hardware", "HARDWARE", 20, 8, True, "the node's hardware profile: its price, "
+           "power envelope and memory (profiles/hardware)"),
     Column("deployment", "DEPLOYMENT", 16, 1, True, "the deployment: what clients put in model"),
     Column("precision", "PRECISION", 15, 7, True, "precision served; →x: switching to x"),
     Column("replicas", "REPLICAS", 8, 3, False, "ready/desired replicas"),
@@ -55,18 +57,18 @@ COLUMNS: tuple[Column, ...] = (
            "offline/stale: the agent's data is not live; an action under way after it"),
     Column("power", "POWER", 11, 5, False, "watts attributed to the deployment, mean over the "
            "accounting window (est.: from the estimate, not a sensor)"),
-    Column("power_trend", "POWER TREND", SPARK_WIDTH, 14, False,
+    Column("power_trend", "POWER TREND", SPARK_WIDTH, 15, False,
            "POWER over the last 12 s, one mark a second, scaled to its own peak"),
-    Column("j_per_token", "J/TOK", 7, 11, False, "joules per token over the window"),
-    Column("usd_per_1m", "$/1M TOK", 9, 8, False, "dollars per million tokens over the window"),
+    Column("j_per_token", "J/TOK", 7, 12, False, "joules per token over the window"),
+    Column("usd_per_1m", "$/1M TOK", 9, 9, False, "dollars per million tokens over the window"),
     Column("usd_per_hour", "$/H", 8, 4, False, "what the deployment costs per hour: the "
            "share of the node it holds x the node's price (+ electricity when owned)"),
-    Column("tokens_per_s", "TOK/S", 7, 9, False, "tokens per second, mean over the window"),
-    Column("tokens_trend", "TOK/S TREND", SPARK_WIDTH, 15, False,
+    Column("tokens_per_s", "TOK/S", 7, 10, False, "tokens per second, mean over the window"),
+    Column("tokens_trend", "TOK/S TREND", SPARK_WIDTH, 16, False,
            "TOK/S over the last 12 s, one mark a second, scaled to its own peak"),
-    Column("cache", "CACHE", 5, 12, False, "response-cache hits / cacheable requests"),
-    Column("p50", "P50", 8, 13, False, "median answer latency over recent requests"),
-    Column("p95", "P95", 8, 10, False, "95th percentile answer latency"),
+    Column("cache", "CACHE", 5, 13, False, "response-cache hits / cacheable requests"),
+    Column("p50", "P50", 8, 14, False, "median answer latency over recent requests"),
+    Column("p95", "P95", 8, 11, False, "95th percentile answer latency"),
     Column("alerts", "ALERTS", 6, 6, False, "alerts about this deployment (press a)"),
 )  # fmt: skip
 COLUMN_INDEX = {c.key: i for i, c in enumerate(COLUMNS)}
@@ -112,8 +114,8 @@ def cells(row: FleetRow, watts: Sequence[float], tokens: Sequence[float],
     """The cells of one row, as text pieces with styles."""
     if not row.deployment:
         link: Cell = ((row.link.value, STATE_STYLE[row.link.value]),)
-        return (((row.node, None),), (("-", None),), (("-", None),), (("-", None),), link,
-                *(((("", None),),) * (len(COLUMNS) - 5)))  # fmt: skip
+        return (((row.node, None),), (("-", None),), (("-", None),), (("-", None),),
+                (("-", None),), link, *(((("", None),),) * (len(COLUMNS) - 6)))  # fmt: skip
     precision: Cell = ((row.precision, None),)
     if row.desired_precision != row.precision:
         precision += ((f"→{row.desired_precision}", CHANGING),)
@@ -128,7 +130,7 @@ def cells(row: FleetRow, watts: Sequence[float], tokens: Sequence[float],
         power += ((" est.", DIM),)
     alerts: Cell = ((str(row.alerts), ALERT),) if row.alerts else (("-", DIM),)
     return (
-        ((row.node, None),), ((row.deployment, None),), precision,
+        ((row.node, None),), ((row.profile or "-", DIM),), ((row.deployment, None),), precision,
         ((f"{row.ready}/{row.desired}", None),), state, power,
         ((sparkline(watts), SPARK_WATTS),), ((fmt.number(row.j_per_token, 3), None),),
         ((fmt.money(row.usd_per_1m_tokens), None),), ((fmt.money(row.usd_per_hour), None),),
@@ -283,6 +285,7 @@ class FleetTable(ScrollView, can_focus=True):
         order = [r.key for r in rows]
         self._content = {
             "node": max((len(r.node) for r in rows), default=0),
+            "hardware": max((len(r.profile) for r in rows), default=0),
             "deployment": max((len(r.deployment) for r in rows), default=0),
             "precision": max((len(r.precision) + (len(r.desired_precision) + 1
                               if r.desired_precision != r.precision else 0) for r in rows),
