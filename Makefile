@@ -32,14 +32,16 @@ models/demo.gguf: | $(BIN)/.installed
 models/smollm2-135m-instruct.f16.gguf: | $(BIN)/.installed
 	$(BIN)/wattops model smollm2 models
 
-models: models/test.gguf models/demo.gguf models/smollm2-135m-instruct.f16.gguf
+SMOLLM2 := models/smollm2-135m-instruct.f16.gguf
+
+models: models/test.gguf $(SMOLLM2)
 
 lint: $(BIN)/.installed
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 
 # The folders installed under the `wattops` namespace (pyproject.toml's package-dir).
-PACKAGES := vocabulary engines agents fleet experiments console profiles
+PACKAGES := vocabulary engines quality agents fleet experiments console profiles
 
 # mypy and lint-imports cannot follow setuptools' editable-install finder, so give them the
 # installed layout: .build/typecheck/wattops/<package> -> <package>.
@@ -75,19 +77,19 @@ prometheus:
 kubectl:
 	$(call apt-tool,kubectl,kubectl)
 
-pytest: $(BIN)/.installed models/test.gguf models/smollm2-135m-instruct.f16.gguf prometheus kubectl
+pytest: $(BIN)/.installed models/test.gguf $(SMOLLM2) prometheus kubectl
 	$(BIN)/python -m pytest -q
 
 test: lint layers typecheck pytest
 
-demo: $(BIN)/.installed models/demo.gguf
+demo: $(BIN)/.installed $(SMOLLM2)
 	$(BIN)/wattops demo
 
 # The full experiment (hours on a small machine; --resume continues it). `make bench-quick`: minutes.
-bench: $(BIN)/.installed models/demo.gguf
+bench: $(BIN)/.installed $(SMOLLM2)
 	$(BIN)/wattops bench --out bench-results --resume
 
-bench-quick: $(BIN)/.installed models/demo.gguf
+bench-quick: $(BIN)/.installed $(SMOLLM2)
 	$(BIN)/wattops bench --quick --out bench-results/quick
 
 clean:

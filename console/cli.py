@@ -252,6 +252,12 @@ def _bench(args: argparse.Namespace) -> int:
     return run_from_args(args)
 
 
+def _quality(args: argparse.Namespace) -> int:
+    from wattops.quality.command import run_from_args
+
+    return run_from_args(args)
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The whole `wattops` argument parser."""
     parser = argparse.ArgumentParser(prog="wattops", description="wattops operator CLI")
@@ -326,7 +332,12 @@ def build_parser() -> argparse.ArgumentParser:
     precision.set_defaults(func=_precision)
 
     demo = commands.add_parser("demo", help="a three-node fleet on loopback, with load")
-    demo.add_argument("--model", type=Path, default=Path("models/demo.gguf"))
+    demo.add_argument(
+        "--model",
+        type=Path,
+        default=Path("models/smollm2-135m-instruct.f16.gguf"),
+        help="the f16 GGUF every node serves (default: SmolLM2-135M-Instruct)",
+    )
     demo.add_argument("--state-dir", type=Path, default=Path("state/demo"))
     demo.add_argument(
         "--headless",
@@ -354,6 +365,14 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_bench_arguments(bench)
     bench.set_defaults(func=_bench)
+
+    quality = commands.add_parser(
+        "quality", help="how much each precision of a model changes its outputs (cached)"
+    )
+    from wattops.quality.command import add_arguments as add_quality_arguments
+
+    add_quality_arguments(quality)
+    quality.set_defaults(func=_quality)
     return parser
 
 

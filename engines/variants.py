@@ -126,6 +126,14 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+def model_identity(path: Path) -> str:
+    """A key that changes when the model file does (its path, size and modification time):
+    what variants and quality tables built from it are filed under. OSError if unreadable."""
+    stat = path.stat()
+    key = hashlib.sha256(f"{path.resolve()}|{stat.st_size}|{stat.st_mtime_ns}".encode())
+    return key.hexdigest()[:16]
+
+
 class VariantStore:
     """The agent's cache of built variants under `<state_dir>/variants`."""
 
@@ -135,9 +143,7 @@ class VariantStore:
 
     def path_for(self, base: Path, precision: str) -> Path:
         """Where the `precision` variant of `base` lives; keyed by the base's identity."""
-        stat = base.stat()
-        key = hashlib.sha256(f"{base.resolve()}|{stat.st_size}|{stat.st_mtime_ns}".encode())
-        return self.root / key.hexdigest()[:16] / f"{base.stem}.{precision}.gguf"
+        return self.root / model_identity(base) / f"{base.stem}.{precision}.gguf"
 
     async def ensure(self, base: Path, precision: str, threads: int = 0) -> Path:
         """The variant's path, building it first (in a child process) if it is missing."""

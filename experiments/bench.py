@@ -1,11 +1,14 @@
 """`wattops bench`: the published experiment, on this machine, against real agents.
 
 Three serving modes run one after another on the same machine, each a real `wattops-agent`
-serving the demo model through real llama.cpp replicas, each sent the same request stream
-within a run (`console/load.py`'s deterministic open-loop workload); 5 runs with different
-seeds. Per mode: energy and cost (from the agent's own accounting: what it attributes to the
-deployment), latency, throughput, cache hits, and the quality of its precision against f16
-(`engines/quality.py`). Results: `results.json` (every raw figure), `table.md`, `chart.png`.
+serving the model (SmolLM2-135M-Instruct by default) through real llama.cpp replicas, each sent
+the same request stream within a run (`experiments/load.py`'s deterministic open-loop
+workload); 5 runs with different seeds. Per mode: energy and cost (from the agent's own
+accounting: what it attributes to the deployment), latency, throughput, cache hits, and the
+quality of its precision against the base (`wattops.quality`, the table `wattops quality`
+prints). The fully optimized mode serves the cheapest precision whose measured quality meets
+the floor, chosen before the first run. Results: `results.json` (every raw figure),
+`table.md`, `chart.png`.
 
 A (run, mode) that finishes is written to `results.json` at once (atomically); `--resume`
 skips what is there, so a multi-hour run that is interrupted loses one mode's work at most.
@@ -31,7 +34,6 @@ from typing import Any
 
 import httpx
 
-from wattops.engines.quality import compare
 from wattops.engines.variants import VariantStore
 from wattops.experiments.bench_report import summarise, write_chart, write_table
 from wattops.experiments.launch import (
@@ -49,7 +51,10 @@ from wattops.experiments.load import (
     build_workload,
     run_load,
 )
-from wattops.vocabulary import BUILTIN_SOURCES, atomic_write
+from wattops.quality import DEFAULT_PRECISIONS, QualityFloor
+from wattops.quality import measure as measure_quality
+from wattops.quality.command import add_floor_arguments
+from wattops.vocabulary import BUILTIN_SOURCES, atomic_write, cache_dir
 
 __all__ = ["MODES", "BenchSettings", "Mode", "add_arguments", "run_bench", "run_from_args"]
 
@@ -60,6 +65,7 @@ class Mode:
 
     key: str
     title: str
+    #: AUTO: the cheapest precision that meets the quality floor (chosen per model).
     precision: str
     response_cache: bool
     prefix_cache: bool
@@ -67,11 +73,16 @@ class Mode:
     elastic: bool
 
 
+AUTO = "auto"
+
 MODES: tuple[Mode, ...] = (
     Mode("baseline", "Baseline", "f16", False, False, False),
     Mode("model_optimized", "Model-optimized", "q4_k_m", False, False, False),
-    Mode("fully_optimized", "Fully optimized", "q4_k_m", True, True, True),
+    Mode("fully_optimized", "Fully optimized", AUTO, True, True, True),
 )
+
+#: The default model: `make models/smollm2-135m-instruct.f16.gguf` builds it.
+DEFAULT_MODEL = Path("models/smollm2-135m-instruct.f16.gguf")
 
 
 def default_workload() -> LoadProfile:
@@ -92,6 +103,7 @@ def default_workload() -> LoadProfile:
         temperature=0.0,
         shared_prefix_fraction=0.5,
         stream_fraction=1.0,
+        prompts="questions",
     )
 
 
@@ -126,6 +138,8 @@ class BenchSettings:
     idle_scale_to_zero_s: float = 5.0
     autoscale_target_in_flight: float = 1.0
     modes: tuple[str, ...] = tuple(m.key for m in MODES)
+    #: What the fully optimized mode's precision must keep against the base.
+    floor: QualityFloor = field(default_factory=QualityFloor)
 
     def __post_init__(self) -> None:
         problems = []
@@ -475,9 +489,13 @@ def _run_bench(settings: BenchSettings, out: Path, resume: bool, command: str,
     if resumed_at:
         results["resumed_at"] = resumed_at
     try:
-        progress.stage("building the q4_k_m variant and scoring precisions against f16")
-        files, quality = _prepare(settings, out, modes)
+        progress.stage("scoring the precisions against the base (cached per model)")
+        modes, files, choice = _prepare(settings, modes, progress.stage)
+        quality = choice["table"]["precisions"]
         results["quality"] = quality
+        results["precision_choice"] = {k: v for k, v in choice.items() if k != "table"}
+        progress.stage(f"fully optimized mode: {choice['why']}")
+        todo = [(run, mode) for run in range(settings.runs) for mode in modes]
         for run, mode in todo:
             if (run, mode.key) in done:
                 continue
@@ -498,26 +516,31 @@ def _run_bench(settings: BenchSettings, out: Path, resume: bool, command: str,
     return results
 
 
-def _prepare(settings: BenchSettings, out: Path,
-             modes: list[Mode]) -> tuple[dict[str, Path], dict[str, Any]]:  # fmt: skip
-    store = VariantStore(out / "variants")
-    files: dict[str, Path] = {}
-    quality: dict[str, Any] = {}
-    for precision in sorted({m.precision for m in modes}):
-        if precision == "f16":
-            quality[precision] = {
-                "reference": settings.model.name,
-                "candidate": settings.model.name,
-                "mean_kl": 0.0,
-                "top1_agreement": 1.0,
-                "perplexity_ratio": 1.0,
-                "note": "the reference itself",
-            }
-            continue
-        path = asyncio.run(store.ensure(settings.model, precision, os.cpu_count() or 1))
-        files[precision] = path
-        quality[precision] = compare(settings.model, path, threads=os.cpu_count()).as_dict()
-    return files, quality
+def _prepare(
+    settings: BenchSettings, modes: list[Mode], stage: Callable[[str], None]
+) -> tuple[list[Mode], dict[str, Path], dict[str, Any]]:
+    """Measure (or read from the cache) the quality table, resolve the fully optimized mode's
+    precision with it, and build the variants the modes serve."""
+    root = cache_dir()
+    fixed = [m.precision for m in modes if m.precision != AUTO]
+    table = measure_quality(
+        settings.model, tuple(dict.fromkeys([*DEFAULT_PRECISIONS, *fixed])), root=root,
+        on_stage=stage,
+    )  # fmt: skip
+    chosen, why = table.cheapest(settings.floor)
+    resolved = [replace(m, precision=chosen.precision) if m.precision == AUTO else m for m in modes]
+    store = VariantStore(root / "variants")
+    files = {
+        p: asyncio.run(store.ensure(settings.model, p, os.cpu_count() or 1))
+        for p in sorted({m.precision for m in resolved} - {table.reference})
+    }
+    choice = {
+        "floor": asdict(settings.floor),
+        "chosen": chosen.precision,
+        "why": why,
+        "table": table.as_dict(),
+    }
+    return resolved, files, choice
 
 
 # -- CLI -----------------------------------------------------------------------------------
@@ -525,13 +548,21 @@ def _prepare(settings: BenchSettings, out: Path,
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """The `wattops bench` arguments."""
-    defaults = BenchSettings(model=Path("models/demo.gguf"))
+    defaults = BenchSettings(model=DEFAULT_MODEL)
     workload = defaults.workload
     parser.add_argument(
         "--model",
         type=Path,
-        default=Path("models/demo.gguf"),
-        help="base GGUF (f16) every mode serves; default: the demo model (`make models/demo.gguf`)",
+        default=DEFAULT_MODEL,
+        help="base GGUF (f16) every mode serves; default: SmolLM2-135M-Instruct "
+        f"(`make {DEFAULT_MODEL}`)",
+    )
+    parser.add_argument(
+        "--prompts",
+        choices=["questions", "words"],
+        default=workload.prompts,
+        help="what requests ask: real questions and instructions, or generated word lists "
+        "(default %(default)s)",
     )
     parser.add_argument(
         "--out",
@@ -587,6 +618,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="keep the (run, mode) results already in --out and run the rest",
     )
     parser.add_argument("--quiet", action="store_true", help="no progress output")
+    add_floor_arguments(parser)
 
 
 def settings_from_args(args: argparse.Namespace) -> BenchSettings:
@@ -596,9 +628,12 @@ def settings_from_args(args: argparse.Namespace) -> BenchSettings:
         workload = replace(workload, requests=args.requests)
     if args.rate is not None:
         workload = replace(workload, rate_rps=args.rate)
+    workload = replace(workload, prompts=args.prompts)
     runs = args.runs if args.runs is not None else (2 if args.quick else 5)
     if not args.model.is_file():
-        raise ValueError(f"--model {args.model}: no such file (make models/demo.gguf builds it)")
+        raise ValueError(
+            f"--model {args.model}: no such file (make {DEFAULT_MODEL} builds the default)"
+        )
     return BenchSettings(
         model=args.model,
         workload=workload,
@@ -611,6 +646,7 @@ def settings_from_args(args: argparse.Namespace) -> BenchSettings:
         sensor=args.sensor,
         idle_scale_to_zero_s=2.0 if args.quick else BenchSettings.idle_scale_to_zero_s,
         modes=tuple(m.strip() for m in args.modes.split(",") if m.strip()),
+        floor=QualityFloor(args.min_top1, args.max_chrf_drop),
     )
 
 

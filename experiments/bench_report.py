@@ -36,7 +36,7 @@ METRICS = (
     "carbon_g",
     "errors",
 )
-QUALITY = ("top1_agreement", "mean_kl", "perplexity_ratio")
+QUALITY = ("top1_agreement", "mean_kl", "perplexity_ratio", "exact_match", "chrf_drop")
 
 TITLES = {
     "baseline": "Baseline",
@@ -170,8 +170,8 @@ def write_table(path: Path, results: dict[str, Any]) -> None:
         ]
     lines += [
         "| Mode | Precision | Cost $/1M tokens | vs baseline | Energy J/1M tokens | vs baseline "
-        "| Latency p50 s | vs baseline | Top-1 agreement | Energy source |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "| Latency p50 s | vs baseline | Top-1 agreement | chrF drop | Energy source |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for entry in modes.values():
         lines.append(
@@ -179,13 +179,15 @@ def write_table(path: Path, results: dict[str, Any]) -> None:
             f"| {_ms(entry, 'cost_usd_per_1m_tokens')} | {_pct(entry, 'cost_usd_per_1m_tokens')} "
             f"| {_ms(entry, 'energy_j_per_1m_tokens')} | {_pct(entry, 'energy_j_per_1m_tokens')} "
             f"| {_ms(entry, 'latency_p50_s')} | {_pct(entry, 'latency_p50_s')} "
-            f"| {_rate(entry['top1_agreement'])} | {entry['energy_source']} |"
+            f"| {_rate(entry['top1_agreement'])} | {_num(entry.get('chrf_drop'), 2)} "
+            f"| {entry['energy_source']} |"
         )
     lines += [
         "",
         "| Mode | Cost $/1k req | Energy J/1k req | Latency p95 / p99 s | TTFT p50 / p95 / p99 s "
-        "| Throughput tok/s | Response-cache hits | Prefix reuse | Mean KL | PPL ratio |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "| Throughput tok/s | Response-cache hits | Prefix reuse | Mean KL | PPL ratio "
+        "| Exact-match answers |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for entry in modes.values():
         lines.append(
@@ -196,16 +198,22 @@ def write_table(path: Path, results: dict[str, Any]) -> None:
             f"{_ms(entry, 'ttft_p99_s')} "
             f"| {_ms(entry, 'throughput_tokens_per_s')} | {_rate(entry['cache_hit_rate'])} "
             f"| {_rate(entry['prefix_cache_rate'])} | {_num(entry['mean_kl'], 3)} "
-            f"| {_num(entry['perplexity_ratio'], 4)} |"
+            f"| {_num(entry['perplexity_ratio'], 4)} | {_rate(entry.get('exact_match'))} |"
         )
     lines += [
         "",
         "Mean ± sample standard deviation over the runs. Cost and energy are what the agent "
         "attributes to the deployment (share held x node price; active energy by busy time, "
         "idle energy by share held), per 1M tokens delivered (prompt + completion, cache hits "
-        "included). Quality is teacher-forced against f16 on a fixed text, once per precision.",
+        "included). Quality is agreement with the base precision, measured once per precision "
+        "(`wattops quality`): top-1 agreement, mean KL and perplexity ratio teacher-forced on a "
+        "shipped text; exact-match answers and chrF drop (100 - chrF) of greedy answers to the "
+        "shipped prompts.",
         "",
     ]
+    choice = results.get("precision_choice")
+    if choice:
+        lines += [f"Fully optimized precision: {choice['why']}.", ""]
     path.write_text("\n".join(lines))
 
 

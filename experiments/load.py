@@ -32,6 +32,8 @@ import aiohttp
 import numpy as np
 import orjson
 
+from wattops.experiments.questions import question
+
 __all__ = [
     "DEFAULT_SYSTEM_PROMPT",
     "LoadProfile",
@@ -54,6 +56,9 @@ DEFAULT_SYSTEM_PROMPT = (
     "when a number is needed, explain how to measure it and which tool reports it."
 )
 
+
+#: The kinds of user message a workload can send (`LoadProfile.prompts`).
+PROMPT_KINDS = ("words", "questions")
 
 # -- the profile ---------------------------------------------------------------------------
 
@@ -82,7 +87,11 @@ class LoadProfile:
     burst_len_s: float = 5.0
     idle_every_s: float = 0.0
     idle_len_s: float = 10.0
-    #: Inclusive (min, max) words of the user message (the system prompt not counted).
+    #: What the user messages are: "words" (generated sentences of `prompt_words` words, for
+    #: random-weight models) or "questions" (real questions and instructions,
+    #: `questions.py`, for trained models; their length is their own).
+    prompts: str = "words"
+    #: Inclusive (min, max) words of a "words" user message (the system prompt not counted).
     prompt_words: tuple[int, int] = (8, 64)
     #: Inclusive (min, max) `max_tokens` of a request.
     max_tokens: tuple[int, int] = (16, 128)
@@ -129,6 +138,8 @@ class LoadProfile:
             low, high = getattr(self, name)
             if not 1 <= low <= high:
                 yield f"{name} must be (min, max) with 1 <= min <= max, not ({low}, {high})"
+        if self.prompts not in PROMPT_KINDS:
+            yield f"prompts must be one of {', '.join(PROMPT_KINDS)}, not {self.prompts!r}"
         if not (math.isfinite(self.temperature) and self.temperature >= 0):
             yield f"temperature must be 0 or more, not {self.temperature}"
 
@@ -425,7 +436,10 @@ def build_workload(
             continue
         content = ""
         for _ in range(20):  # a fresh prompt must not repeat an earlier one by chance
-            content = _prompt_text(draw, draw.integer(*profile.prompt_words))
+            if profile.prompts == "questions":
+                content = question(draw)
+            else:
+                content = _prompt_text(draw, draw.integer(*profile.prompt_words))
             if content not in seen:
                 break
         if content in seen:  # tiny vocabularies of lengths: an honest, labelled repeat
@@ -1073,11 +1087,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="max_tokens of each request, drawn from the range (default 16,128)",
     )
     parser.add_argument(
+        "--prompts",
+        choices=PROMPT_KINDS,
+        default="words",
+        help="user messages: generated word lists (random-weight models) or real questions "
+        "and instructions (trained models) (default %(default)s)",
+    )
+    parser.add_argument(
         "--prompt-words",
         type=_range,
         default=(8, 64),
         metavar="MIN[,MAX]",
-        help="words in the user message (default 8,64)",
+        help="words in a generated user message (default 8,64; not with --prompts questions)",
     )
     parser.add_argument(
         "--temperature",
@@ -1135,6 +1156,7 @@ def _profile_from_args(args: argparse.Namespace) -> LoadProfile | str:
             burst_len_s=args.burst_len,
             idle_every_s=args.idle_every,
             idle_len_s=args.idle_len,
+            prompts=args.prompts,
             prompt_words=args.prompt_words,
             max_tokens=args.max_tokens,
             temperature=args.temperature,

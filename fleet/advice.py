@@ -73,8 +73,8 @@ def precision_advice(url: str, snapshot: NodeSnapshot) -> list[Recommendation]:
                     f"Estimate, not a measurement: decoding is memory-bound, so J/token scales "
                     f"with bits per weight: {BITS_PER_WEIGHT[ADVISED]} / {now} - 1 = "
                     f"{change:+.1%} from {dep.precision}. The deployment's measured J/token is "
-                    "in its row; check quality before switching (wattops bench reports top-1 "
-                    "agreement against f16)."
+                    "in its row; check quality before switching (`wattops quality MODEL` "
+                    "gives each precision's agreement with the base)."
                 ),
             )
         )

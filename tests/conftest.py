@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import atexit
 import os
+import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -257,3 +260,9 @@ def agent(make_agent: Callable[..., Agent]) -> Agent:
 
 
 os.environ.setdefault("PYTHONUNBUFFERED", "1")
+# Built variants and quality tables go to a folder of this run, not the user's ~/.cache/wattops
+# (agents, benches and `wattops quality` started by tests inherit it).
+if "WATTOPS_CACHE_DIR" not in os.environ:
+    _CACHE = tempfile.mkdtemp(prefix="wattops-cache-")
+    os.environ["WATTOPS_CACHE_DIR"] = _CACHE
+    atexit.register(shutil.rmtree, _CACHE, ignore_errors=True)

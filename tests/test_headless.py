@@ -1,6 +1,6 @@
-"""The headless packages (vocabulary, engines, profiles, the agent, the fleet core) never import
-the TUI libraries (textual, rich). pyproject.toml's import-linter contracts say the same about
-the import graph; this checks what importing each module really loads."""
+"""The headless packages (vocabulary, engines, profiles, quality, the agent, the fleet core)
+never import the TUI libraries (textual, rich). pyproject.toml's import-linter contracts say
+the same about the import graph; this checks what importing each module really loads."""
 
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ ROOT = Path(__file__).resolve().parent.parent
 
 def headless_modules() -> list[str]:
     names = ["wattops.profiles"]
-    for package in ("vocabulary", "engines", "agents", "fleet"):
+    for package in ("vocabulary", "engines", "quality", "agents", "fleet"):
         for info in pkgutil.walk_packages([str(ROOT / package)], prefix=f"wattops.{package}."):
             names.append(info.name)
     return sorted(set(names))

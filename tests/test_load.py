@@ -134,9 +134,35 @@ def test_length_ranges_and_mix() -> None:
     assert 0.3 <= streamed <= 0.5
 
 
+def test_question_prompts_are_real_distinct_and_deterministic() -> None:
+    profile = LoadProfile(rate_rps=20, requests=1000, prompts="questions", repeat_fraction=0.25)
+    workload = build_workload(profile, "smollm2", 5)
+    assert workload == build_workload(profile, "smollm2", 5)
+    fresh = [r.body["messages"][-1]["content"] for r in workload if r.repeat_of is None]
+    # Enough variety that a long run's fresh requests never repeat by chance.
+    assert len(set(fresh)) == len(fresh) == 750
+    families = {
+        "What is the capital of": 0, "Which continent": 0, "What is ": 0, "List ": 0,
+        "Rewrite this sentence": 0, "What does the word": 0, "Use the word": 0, "Spell": 0,
+        "Give ": 0, "Translate ": 0, "Explain ": 0, "Convert ": 0, "What language": 0,
+        "Name a famous": 0,
+    }  # fmt: skip
+    for text in fresh:
+        assert text[0].isupper() and text[-1] in ".?", text
+        family = next(f for f in families if text.startswith(f))
+        families[family] += 1
+    assert all(families.values()), families  # every kind of question is asked
+    # The arithmetic is well-formed: a division always comes out whole.
+    for text in fresh:
+        if " divided by " in text:
+            a, b = text.removeprefix("What is ").removesuffix("?").split(" divided by ")
+            assert int(a) % int(b) == 0, text
+
+
 @pytest.mark.parametrize(
     ("overrides", "named"),
     [
+        ({"prompts": "poems"}, "prompts must be one of words, questions"),
         ({"rate_rps": -1}, "rate_rps"),
         ({"repeat_fraction": 1.5}, "repeat_fraction"),
         ({"prompt_words": (9, 3)}, "prompt_words"),

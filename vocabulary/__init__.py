@@ -5,7 +5,7 @@ engines, the agent, the fleet core, the router and the console may all import it
 import-linter contract in pyproject.toml keeps it that way).
 """
 
-from wattops.vocabulary.files import atomic_write
+from wattops.vocabulary.files import atomic_write, cache_dir
 from wattops.vocabulary.kubernetes import (
     AGENT_SELECTOR,
     PART_OF_SELECTOR,
@@ -29,5 +29,6 @@ __all__ = [
     "UNKNOWN_PRECISION",
     "PowerSource",
     "atomic_write",
+    "cache_dir",
     "kubeconfig_path",
 ]

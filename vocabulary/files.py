@@ -22,3 +22,13 @@ def atomic_write(path: Path, data: bytes) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def cache_dir() -> Path:
+    """Where wattops keeps what it can always rebuild (built variants, quality tables):
+    `$WATTOPS_CACHE_DIR`, else `$XDG_CACHE_HOME/wattops`, else `~/.cache/wattops`."""
+    explicit = os.environ.get("WATTOPS_CACHE_DIR")
+    if explicit:
+        return Path(explicit)
+    xdg = os.environ.get("XDG_CACHE_HOME")
+    return (Path(xdg) if xdg else Path.home() / ".cache") / "wattops"
