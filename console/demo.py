@@ -2,8 +2,10 @@
 
 Starts three agents on this machine with the hardware profiles of a cloud A100, a Jetson AGX
 Orin and a plain CPU host (their sensors are not here, so their watts are the profiles'
-estimates, labelled `est.`), each serving the generated demo model; starts a background load
-against each (`wattops load`); opens the console. Quitting stops everything it started.
+estimates, labelled `est.`), each serving the trained SmolLM2-135M-Instruct at its own
+precision (f16, q4_k_m, q8_0); starts a background load of real questions and instructions
+against each (`wattops load --prompts questions`); opens the console. Quitting stops
+everything it started.
 `--headless` prints the status table every few seconds instead of opening the console.
 """
 
@@ -30,10 +32,15 @@ from wattops.experiments.launch import (
 #: (node name, hardware profile, precision it starts at)
 DEMO_NODES: tuple[tuple[str, str, str], ...] = (
     # Named after their hardware: in a mixed fleet the operator must see which node is which.
-    ("gpu-a100", "a100-80gb", "q8_0"),
+    ("gpu-a100", "a100-80gb", "f16"),
     ("jetson-orin", "jetson-agx-orin-64gb", "q4_k_m"),
-    ("cpu-host", "cpu-generic", "f16"),
+    ("cpu-host", "cpu-generic", "q8_0"),
 )
+
+#: The model the demo serves (`make models/smollm2-135m-instruct.f16.gguf`).
+DEMO_MODEL = Path("models/smollm2-135m-instruct.f16.gguf")
+#: The deployment's name on every node: what a client puts in `"model"`.
+DEPLOYMENT = "smollm2"
 
 AGENT_CONFIG = """\
 [agent]
@@ -48,7 +55,7 @@ window_s = 60
 park_advice_after_s = 120
 
 [[deployments]]
-name = "tiny"
+name = "{deployment}"
 engine = "llamacpp"
 model = "{model}"
 precision = "{precision}"
@@ -74,7 +81,7 @@ def demo_fleet(model: Path, state_dir: Path, rate: float, with_load: bool = True
                 config = node_dir / "agent.toml"
                 config.write_text(AGENT_CONFIG.format(
                     node=node, port=port, state_dir=node_dir, profile=profile, sensor="estimate",
-                    model=model.resolve(), precision=precision,
+                    model=model.resolve(), precision=precision, deployment=DEPLOYMENT,
                 ))  # fmt: skip
                 started.append(launch(node, agent_argv(config), node_dir / "agent.log"))
                 urls.append(f"http://127.0.0.1:{port}")
@@ -85,8 +92,9 @@ def demo_fleet(model: Path, state_dir: Path, rate: float, with_load: bool = True
                 seed = int(time.time())
                 for n, (url, (node, _, _)) in enumerate(zip(urls, DEMO_NODES, strict=True)):
                     argv = [sys.executable, "-m", "wattops.console.cli", "load", "--agent", url,
-                            "--model", "tiny", "--rate", str(rate), "--duration", "86400",
-                            "--max-tokens", "8,32", "--idle-every", "90", "--idle-len", "20",
+                            "--model", DEPLOYMENT, "--rate", str(rate), "--duration", "86400",
+                            "--prompts", "questions", "--max-tokens", "16,64",
+                            "--idle-every", "90", "--idle-len", "20",
                             "--seed", str(seed + n), "--quiet"]  # fmt: skip
                     started.append(launch(f"load {node}", argv, state_dir / node / "load.log"))
             yield urls
@@ -95,7 +103,7 @@ def demo_fleet(model: Path, state_dir: Path, rate: float, with_load: bool = True
 
 
 def _wait_ready(urls: list[str], started: list[Launched], timeout_s: float = 600) -> None:
-    print("wattops demo: starting 3 agents (the first run quantizes the demo model)...",
+    print("wattops demo: starting 3 agents (the first run quantizes the model)...",
           flush=True)  # fmt: skip
     deadline = time.monotonic() + timeout_s
     waiting = set(urls)
@@ -121,8 +129,8 @@ def run_demo(model: Path, state_dir: Path, headless: bool, rate: float,
              interval_s: float = 5.0) -> int:  # fmt: skip
     """Run the demo until the console quits (or Ctrl-C when headless)."""
     if not model.exists():
-        print(f"wattops demo: {model} is missing; run `make models/demo.gguf` or "
-              f"`wattops model tiny {model} --size demo` first", file=sys.stderr)  # fmt: skip
+        print(f"wattops demo: {model} is missing; run `make {DEMO_MODEL}` (or give "
+              "--model any f16 GGUF)", file=sys.stderr)  # fmt: skip
         return 2
     try:
         with demo_fleet(model, state_dir, rate) as urls:
