@@ -244,7 +244,10 @@ class Accounting:
             self.figures[name] = fig
             # A window without tokens (idle, or parked and just woken) keeps the last figures
             # the deployment had: the first answer after a wake still carries its estimate.
-            if fig.j_per_token is not None and fig.usd_per_1m_tokens is not None:
+            # So does one with tokens but no energy or cost: the engine's token counters are
+            # read after the answer, so the tokens of the last answers before parking can land
+            # in a window where nothing is held any more (0 J/token, which is no estimate).
+            if fig.j_per_token and fig.usd_per_1m_tokens:
                 dep.per_token = (fig.j_per_token, fig.usd_per_1m_tokens / 1e6)
 
 
