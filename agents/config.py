@@ -24,6 +24,7 @@ from wattops.agents.sensors.registry import sensor_names
 from wattops.engines.base import EngineSettings
 from wattops.engines.registry import ENGINES, engine_type
 from wattops.vocabulary import PRECISIONS
+from wattops.vocabulary.net import split_listen
 from wattops.vocabulary.plugins import UnknownPlugin
 
 NAME_PATTERN = r"^[a-z0-9]([a-z0-9._-]{0,62}[a-z0-9])?$"
@@ -80,9 +81,7 @@ class AgentSection(_Section):
     @field_validator("listen")
     @classmethod
     def _check_listen(cls, value: str) -> str:
-        host, sep, port = value.rpartition(":")
-        if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
-            raise ValueError(f"must be host:port with a port in 1..65535, got {value!r}")
+        split_listen(value)
         return value
 
     @field_validator("sensor")
@@ -95,12 +94,12 @@ class AgentSection(_Section):
     @property
     def host(self) -> str:
         """The host part of `listen`, without IPv6 brackets."""
-        return self.listen.rpartition(":")[0].strip("[]")
+        return split_listen(self.listen)[0]
 
     @property
     def port(self) -> int:
         """The port part of `listen`."""
-        return int(self.listen.rpartition(":")[2])
+        return split_listen(self.listen)[1]
 
 
 class SiteSection(BaseModel):

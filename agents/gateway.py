@@ -23,30 +23,24 @@ from starlette.types import Receive, Scope, Send
 from wattops.agents import openai_rules
 from wattops.agents.response_cache import CachedAnswer, ResponseCache, cache_key, is_cacheable
 from wattops.agents.supervisor import Deployment, LiveReplica, NoReplicaError
+from wattops.vocabulary.openai import MAX_BODY_BYTES, BodyTooLarge, error_body, read_body
 
 _JSON = "application/json"
 _UPSTREAM_HEADERS = {"Content-Type": _JSON}
 #: Paths the gateway serves; everything else goes to the FastAPI control/read API.
 CHAT_PATH = "/v1/chat/completions"
 GATEWAY_PATHS = frozenset({"/v1/models", CHAT_PATH, "/v1/completions"})
-#: Largest request body accepted (a long prompt is well under this).
-MAX_BODY_BYTES = 16 * 2**20
 # Failures that happen before the upstream sent anything: safe to retry elsewhere.
 _RETRYABLE = (aiohttp.ClientConnectionError, aiohttp.ClientPayloadError)
 
 
 def openai_error(status: int, message: str, code: str, param: str | None = None) -> Response:
     """An error in OpenAI's shape, which OpenAI client libraries know how to show."""
-    body = {
-        "error": {
-            "message": message,
-            "type": "invalid_request_error" if status < 500 else "server_error",
-            "param": param,
-            "code": code,
-        }
-    }
     return Response(
-        orjson.dumps(body), status_code=status, media_type=_JSON, headers={"X-Cache": "miss"}
+        orjson.dumps(error_body(status, message, code, param)),
+        status_code=status,
+        media_type=_JSON,
+        headers={"X-Cache": "miss"},
     )
 
 
@@ -76,7 +70,7 @@ class Gateway:
             response = _not_allowed("POST")
         else:
             try:
-                raw = await _read_body(receive)
+                raw = await read_body(receive)
             except BodyTooLarge:
                 raw = None
                 response = openai_error(
@@ -281,26 +275,6 @@ def _estimate_headers(headers: dict[str, str], per_token: tuple[float, float], b
     joules, usd = per_token
     headers["X-Wattops-Est-Energy-J"] = f"{joules * tokens:.6g}"
     headers["X-Wattops-Est-Cost-USD"] = f"{usd * tokens:.6g}"
-
-
-class BodyTooLarge(Exception):
-    """The request body is over MAX_BODY_BYTES."""
-
-
-async def _read_body(receive: Receive) -> bytes | None:
-    chunks: list[bytes] = []
-    size = 0
-    while True:
-        message = await receive()
-        if message["type"] == "http.disconnect":
-            return None
-        chunk = message.get("body", b"")
-        size += len(chunk)
-        if size > MAX_BODY_BYTES:
-            raise BodyTooLarge
-        chunks.append(chunk)
-        if not message.get("more_body", False):
-            return b"".join(chunks)
 
 
 def _not_allowed(allowed: str) -> Response:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import errno
 import logging
 import signal
 import socket
@@ -16,6 +15,7 @@ import uvicorn
 from wattops.agents.app import create_asgi
 from wattops.agents.config import AgentConfig, ConfigError, load_config
 from wattops.agents.node import AGENT_VERSION, NodeAgent
+from wattops.vocabulary.net import bind_listener
 
 log = logging.getLogger("wattops.agent")
 
@@ -23,32 +23,11 @@ log = logging.getLogger("wattops.agent")
 def bind(config: AgentConfig) -> socket.socket:
     """The API's listening socket, bound before anything starts: an address in use or not on
     this host stops the agent at once, naming it, instead of after replicas have started."""
-    host, port = config.agent.host, config.agent.port
-    where = f"{config.source}: agent.listen = {config.agent.listen}"
     try:
-        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
-    except socket.gaierror as exc:
-        raise ConfigError(
-            f"{where}: {host!r} is not an address of this host ({exc.strerror})"
-        ) from None
-    family, kind, proto, _, address = infos[0]
-    sock = socket.socket(family, kind, proto)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    try:
-        sock.bind(address)
-        sock.listen(2048)
-    except OSError as exc:
-        sock.close()
-        if exc.errno == errno.EADDRINUSE:
-            raise ConfigError(
-                f"{where}: port {port} is in use (another agent? `ss -ltnp 'sport = :{port}'` "
-                "shows who has it); choose another port"
-            ) from None
-        if exc.errno == errno.EADDRNOTAVAIL:
-            raise ConfigError(f"{where}: {host} is not an address of this host") from None
-        raise ConfigError(f"{where}: cannot listen there ({exc.strerror})") from None
-    sock.set_inheritable(False)
-    return sock
+        return bind_listener(config.agent.listen, f"{config.source}: agent.listen = "
+                             f"{config.agent.listen}")  # fmt: skip
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
 
 
 async def serve(config: AgentConfig) -> None:

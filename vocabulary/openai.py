@@ -1,0 +1,46 @@
+"""What every wattops endpoint that speaks OpenAI's API shares (the agent's gateway, the
+router): OpenAI's error shape, which OpenAI client libraries know how to show, and reading a
+request body with a size bound."""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable, MutableMapping
+from typing import Any
+
+__all__ = ["MAX_BODY_BYTES", "BodyTooLarge", "error_body", "read_body"]
+
+#: Largest request body accepted (a long prompt is well under this).
+MAX_BODY_BYTES = 16 * 2**20
+
+
+def error_body(status: int, message: str, code: str, param: str | None = None) -> dict[str, Any]:
+    """`{"error": {...}}` as OpenAI answers a request it refuses (4xx) or cannot serve (5xx)."""
+    return {
+        "error": {
+            "message": message,
+            "type": "invalid_request_error" if status < 500 else "server_error",
+            "param": param,
+            "code": code,
+        }
+    }
+
+
+class BodyTooLarge(Exception):
+    """The request body is over MAX_BODY_BYTES."""
+
+
+async def read_body(receive: Callable[[], Awaitable[MutableMapping[str, Any]]]) -> bytes | None:
+    """An ASGI request's whole body; None when the client went away first."""
+    chunks: list[bytes] = []
+    size = 0
+    while True:
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            return None
+        chunk = message.get("body", b"")
+        size += len(chunk)
+        if size > MAX_BODY_BYTES:
+            raise BodyTooLarge
+        chunks.append(chunk)
+        if not message.get("more_body", False):
+            return b"".join(chunks)
