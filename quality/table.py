@@ -43,6 +43,7 @@ __all__ = [
     "PrecisionQuality",
     "QualityFloor",
     "QualityTable",
+    "cached",
     "evaluation_prompts",
     "evaluation_text",
     "measure",
@@ -254,6 +255,12 @@ def measure(
             scored = teacher_forced(model, todo, text, N_CTX, threads)
             data["teacher_forced"].update({p: asdict(r) for p, r in scored.items()})
         atomic_write(path, (json.dumps(data, indent=1) + "\n").encode())
+    return _table(model.name, reference, data, precisions)
+
+
+def _table(name: str, reference: str, data: dict[str, Any],
+           precisions: Sequence[str]) -> QualityTable:  # fmt: skip
+    answers = data["answers"]
     rows = []
     for precision in precisions:
         forced = TeacherForced(**data["teacher_forced"][precision])
@@ -264,4 +271,24 @@ def measure(
             top1_agreement=forced.top1_agreement, perplexity_ratio=forced.perplexity_ratio,
             prompts=agree.prompts, exact_match=agree.exact_match, chrf=agree.chrf,
         ))  # fmt: skip
-    return QualityTable(model=model.name, reference=reference, rows=tuple(rows))
+    return QualityTable(model=name, reference=reference, rows=tuple(rows))
+
+
+def cached(model: Path, root: Path | None = None) -> QualityTable | None:
+    """The table of every precision of `model` already measured (by `wattops quality`, the
+    bench...), read from the cache without measuring anything; None when there is none (no
+    such file, never measured, or measured by another method)."""
+    try:
+        reference = precision_of(model)
+        path = (cache_dir() if root is None else root) / "quality" / f"{model_identity(model)}.json"
+    except Exception:  # a missing or unreadable model file: nothing cached for it
+        return None
+    method = method_key(evaluation_text(), evaluation_prompts(), N_CTX, MAX_TOKENS)
+    data = _read_cache(path, method, reference)
+    done = [
+        p for p in data["teacher_forced"]
+        if p in data["answers"] and p in data["file_bytes"] and reference in data["answers"]
+    ]  # fmt: skip
+    if not done:
+        return None
+    return _table(model.name, reference, data, done)
