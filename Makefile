@@ -15,7 +15,7 @@ help:
 $(BIN)/.installed: pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
-	$(BIN)/pip install --quiet -e '.[console,dev]'
+	$(BIN)/pip install --quiet -e '.[console,router,dev]'
 	touch $@
 
 install: $(BIN)/.installed
@@ -41,7 +41,7 @@ lint: $(BIN)/.installed
 	$(BIN)/ruff format --check .
 
 # The folders installed under the `wattops` namespace (pyproject.toml's package-dir).
-PACKAGES := vocabulary engines quality agents fleet experiments console profiles
+PACKAGES := vocabulary engines quality agents fleet router experiments console profiles
 
 # mypy and lint-imports cannot follow setuptools' editable-install finder, so give them the
 # installed layout: .build/typecheck/wattops/<package> -> <package>.

@@ -16,7 +16,7 @@ ROOT = Path(__file__).resolve().parent.parent
 
 def headless_modules() -> list[str]:
     names = ["wattops.profiles"]
-    for package in ("vocabulary", "engines", "quality", "agents", "fleet"):
+    for package in ("vocabulary", "engines", "quality", "agents", "fleet", "router"):
         for info in pkgutil.walk_packages([str(ROOT / package)], prefix=f"wattops.{package}."):
             names.append(info.name)
     return sorted(set(names))

@@ -1,0 +1,137 @@
+"""Router overhead benchmark: what wattops-router adds in front of an agent.
+
+Usage: .venv/bin/python benchmarks/router.py [--requests 20000] [--out results.json]
+
+Starts (each in its own process) the fast stand-in engine of benchmarks/gateway.py (answers
+every OpenAI chat request at once with a fixed body), a real wattops-agent attached to it, and
+a real wattops-router with one route whose only candidate is that agent's deployment. A load
+generator (aiohttp, uvloop) then measures, at concurrency 1 and 32, in the same run:
+  - agent: client -> agent -> stand-in engine
+  - router: client -> router -> agent -> stand-in engine
+Sampling requests (temperature 0.7): never answered from the agent's response cache. Added
+latency is the router path's percentile minus the agent path's; the throughput ratio is the
+router path's requests/s over the agent path's. All four processes share this machine's cores.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import orjson
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from gateway import free_port, load, summarize, wait_http
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--requests", type=int, default=20000, help="per measurement at c=32")
+    parser.add_argument("--out", type=Path, help="write the figures as JSON here")
+    args = parser.parse_args()
+
+    engine_port, agent_port, router_port = free_port(), free_port(), free_port()
+    procs: list[subprocess.Popen[bytes]] = []
+    bin_dir = Path(sys.executable).parent
+    with tempfile.TemporaryDirectory() as tmp:
+        agent_config = Path(tmp) / "agent.toml"
+        agent_config.write_text(f"""
+[agent]
+node = "bench"
+listen = "127.0.0.1:{agent_port}"
+state_dir = "{tmp}/state"
+
+[cache]
+disk_bytes = 0
+
+[[deployments]]
+name = "bench"
+engine = "openai"
+url = "http://127.0.0.1:{engine_port}"
+precision = "f16"
+""")
+        router_config = Path(tmp) / "router.toml"
+        router_config.write_text(f"""
+[router]
+listen = "127.0.0.1:{router_port}"
+state_dir = "{tmp}/router-state"
+
+[[agents]]
+url = "http://127.0.0.1:{agent_port}"
+
+[[routes]]
+name = "chat"
+candidates = ["bench/bench"]
+reference = "bench/bench"
+""")
+        try:
+            gateway_script = Path(__file__).with_name("gateway.py")
+            procs.append(subprocess.Popen(
+                [sys.executable, str(gateway_script), "--stand-in-port", str(engine_port)]
+            ))  # fmt: skip
+            wait_http(f"http://127.0.0.1:{engine_port}/health")
+            quiet = ["--log-level", "warning"]
+            procs.append(subprocess.Popen(
+                [str(bin_dir / "wattops-agent"), "--config", str(agent_config), *quiet]
+            ))  # fmt: skip
+            wait_http(f"http://127.0.0.1:{agent_port}/healthz")
+            procs.append(subprocess.Popen(
+                [str(bin_dir / "wattops-router"), "--config", str(router_config), *quiet]
+            ))  # fmt: skip
+            wait_http(f"http://127.0.0.1:{router_port}/healthz")
+            time.sleep(2.0)  # the agent marks the attached server ready; the router sees it
+
+            def body(model: str) -> bytes:
+                return orjson.dumps({"model": model, "temperature": 0.7, "max_tokens": 1,
+                                     "messages": [{"role": "user", "content": "hi"}]})  # fmt: skip
+
+            agent_url = f"http://127.0.0.1:{agent_port}/v1/chat/completions"
+            router_url = f"http://127.0.0.1:{router_port}/v1/chat/completions"
+            results: dict[str, dict[str, float]] = {}
+            for concurrency in (1, 32):
+                n = args.requests if concurrency > 1 else max(2000, args.requests // 5)
+                # Alternated twice, so a slow spell of the shared machine hits both paths.
+                for rnd in (1, 2):
+                    for label, url, payload in (
+                        ("agent", agent_url, body("bench")),
+                        ("router", router_url, body("chat")),
+                    ):
+                        lat, wall = asyncio.run(load(url, payload, concurrency, n // 2))
+                        key = f"{label}_c{concurrency}"
+                        got = summarize(lat, wall)
+                        if rnd == 1:
+                            results[key] = got
+                        else:  # mean of the two rounds
+                            results[key] = {k: (results[key][k] + v) / 2 for k, v in got.items()}
+            for c in (1, 32):
+                results[f"added_c{c}"] = {
+                    q: results[f"router_c{c}"][q] - results[f"agent_c{c}"][q]
+                    for q in ("p50_ms", "p99_ms")
+                }
+                results[f"added_c{c}"]["throughput_ratio"] = (
+                    results[f"router_c{c}"]["req_per_s"] / results[f"agent_c{c}"]["req_per_s"]
+                )
+        finally:
+            for proc in reversed(procs):
+                proc.terminate()
+                proc.wait(30)
+    report = {
+        "machine": f"{platform.machine()}, {os.cpu_count()} cores, {platform.python_version()}",
+        "requests": args.requests,
+        "results": results,
+    }
+    print(json.dumps(report, indent=2))
+    if args.out:
+        args.out.write_text(json.dumps(report, indent=2))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,247 @@
+"""`router.toml`: the router daemon, the agents it follows and the routes it serves.
+
+```toml
+[router]
+listen = "0.0.0.0:8090"
+state_dir = "/var/lib/wattops-router"
+token = "..."                 # control endpoints (PUT /v1/routes/...); default $WATTOPS_TOKEN
+inventory = "fleet.toml"      # or [[agents]] entries below
+
+[[agents]]
+url = "http://gpu-a1.internal:8080"
+
+[[routes]]
+name = "chat"                 # what clients put in "model"
+candidates = ["*/smollm2"]    # node/deployment globs
+reference = "gpu-a1/smollm2"  # quality 1.0, and the counterfactual of every saving
+policy = "cheapest"           # cheapest | greenest | fastest
+min_quality = 0.9             # top-1 agreement with the reference
+max_p95_ms = 4000
+```
+
+Validated with pydantic; a bad file stops the router with the file, the field and what is
+allowed (`ConfigError`).
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import os
+import tomllib
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from wattops.fleet.client import agent_url
+from wattops.fleet.inventory import InventoryError, load_inventory
+from wattops.vocabulary.net import split_listen
+
+__all__ = [
+    "POLICIES",
+    "AgentEntry",
+    "ConfigError",
+    "RouteConfig",
+    "RouterConfig",
+    "RouterSection",
+    "load_config",
+    "parse_config",
+]
+
+Policy = Literal["cheapest", "greenest", "fastest"]
+POLICIES: tuple[str, ...] = ("cheapest", "greenest", "fastest")
+
+
+class ConfigError(Exception):
+    """The router configuration is invalid; the message names file, field and what is allowed."""
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class RouterSection(_Section):
+    """`[router]`: how the daemon runs."""
+
+    listen: str = Field("127.0.0.1:8090", description="host:port the router binds to")
+    state_dir: Path = Field(
+        Path("router-state"), description="route overrides set at run time, learned figures"
+    )
+    token: str | None = Field(
+        default_factory=lambda: os.environ.get("WATTOPS_TOKEN") or None,
+        description="bearer token required by control endpoints; default: $WATTOPS_TOKEN",
+    )
+    inventory: Path | None = Field(None, description="fleet.toml listing the agents")
+    connect_timeout_s: float = Field(
+        2.0, gt=0, description="a candidate that does not accept the connection in this time "
+        "is skipped for the next one",
+    )  # fmt: skip
+    request_timeout_s: float = Field(
+        600.0, gt=0, description="upper bound on one answer, streaming included"
+    )
+    breaker_failures: int = Field(
+        3, ge=1, description="consecutive failures that open a candidate's circuit breaker"
+    )
+    breaker_open_s: float = Field(
+        10.0, gt=0, description="how long an open breaker skips its candidate before one probe"
+    )
+    decisions_kept: int = Field(
+        50, ge=0, description="last decisions kept per route for /v1/router"
+    )
+
+    @field_validator("listen")
+    @classmethod
+    def _check_listen(cls, value: str) -> str:
+        split_listen(value)
+        return value
+
+
+class AgentEntry(_Section):
+    """`[[agents]]`: one agent the router follows."""
+
+    url: str
+
+    @field_validator("url")
+    @classmethod
+    def _http(cls, value: str) -> str:
+        return agent_url(value)
+
+
+class RouteConfig(_Section):
+    """`[[routes]]`: one name clients ask for, and how its requests are placed."""
+
+    name: str = Field(min_length=1, description="what clients put in `model`")
+    candidates: list[str] = Field(
+        min_length=1, description="deployments as node/deployment, globs allowed (`*/smollm2`)"
+    )
+    reference: str = Field(
+        description="node/deployment whose quality is 1.0 and whose cost is the counterfactual"
+    )
+    policy: Policy = "cheapest"
+    min_quality: float | None = Field(
+        None, ge=0, le=1, description="least top-1 agreement with the reference"
+    )
+    max_chrf_drop: float | None = Field(
+        None, ge=0, le=100, description="most chrF points lost against the reference's answers"
+    )
+    max_p95_ms: float | None = Field(None, gt=0, description="latency bound of one answer")
+    max_usd_per_1m_tokens: float | None = Field(None, gt=0, description="price bound")
+    quality: dict[str, float] = Field(
+        default_factory=dict,
+        description="declared top-1 agreement of candidates (node/deployment = 0..1), used "
+        "when the router cannot read the quality table of a candidate's model",
+    )
+
+    @field_validator("name")
+    @classmethod
+    def _plain_name(cls, value: str) -> str:
+        if "/" in value:
+            raise ValueError(
+                f"a route name cannot contain '/' ({value!r}): node/deployment names address "
+                "one deployment directly"
+            )
+        return value
+
+    @field_validator("candidates")
+    @classmethod
+    def _node_slash_deployment(cls, value: list[str]) -> list[str]:
+        for pattern in value:
+            if pattern.count("/") != 1:
+                raise ValueError(
+                    f"{pattern!r} must be node/deployment (globs allowed, e.g. '*/smollm2')"
+                )
+        return value
+
+    @field_validator("quality")
+    @classmethod
+    def _shares(cls, value: dict[str, float]) -> dict[str, float]:
+        for key, share in value.items():
+            if not 0.0 <= share <= 1.0:
+                raise ValueError(f"{key}: quality must be a share between 0 and 1, not {share}")
+        return value
+
+    @model_validator(mode="after")
+    def _reference_is_a_candidate(self) -> RouteConfig:
+        if not self.matches(self.reference):
+            raise ValueError(
+                f"reference {self.reference!r} matches none of the candidates "
+                f"({', '.join(self.candidates)})"
+            )
+        return self
+
+    def matches(self, key: str) -> bool:
+        """Whether the deployment `node/deployment` is a candidate of this route."""
+        return any(fnmatch.fnmatchcase(key, pattern) for pattern in self.candidates)
+
+
+class RouterConfig(_Section):
+    """The whole file."""
+
+    router: RouterSection = RouterSection()
+    agents: list[AgentEntry] = []
+    kubernetes: bool = Field(False, description="discover the agents through the Kubernetes API")
+    routes: list[RouteConfig] = Field(min_length=1)
+    _source: str = "<config>"
+    _inventory_urls: list[str] = []
+
+    @model_validator(mode="after")
+    def _unique_routes(self) -> RouterConfig:
+        names = [r.name for r in self.routes]
+        twice = sorted({n for n in names if names.count(n) > 1})
+        if twice:
+            raise ValueError(f"route names must be unique; repeated: {', '.join(twice)}")
+        return self
+
+    @property
+    def source(self) -> str:
+        return self._source
+
+    def agent_urls(self) -> list[str]:
+        """The agents to follow: the inventory file's, then the [[agents]] entries."""
+        return list(dict.fromkeys([*self._inventory_urls, *(a.url for a in self.agents)]))
+
+    def route(self, name: str) -> RouteConfig | None:
+        return next((r for r in self.routes if r.name == name), None)
+
+
+def _describe(error: ValidationError, source: str) -> str:
+    lines = [f"{source}: invalid configuration"]
+    for item in error.errors():
+        loc = ".".join(str(part) for part in item["loc"]) or "(top level)"
+        lines.append(f"  {loc}: {item['msg'].removeprefix('Value error, ')}")
+    return "\n".join(lines)
+
+
+def parse_config(data: dict[str, object], source: str = "<config>") -> RouterConfig:
+    """Validate an already-parsed mapping; relative paths stay as written."""
+    try:
+        config = RouterConfig.model_validate(data)
+    except ValidationError as exc:
+        raise ConfigError(_describe(exc, source)) from None
+    config._source = source
+    return config
+
+
+def load_config(path: Path) -> RouterConfig:
+    """Read and validate `path`; relative paths inside are resolved against its folder."""
+    try:
+        data = tomllib.loads(path.read_bytes().decode("utf-8"))
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read the configuration: {exc.strerror}") from None
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"{path}: not valid TOML: {exc}") from None
+    config = parse_config(data, str(path))
+    base = path.parent.resolve()
+    config.router.state_dir = (base / config.router.state_dir).resolve()
+    if config.router.inventory is not None:
+        config.router.inventory = (base / config.router.inventory).resolve()
+        try:
+            config._inventory_urls = load_inventory(config.router.inventory)
+        except InventoryError as exc:
+            raise ConfigError(f"{path}: router.inventory: {exc}") from None
+    if not config.agent_urls() and not config.kubernetes:
+        raise ConfigError(
+            f"{path}: no agents to route to: give router.inventory, [[agents]] url = ..., or "
+            "kubernetes = true"
+        )
+    return config

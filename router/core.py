@@ -1,0 +1,406 @@
+"""The router's state: the fleet it follows, its routes with their run-time changes, what it
+has learned about each deployment, its circuit breakers and its statistics.
+
+Stateless apart from its configuration and two small files in `state_dir`, written atomically:
+`routes.json` (policy and bounds changed at run time through `PATCH /v1/routes/{name}`) and
+`learned.json` (the last per-token figures seen per deployment). Several routers can therefore
+run side by side behind a load balancer; each keeps its own statistics.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections import Counter, deque
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from prometheus_client import CollectorRegistry
+from prometheus_client import Counter as PromCounter
+from purgatory import AsyncCircuitBreakerFactory
+from purgatory.service._async.circuitbreaker import AsyncCircuitBreaker
+
+from wattops.fleet.state import FleetState
+from wattops.router.api import (
+    Bounds,
+    CandidateView,
+    DecisionView,
+    RoutePatch,
+    RouterView,
+    RouteView,
+)
+from wattops.router.candidates import Candidate, Learned, candidate_of, key_of
+from wattops.router.choose import PRIORITIES, Choice, Constraints, QualityFigure
+from wattops.router.config import RouteConfig, RouterConfig
+from wattops.router.quality import QualityBook
+from wattops.vocabulary import atomic_write
+
+__all__ = ["BadRequestHeader", "Router", "Usage"]
+
+log = logging.getLogger("wattops.router")
+
+POLICY_HEADER = "x-wattops-policy"
+LATENCY_HEADER = "x-wattops-max-latency-ms"
+PRIORITY_HEADER = "x-wattops-priority"
+
+
+class BadRequestHeader(ValueError):
+    """A routing header with a value that is not allowed; the message names both."""
+
+
+@dataclass(frozen=True)
+class Usage:
+    """What one answer used, with the per-token figures of who served it and of the
+    reference at the time (None: unknown)."""
+
+    prompt_tokens: int
+    completion_tokens: int
+
+    @property
+    def total(self) -> int:
+        return self.prompt_tokens + self.completion_tokens
+
+
+def _cost(c: Candidate | None, usage: Usage) -> float | None:
+    if c is None:
+        return None
+    if c.usd_per_1m_input is not None and c.usd_per_1m_output is not None:
+        return (
+            usage.prompt_tokens * c.usd_per_1m_input + usage.completion_tokens * c.usd_per_1m_output
+        ) / 1e6
+    if c.usd_per_1m is not None:
+        return usage.total * c.usd_per_1m / 1e6
+    return None
+
+
+def _energy(c: Candidate | None, usage: Usage) -> float | None:
+    if c is None or c.j_per_token is None:
+        return None
+    return usage.total * c.j_per_token
+
+
+@dataclass
+class RouteStats:
+    """Counts since the router started."""
+
+    requests: int = 0
+    errors: int = 0
+    refusals: int = 0
+    fallbacks: int = 0
+    tokens: int = 0
+    est_cost_usd: float = 0.0
+    counterfactual_cost_usd: float = 0.0
+    est_energy_j: float = 0.0
+    counterfactual_energy_j: float = 0.0
+    #: Tokens (prompt, completion) answered by a candidate whose $/token was not known yet
+    #: (it had not served before): priced when the view is made, with its figures then.
+    unpriced: dict[str, Usage] = field(default_factory=dict)
+    served: Counter[str] = field(default_factory=Counter)
+    served_tokens: Counter[str] = field(default_factory=Counter)
+    excluded: dict[str, str] = field(default_factory=dict)
+    #: (time, served_by, reason, fallbacks, status), made into DecisionView by view().
+    decisions: deque[tuple[float, str | None, str, list[str], int]] = field(default_factory=deque)
+
+
+class Router:
+    """Everything a request's placement needs, and what placements are recorded into."""
+
+    def __init__(self, config: RouterConfig, urls: list[str] | None = None) -> None:
+        self.config = config
+        self.fleet = FleetState(urls if urls is not None else config.agent_urls())
+        self.state_dir = config.router.state_dir
+        self.routes: dict[str, RouteConfig] = {r.name: r for r in config.routes}
+        self.overrides: dict[str, dict[str, Any]] = self._read("routes.json")
+        self.learned: dict[str, Learned] = {
+            key: Learned(**figures) for key, figures in self._read("learned.json").items()
+        }
+        self.in_flight: Counter[str] = Counter()
+        self.quality = QualityBook()
+        self.breakers = AsyncCircuitBreakerFactory(
+            default_threshold=config.router.breaker_failures,
+            default_ttl=config.router.breaker_open_s,
+        )
+        self._breakers: dict[str, AsyncCircuitBreaker] = {}
+        self.stats: dict[str, RouteStats] = {name: RouteStats() for name in self.routes}
+        self.registry = CollectorRegistry()
+        labels = ["route", "candidate"]
+        self.m_requests = PromCounter("wattops_route_requests", "Answered requests",
+                                      labels, registry=self.registry)  # fmt: skip
+        self.m_tokens = PromCounter("wattops_route_tokens", "Tokens answered (prompt + "
+                                    "completion)", labels, registry=self.registry)  # fmt: skip
+        self.m_cost = PromCounter(
+            "wattops_route_cost_usd", "Estimated cost of the answers (kind=achieved) and of the "
+            "same tokens at the reference (kind=counterfactual)", ["route", "kind"],
+            registry=self.registry,
+        )  # fmt: skip
+        self.m_energy = PromCounter(
+            "wattops_route_energy_j", "Estimated energy, achieved and counterfactual",
+            ["route", "kind"], registry=self.registry,
+        )  # fmt: skip
+        self.m_fallbacks = PromCounter("wattops_route_fallbacks", "Candidates skipped after "
+                                       "failing", labels, registry=self.registry)  # fmt: skip
+        self.m_refusals = PromCounter(
+            "wattops_route_refusals", "Requests refused: no candidate met the bounds",
+            ["route"], registry=self.registry,
+        )  # fmt: skip
+        self._last_save = time.monotonic()
+        self._bounds: dict[str, Bounds] = {}
+        #: deployments() kept until a snapshot, a link state or a count in flight changes.
+        self._every: tuple[tuple[Any, ...], dict[str, Candidate]] | None = None
+
+    # -- persistence -----------------------------------------------------------------------
+
+    def _read(self, name: str) -> dict[str, Any]:
+        path = self.state_dir / name
+        try:
+            data = json.loads(path.read_text())
+        except FileNotFoundError:
+            return {}
+        except (OSError, ValueError) as exc:
+            log.warning("%s: unreadable (%s); starting without it", path, exc)
+            return {}
+        return data if isinstance(data, dict) else {}
+
+    def _write(self, name: str, data: Mapping[str, Any]) -> None:
+        atomic_write(self.state_dir / name, (json.dumps(data, indent=1) + "\n").encode())
+
+    def save_learned(self) -> None:
+        self._write("learned.json", {k: asdict(v) for k, v in self.learned.items()})
+        self._last_save = time.monotonic()
+
+    def maybe_save_learned(self, every_s: float = 30.0) -> None:
+        if time.monotonic() - self._last_save > every_s:
+            self.save_learned()
+
+    # -- routes and their bounds -----------------------------------------------------------
+
+    def bounds(self, route: RouteConfig) -> Bounds:
+        """The route's policy and bounds: the file's, with the run-time changes over them."""
+        found = self._bounds.get(route.name)
+        if found is None:
+            found = self._bounds[route.name] = self._make_bounds(route)
+        return found
+
+    def _make_bounds(self, route: RouteConfig) -> Bounds:
+        base = {
+            "policy": route.policy,
+            "min_quality": route.min_quality,
+            "max_chrf_drop": route.max_chrf_drop,
+            "max_p95_ms": route.max_p95_ms,
+            "max_usd_per_1m_tokens": route.max_usd_per_1m_tokens,
+        }
+        return Bounds(**{**base, **self.overrides.get(route.name, {})})
+
+    def patch(self, name: str, change: RoutePatch) -> Bounds:
+        """Apply and keep a run-time change of a route's bounds (KeyError: no such route)."""
+        route = self.routes[name]
+        given = change.model_dump(exclude_unset=True)
+        merged = {**self.overrides.get(name, {}), **given}
+        Bounds(**{**self.bounds(route).model_dump(), **merged})  # validate before keeping
+        overrides = {**self.overrides, name: merged}
+        self._write("routes.json", overrides)
+        self.overrides = overrides
+        self._bounds.pop(name, None)
+        log.info("route %s changed: %s", name, given)
+        return self.bounds(route)
+
+    def constraints(self, route: RouteConfig, headers: Mapping[str, str]) -> Constraints:
+        """The route's bounds, tightened (never loosened) by the request's headers."""
+        b = self.bounds(route)
+        policy = headers.get(POLICY_HEADER, b.policy)
+        if policy not in ("cheapest", "greenest", "fastest"):
+            raise BadRequestHeader(
+                f"X-Wattops-Policy: {policy!r} is not a policy; allowed: cheapest, greenest, "
+                "fastest"
+            )
+        max_p95_s = b.max_p95_ms / 1000 if b.max_p95_ms is not None else None
+        if LATENCY_HEADER in headers:
+            text = headers[LATENCY_HEADER]
+            try:
+                asked = float(text)
+            except ValueError:
+                asked = -1.0
+            if not asked > 0:
+                raise BadRequestHeader(
+                    f"X-Wattops-Max-Latency-Ms: {text!r} must be a number of milliseconds above 0"
+                )
+            max_p95_s = min(asked / 1000, max_p95_s) if max_p95_s else asked / 1000
+        priority = headers.get(PRIORITY_HEADER, "interactive")
+        if priority not in PRIORITIES:
+            raise BadRequestHeader(
+                f"X-Wattops-Priority: {priority!r} is not a priority; allowed: "
+                f"{', '.join(PRIORITIES)}"
+            )
+        return Constraints(
+            policy=policy, min_quality=b.min_quality, max_chrf_drop=b.max_chrf_drop,
+            max_p95_s=max_p95_s, max_usd_per_1m=b.max_usd_per_1m_tokens, priority=priority,
+        )  # fmt: skip
+
+    # -- the fleet as candidates -----------------------------------------------------------
+
+    def deployments(self) -> dict[str, Candidate]:
+        """Every deployment the agents report now, by node/deployment (rebuilt only when a
+        snapshot or a link's state has changed; requests in flight are read live)."""
+        now = time.monotonic()
+        links = self.fleet.links.values()
+        key_now = tuple((link.version, link.link(now)) for link in links)
+        if self._every is not None and self._every[0] == key_now:
+            return self._every[1]
+        found: dict[str, Candidate] = {}
+        for url, link in self.fleet.links.items():
+            snapshot = link.snapshot
+            if snapshot is None:
+                continue
+            state = link.link(now)
+            for dep in snapshot.deployments:
+                key = key_of(snapshot.node, dep.name)
+                learned = self.learned.setdefault(key, Learned())
+                found[key] = candidate_of(snapshot, dep, url, state, self.in_flight, learned)
+        self._every = (key_now, found)
+        return found
+
+    def candidates(self, route: RouteConfig, every: dict[str, Candidate] | None = None
+                   ) -> list[Candidate]:  # fmt: skip
+        every = self.deployments() if every is None else every
+        return [c for key, c in every.items() if route.matches(key)]
+
+    def quality_of(self, route: RouteConfig, cands: list[Candidate]) -> dict[str, QualityFigure]:
+        ref = next((c for c in cands if c.key == route.reference), None)
+        return {c.key: self.quality.figure(route, c, ref) for c in cands}
+
+    def unavailable(self, cands: list[Candidate]) -> dict[str, str]:
+        """Candidates whose circuit breaker is open now (not yet due for a probe)."""
+        out = {}
+        now = time.time()
+        for c in cands:
+            breaker = self._breakers.get(c.key)
+            if breaker is None:
+                continue
+            ctx = breaker.context
+            if ctx.state == "opened" and ctx.opened_at is not None:
+                left = ctx.opened_at + ctx.ttl - now
+                if left > 0:
+                    out[c.key] = (
+                        f"circuit open after {ctx.threshold} failures, probe in {left:.0f}s"
+                    )
+        return out
+
+    async def breaker(self, key: str) -> AsyncCircuitBreaker:
+        found = self._breakers.get(key)
+        if found is None:
+            found = self._breakers[key] = await self.breakers.get_breaker(key)
+        return found
+
+    # -- what happened ---------------------------------------------------------------------
+
+    def record(self, route: str | None, choice: Choice | None, served: Candidate | None,
+               reference: Candidate | None, usage: Usage | None, status: int,
+               fallbacks: list[str], reason: str) -> None:  # fmt: skip
+        """One request's outcome, into the route's statistics and the metrics."""
+        if route is None or route not in self.stats:
+            return
+        stats = self.stats[route]
+        if choice is not None:
+            stats.excluded = choice.excluded
+        stats.fallbacks += len(fallbacks)
+        for key in fallbacks:
+            self.m_fallbacks.labels(route, key).inc()
+        if status == 503 and served is None and choice is None:
+            stats.refusals += 1
+            self.m_refusals.labels(route).inc()
+        elif served is None or status >= 400:
+            stats.errors += 1
+        else:
+            stats.requests += 1
+            stats.served[served.key] += 1
+            self.m_requests.labels(route, served.key).inc()
+            if usage is not None:
+                stats.tokens += usage.total
+                stats.served_tokens[served.key] += usage.total
+                self.m_tokens.labels(route, served.key).inc(usage.total)
+                if not self._price(route, stats, served, reference, usage):
+                    held = stats.unpriced.get(served.key, Usage(0, 0))
+                    stats.unpriced[served.key] = Usage(
+                        held.prompt_tokens + usage.prompt_tokens,
+                        held.completion_tokens + usage.completion_tokens,
+                    )
+        keep = self.config.router.decisions_kept
+        if keep:
+            stats.decisions.append(
+                (time.time(), served.key if served else None, reason, fallbacks, status)
+            )
+            if len(stats.decisions) > keep:
+                stats.decisions.popleft()
+
+    def _price(self, route: str, stats: RouteStats, served: Candidate,
+               reference: Candidate | None, usage: Usage) -> bool:  # fmt: skip
+        """Add `usage`'s estimated cost and energy, and the reference's counterfactual, to the
+        route's figures; False when the server's or the reference's $/token is unknown."""
+        cost, cf = _cost(served, usage), _cost(reference, usage)
+        if cost is None or cf is None:
+            return False
+        stats.est_cost_usd += cost
+        stats.counterfactual_cost_usd += cf
+        self.m_cost.labels(route, "achieved").inc(cost)
+        self.m_cost.labels(route, "counterfactual").inc(cf)
+        energy, cf_energy = _energy(served, usage), _energy(reference, usage)
+        if energy is not None and cf_energy is not None:
+            stats.est_energy_j += energy
+            stats.counterfactual_energy_j += cf_energy
+            self.m_energy.labels(route, "achieved").inc(energy)
+            self.m_energy.labels(route, "counterfactual").inc(cf_energy)
+        return True
+
+    def view(self) -> RouterView:
+        """`GET /v1/router`."""
+        every = self.deployments()
+        routes = []
+        for name, route in self.routes.items():
+            stats = self.stats[name]
+            reference = every.get(route.reference)
+            for key, usage in list(stats.unpriced.items()):
+                served = every.get(key)
+                if served is not None and self._price(name, stats, served, reference, usage):
+                    del stats.unpriced[key]
+            cands = self.candidates(route, every)
+            quality = self.quality_of(route, cands)
+            unavailable = self.unavailable(cands)
+            views = []
+            for c in cands:
+                q = quality[c.key]
+                breaker = self._breakers.get(c.key)
+                views.append(CandidateView(
+                    key=c.key, precision=c.precision, state=c.state, live=c.live,
+                    ready=c.ready, in_flight=c.in_flight,
+                    p95_ms=c.p95_s * 1000 if c.p95_s is not None else None,
+                    usd_per_1m_tokens=c.usd_per_1m, figures_current=c.figures_current,
+                    quality=q.top1, chrf_drop=q.chrf_drop, quality_source=q.source,
+                    breaker=breaker.context.state if breaker else "closed",
+                    excluded=unavailable.get(c.key) or stats.excluded.get(c.key),
+                    requests=stats.served[c.key], tokens=stats.served_tokens[c.key],
+                    share=stats.served[c.key] / stats.requests if stats.requests else 0.0,
+                ))  # fmt: skip
+            saving = (
+                1 - stats.est_cost_usd / stats.counterfactual_cost_usd
+                if stats.counterfactual_cost_usd > 0
+                else None
+            )
+            routes.append(RouteView(
+                name=name, reference=route.reference, bounds=self.bounds(route),
+                candidates=views, requests=stats.requests, errors=stats.errors,
+                refusals=stats.refusals, fallbacks=stats.fallbacks, tokens=stats.tokens,
+                est_cost_usd=stats.est_cost_usd,
+                counterfactual_cost_usd=stats.counterfactual_cost_usd,
+                est_energy_j=stats.est_energy_j,
+                counterfactual_energy_j=stats.counterfactual_energy_j, saving=saving,
+                unpriced_tokens=sum(u.total for u in stats.unpriced.values()),
+                last_decisions=[
+                    DecisionView(time=t, served_by=by, reason=why, fallbacks=fb, status=st)
+                    for t, by, why, fb, st in list(stats.decisions)[-10:]
+                ],
+            ))  # fmt: skip
+        now = time.monotonic()
+        live = sum(1 for link in self.fleet.links.values() if link.link(now).value == "live")
+        return RouterView(routes=routes, agents=len(self.fleet.links), agents_live=live)

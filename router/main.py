@@ -1,0 +1,110 @@
+"""`wattops-router --config router.toml`: the router daemon's entry point."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import logging
+import signal
+import sys
+from pathlib import Path
+
+import aiohttp
+import uvicorn
+
+from wattops.router.app import ROUTER_VERSION, RouterASGI, create_app
+from wattops.router.config import ConfigError, RouterConfig, load_config
+from wattops.router.core import Router
+from wattops.router.proxy import RouterGateway
+from wattops.vocabulary.net import bind_listener
+
+log = logging.getLogger("wattops.router")
+
+
+def _discover(config: RouterConfig) -> list[str]:
+    """The agents to follow: the file's, plus those the Kubernetes API lists (`kubernetes =
+    true`; discovered once at start: a new agent pod needs a router restart)."""
+    urls = config.agent_urls()
+    if config.kubernetes:
+        from wattops.fleet.kube import KubeError, KubeFleet
+
+        try:
+            urls += KubeFleet().agent_urls()
+        except KubeError as exc:
+            raise ConfigError(f"{config.source}: kubernetes = true: {exc}") from None
+    if not urls:
+        raise ConfigError(f"{config.source}: no agents found to route to")
+    return list(dict.fromkeys(urls))
+
+
+async def serve(config: RouterConfig) -> None:
+    where = f"{config.source}: router.listen = {config.router.listen}"
+    try:
+        listener = bind_listener(config.router.listen, where)
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
+    router = Router(config, _discover(config))
+    router.fleet.start()
+    connector = aiohttp.TCPConnector(limit=0, ttl_dns_cache=300)
+    session = aiohttp.ClientSession(connector=connector)
+    host, _, port = config.router.listen.rpartition(":")
+    server = uvicorn.Server(uvicorn.Config(
+        RouterASGI(RouterGateway(router, session), create_app(router)),
+        host=host.strip("[]"), port=int(port), http="httptools", lifespan="off",
+        proxy_headers=False, access_log=False, log_level="warning", timeout_graceful_shutdown=10,
+    ))  # fmt: skip
+
+    def request_exit(signum: int, frame: object) -> None:
+        server.should_exit = True
+
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(signum, request_exit)
+
+    async def keep_learned() -> None:
+        while True:
+            await asyncio.sleep(5)
+            router.maybe_save_learned()
+
+    saver = asyncio.create_task(keep_learned())
+    log.info("wattops-router %s serving %d routes on http://%s", ROUTER_VERSION,
+             len(router.routes), config.router.listen)  # fmt: skip
+    try:
+        await server.serve(sockets=[listener])
+    finally:
+        saver.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await saver
+        router.save_learned()
+        await router.fleet.stop()
+        await session.close()
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Parse arguments, load the config, route until stopped. Exit 2 on a bad config."""
+    parser = argparse.ArgumentParser(prog="wattops-router", description=__doc__)
+    parser.add_argument("--config", required=True, type=Path, help="router TOML file")
+    parser.add_argument(
+        "--log-level", default="info", choices=["debug", "info", "warning", "error"]
+    )
+    args = parser.parse_args(argv)
+    logging.basicConfig(
+        level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    try:
+        config = load_config(args.config)
+        try:
+            import uvloop
+
+            uvloop.run(serve(config))
+        except ImportError:
+            asyncio.run(serve(config))
+    except ConfigError as exc:
+        print(f"wattops-router: {exc}", file=sys.stderr)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        pass
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,277 @@
+"""The router's OpenAI-compatible endpoint: the hot path.
+
+`POST /v1/chat/completions` and `/v1/completions` with `"model"` naming a route (or one
+deployment as `node/deployment`): the route's candidates are chosen (`choose.py`), then tried
+in order. A candidate that fails before its first byte — connection refused, no connection
+within `connect_timeout_s`, a 5xx from its agent (no replica, replica failed), or its circuit
+breaker open — is skipped for the next; a 4xx is the request's own fault and goes back to the
+client as the agent said it. Streams pass through chunk by chunk. Every answer says where it
+went and why: `X-Wattops-Route`, `X-Wattops-Served-By` (`node/deployment@precision`),
+`X-Wattops-Decision`, and the agent's `X-Wattops-Est-*` and `X-Cache` headers.
+
+A plain ASGI app in front of the FastAPI control API, as on the agent, with one aiohttp
+session for forwarding.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Callable
+from typing import Any
+
+import aiohttp
+import orjson
+from purgatory.domain.model import OpenedState
+from starlette.responses import Response, StreamingResponse
+from starlette.types import Receive, Scope, Send
+
+from wattops.router.candidates import Candidate
+from wattops.router.choose import Choice, NoCandidate, choose
+from wattops.router.core import BadRequestHeader, Router, Usage
+from wattops.vocabulary.openai import MAX_BODY_BYTES, BodyTooLarge, error_body, read_body
+
+__all__ = ["OPENAI_PATHS", "RouterGateway"]
+
+_JSON = "application/json"
+CHAT_PATH = "/v1/chat/completions"
+OPENAI_PATHS = frozenset({"/v1/models", CHAT_PATH, "/v1/completions"})
+_PASSED_HEADERS = ("X-Cache", "X-Wattops-Est-Energy-J", "X-Wattops-Est-Cost-USD")
+
+
+class _Failed(Exception):
+    """A candidate failed before answering: try the next one."""
+
+    def __init__(self, why: str) -> None:
+        super().__init__(why)
+        self.why = why
+
+
+def _error(status: int, message: str, code: str, param: str | None = None,
+           headers: dict[str, str] | None = None) -> Response:  # fmt: skip
+    return Response(orjson.dumps(error_body(status, message, code, param)), status_code=status,
+                    media_type=_JSON, headers=headers)  # fmt: skip
+
+
+def _usage_of(data: bytes) -> Usage | None:
+    try:
+        usage = orjson.loads(data).get("usage") or {}
+        return Usage(int(usage.get("prompt_tokens") or 0), int(usage.get("completion_tokens") or 0))
+    except (orjson.JSONDecodeError, AttributeError, TypeError, ValueError):
+        return None
+
+
+def _usage_in_sse(chunk: bytes) -> Usage | None:
+    for line in chunk.split(b"\n"):
+        if line.startswith(b"data: {") and b'"usage"' in line:
+            found = _usage_of(line[6:])
+            if found is not None and found.total:
+                return found
+    return None
+
+
+class RouterGateway:
+    """Serves the OpenAI paths for every route."""
+
+    def __init__(self, router: Router, session: aiohttp.ClientSession) -> None:
+        self.router = router
+        self.session = session
+        cfg = router.config.router
+        self.timeout = aiohttp.ClientTimeout(
+            total=cfg.request_timeout_s, sock_connect=cfg.connect_timeout_s
+        )
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        path, method = scope["path"], scope["method"]
+        if path == "/v1/models":
+            if method in ("GET", "HEAD"):
+                response = self.models()
+            else:
+                response = _error(405, "use GET", "method_not_allowed")
+        elif method != "POST":
+            response = _error(405, "use POST", "method_not_allowed")
+        else:
+            try:
+                raw = await read_body(receive)
+            except BodyTooLarge:
+                raw = None
+                response = _error(413, f"the body is over {MAX_BODY_BYTES} bytes", "body_too_large")
+            else:
+                if raw is None:
+                    return
+                headers = {
+                    k.decode("latin-1"): v.decode("latin-1")
+                    for k, v in scope["headers"]
+                    if k.startswith(b"x-wattops-")
+                }
+                response = await self._handle(raw, path, headers)
+        await response(scope, receive, send)
+
+    def models(self) -> Response:
+        """Routes first, then every deployment as node/deployment."""
+        data = [{"id": name, "object": "model", "created": 0, "owned_by": "wattops-router"}
+                for name in self.router.routes]  # fmt: skip
+        data += [{"id": key, "object": "model", "created": 0, "owned_by": "wattops-router"}
+                 for key in sorted(self.router.deployments())]  # fmt: skip
+        return Response(orjson.dumps({"object": "list", "data": data}), media_type=_JSON)
+
+    async def _handle(self, raw: bytes, path: str, headers: dict[str, str]) -> Response:
+        try:
+            body = orjson.loads(raw)
+        except orjson.JSONDecodeError as exc:
+            return _error(400, f"the body is not valid JSON: {exc}", "invalid_json")
+        if not isinstance(body, dict):
+            return _error(400, "the body must be a JSON object", "invalid_body")
+        name = body.get("model")
+        if not isinstance(name, str):
+            return _error(400, "`model` must be a route or node/deployment", "invalid_value",
+                          "model")  # fmt: skip
+        router = self.router
+        route = router.routes.get(name)
+        every = router.deployments()
+        if route is None:
+            direct = every.get(name)
+            if direct is None:
+                return _error(
+                    404,
+                    f"model {name!r} is neither a route nor a node/deployment; routes: "
+                    f"{', '.join(router.routes) or 'none'}",
+                    "model_not_found",
+                    "model",
+                )
+            choice = Choice([direct], "addressed directly")
+            return await self._forward(None, choice, None, path, body, {})
+        try:
+            bounds = router.constraints(route, headers)
+        except BadRequestHeader as exc:
+            return _error(400, str(exc), "invalid_header")
+        cands = router.candidates(route, every)
+        try:
+            choice = choose(route.name, cands, router.quality_of(route, cands), bounds,
+                            router.unavailable(cands))  # fmt: skip
+        except NoCandidate as exc:
+            router.record(route.name, None, None, None, None, 503, [], str(exc))
+            return _error(503, str(exc), "no_candidate",
+                          headers={"X-Wattops-Route": route.name})  # fmt: skip
+        reference = every.get(route.reference)
+        return await self._forward(route.name, choice, reference, path, body,
+                                   {"X-Wattops-Route": route.name})  # fmt: skip
+
+    async def _forward(
+        self,
+        route: str | None,
+        choice: Choice,
+        reference: Candidate | None,
+        path: str,
+        body: dict[str, Any],
+        headers: dict[str, str],
+    ) -> Response:
+        router = self.router
+        fallbacks: list[str] = []
+        stream = bool(body.get("stream"))
+        for c in choice.ordered:
+            body["model"] = c.deployment
+            router.in_flight[c.key] += 1
+            try:
+                upstream = await self._open(c, path, orjson.dumps(body))
+            except _Failed as failed:
+                router.in_flight[c.key] -= 1
+                fallbacks.append(f"{c.key} ({failed.why})")
+                continue
+            reason = choice.reason if not fallbacks else (
+                f"{choice.reason}; after {', '.join(fallbacks)}")  # fmt: skip
+            out = {
+                **headers,
+                "X-Wattops-Served-By": f"{c.key}@{c.precision}",
+                "X-Wattops-Decision": reason,
+            }
+            for name in _PASSED_HEADERS:
+                if name in upstream.headers:
+                    out[name] = upstream.headers[name]
+            if stream and upstream.status == 200:
+                relay = _Relay(self, route, choice, c, reference, upstream, fallbacks, reason)
+                return _RelayResponse(relay.chunks(), relay.finish,
+                                      media_type=upstream.content_type or "text/event-stream",
+                                      headers={**out, "Cache-Control": "no-cache"})  # fmt: skip
+            try:
+                data = await upstream.read()
+            except (aiohttp.ClientError, TimeoutError) as exc:
+                router.record(route, choice, c, reference, None, 502, fallbacks, reason)
+                return _error(502, f"{c.key} broke off its answer: {exc}", "upstream_failed",
+                              headers=out)  # fmt: skip
+            finally:
+                upstream.release()
+                router.in_flight[c.key] -= 1
+            usage = _usage_of(data) if upstream.status == 200 else None
+            router.record(route, choice, c, reference, usage, upstream.status, fallbacks, reason)
+            return Response(data, status_code=upstream.status, headers=out,
+                            media_type=upstream.headers.get("Content-Type", _JSON))  # fmt: skip
+        message = "every candidate failed before answering: " + "; ".join(fallbacks)
+        router.record(route, choice, None, reference, None, 502, fallbacks, message)
+        return _error(502, message, "all_candidates_failed", headers=headers)
+
+    async def _open(self, c: Candidate, path: str, raw: bytes) -> aiohttp.ClientResponse:
+        """The candidate's response, headers read; _Failed when it failed before answering
+        (which its circuit breaker counts)."""
+        breaker = await self.router.breaker(c.key)
+        try:
+            async with breaker:
+                try:
+                    upstream = await self.session.post(
+                        c.url + path, data=raw, headers={"Content-Type": _JSON},
+                        timeout=self.timeout,
+                    )  # fmt: skip
+                except (aiohttp.ClientError, TimeoutError) as exc:
+                    raise _Failed(type(exc).__name__ if not str(exc) else str(exc)) from None
+                if upstream.status >= 500:
+                    text = (await upstream.read())[:300].decode("utf-8", "replace")
+                    upstream.release()
+                    raise _Failed(f"HTTP {upstream.status}: {text}")
+                return upstream
+        except OpenedState:
+            raise _Failed("circuit open") from None
+
+
+class _Relay:
+    """One streamed answer on its way through; records it once, however it ends."""
+
+    def __init__(self, gateway: RouterGateway, route: str | None, choice: Choice, c: Candidate,
+                 reference: Candidate | None, upstream: aiohttp.ClientResponse,
+                 fallbacks: list[str], reason: str) -> None:  # fmt: skip
+        self.gateway, self.route, self.choice, self.c = gateway, route, choice, c
+        self.reference, self.upstream = reference, upstream
+        self.fallbacks, self.reason = fallbacks, reason
+        self.usage: Usage | None = None
+        self.complete = False
+        self.finished = False
+
+    async def chunks(self) -> AsyncIterator[bytes]:
+        async for chunk in self.upstream.content.iter_any():
+            if b'"usage"' in chunk:
+                self.usage = _usage_in_sse(chunk) or self.usage
+            yield chunk
+        self.complete = True
+
+    def finish(self) -> None:
+        if self.finished:
+            return
+        self.finished = True
+        self.upstream.release()
+        router = self.gateway.router
+        router.in_flight[self.c.key] -= 1
+        status = 200 if self.complete else 502
+        router.record(self.route, self.choice, self.c, self.reference, self.usage, status,
+                      self.fallbacks, self.reason)  # fmt: skip
+
+
+class _RelayResponse(StreamingResponse):
+    """Runs `on_close` however the response ends (see the agent's gateway for why)."""
+
+    def __init__(self, content: AsyncIterator[bytes], on_close: Callable[[], None],
+                 **kwargs: Any) -> None:  # fmt: skip
+        super().__init__(content, **kwargs)
+        self._on_close = on_close
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            self._on_close()

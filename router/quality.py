@@ -1,0 +1,66 @@
+"""A candidate's quality against its route's reference, for the route's `min_quality` and
+`max_chrf_drop`.
+
+In order: the reference itself is 1.0; a figure declared in the route (`quality = {...}` in
+router.toml) is used as given; a candidate serving the same model file as the reference reads
+the `wattops quality` table of that file (top-1 agreement and chrF drop against the base),
+which applies when the reference serves the base's own precision; the same model at the same
+precision as the reference is 1.0. Anything else is unknown, and a route with a floor then
+leaves the candidate out, saying so. The table is only read from the cache, never measured
+here (that takes minutes): run `wattops quality MODEL` on the machine the router runs on.
+Figures are kept per (model, precision) and a miss is looked up again after a minute, so a
+table measured later is picked up.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+from wattops.quality import QualityTable, cached
+from wattops.router.candidates import Candidate
+from wattops.router.choose import QualityFigure
+from wattops.router.config import RouteConfig
+
+__all__ = ["QualityBook"]
+
+RETRY_MISS_S = 60.0
+
+
+class QualityBook:
+    """Quality figures of candidates against references, read from the cache and kept."""
+
+    def __init__(self, root: Path | None = None) -> None:
+        self.root = root
+        self._tables: dict[str, tuple[float, QualityTable | None]] = {}
+
+    def _table(self, model: str) -> QualityTable | None:
+        now = time.monotonic()
+        seen = self._tables.get(model)
+        if seen is not None and (seen[1] is not None or now - seen[0] < RETRY_MISS_S):
+            return seen[1]
+        table = cached(Path(model), self.root)
+        self._tables[model] = (now, table)
+        return table
+
+    def figure(self, route: RouteConfig, c: Candidate, ref: Candidate | None) -> QualityFigure:
+        if c.key == route.reference:
+            return QualityFigure(1.0, 0.0, "the reference")
+        if c.key in route.quality:
+            return QualityFigure(route.quality[c.key], None, "declared in the route")
+        if ref is None:
+            return QualityFigure(None, None, f"reference {route.reference} not seen yet")
+        if Path(c.model).name != Path(ref.model).name:
+            return QualityFigure(None, None, "another model than the reference's; declare it")
+        if c.precision == ref.precision:
+            return QualityFigure(1.0, 0.0, "the reference's model and precision")
+        table = self._table(c.model)
+        if table is None or table.reference != ref.precision:
+            return QualityFigure(
+                None, None, f"no quality table of {Path(c.model).name}: run wattops quality"
+            )
+        try:
+            row = table.row(c.precision)
+        except KeyError:
+            return QualityFigure(None, None, f"{c.precision} not in the quality table")
+        return QualityFigure(row.top1_agreement, row.chrf_drop, "wattops quality")

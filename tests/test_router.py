@@ -1,0 +1,334 @@
+"""`wattops-router` in front of real agents serving the test model, through real HTTP and the
+official `openai` client: placement follows the live figures, bounds exclude with their
+reason, failures fall back, the circuit breaker opens and closes, every answer says where it
+went and why."""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+import time
+from collections import Counter
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import httpx
+import openai
+import pytest
+
+from tests.conftest import Agent, free_port, wait_for
+
+ROUTER_BIN = Path(sys.executable).with_name("wattops-router")
+
+
+def _toml_value(v: Any) -> str:
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, int | float):
+        return repr(v)
+    if isinstance(v, list):
+        return "[" + ", ".join(_toml_value(x) for x in v) + "]"
+    if isinstance(v, dict):
+        return "{ " + ", ".join(f'"{k}" = {_toml_value(x)}' for k, x in v.items()) + " }"
+    return json.dumps(str(v))
+
+
+@dataclass
+class RouterProc:
+    """A real wattops-router subprocess."""
+
+    folder: Path
+    agents: list[str]
+    routes: list[dict[str, Any]]
+    router_extra: dict[str, Any] = field(default_factory=dict)
+    port: int = field(default_factory=free_port)
+    proc: subprocess.Popen[bytes] | None = None
+
+    def __post_init__(self) -> None:
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.client = httpx.Client(base_url=self.url, timeout=60)
+        self.config = self.folder / "router.toml"
+        router = {"listen": f"127.0.0.1:{self.port}", "state_dir": str(self.folder / "state"),
+                  "breaker_open_s": 1.0, **self.router_extra}  # fmt: skip
+        lines = ["[router]", *(f"{k} = {_toml_value(v)}" for k, v in router.items())]
+        for url in self.agents:
+            lines += ["", "[[agents]]", f"url = {_toml_value(url)}"]
+        for route in self.routes:
+            lines += ["", "[[routes]]", *(f"{k} = {_toml_value(v)}" for k, v in route.items())]
+        self.config.write_text("\n".join(lines) + "\n")
+
+    def start(self, live: int | None = None) -> RouterProc:
+        log = (self.folder / "router.log").open("ab")
+        self.proc = subprocess.Popen([str(ROUTER_BIN), "--config", str(self.config)],
+                                     stdout=log, stderr=log)  # fmt: skip
+        wanted = len(self.agents) if live is None else live
+        wait_for(lambda: self.view()["agents_live"] >= wanted, 60, "router to see the agents")
+        return self
+
+    def view(self) -> dict[str, Any]:
+        assert self.proc is not None
+        if self.proc.poll() is not None:
+            log = (self.folder / "router.log").read_text()[-2000:]
+            raise AssertionError(f"router exited with {self.proc.returncode}: {log}")
+        return self.client.get("/v1/router").json()  # type: ignore[no-any-return]
+
+    def route(self, name: str) -> dict[str, Any]:
+        return next(r for r in self.view()["routes"] if r["name"] == name)
+
+    def openai(self) -> openai.OpenAI:
+        return openai.OpenAI(base_url=self.url + "/v1", api_key="unused", max_retries=0)
+
+    def ask(self, model: str = "chat", headers: dict[str, str] | None = None,
+            **extra: Any) -> httpx.Response:  # fmt: skip
+        body = {"model": model, "messages": [{"role": "user", "content": "hello there"}],
+                "max_tokens": 4, "temperature": 0.7, **extra}  # fmt: skip
+        return self.client.post("/v1/chat/completions", json=body, headers=headers or {})
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            self.proc.wait(20)
+        self.client.close()
+
+
+@pytest.fixture
+def make_router(tmp_path: Path) -> Iterator[Callable[..., RouterProc]]:
+    made: list[RouterProc] = []
+
+    def make(agents: list[Agent], routes: list[dict[str, Any]], start: bool = True,
+             **router_extra: Any) -> RouterProc:  # fmt: skip
+        folder = tmp_path / f"router{len(made)}"
+        folder.mkdir()
+        proc = RouterProc(folder, [a.url for a in agents], routes, router_extra)
+        made.append(proc)
+        return proc.start() if start else proc
+
+    yield make
+    for proc in made:
+        proc.stop()
+
+
+def _candidate(router: RouterProc, key: str, route: str = "chat") -> dict[str, Any]:
+    return next(c for c in router.route(route)["candidates"] if c["key"] == key)
+
+
+def _served_by(response: httpx.Response) -> str:
+    return response.headers["X-Wattops-Served-By"].split("@")[0]
+
+
+@pytest.fixture
+def two_nodes(make_agent: Callable[..., Agent]) -> tuple[Agent, Agent]:
+    """`edge` priced as a CPU host, `cloud` as an A100 box: both serve `tiny` at q8_0."""
+    edge = make_agent(agent_extra={"node": "edge", "profile": "cpu-generic", "sensor": "estimate"})
+    cloud = make_agent(agent_extra={"node": "cloud", "profile": "a100-80gb", "sensor": "estimate"})
+    return edge, cloud
+
+
+CHAT = {"name": "chat", "candidates": ["*/tiny"], "reference": "cloud/tiny", "policy": "cheapest"}
+
+
+def test_cheapest_follows_the_live_prices(
+    two_nodes: tuple[Agent, Agent], make_router: Callable[..., RouterProc]
+) -> None:
+    edge, cloud = two_nodes
+    router = make_router([edge, cloud], [CHAT])
+
+    def figure(key: str) -> Any:
+        return _candidate(router, key)["usd_per_1m_tokens"]
+
+    # The reference serves once (addressed directly) so its $/token, the counterfactual of
+    # every saving, is known.
+    assert _served_by(router.ask(model="cloud/tiny")) == "cloud/tiny"
+    wait_for(lambda: figure("cloud/tiny"), 30, "the router to learn the cloud's $/1M tokens")
+    served = Counter(_served_by(router.ask()) for _ in range(4))
+    assert served == {"edge/tiny": 4}
+    wait_for(lambda: figure("edge/tiny"), 30, "the router to learn the edge's $/1M tokens")
+    assert figure("edge/tiny") < figure("cloud/tiny") / 10
+    view = router.route("chat")
+    # Four answers at the edge's price instead of the cloud's: the saving is their difference.
+    assert view["requests"] == 4 and view["saving"] is not None and view["saving"] > 0.5
+    answer = router.ask()
+    assert answer.headers["X-Wattops-Route"] == "chat"
+    assert answer.headers["X-Wattops-Served-By"] == "edge/tiny@q8_0"
+    assert answer.headers["X-Wattops-Decision"].startswith("cheapest: ")
+    # The edge node's price goes up 10,000-fold (a new price in its hardware profile): once
+    # its agent reports it, the traffic follows to the cloud node.
+    edge.stop()
+    config = edge.config_path.read_text()
+    edge.config_path.write_text(config + "\n[hardware.price]\ncloud_usd_per_hour = 3570.0\n")
+    edge.start()
+    wait_for(lambda: _candidate(router, "edge/tiny")["live"], 30, "router to see edge again")
+
+    def moved() -> bool:
+        return _served_by(router.ask()) == "cloud/tiny"
+
+    wait_for(moved, 30, "traffic to move to the cloud node")
+    assert Counter(_served_by(router.ask()) for _ in range(3)) == {"cloud/tiny": 3}
+    view = router.route("chat")
+    assert view["requests"] >= 8 and view["tokens"] > 0
+    split = {c["key"]: c["requests"] for c in view["candidates"]}
+    assert split["edge/tiny"] >= 4 and split["cloud/tiny"] >= 3
+    metrics = router.client.get("/metrics").text
+    assert 'wattops_route_requests_total{candidate="edge/tiny",route="chat"}' in metrics
+
+
+def test_bounds_exclude_candidates_with_the_reason_in_the_503(
+    make_agent: Callable[..., Agent], make_router: Callable[..., RouterProc]
+) -> None:
+    edge = make_agent(precision="q4_0", agent_extra={"node": "edge", "profile": "cpu-generic"})
+    cloud = make_agent(agent_extra={"node": "cloud", "profile": "a100-80gb"})
+    strict = {**CHAT, "min_quality": 0.99}
+    router = make_router([edge, cloud], [strict])
+    # No quality table of the test model has been measured: the q4_0 edge node's quality is
+    # unknown, so the floor leaves it out however cheap it is.
+    assert {_served_by(router.ask()) for _ in range(3)} == {"cloud/tiny"}
+    excluded = {c["key"]: c["excluded"] for c in router.route("chat")["candidates"]}
+    assert "quality unknown (no quality table of test.gguf: run wattops quality)" in str(
+        excluded["edge/tiny"]
+    )
+    # A latency bound nothing can meet: 503 in OpenAI's shape, naming each candidate's reason.
+    # (Once the router has the cloud's latency: a candidate without one is not held to a bound.)
+    wait_for(lambda: _candidate(router, "cloud/tiny")["p95_ms"], 30, "the cloud's latency")
+    refused = router.ask(headers={"X-Wattops-Max-Latency-Ms": "0.001"})
+    assert refused.status_code == 503
+    error = refused.json()["error"]
+    assert error["code"] == "no_candidate"
+    assert "edge/tiny: quality unknown" in error["message"]
+    assert "cloud/tiny: p95 would be" in error["message"] and "> 0ms" in error["message"]
+    with pytest.raises(openai.APIStatusError) as info:
+        router.openai().chat.completions.create(
+            model="chat", messages=[{"role": "user", "content": "hi"}], max_tokens=2,
+            extra_headers={"X-Wattops-Max-Latency-Ms": "0.001"},
+        )  # fmt: skip
+    assert info.value.status_code == 503
+    assert router.route("chat")["refusals"] == 2
+    # Bad header values are the client's fault, named.
+    bad = router.ask(headers={"X-Wattops-Policy": "random"})
+    assert bad.status_code == 400 and "allowed: cheapest, greenest, fastest" in bad.text
+    bad = router.ask(headers={"X-Wattops-Priority": "urgent"})
+    assert bad.status_code == 400 and "X-Wattops-Priority: 'urgent'" in bad.text
+
+
+def test_the_openai_client_works_unchanged(
+    two_nodes: tuple[Agent, Agent], make_router: Callable[..., RouterProc]
+) -> None:
+    router = make_router(list(two_nodes), [CHAT])
+    client = router.openai()
+    listed = [m.id for m in client.models.list()]
+    assert listed[0] == "chat" and {"edge/tiny", "cloud/tiny"} <= set(listed)
+    raw = client.chat.completions.with_raw_response.create(
+        model="chat", messages=[{"role": "user", "content": "Say hi"}], max_tokens=6
+    )
+    chat = raw.parse()
+    assert chat.choices[0].message.content and chat.usage and chat.usage.completion_tokens > 0
+    assert raw.headers["X-Wattops-Served-By"] == "edge/tiny@q8_0"
+    stream = client.chat.completions.create(
+        model="chat", messages=[{"role": "user", "content": "Say hi"}], max_tokens=6,
+        stream=True, stream_options={"include_usage": True},
+    )  # fmt: skip
+    chunks = list(stream)
+    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert chunks[-1].usage is not None and chunks[-1].usage.completion_tokens > 0
+    completion = client.completions.create(model="chat", prompt="Once upon", max_tokens=5)
+    assert completion.choices[0].text
+    # One deployment addressed directly, as node/deployment.
+    direct = client.chat.completions.with_raw_response.create(
+        model="cloud/tiny", messages=[{"role": "user", "content": "Say hi"}], max_tokens=3
+    )
+    assert direct.headers["X-Wattops-Served-By"] == "cloud/tiny@q8_0"
+    assert direct.headers["X-Wattops-Decision"] == "addressed directly"
+    with pytest.raises(openai.NotFoundError, match="neither a route nor a node/deployment"):
+        client.chat.completions.create(model="nope", messages=[{"role": "user", "content": "x"}])
+    # The streamed answer's usage was counted too.
+    view = router.route("chat")
+    assert view["requests"] == 3 and view["tokens"] > 0
+
+
+def test_an_agent_killed_mid_load_loses_no_request_that_had_not_started(
+    two_nodes: tuple[Agent, Agent], make_router: Callable[..., RouterProc]
+) -> None:
+    edge, cloud = two_nodes
+    router = make_router([edge, cloud], [CHAT])
+    assert _served_by(router.ask()) == "edge/tiny"
+    assert edge.proc is not None
+    edge.proc.kill()  # SIGKILL: no goodbye; connections are refused from now on
+    edge.proc.wait()
+    answers = [router.ask() for _ in range(6)]
+    assert [a.status_code for a in answers] == [200] * 6
+    assert {_served_by(a) for a in answers} == {"cloud/tiny"}
+    # The first ones after the kill found out by trying: the decision says what was skipped.
+    if router.route("chat")["fallbacks"]:
+        assert any("after edge/tiny" in a.headers["X-Wattops-Decision"] for a in answers)
+    wait_for(lambda: not _candidate(router, "edge/tiny")["live"], 20, "edge to be offline")
+    wait_for(lambda: _candidate(router, "cloud/tiny")["p95_ms"], 30, "the cloud's latency")
+    assert "agent not live" in str(router.ask(headers={"X-Wattops-Max-Latency-Ms": "0.001"}).text)
+
+
+def test_the_circuit_breaker_opens_after_failures_and_a_probe_closes_it(
+    two_nodes: tuple[Agent, Agent], make_router: Callable[..., RouterProc]
+) -> None:
+    edge, cloud = two_nodes
+    router = make_router([edge, cloud], [CHAT], breaker_failures=2, breaker_open_s=2.0)
+    assert router.ask(model="edge/tiny").status_code == 200
+    edge.stop(signal.SIGKILL)
+    # Addressed directly there is no other candidate: each attempt fails, two open the breaker.
+    for _ in range(2):
+        failed = router.ask(model="edge/tiny")
+        assert failed.status_code == 502 and "edge/tiny (" in failed.json()["error"]["message"]
+    opened = router.ask(model="edge/tiny")
+    assert opened.status_code == 502 and "circuit open" in opened.json()["error"]["message"]
+    assert _candidate(router, "edge/tiny")["breaker"] == "opened"
+    edge.start()
+    time.sleep(2.1)  # the breaker's open time: then one probe goes through and closes it
+    assert router.ask(model="edge/tiny").status_code == 200
+    assert _candidate(router, "edge/tiny")["breaker"] == "closed"
+
+
+def test_a_route_change_applies_at_once_and_survives_a_restart(
+    two_nodes: tuple[Agent, Agent], make_router: Callable[..., RouterProc]
+) -> None:
+    router = make_router(list(two_nodes), [CHAT], token="route-admin")
+    assert router.client.patch("/v1/routes/chat", json={"policy": "fastest"}).status_code == 401
+    auth = {"Authorization": "Bearer route-admin"}
+    bad = router.client.patch("/v1/routes/chat", json={"policy": "random"}, headers=auth)
+    assert bad.status_code == 422 and "policy" in bad.text
+    changed = router.client.patch(
+        "/v1/routes/chat", json={"policy": "fastest", "max_p95_ms": 5000}, headers=auth
+    )
+    assert changed.status_code == 200 and changed.json()["policy"] == "fastest"
+    assert router.ask().headers["X-Wattops-Decision"].startswith("fastest: ")
+    router.stop()
+    again = RouterProc(router.folder, router.agents, router.routes, {"token": "route-admin"},
+                       port=router.port).start()  # fmt: skip
+    try:
+        bounds = again.route("chat")["bounds"]
+        assert bounds["policy"] == "fastest" and bounds["max_p95_ms"] == 5000
+    finally:
+        again.stop()
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("[[routes]]\nname = 'chat'\ncandidates = ['edge/*']\nreference = 'x/tiny'\n",
+         "routes.0: Value error, reference 'x/tiny' matches none of the candidates"),
+        ("[[routes]]\nname = 'chat'\ncandidates = ['tiny']\nreference = 'a/tiny'\n",
+         "routes.0.candidates: Value error, 'tiny' must be node/deployment"),
+        ("[router]\nlisten = 'nowhere'\n[[routes]]\nname = 'c'\ncandidates = ['a/b']\n"
+         "reference = 'a/b'\n", "router.listen: Value error, must be host:port"),
+        ("[[routes]]\nname = 'chat'\ncandidates = ['a/b']\nreference = 'a/b'\npolicy = 'x'\n",
+         "routes.0.policy: Input should be 'cheapest', 'greenest' or 'fastest'"),
+    ],
+)  # fmt: skip
+def test_a_bad_config_fails_with_its_message(tmp_path: Path, text: str, message: str) -> None:
+    config = tmp_path / "router.toml"
+    config.write_text("[[agents]]\nurl = 'http://127.0.0.1:9'\n" + text)
+    done = subprocess.run([str(ROUTER_BIN), "--config", str(config)], capture_output=True,
+                          text=True, timeout=60)  # fmt: skip
+    assert done.returncode == 2
+    assert f"{config}: invalid configuration" in done.stderr
+    assert message.replace("Value error, ", "") in done.stderr

@@ -1,0 +1,111 @@
+"""The router's choice of deployment (router/choose.py) on hand-made candidates: bounds exclude
+with their reason, policies order the rest, the queue counts against the latency bound."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+import pytest
+
+from wattops.router.candidates import Candidate
+from wattops.router.choose import Constraints, NoCandidate, QualityFigure, choose
+
+
+def cand(key: str, **kw: object) -> Candidate:
+    node, dep = key.split("/")
+    base = dict(
+        key=key, node=node, deployment=dep, url=f"http://{node}", model="m.gguf",
+        precision="f16", state="serving", live=True, ready=1, agent_in_flight=0, p50_s=0.5,
+        p95_s=1.0, usd_per_hour=1.0, usd_per_1m=10.0, usd_per_1m_input=None,
+        usd_per_1m_output=None, j_per_token=1.0, gco2e_per_1m=100.0, figures_current=True,
+    )  # fmt: skip
+    return Candidate(**{**base, **kw})  # type: ignore[arg-type]
+
+
+CLOUD = cand("cloud/chat", usd_per_1m=70.0, gco2e_per_1m=50.0, p95_s=0.4, p50_s=0.2)
+EDGE = cand("edge/chat", precision="q4_k_m", usd_per_1m=0.5, gco2e_per_1m=30.0, p95_s=2.0)
+CPU = cand("cpu/chat", precision="q8_0", usd_per_1m=0.6, gco2e_per_1m=20.0, p95_s=3.0)
+QUALITY = {
+    "cloud/chat": QualityFigure(1.0, 0.0, "the reference"),
+    "edge/chat": QualityFigure(0.85, 55.0, "wattops quality"),
+    "cpu/chat": QualityFigure(0.95, 35.0, "wattops quality"),
+}
+
+
+def test_each_policy_orders_the_candidates_by_its_figure() -> None:
+    every = [CLOUD, EDGE, CPU]
+    cheapest = choose("chat", every, QUALITY, Constraints("cheapest"))
+    assert [c.key for c in cheapest.ordered] == ["edge/chat", "cpu/chat", "cloud/chat"]
+    assert cheapest.reason.startswith("cheapest: $0.5/1M tokens; 3 of 3 meet no bounds")
+    greenest = choose("chat", every, QUALITY, Constraints("greenest"))
+    assert greenest.ordered[0].key == "cpu/chat"
+    fastest = choose("chat", every, QUALITY, Constraints("fastest"))
+    assert fastest.ordered[0].key == "cloud/chat"
+
+
+def test_bounds_exclude_with_the_reason() -> None:
+    bounds = Constraints("cheapest", min_quality=0.9, max_p95_s=2.5)
+    choice = choose("chat", [CLOUD, EDGE, CPU], QUALITY, bounds)
+    assert [c.key for c in choice.ordered] == ["cloud/chat"]
+    assert choice.excluded == {
+        "edge/chat": "quality 85.0% < 90%",
+        "cpu/chat": "p95 would be 3000ms > 2500ms (0 in flight on 1 ready)",
+    }
+    # A batch request does not wait on the latency bound: the CPU host is cheaper.
+    batch = choose("chat", [CLOUD, EDGE, CPU], QUALITY, replace(bounds, priority="batch"))
+    assert batch.ordered[0].key == "cpu/chat"
+    # chrF drop and price bounds.
+    strict = Constraints("cheapest", max_chrf_drop=40.0, max_usd_per_1m=50.0)
+    choice = choose("chat", [CLOUD, EDGE, CPU], QUALITY, strict)
+    assert [c.key for c in choice.ordered] == ["cpu/chat"]
+    assert choice.excluded["cloud/chat"] == "$70/1M tokens > $50"
+    assert choice.excluded["edge/chat"] == "chrF drop 55.0 > 40"
+
+
+def test_a_busy_candidate_overflows_to_the_next_one() -> None:
+    # The edge node is cheapest, but 4 requests wait on its one replica: 2.0 s p95 plus
+    # 4 x 0.5 s median service time is over the 3 s bound; the CPU host takes the request.
+    busy_edge = replace(EDGE, agent_in_flight=5)
+    choice = choose(
+        "chat", [CLOUD, busy_edge, CPU], QUALITY, Constraints("cheapest", max_p95_s=3.5)
+    )
+    assert choice.ordered[0].key == "cpu/chat"
+    assert choice.excluded["edge/chat"] == "p95 would be 4500ms > 3500ms (5 in flight on 1 ready)"
+
+
+def test_nothing_meets_the_bounds_names_every_candidate() -> None:
+    down = replace(CLOUD, live=False)
+    with pytest.raises(NoCandidate) as info:
+        choose("chat", [down, EDGE], QUALITY, Constraints("cheapest", min_quality=0.9),
+               {"edge/chat": "circuit open after 3 failures, probe in 8s"})  # fmt: skip
+    message = str(info.value)
+    assert "no deployment of route 'chat' meets quality>=0.9 now" in message
+    assert "cloud/chat: agent not live" in message
+    assert "edge/chat: circuit open after 3 failures" in message
+    unknown = {"edge/chat": QualityFigure(None, None, "no quality table of m.gguf")}
+    with pytest.raises(NoCandidate, match=r"quality unknown \(no quality table of m.gguf\)"):
+        choose("chat", [EDGE], unknown, Constraints("cheapest", min_quality=0.5))
+
+
+def test_parked_candidates_come_after_every_ready_one() -> None:
+    parked_edge = replace(EDGE, state="parked", ready=0)
+    choice = choose("chat", [CLOUD, parked_edge], QUALITY, Constraints("cheapest"))
+    assert [c.key for c in choice.ordered] == ["cloud/chat", "edge/chat"]
+    # ... and are woken when no ready one meets the bounds.
+    only = choose("chat", [replace(CLOUD, live=False), parked_edge], QUALITY,
+                  Constraints("cheapest"))  # fmt: skip
+    assert only.ordered[0].key == "edge/chat" and "waking it" in only.reason
+
+
+def test_a_candidate_that_never_served_is_priced_by_its_held_dollars() -> None:
+    # The CPU host has no $/1M tokens yet; the others get 10 and 0.5 $/1M per held $/h...
+    fresh = replace(CPU, usd_per_1m=None, usd_per_hour=0.05)
+    cloud = replace(CLOUD, usd_per_hour=5.0, usd_per_1m=70.0)  # 14 $/1M per held $/h
+    edge = replace(EDGE, usd_per_hour=0.05, usd_per_1m=0.5)  # 10
+    choice = choose("chat", [cloud, edge, fresh], QUALITY, Constraints("cheapest"))
+    # ... so its prior is 0.05 x median(14, 10) = 0.6: between the edge and the cloud.
+    assert [c.key for c in choice.ordered] == ["edge/chat", "cpu/chat", "cloud/chat"]
+    first_served = choose("chat", [replace(cloud, usd_per_1m=None), fresh], QUALITY,
+                          Constraints("cheapest"))  # fmt: skip
+    assert first_served.ordered[0].key == "cpu/chat"
+    assert "held (no tokens yet)" in first_served.reason
