@@ -19,6 +19,13 @@ requests until the wake is done — one wake for all of them):
   tokens per held dollar), or by held $/h alone when no candidate has served yet.
 - `greenest`: lowest gCO2e per 1M tokens, then lowest J/token; unknown ones last.
 - `fastest`: lowest p95 it would give now; one without latency figures counts as the median.
+
+Ready candidates whose figure is within `equivalent_within` (default 20%) of the best are
+equivalent: measured figures of identical deployments differ by noise, and sending everything
+to the one that happens to be 1% cheaper would leave its twins idle and queue on it. Among
+equivalent ones a request with a conversation prefix follows prefix affinity (`affinity.py`:
+consistent hashing with bounded loads), so the engines' prefix caches keep hitting; any other
+goes to the least busy, turn by turn on ties.
 """
 
 from __future__ import annotations
@@ -28,9 +35,10 @@ import statistics
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
+from wattops.router.affinity import Rings
 from wattops.router.candidates import Candidate
 
-__all__ = ["Choice", "Constraints", "NoCandidate", "QualityFigure", "choose"]
+__all__ = ["Choice", "Constraints", "NoCandidate", "QualityFigure", "Spread", "choose"]
 
 PRIORITIES = ("interactive", "batch")
 
@@ -66,6 +74,19 @@ class Constraints:
         if self.max_usd_per_1m is not None:
             parts.append(f"$/1M<={self.max_usd_per_1m:g}")
         return " ".join(parts) or "no bounds"
+
+
+@dataclass(frozen=True)
+class Spread:
+    """How a request is placed among equivalent candidates."""
+
+    equivalent_within: float = 0.2
+    #: The request's prefix-affinity key (None: no affinity).
+    prefix: str | None = None
+    rings: Rings | None = None
+    load_factor: float = 1.25
+    #: Advances per request: breaks ties among equally busy ones in turn.
+    turn: int = 0
 
 
 @dataclass(frozen=True)
@@ -167,12 +188,45 @@ def _figure(policy: str, c: Candidate, cands: Sequence[Candidate]) -> str:
     return "no latency yet" if expected is None else f"p95 ~{expected * 1000:.0f}ms"
 
 
+def _equivalent(value: float, best: float, within: float) -> bool:
+    if math.isinf(best):
+        return math.isinf(value)
+    return value <= best * (1 + within) if best > 0 else value == best
+
+
+def _spread(ordered: list[Candidate], keys: Mapping[str, tuple[float, ...]],
+            spread: Spread) -> tuple[list[Candidate], str]:  # fmt: skip
+    """`ordered` with the equivalent best ones first in the spread's order, and a note."""
+    ready = [c for c in ordered if not (c.parked or c.ready == 0)]
+    if len(ready) < 2:
+        return ordered, ""
+    best = keys[ready[0].key][0]
+    tier = [c for c in ready if _equivalent(keys[c.key][0], best, spread.equivalent_within)]
+    if len(tier) < 2:
+        return ordered, ""
+    within = f"{len(tier)} within {spread.equivalent_within:.0%}"
+    if spread.prefix is not None and spread.rings is not None:
+        loads = {c.key: c.in_flight for c in tier}
+        by_key = {c.key: c for c in tier}
+        order = spread.rings.order(list(by_key), spread.prefix, loads, spread.load_factor)
+        first = [by_key[k] for k in order]
+        note = f", prefix affinity among {within}"
+    else:
+        n = len(tier)
+        turn = {c.key: (i - spread.turn) % n for i, c in enumerate(tier)}
+        first = sorted(tier, key=lambda c: (c.in_flight, turn[c.key]))
+        note = f", least busy of {within}"
+    chosen = {c.key for c in first}
+    return first + [c for c in ordered if c.key not in chosen], note
+
+
 def choose(
     route: str,
     candidates: Sequence[Candidate],
     quality: Mapping[str, QualityFigure],
     bounds: Constraints,
     unavailable: Mapping[str, str] | None = None,
+    spread: Spread | None = None,
 ) -> Choice:
     """The candidates to try for one request of `route`, best first (see the module)."""
     unknown = QualityFigure(None, None, "no figure")
@@ -188,8 +242,9 @@ def choose(
         raise NoCandidate(route, bounds, excluded)
     keys = _policy_keys(bounds.policy, meeting)
     ordered = sorted(meeting, key=lambda c: (c.parked or c.ready == 0, keys[c.key], c.key))
+    ordered, note = _spread(ordered, keys, spread or Spread())
     first = ordered[0]
-    reason = f"{bounds.policy}: {_figure(bounds.policy, first, meeting)}"
+    reason = f"{bounds.policy}: {_figure(bounds.policy, first, meeting)}{note}"
     if first.parked or first.ready == 0:
         reason += ", waking it (no ready candidate meets the bounds)"
     reason += f"; {len(meeting)} of {len(candidates)} meet {bounds.describe()}"

@@ -126,6 +126,18 @@ class RouteConfig(_Section):
     )
     max_p95_ms: float | None = Field(None, gt=0, description="latency bound of one answer")
     max_usd_per_1m_tokens: float | None = Field(None, gt=0, description="price bound")
+    affinity: bool = Field(
+        True, description="requests sharing a conversation prefix go to the same deployment "
+        "among equivalent ones while its load allows (prefix cache hits)",
+    )  # fmt: skip
+    equivalent_within: float = Field(
+        0.2, ge=0, description="candidates within this share of the best figure are equivalent "
+        "and share the traffic (by load, or by prefix affinity)",
+    )  # fmt: skip
+    affinity_load_factor: float = Field(
+        1.25, gt=1, description="a prefix stays on its deployment while that one's requests in "
+        "flight stay within this multiple of the mean",
+    )  # fmt: skip
     quality: dict[str, float] = Field(
         default_factory=dict,
         description="declared top-1 agreement of candidates (node/deployment = 0..1), used "

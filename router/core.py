@@ -23,6 +23,7 @@ from purgatory import AsyncCircuitBreakerFactory
 from purgatory.service._async.circuitbreaker import AsyncCircuitBreaker
 
 from wattops.fleet.state import FleetState
+from wattops.router.affinity import Rings, prefix_key
 from wattops.router.api import (
     Bounds,
     CandidateView,
@@ -32,7 +33,7 @@ from wattops.router.api import (
     RouteView,
 )
 from wattops.router.candidates import Candidate, Learned, candidate_of, key_of
-from wattops.router.choose import PRIORITIES, Choice, Constraints, QualityFigure
+from wattops.router.choose import PRIORITIES, Choice, Constraints, QualityFigure, Spread
 from wattops.router.config import RouteConfig, RouterConfig
 from wattops.router.quality import QualityBook
 from wattops.vocabulary import atomic_write
@@ -147,6 +148,8 @@ class Router:
         )  # fmt: skip
         self._last_save = time.monotonic()
         self._bounds: dict[str, Bounds] = {}
+        self.rings = Rings()
+        self._turn = 0
         #: deployments() kept until a snapshot, a link state or a count in flight changes.
         self._every: tuple[tuple[Any, ...], dict[str, Candidate]] | None = None
 
@@ -205,6 +208,17 @@ class Router:
         self._bounds.pop(name, None)
         log.info("route %s changed: %s", name, given)
         return self.bounds(route)
+
+    def spread(self, route: RouteConfig, body: Mapping[str, Any]) -> Spread:
+        """How this request is placed among equivalent candidates of `route`."""
+        self._turn += 1
+        return Spread(
+            equivalent_within=route.equivalent_within,
+            prefix=prefix_key(body) if route.affinity else None,
+            rings=self.rings,
+            load_factor=route.affinity_load_factor,
+            turn=self._turn,
+        )
 
     def constraints(self, route: RouteConfig, headers: Mapping[str, str]) -> Constraints:
         """The route's bounds, tightened (never loosened) by the request's headers."""

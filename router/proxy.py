@@ -146,7 +146,7 @@ class RouterGateway:
         cands = router.candidates(route, every)
         try:
             choice = choose(route.name, cands, router.quality_of(route, cands), bounds,
-                            router.unavailable(cands))  # fmt: skip
+                            router.unavailable(cands), router.spread(route, body))  # fmt: skip
         except NoCandidate as exc:
             router.record(route.name, None, None, None, None, 503, [], str(exc))
             return _error(503, str(exc), "no_candidate",

@@ -332,3 +332,48 @@ def test_a_bad_config_fails_with_its_message(tmp_path: Path, text: str, message:
     assert done.returncode == 2
     assert f"{config}: invalid configuration" in done.stderr
     assert message.replace("Value error, ", "") in done.stderr
+
+
+def test_prefix_affinity_keeps_a_shared_prefix_on_one_node(
+    make_agent: Callable[..., Agent], make_router: Callable[..., RouterProc]
+) -> None:
+    twins = [make_agent(prefix_cache=True, agent_extra={"node": f"twin{i}", "sensor": "estimate"})
+             for i in range(2)]  # fmt: skip
+    sticky = {"name": "sticky", "candidates": ["twin*/tiny"], "reference": "twin0/tiny"}
+    spread = {**sticky, "name": "spread", "affinity": False}
+    router = make_router(twins, [sticky, spread])
+    systems = [f"You are assistant number {n}. " + "Answer briefly and politely. " * 8
+               for n in range(3)]  # fmt: skip
+
+    def counters() -> tuple[int, int, int]:
+        deps = [a.deployment()["counters"] for a in twins]
+        return (sum(c["cached_prompt_tokens_total"] for c in deps),
+                sum(c["prompt_tokens_total"] for c in deps),
+                sum(c["requests_total"] for c in deps))  # fmt: skip
+
+    def run(route: str) -> tuple[float, dict[str, set[str]]]:
+        homes: dict[str, set[str]] = {}
+        cached0, prompt0, requests0 = counters()
+        for n, system in enumerate(systems):
+            for turn in range(3):
+                answer = router.ask(model=route, messages=[
+                    {"role": "system", "content": system},
+                    {"role": "user", "content": f"question {turn} of group {n}"},
+                ])  # fmt: skip
+                assert answer.status_code == 200
+                homes.setdefault(system, set()).add(_served_by(answer))
+        # The agents read their engines' token counters once a second.
+        wait_for(lambda: counters()[2] >= requests0 + 9 and counters()[1] > prompt0, 30,
+                 "the agents to count the answers")  # fmt: skip
+        cached1, prompt1, _ = counters()
+        return (cached1 - cached0) / (prompt1 - prompt0), homes
+
+    with_affinity, homes = run("sticky")
+    assert all(len(nodes) == 1 for nodes in homes.values()), homes
+    assert "prefix affinity among 2" in router.ask(model="sticky", messages=[
+        {"role": "system", "content": systems[0]}, {"role": "user", "content": "x"}
+    ]).headers["X-Wattops-Decision"]  # fmt: skip
+    without, spread_homes = run("spread")
+    assert any(len(nodes) == 2 for nodes in spread_homes.values()), spread_homes
+    print(f"prefix reuse: {with_affinity:.1%} with affinity, {without:.1%} without")
+    assert with_affinity > without

@@ -7,8 +7,9 @@ from dataclasses import replace
 
 import pytest
 
+from wattops.router.affinity import Rings, prefix_key
 from wattops.router.candidates import Candidate
-from wattops.router.choose import Constraints, NoCandidate, QualityFigure, choose
+from wattops.router.choose import Constraints, NoCandidate, QualityFigure, Spread, choose
 
 
 def cand(key: str, **kw: object) -> Candidate:
@@ -24,7 +25,7 @@ def cand(key: str, **kw: object) -> Candidate:
 
 CLOUD = cand("cloud/chat", usd_per_1m=70.0, gco2e_per_1m=50.0, p95_s=0.4, p50_s=0.2)
 EDGE = cand("edge/chat", precision="q4_k_m", usd_per_1m=0.5, gco2e_per_1m=30.0, p95_s=2.0)
-CPU = cand("cpu/chat", precision="q8_0", usd_per_1m=0.6, gco2e_per_1m=20.0, p95_s=3.0)
+CPU = cand("cpu/chat", precision="q8_0", usd_per_1m=0.8, gco2e_per_1m=20.0, p95_s=3.0)
 QUALITY = {
     "cloud/chat": QualityFigure(1.0, 0.0, "the reference"),
     "edge/chat": QualityFigure(0.85, 55.0, "wattops quality"),
@@ -109,3 +110,56 @@ def test_a_candidate_that_never_served_is_priced_by_its_held_dollars() -> None:
                           Constraints("cheapest"))  # fmt: skip
     assert first_served.ordered[0].key == "cpu/chat"
     assert "held (no tokens yet)" in first_served.reason
+
+
+def test_equivalent_candidates_share_by_load_or_by_prefix_affinity() -> None:
+    twins = [cand(f"edge{i}/chat", usd_per_1m=0.50 + i / 100) for i in range(3)]
+    dear = replace(CLOUD, usd_per_1m=0.9)  # more than 20% above the best: not equivalent
+    quality = {c.key: QualityFigure(1.0, 0.0, "declared") for c in [*twins, dear]}
+    bounds = Constraints("cheapest")
+    # Without a prefix: the least busy, turn by turn among equally busy ones.
+    firsts = [choose("chat", [*twins, dear], quality, bounds, spread=Spread(turn=t)).ordered[0].key
+              for t in range(3)]  # fmt: skip
+    assert sorted(firsts) == ["edge0/chat", "edge1/chat", "edge2/chat"]
+    busy = [replace(twins[0], agent_in_flight=2), twins[1], replace(twins[2], agent_in_flight=1)]
+    choice = choose("chat", [*busy, dear], quality, bounds)
+    assert [c.key for c in choice.ordered] == [
+        "edge1/chat",
+        "edge2/chat",
+        "edge0/chat",
+        "cloud/chat",
+    ]
+    assert ", least busy of 3 within 20%" in choice.reason
+    # With a prefix: always the same one while its load allows ...
+    rings = Rings()
+    spread = Spread(prefix="system-prompt-A", rings=rings)
+    home = choose("chat", [*twins, dear], quality, bounds, spread=spread).ordered[0].key
+    for t in range(5):
+        again = choose("chat", [*twins, dear], quality, bounds, spread=replace(spread, turn=t))
+        assert again.ordered[0].key == home and "prefix affinity among 3" in again.reason
+    # ... other prefixes spread over the twins ...
+    homes = {
+        choose("chat", twins, quality, bounds, spread=Spread(prefix=f"p{i}", rings=rings))
+        .ordered[0]
+        .key
+        for i in range(30)
+    }
+    assert len(homes) == 3
+    # ... and a home busier than 1.25 x the mean load sends its prefix to the next on the ring.
+    loaded = [replace(c, agent_in_flight=4) if c.key == home else c for c in twins]
+    moved = choose("chat", loaded, quality, bounds, spread=spread).ordered[0].key
+    assert moved != home
+    assert choose("chat", loaded, quality, bounds, spread=spread).ordered[0].key == moved
+
+
+def test_prefix_key_is_the_conversation_before_the_last_message() -> None:
+    system = {"role": "system", "content": "You are terse."}
+    one = prefix_key({"messages": [system, {"role": "user", "content": "a"}]})
+    two = prefix_key({"messages": [system, {"role": "user", "content": "b"}]})
+    assert one is not None and one == two
+    assert prefix_key({"messages": [{"role": "user", "content": "a"}]}) is None
+    assert prefix_key({"prompt": "Once upon"}) is None
+    longer = prefix_key({"messages": [system, {"role": "user", "content": "a"},
+                                      {"role": "assistant", "content": "b"},
+                                      {"role": "user", "content": "c"}]})  # fmt: skip
+    assert longer not in (None, one)
