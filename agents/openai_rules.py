@@ -60,10 +60,25 @@ def check(body: dict[str, Any], chat: bool) -> None:
             )
     if "stream" in body and not isinstance(body["stream"], bool | None):
         raise InvalidRequest(f"stream must be a boolean, got {_kind(body['stream'])}", "stream")
+    _check_logprobs(body, chat)
     if chat:
         _check_messages(body.get("messages"))
     elif "prompt" not in body:
         raise InvalidRequest("you must provide a prompt parameter", "prompt")
+
+
+def _check_logprobs(body: dict[str, Any], chat: bool) -> None:
+    # Chat: `logprobs` a boolean and `top_logprobs` 0..20; completions: `logprobs` 0..5.
+    logprobs = body.get("logprobs")
+    if chat and logprobs is not None and not isinstance(logprobs, bool):
+        raise InvalidRequest(f"logprobs must be a boolean, got {_kind(logprobs)}", "logprobs")
+    for name, most in (("top_logprobs", 20),) if chat else (("logprobs", 5),):
+        value = body.get(name)
+        if value is None:
+            continue
+        if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= most:
+            raise InvalidRequest(f"{value!r} is not a valid {name}: it must be an integer "
+                                 f"between 0 and {most}", name)  # fmt: skip
 
 
 def _check_messages(messages: Any) -> None:

@@ -24,6 +24,7 @@ import argparse
 import asyncio
 import codecs
 import contextlib
+import math
 import os
 import random
 import signal
@@ -35,6 +36,7 @@ from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
+import numpy as np
 import orjson
 from aiohttp import web
 from prometheus_client import CollectorRegistry, Counter, Gauge, generate_latest
@@ -67,6 +69,15 @@ def _error(status: int, message: str, param: str | None = None) -> web.Response:
         "error": {"message": message, "type": "invalid_request_error", "param": param, "code": None}
     }
     return web.Response(status=status, body=orjson.dumps(body), content_type="application/json")
+
+
+def _alternatives(value: Any, most: int, param: str) -> int:
+    """A number of alternative tokens to report (OpenAI: 0..20 in chat, 0..5 in completions)."""
+    if value is None:
+        return 0
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= most:
+        raise BadRequest(f"`{param}` must be an integer from 0 to {most}", param)
+    return value
 
 
 class Worker:
@@ -162,6 +173,7 @@ class Worker:
         frequency_penalty: float = 0.0,
         seed: int | None = None,
         stop: str | list[str] | None = None,
+        logprobs: int | None = None,
         **_ignored: Any,
     ) -> Iterator[dict[str, Any]]:
         """OpenAI completion chunks for `prompt`, one per token that completes text.
@@ -170,7 +182,10 @@ class Worker:
         unfinished character), text that may begin a stop sequence is held back until it
         cannot, and `cancelled` is checked at every token. Sampling, seeding and the context
         limit follow llama-cpp-python's own completion, so streamed and unstreamed answers
-        agree.
+        agree. With `logprobs` (the number of alternatives, 0 for none), each chunk carries
+        the log-probabilities of the tokens it holds under the model's own distribution
+        (before temperature and penalties), in completion format; llama-cpp-python's chat
+        handler turns that into the chat format.
         """
         tokens = self._prompt_tokens(prompt)
         n_ctx = self.llm.n_ctx()
@@ -196,8 +211,17 @@ class Worker:
         head = {"id": f"cmpl-{uuid.uuid4()}", "object": "text_completion",
                 "created": int(time.time()), "model": self.model_id}  # fmt: skip
 
+        scored: list[tuple[str, float, dict[str, float]]] = []  # tokens not yet sent
+
         def chunk(text: str, finish: str | None) -> dict[str, Any]:
-            choice = {"text": text, "index": 0, "logprobs": None, "finish_reason": finish}
+            lp = None
+            if logprobs is not None and (scored or text):
+                lp = {"tokens": [t for t, _, _ in scored],
+                      "token_logprobs": [p for _, p, _ in scored],
+                      "top_logprobs": [top for _, _, top in scored],
+                      "text_offset": [0] * len(scored)}  # fmt: skip
+                scored.clear()
+            choice = {"text": text, "index": 0, "logprobs": lp, "finish_reason": finish}
             return {**head, "choices": [choice]}
 
         decoder = codecs.getincrementaldecoder("utf-8")(errors="ignore")  # as unstreamed
@@ -218,7 +242,10 @@ class Worker:
                     finish = "stop"
                     break
                 produced += 1
-                pending += decoder.decode(self.llm._model.detokenize([token]))
+                piece = self.llm._model.detokenize([token])
+                if logprobs is not None:
+                    scored.append(self._scored(token, piece, logprobs))
+                pending += decoder.decode(piece)
                 cut = min((pending.find(s) for s in stops if s in pending), default=-1)
                 if cut >= 0:
                     pending, finish = pending[:cut], "stop"
@@ -238,6 +265,24 @@ class Worker:
         if pending:
             yield chunk(pending, None)
         yield chunk("", finish)
+
+    def _scored(self, token: int, piece: bytes, alternatives: int
+                ) -> tuple[str, float, dict[str, float]]:  # fmt: skip
+        """The token's text and log-probability, and its `alternatives` likeliest rivals, from
+        the logits it was sampled from: the context's last row (llama-cpp-python keeps no copy
+        unless every row is kept, and its sampler leaves the row as it was)."""
+        row = self.llm._ctx.get_logits_ith(-1)
+        logits = np.ctypeslib.as_array(row, shape=(self.llm.n_vocab(),)).astype(np.float64)
+        top = float(logits.max())
+        log_total = top + math.log(float(np.exp(logits - top).sum()))
+        rivals: dict[str, float] = {}
+        if alternatives > 0:
+            best = np.argpartition(-logits, alternatives)[:alternatives]
+            for i in best[np.argsort(-logits[best])]:
+                text = self.llm._model.detokenize([int(i)]).decode("utf-8", "replace")
+                rivals[text] = float(logits[i]) - log_total
+        text = piece.decode("utf-8", "replace")
+        return text, float(logits[token]) - log_total, rivals
 
     # -- request parsing -------------------------------------------------------------------
 
@@ -270,6 +315,13 @@ class Worker:
                 if not isinstance(msg.get("content"), str | None):
                     raise BadRequest("message `content` must be a string", "messages")
             params["messages"] = messages
+            wanted = body.get("logprobs")
+            if wanted is not None and not isinstance(wanted, bool):
+                raise BadRequest("`logprobs` must be a boolean", "logprobs")
+            if wanted:
+                params["logprobs"] = True
+                params["top_logprobs"] = _alternatives(body.get("top_logprobs"), 20,
+                                                       "top_logprobs")  # fmt: skip
         else:
             prompt = body.get("prompt")
             if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], str):
@@ -277,6 +329,8 @@ class Worker:
             if not isinstance(prompt, str):
                 raise BadRequest("`prompt` must be a string", "prompt")
             params["prompt"] = prompt
+            if body.get("logprobs") is not None:
+                params["logprobs"] = _alternatives(body["logprobs"], 5, "logprobs")
         return params
 
     # -- inference (runs on the single inference thread) -----------------------------------
@@ -338,14 +392,19 @@ class Worker:
     def _assemble(self, chunks: Iterator[dict[str, Any]]) -> dict[str, Any]:
         """One unstreamed completion from the chunks of a streamed one."""
         text, finish, head = [], None, None
+        logprobs: dict[str, list[Any]] | None = None
         for chunk in chunks:
             head = head or chunk
             choice = chunk["choices"][0]
             text.append(choice["text"])
             finish = choice["finish_reason"] or finish
+            if choice["logprobs"] is not None:
+                logprobs = logprobs or {k: [] for k in choice["logprobs"]}
+                for key, values in choice["logprobs"].items():
+                    logprobs[key].extend(values)
         assert head is not None
         prompt, completion = self.last_prompt_tokens, self.last_completion_tokens
-        choice = {"text": "".join(text), "index": 0, "logprobs": None, "finish_reason": finish}
+        choice = {"text": "".join(text), "index": 0, "logprobs": logprobs, "finish_reason": finish}
         return {**head, "choices": [choice], "usage": {
             "prompt_tokens": prompt, "completion_tokens": completion,
             "total_tokens": prompt + completion,

@@ -28,6 +28,8 @@ def client(agent: Agent) -> openai.OpenAI:
         ({"messages": [{"role": "wizard", "content": "hi"}]}, "messages[0].role", "'wizard'"),
         ({"max_tokens": 100_000_000}, "max_tokens", "max_tokens is too large"),
         ({"max_tokens": 0}, "max_tokens", "at least 1"),
+        ({"logprobs": 3}, "logprobs", "logprobs must be a boolean"),
+        ({"logprobs": True, "top_logprobs": 21}, "top_logprobs", "between 0 and 20"),
     ],
 )
 def test_what_openai_refuses_is_refused_with_the_field_named(
