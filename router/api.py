@@ -9,7 +9,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 __all__ = ["Bounds", "CandidateView", "DecisionView", "RoutePatch", "RouteView", "RouterView"]
 
-PolicyName = Literal["cheapest", "greenest", "fastest"]
+PolicyName = Literal["cheapest", "greenest", "fastest", "cascade"]
 
 
 class _Model(BaseModel):
@@ -82,6 +82,8 @@ class RouteView(_Model):
     errors: int = 0
     refusals: int = Field(0, description="answered 503: no candidate met the bounds")
     fallbacks: int = Field(0, description="candidates skipped after failing before answering")
+    escalations: int = Field(0, description="cascade answers set aside for a surer candidate")
+    escalated_tokens: int = Field(0, description="their tokens (their cost is in est_cost_usd)")
     tokens: int = 0
     est_cost_usd: float = Field(
         0.0,

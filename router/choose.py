@@ -162,7 +162,7 @@ def _cost_keys(cands: Sequence[Candidate]) -> dict[str, tuple[float, str]]:
 
 
 def _policy_keys(policy: str, cands: Sequence[Candidate]) -> dict[str, tuple[float, ...]]:
-    if policy == "cheapest":
+    if policy in ("cheapest", "cascade"):
         return {k: (v[0],) for k, v in _cost_keys(cands).items()}
     if policy == "greenest":
         return {
@@ -178,7 +178,7 @@ def _policy_keys(policy: str, cands: Sequence[Candidate]) -> dict[str, tuple[flo
 
 
 def _figure(policy: str, c: Candidate, cands: Sequence[Candidate]) -> str:
-    if policy == "cheapest":
+    if policy in ("cheapest", "cascade"):
         return _cost_keys(cands)[c.key][1]
     if policy == "greenest":
         if c.gco2e_per_1m is None:

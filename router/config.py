@@ -14,7 +14,7 @@ url = "http://gpu-a1.internal:8080"
 name = "chat"                 # what clients put in "model"
 candidates = ["*/smollm2"]    # node/deployment globs
 reference = "gpu-a1/smollm2"  # quality 1.0, and the counterfactual of every saving
-policy = "cheapest"           # cheapest | greenest | fastest
+policy = "cheapest"           # cheapest | greenest | fastest | cascade
 min_quality = 0.9             # top-1 agreement with the reference
 max_p95_ms = 4000
 ```
@@ -48,8 +48,8 @@ __all__ = [
     "parse_config",
 ]
 
-Policy = Literal["cheapest", "greenest", "fastest"]
-POLICIES: tuple[str, ...] = ("cheapest", "greenest", "fastest")
+Policy = Literal["cheapest", "greenest", "fastest", "cascade"]
+POLICIES: tuple[str, ...] = ("cheapest", "greenest", "fastest", "cascade")
 
 
 class ConfigError(Exception):
@@ -126,6 +126,10 @@ class RouteConfig(_Section):
     )
     max_p95_ms: float | None = Field(None, gt=0, description="latency bound of one answer")
     max_usd_per_1m_tokens: float | None = Field(None, gt=0, description="price bound")
+    cascade_min_logprob: float = Field(
+        -0.5, le=0, description="cascade: an answer whose mean token log-probability is below "
+        "this goes to the next candidate",
+    )  # fmt: skip
     affinity: bool = Field(
         True, description="requests sharing a conversation prefix go to the same deployment "
         "among equivalent ones while its load allows (prefix cache hits)",

@@ -34,7 +34,7 @@ from wattops.router.api import (
 )
 from wattops.router.candidates import Candidate, Learned, candidate_of, key_of
 from wattops.router.choose import PRIORITIES, Choice, Constraints, QualityFigure, Spread
-from wattops.router.config import RouteConfig, RouterConfig
+from wattops.router.config import POLICIES, RouteConfig, RouterConfig
 from wattops.router.quality import QualityBook
 from wattops.vocabulary import atomic_write
 
@@ -90,6 +90,8 @@ class RouteStats:
     errors: int = 0
     refusals: int = 0
     fallbacks: int = 0
+    escalations: int = 0
+    escalated_tokens: int = 0
     tokens: int = 0
     est_cost_usd: float = 0.0
     counterfactual_cost_usd: float = 0.0
@@ -139,6 +141,10 @@ class Router:
         self.m_energy = PromCounter(
             "wattops_route_energy_j", "Estimated energy, achieved and counterfactual",
             ["route", "kind"], registry=self.registry,
+        )  # fmt: skip
+        self.m_escalations = PromCounter(
+            "wattops_route_escalations", "Cascade answers set aside for the next candidate",
+            labels, registry=self.registry,
         )  # fmt: skip
         self.m_fallbacks = PromCounter("wattops_route_fallbacks", "Candidates skipped after "
                                        "failing", labels, registry=self.registry)  # fmt: skip
@@ -220,14 +226,17 @@ class Router:
             turn=self._turn,
         )
 
-    def constraints(self, route: RouteConfig, headers: Mapping[str, str]) -> Constraints:
-        """The route's bounds, tightened (never loosened) by the request's headers."""
+    def constraints(self, route: RouteConfig, headers: Mapping[str, str],
+                    stream: bool = False) -> Constraints:  # fmt: skip
+        """The route's bounds, tightened (never loosened) by the request's headers. On the
+        cascade policy a whole (unstreamed) answer is judged by its own confidence, so the
+        quality floor does not leave the cheap candidates out; a streamed one cannot be taken
+        back, so it goes to the cheapest candidate that meets the floor."""
         b = self.bounds(route)
         policy = headers.get(POLICY_HEADER, b.policy)
-        if policy not in ("cheapest", "greenest", "fastest"):
+        if policy not in POLICIES:
             raise BadRequestHeader(
-                f"X-Wattops-Policy: {policy!r} is not a policy; allowed: cheapest, greenest, "
-                "fastest"
+                f"X-Wattops-Policy: {policy!r} is not a policy; allowed: {', '.join(POLICIES)}"
             )
         max_p95_s = b.max_p95_ms / 1000 if b.max_p95_ms is not None else None
         if LATENCY_HEADER in headers:
@@ -247,8 +256,11 @@ class Router:
                 f"X-Wattops-Priority: {priority!r} is not a priority; allowed: "
                 f"{', '.join(PRIORITIES)}"
             )
+        judged = policy == "cascade" and not stream
         return Constraints(
-            policy=policy, min_quality=b.min_quality, max_chrf_drop=b.max_chrf_drop,
+            policy=policy,
+            min_quality=None if judged else b.min_quality,
+            max_chrf_drop=None if judged else b.max_chrf_drop,
             max_p95_s=max_p95_s, max_usd_per_1m=b.max_usd_per_1m_tokens, priority=priority,
         )  # fmt: skip
 
@@ -348,23 +360,46 @@ class Router:
             if len(stats.decisions) > keep:
                 stats.decisions.popleft()
 
+    def record_escalation(self, route: str | None, served: Candidate,
+                          reference: Candidate | None, usage: Usage | None) -> None:  # fmt: skip
+        """An answer the cascade set aside for a surer one: counted, and its cost with it."""
+        if route is None or route not in self.stats:
+            return
+        stats = self.stats[route]
+        stats.escalations += 1
+        self.m_escalations.labels(route, served.key).inc()
+        if usage is not None:
+            stats.escalated_tokens += usage.total
+            if not self._price(route, stats, served, None, usage, counterfactual=False):
+                held = stats.unpriced.get(served.key, Usage(0, 0))
+                stats.unpriced[served.key] = Usage(
+                    held.prompt_tokens + usage.prompt_tokens,
+                    held.completion_tokens + usage.completion_tokens,
+                )
+
     def _price(self, route: str, stats: RouteStats, served: Candidate,
-               reference: Candidate | None, usage: Usage) -> bool:  # fmt: skip
+               reference: Candidate | None, usage: Usage,
+               counterfactual: bool = True) -> bool:  # fmt: skip
         """Add `usage`'s estimated cost and energy, and the reference's counterfactual, to the
-        route's figures; False when the server's or the reference's $/token is unknown."""
-        cost, cf = _cost(served, usage), _cost(reference, usage)
+        route's figures; False when the server's or the reference's $/token is unknown.
+        Without `counterfactual` (an escalated answer: the reference would not have computed
+        it), only the cost is added."""
+        cost, cf = _cost(served, usage), _cost(reference, usage) if counterfactual else 0.0
         if cost is None or cf is None:
             return False
         stats.est_cost_usd += cost
         stats.counterfactual_cost_usd += cf
         self.m_cost.labels(route, "achieved").inc(cost)
-        self.m_cost.labels(route, "counterfactual").inc(cf)
-        energy, cf_energy = _energy(served, usage), _energy(reference, usage)
+        if counterfactual:
+            self.m_cost.labels(route, "counterfactual").inc(cf)
+        energy = _energy(served, usage)
+        cf_energy = _energy(reference, usage) if counterfactual else 0.0
         if energy is not None and cf_energy is not None:
             stats.est_energy_j += energy
             stats.counterfactual_energy_j += cf_energy
             self.m_energy.labels(route, "achieved").inc(energy)
-            self.m_energy.labels(route, "counterfactual").inc(cf_energy)
+            if counterfactual:
+                self.m_energy.labels(route, "counterfactual").inc(cf_energy)
         return True
 
     def view(self) -> RouterView:
@@ -405,6 +440,7 @@ class Router:
                 name=name, reference=route.reference, bounds=self.bounds(route),
                 candidates=views, requests=stats.requests, errors=stats.errors,
                 refusals=stats.refusals, fallbacks=stats.fallbacks, tokens=stats.tokens,
+                escalations=stats.escalations, escalated_tokens=stats.escalated_tokens,
                 est_cost_usd=stats.est_cost_usd,
                 counterfactual_cost_usd=stats.counterfactual_cost_usd,
                 est_energy_j=stats.est_energy_j,

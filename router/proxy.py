@@ -68,6 +68,30 @@ def _usage_in_sse(chunk: bytes) -> Usage | None:
     return None
 
 
+def _confidence(data: bytes) -> float | None:
+    """The answer's mean token log-probability (chat or completion format); None without."""
+    try:
+        logprobs = orjson.loads(data)["choices"][0].get("logprobs") or {}
+        if "content" in logprobs:
+            values = [t["logprob"] for t in logprobs["content"] or []]
+        else:
+            values = [v for v in logprobs.get("token_logprobs") or [] if v is not None]
+    except (orjson.JSONDecodeError, KeyError, IndexError, TypeError, AttributeError):
+        return None
+    return sum(values) / len(values) if values else None
+
+
+def _without_logprobs(data: bytes) -> bytes:
+    """The answer as the client asked for it: the cascade's log-probabilities taken out."""
+    try:
+        answer = orjson.loads(data)
+        for choice in answer["choices"]:
+            choice["logprobs"] = None
+        return orjson.dumps(answer)
+    except (orjson.JSONDecodeError, KeyError, TypeError):
+        return data
+
+
 class RouterGateway:
     """Serves the OpenAI paths for every route."""
 
@@ -140,7 +164,7 @@ class RouterGateway:
             choice = Choice([direct], "addressed directly")
             return await self._forward(None, choice, None, path, body, {})
         try:
-            bounds = router.constraints(route, headers)
+            bounds = router.constraints(route, headers, stream=bool(body.get("stream")))
         except BadRequestHeader as exc:
             return _error(400, str(exc), "invalid_header")
         cands = router.candidates(route, every)
@@ -152,8 +176,11 @@ class RouterGateway:
             return _error(503, str(exc), "no_candidate",
                           headers={"X-Wattops-Route": route.name})  # fmt: skip
         reference = every.get(route.reference)
+        cascade = None
+        if bounds.policy == "cascade" and not body.get("stream"):
+            cascade = route.cascade_min_logprob
         return await self._forward(route.name, choice, reference, path, body,
-                                   {"X-Wattops-Route": route.name})  # fmt: skip
+                                   {"X-Wattops-Route": route.name}, cascade)  # fmt: skip
 
     async def _forward(
         self,
@@ -163,11 +190,16 @@ class RouterGateway:
         path: str,
         body: dict[str, Any],
         headers: dict[str, str],
+        cascade: float | None = None,
     ) -> Response:
         router = self.router
         fallbacks: list[str] = []
+        escalated: list[str] = []
         stream = bool(body.get("stream"))
-        for c in choice.ordered:
+        asked_logprobs = body.get("logprobs")
+        if cascade is not None:  # the answer's confidence is read from its log-probabilities
+            body["logprobs"] = True if path == CHAT_PATH else (asked_logprobs or 0)
+        for n, c in enumerate(choice.ordered):
             body["model"] = c.deployment
             router.in_flight[c.key] += 1
             try:
@@ -176,8 +208,11 @@ class RouterGateway:
                 router.in_flight[c.key] -= 1
                 fallbacks.append(f"{c.key} ({failed.why})")
                 continue
-            reason = choice.reason if not fallbacks else (
-                f"{choice.reason}; after {', '.join(fallbacks)}")  # fmt: skip
+            reason = choice.reason
+            if fallbacks:
+                reason += f"; after {', '.join(fallbacks)}"
+            if escalated:
+                reason += f"; escalated from {', '.join(escalated)}"
             out = {
                 **headers,
                 "X-Wattops-Served-By": f"{c.key}@{c.precision}",
@@ -201,6 +236,19 @@ class RouterGateway:
                 upstream.release()
                 router.in_flight[c.key] -= 1
             usage = _usage_of(data) if upstream.status == 200 else None
+            if cascade is not None and upstream.status == 200:
+                confidence = _confidence(data)
+                if confidence is not None:
+                    out["X-Wattops-Confidence"] = f"{confidence:.3f}"
+                last = n == len(choice.ordered) - 1
+                if confidence is not None and confidence < cascade and not last:
+                    # Not confident enough: the next candidate answers. What this answer cost
+                    # is counted all the same (it was computed).
+                    escalated.append(f"{c.key} (confidence {confidence:.2f} < {cascade:g})")
+                    router.record_escalation(route, c, reference, usage)
+                    continue
+                if asked_logprobs is None:
+                    data = _without_logprobs(data)
             router.record(route, choice, c, reference, usage, upstream.status, fallbacks, reason)
             return Response(data, status_code=upstream.status, headers=out,
                             media_type=upstream.headers.get("Content-Type", _JSON))  # fmt: skip

@@ -208,7 +208,7 @@ def test_bounds_exclude_candidates_with_the_reason_in_the_503(
     assert router.route("chat")["refusals"] == 2
     # Bad header values are the client's fault, named.
     bad = router.ask(headers={"X-Wattops-Policy": "random"})
-    assert bad.status_code == 400 and "allowed: cheapest, greenest, fastest" in bad.text
+    assert bad.status_code == 400 and "allowed: cheapest, greenest, fastest, cascade" in bad.text
     bad = router.ask(headers={"X-Wattops-Priority": "urgent"})
     assert bad.status_code == 400 and "X-Wattops-Priority: 'urgent'" in bad.text
 
@@ -321,7 +321,7 @@ def test_a_route_change_applies_at_once_and_survives_a_restart(
         ("[router]\nlisten = 'nowhere'\n[[routes]]\nname = 'c'\ncandidates = ['a/b']\n"
          "reference = 'a/b'\n", "router.listen: Value error, must be host:port"),
         ("[[routes]]\nname = 'chat'\ncandidates = ['a/b']\nreference = 'a/b'\npolicy = 'x'\n",
-         "routes.0.policy: Input should be 'cheapest', 'greenest' or 'fastest'"),
+         "routes.0.policy: Input should be 'cheapest', 'greenest', 'fastest' or 'cascade'"),
     ],
 )  # fmt: skip
 def test_a_bad_config_fails_with_its_message(tmp_path: Path, text: str, message: str) -> None:
@@ -377,3 +377,37 @@ def test_prefix_affinity_keeps_a_shared_prefix_on_one_node(
     assert any(len(nodes) == 2 for nodes in spread_homes.values()), spread_homes
     print(f"prefix reuse: {with_affinity:.1%} with affinity, {without:.1%} without")
     assert with_affinity > without
+
+
+def test_the_cascade_escalates_answers_of_low_confidence(
+    two_nodes: tuple[Agent, Agent], make_router: Callable[..., RouterProc]
+) -> None:
+    edge, cloud = two_nodes
+    # The random-weight test model is never sure of anything: its mean token log-probability
+    # is far below -0.01, and far above -1000.
+    strict = {**CHAT, "name": "strict", "policy": "cascade", "cascade_min_logprob": -0.01}
+    lax = {**CHAT, "name": "lax", "policy": "cascade", "cascade_min_logprob": -1000.0}
+    router = make_router([edge, cloud], [strict, lax])
+    kept = router.ask(model="lax")
+    assert _served_by(kept) == "edge/tiny" and "escalated" not in kept.headers["X-Wattops-Decision"]
+    assert float(kept.headers["X-Wattops-Confidence"]) < -0.01
+    assert kept.json()["choices"][0]["logprobs"] is None  # not asked for: taken out again
+    escalated = router.ask(model="strict")
+    assert escalated.status_code == 200 and _served_by(escalated) == "cloud/tiny"
+    decision = escalated.headers["X-Wattops-Decision"]
+    assert "escalated from edge/tiny (confidence -" in decision and "< -0.01)" in decision
+    view = router.route("strict")
+    assert view["escalations"] == 1 and view["escalated_tokens"] > 0
+    assert view["requests"] == 1  # one answer went back; the set-aside one is counted apart
+    # Asked for, the log-probabilities stay in the answer.
+    asked = router.ask(model="lax", logprobs=True)
+    assert asked.json()["choices"][0]["logprobs"]["content"]
+    # A stream cannot be taken back: it goes to the cheapest candidate, no cascade.
+    client = router.openai()
+    with client.chat.completions.with_streaming_response.create(
+        model="strict", messages=[{"role": "user", "content": "hi"}], max_tokens=3, stream=True
+    ) as streamed:
+        assert streamed.headers["X-Wattops-Served-By"].startswith("edge/tiny")
+        assert "X-Wattops-Confidence" not in streamed.headers
+    metrics = router.client.get("/metrics").text
+    assert 'wattops_route_escalations_total{candidate="edge/tiny",route="strict"} 1.0' in metrics
