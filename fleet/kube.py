@@ -21,10 +21,13 @@ so what the console may do is what RBAC allows the operator.
 
 from __future__ import annotations
 
+import contextlib
 import math
+import os
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from wattops.vocabulary import (
@@ -127,6 +130,10 @@ def _resolve(value: Any, replicas: int, round_up: bool) -> int:
     return int(text)
 
 
+#: Where a pod finds its own namespace (the service account's projected volume).
+_POD_NAMESPACE = "/var/run/secrets/kubernetes.io/serviceaccount/namespace"
+
+
 class KubeFleet:
     """Engine Deployments and agent pods through one API client."""
 
@@ -149,6 +156,24 @@ class KubeFleet:
         self.core = client.CoreV1Api(api_client)
         #: None: every namespace the operator may list.
         self.namespace = namespace
+
+    @classmethod
+    def from_environment(cls, namespace: str | None = None) -> KubeFleet:
+        """In a pod: the pod's service account (in-cluster config), in the pod's namespace
+        unless told otherwise; elsewhere: the kubeconfig, as the operator's tools do."""
+        from kubernetes import client, config
+
+        if not os.environ.get("KUBERNETES_SERVICE_HOST"):
+            return cls(namespace=namespace)
+        configuration = client.Configuration()
+        try:
+            config.load_incluster_config(client_configuration=configuration)
+        except config.ConfigException as exc:
+            raise KubeError(f"in a pod, but no usable service account: {exc}") from None
+        if namespace is None:
+            with contextlib.suppress(OSError):
+                namespace = Path(_POD_NAMESPACE).read_text().strip() or None
+        return cls(api_client=client.ApiClient(configuration), namespace=namespace)
 
     # -- errors ----------------------------------------------------------------------------
 

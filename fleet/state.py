@@ -186,6 +186,27 @@ class FleetState:
             for url, link in self.links.items()
         ]
 
+    def sync(self, urls: Iterable[str]) -> tuple[list[str], list[str]]:
+        """Follow exactly `urls` from now on (agents found or gone by discovery): new links
+        start at once if the state is started; links to agents no longer listed stop.
+        Returns (added, removed)."""
+        wanted = list(dict.fromkeys(urls))
+        added = [u for u in wanted if u not in self.links]
+        removed = [u for u in self.links if u not in wanted]
+        for url in removed:
+            del self.links[url]
+            self._rows.pop(url, None)
+            for task in [t for t in self._tasks if t.get_name() == f"link {url}"]:
+                task.cancel()
+                self._tasks.remove(task)
+        for url in added:
+            link = self.links[url] = AgentLink(url)
+            if self._http is not None:
+                self._tasks.append(asyncio.create_task(
+                    link.run(self._http, self._on_change), name=f"link {url}"
+                ))  # fmt: skip
+        return added, removed
+
     async def stop(self) -> None:
         """Cancel the streams and close the connections."""
         for task in self._tasks:

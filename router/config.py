@@ -5,7 +5,7 @@
 listen = "0.0.0.0:8090"
 state_dir = "/var/lib/wattops-router"
 token = "..."                 # control endpoints (PUT /v1/routes/...); default $WATTOPS_TOKEN
-inventory = "fleet.toml"      # or [[agents]] entries below
+inventory = "fleet.toml"      # or [[agents]] entries below, or kubernetes = true
 
 [[agents]]
 url = "http://gpu-a1.internal:8080"
@@ -72,6 +72,10 @@ class RouterSection(_Section):
         description="bearer token required by control endpoints; default: $WATTOPS_TOKEN",
     )
     inventory: Path | None = Field(None, description="fleet.toml listing the agents")
+    kubernetes: bool = Field(
+        False, description="follow the agent pods the Kubernetes API lists (in a pod: its "
+        "service account; elsewhere: the kubeconfig), listed again every discovery_interval_s",
+    )  # fmt: skip
     connect_timeout_s: float = Field(
         2.0, gt=0, description="a candidate that does not accept the connection in this time "
         "is skipped for the next one",
@@ -84,6 +88,9 @@ class RouterSection(_Section):
     )
     breaker_open_s: float = Field(
         10.0, gt=0, description="how long an open breaker skips its candidate before one probe"
+    )
+    discovery_interval_s: float = Field(
+        30.0, gt=0, description="with kubernetes = true: how often agent pods are listed again"
     )
     decisions_kept: int = Field(
         50, ge=0, description="last decisions kept per route for /v1/router"
@@ -195,7 +202,6 @@ class RouterConfig(_Section):
 
     router: RouterSection = RouterSection()
     agents: list[AgentEntry] = []
-    kubernetes: bool = Field(False, description="discover the agents through the Kubernetes API")
     routes: list[RouteConfig] = Field(min_length=1)
     _source: str = "<config>"
     _inventory_urls: list[str] = []
@@ -255,7 +261,7 @@ def load_config(path: Path) -> RouterConfig:
             config._inventory_urls = load_inventory(config.router.inventory)
         except InventoryError as exc:
             raise ConfigError(f"{path}: router.inventory: {exc}") from None
-    if not config.agent_urls() and not config.kubernetes:
+    if not config.agent_urls() and not config.router.kubernetes:
         raise ConfigError(
             f"{path}: no agents to route to: give router.inventory, [[agents]] url = ..., or "
             "kubernetes = true"

@@ -9,6 +9,7 @@ import logging
 import signal
 import sys
 from pathlib import Path
+from typing import Any
 
 import aiohttp
 import uvicorn
@@ -22,20 +23,31 @@ from wattops.vocabulary.net import bind_listener
 log = logging.getLogger("wattops.router")
 
 
-def _discover(config: RouterConfig) -> list[str]:
-    """The agents to follow: the file's, plus those the Kubernetes API lists (`kubernetes =
-    true`; discovered once at start: a new agent pod needs a router restart)."""
+def _discover(config: RouterConfig, kube: Any) -> list[str]:
+    """The agents to follow: the file's, plus the running agent pods the Kubernetes API lists
+    (`kubernetes = true`: in a pod through its service account, else the kubeconfig)."""
     urls = config.agent_urls()
-    if config.kubernetes:
-        from wattops.fleet.kube import KubeError, KubeFleet
-
-        try:
-            urls += KubeFleet().agent_urls()
-        except KubeError as exc:
-            raise ConfigError(f"{config.source}: kubernetes = true: {exc}") from None
-    if not urls:
-        raise ConfigError(f"{config.source}: no agents found to route to")
+    if kube is not None:
+        urls += kube.agent_urls()
     return list(dict.fromkeys(urls))
+
+
+async def _keep_discovering(config: RouterConfig, kube: Any, router: Router) -> None:
+    """Every `discovery_interval_s`: follow agent pods that appeared, drop those gone. A
+    failed listing keeps the agents already known (logged)."""
+    from wattops.fleet.kube import KubeError
+
+    while True:
+        await asyncio.sleep(config.router.discovery_interval_s)
+        try:
+            urls = await asyncio.to_thread(_discover, config, kube)
+        except KubeError as exc:
+            log.warning("agent discovery failed, keeping the agents known: %s", exc)
+            continue
+        added, removed = router.fleet.sync(urls)
+        if added or removed:
+            log.info("agents: %d found, %d gone (%d followed)", len(added), len(removed),
+                     len(router.fleet.links))  # fmt: skip
 
 
 async def serve(config: RouterConfig) -> None:
@@ -44,7 +56,19 @@ async def serve(config: RouterConfig) -> None:
         listener = bind_listener(config.router.listen, where)
     except ValueError as exc:
         raise ConfigError(str(exc)) from None
-    router = Router(config, _discover(config))
+    kube = None
+    if config.router.kubernetes:
+        from wattops.fleet.kube import KubeError, KubeFleet
+
+        try:
+            kube = KubeFleet.from_environment()
+            urls = _discover(config, kube)
+        except KubeError as exc:
+            listener.close()
+            raise ConfigError(f"{config.source}: kubernetes = true: {exc}") from None
+    else:
+        urls = _discover(config, None)
+    router = Router(config, urls)
     router.fleet.start()
     connector = aiohttp.TCPConnector(limit=0, ttl_dns_cache=300)
     session = aiohttp.ClientSession(connector=connector)
@@ -66,15 +90,18 @@ async def serve(config: RouterConfig) -> None:
             await asyncio.sleep(5)
             router.maybe_save_learned()
 
-    saver = asyncio.create_task(keep_learned())
+    tasks = [asyncio.create_task(keep_learned())]
+    if kube is not None:
+        tasks.append(asyncio.create_task(_keep_discovering(config, kube, router)))
     log.info("wattops-router %s serving %d routes on http://%s", ROUTER_VERSION,
              len(router.routes), config.router.listen)  # fmt: skip
     try:
         await server.serve(sockets=[listener])
     finally:
-        saver.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await saver
+        for task in tasks:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
         router.save_learned()
         await router.fleet.stop()
         await session.close()

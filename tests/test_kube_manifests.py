@@ -24,6 +24,7 @@ from kubernetes import client
 
 from wattops.agents.config import parse_config
 from wattops.profiles import hardware_profile
+from wattops.router.config import parse_config as parse_router_config
 from wattops.vocabulary import PRECISIONS
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -46,6 +47,9 @@ EXPECTED_KINDS = {
     "PersistentVolumeClaim",
     "Deployment",
     "Service",
+    "Role",
+    "RoleBinding",
+    "HorizontalPodAutoscaler",
 }
 AGENT = "wattops-agent"
 ENGINE = "tiny-chat"
@@ -541,3 +545,69 @@ def test_engine_service_selects_the_engine_pods_and_no_agent(base: Build) -> Non
     target = port.target_port
     container = first_container(engine)
     assert target == "http" or target == http_port(container)
+
+
+# --- the router -------------------------------------------------------------------------------
+
+ROUTER = "wattops-router"
+
+
+def router_toml(built: Build) -> dict[str, Any]:
+    volume = volume_named(built.one("Deployment", ROUTER), "config")
+    assert volume.config_map is not None
+    data = built.one("ConfigMap", volume.config_map.name).data or {}
+    return tomllib.loads(data["router.toml"])
+
+
+@pytest.mark.parametrize("variant", sorted(VARIANTS))
+def test_router_config_is_accepted_by_the_router(variant: str) -> None:
+    config = parse_router_config(router_toml(build(variant)), f"{variant}: router.toml")
+    assert config.router.kubernetes  # it finds the agents through the API
+    assert config.router.state_dir == Path("/var/lib/wattops-router")
+    route = config.routes[0]
+    assert route.matches(f"any-node/{ENGINE}")  # the example engine is a candidate
+
+
+def test_router_runs_with_its_config_and_serves_on_its_port(base: Build) -> None:
+    deployment = base.one("Deployment", ROUTER)
+    router = first_container(deployment)
+    assert router.command == ["wattops-router", "--config", "/etc/wattops/router.toml"]
+    assert mount_of(router, "config").mount_path == "/etc/wattops"
+    listen = router_toml(base)["router"]["listen"]
+    assert int(listen.rpartition(":")[2]) == http_port(router)
+    state = mount_of(router, "state").mount_path
+    assert state == router_toml(base)["router"]["state_dir"]
+    for probe in (router.readiness_probe, router.liveness_probe):
+        assert probe.http_get.path == "/healthz"
+        assert probe_port(router, probe) == http_port(router)
+    # Unprivileged: it only forwards HTTP.
+    context = router.security_context
+    assert context.run_as_non_root and context.read_only_root_filesystem
+    assert context.capabilities.drop == ["ALL"]
+    # Not an engine: the agents must not account for it.
+    labels = deployment.spec.template.metadata.labels
+    assert ENGINE_LABEL[0] not in labels
+
+
+def test_router_service_and_autoscaler_point_at_the_router(base: Build) -> None:
+    deployment = base.one("Deployment", ROUTER)
+    service = base.one("Service", ROUTER)
+    labels = deployment.spec.template.metadata.labels
+    assert all(labels.get(k) == v for k, v in service.spec.selector.items())
+    assert service.spec.ports[0].target_port == "http"
+    hpa = base.one("HorizontalPodAutoscaler", ROUTER)
+    target = hpa.spec.scale_target_ref
+    assert (target.kind, target.name) == ("Deployment", ROUTER)
+    assert 1 <= hpa.spec.min_replicas <= hpa.spec.max_replicas
+    # The CPU target is a share of the container's request, which must therefore be set.
+    assert first_container(deployment).resources.requests["cpu"]
+
+
+def test_router_may_only_read_pods_in_its_namespace(base: Build) -> None:
+    role = base.one("Role", ROUTER)
+    assert granted_verbs(role.rules) == READ_VERBS
+    assert {r for rule in role.rules for r in rule.resources} == {"pods"}
+    binding = base.one("RoleBinding", ROUTER)
+    assert binding.role_ref.kind == "Role" and binding.role_ref.name == ROUTER
+    assert [(s.kind, s.name) for s in binding.subjects] == [("ServiceAccount", ROUTER)]
+    assert pod_spec(base.one("Deployment", ROUTER)).service_account_name == ROUTER
