@@ -13,8 +13,10 @@ from textual.app import App
 from textual.binding import Binding
 
 from wattops.console.screens.fleet import ActionCommands, FleetScreen
+from wattops.console.screens.routes import RoutesScreen
 from wattops.fleet.kube import KubeFleet
 from wattops.fleet.state import FleetState
+from wattops.router.client import RouterClient
 
 
 class WattopsConsole(App[None]):
@@ -23,7 +25,16 @@ class WattopsConsole(App[None]):
     TITLE = "wattops"
     CSS_PATH = "console.tcss"
     COMMANDS = App.COMMANDS | {ActionCommands}
-    BINDINGS = [Binding("q", "quit", "Quit", id="app.quit", tooltip="Leave the console")]
+    BINDINGS = [
+        Binding("q", "quit", "Quit", id="app.quit", tooltip="Leave the console"),
+        Binding(
+            "r",
+            "routes",
+            "Routes",
+            id="app.routes",
+            tooltip="The router's routes: split, savings, policy keys (--router URL)",
+        ),
+    ]
 
     def __init__(
         self,
@@ -34,12 +45,15 @@ class WattopsConsole(App[None]):
         refresh_s: float = 1.0,
         connect: bool = True,
         kube: KubeFleet | None = None,
+        router: str | None = None,
     ) -> None:
         super().__init__()
+        self.router = RouterClient(router, token) if router else None
         self.fleet = FleetState(urls)
         #: False: do not open the agents' streams (snapshot tests fill the fleet themselves).
         self.connect = connect
         self.read_only = read_only
+        self.refresh_s = refresh_s
         self.kube = kube
         self.fleet_screen = FleetScreen(
             self.fleet,
@@ -68,6 +82,19 @@ class WattopsConsole(App[None]):
 
     async def on_unmount(self) -> None:
         await self.fleet.stop()
+        if self.router is not None:
+            await self.router.close()
+
+    def check_action(self, action: str, parameters: tuple[object, ...]) -> bool | None:
+        # `r` is offered (and shown in the footer) only with a router to show.
+        return not (action == "routes" and self.router is None)
+
+    def action_routes(self) -> None:
+        """The routes view of the router given with --router."""
+        if self.router is None:
+            return
+        if not isinstance(self.screen, RoutesScreen):
+            self.push_screen(RoutesScreen(self.router, self.read_only, self.refresh_s))
 
 
 def make_app(
@@ -78,6 +105,7 @@ def make_app(
     refresh_s: float = 1.0,
     connect: bool = True,
     kube: KubeFleet | None = None,
+    router: str | None = None,
 ) -> WattopsConsole:
     """The console app; tests and the demo build it the same way the CLI does."""
     return WattopsConsole(
@@ -88,4 +116,5 @@ def make_app(
         refresh_s=refresh_s,
         connect=connect,
         kube=kube,
+        router=router,
     )

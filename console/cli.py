@@ -229,8 +229,9 @@ def _console(args: argparse.Namespace) -> int:
     else:
         urls = _agent_urls(args)
     make_app(
-        urls, token=token, read_only=args.read_only, prometheus=args.prometheus, kube=kube
-    ).run()
+        urls, token=token, read_only=args.read_only, prometheus=args.prometheus, kube=kube,
+        router=args.router,
+    ).run()  # fmt: skip
     return 0
 
 
@@ -306,6 +307,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--prometheus",
         metavar="URL",
         help="take the node view's history from this Prometheus server",
+    )
+    console.add_argument(
+        "--router",
+        type=_agent_url,
+        metavar="URL",
+        help="a wattops-router's base URL: `r` opens its routes view",
     )
     console.set_defaults(func=_console)
 

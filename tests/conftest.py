@@ -260,6 +260,9 @@ def agent(make_agent: Callable[..., Agent]) -> Agent:
 
 
 os.environ.setdefault("PYTHONUNBUFFERED", "1")
+
+#: Fixtures for tests that run a router (make_router, two_nodes).
+pytest_plugins = ["tests.routers"]
 # Built variants and quality tables go to a folder of this run, not the user's ~/.cache/wattops
 # (agents, benches and `wattops quality` started by tests inherit it).
 if "WATTOPS_CACHE_DIR" not in os.environ:

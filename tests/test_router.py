@@ -8,11 +8,9 @@ from __future__ import annotations
 import json
 import signal
 import subprocess
-import sys
 import time
 from collections import Counter
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -20,96 +18,8 @@ import httpx
 import openai
 import pytest
 
-from tests.conftest import Agent, free_port, wait_for
-
-ROUTER_BIN = Path(sys.executable).with_name("wattops-router")
-
-
-def _toml_value(v: Any) -> str:
-    if isinstance(v, bool):
-        return "true" if v else "false"
-    if isinstance(v, int | float):
-        return repr(v)
-    if isinstance(v, list):
-        return "[" + ", ".join(_toml_value(x) for x in v) + "]"
-    if isinstance(v, dict):
-        return "{ " + ", ".join(f'"{k}" = {_toml_value(x)}' for k, x in v.items()) + " }"
-    return json.dumps(str(v))
-
-
-@dataclass
-class RouterProc:
-    """A real wattops-router subprocess."""
-
-    folder: Path
-    agents: list[str]
-    routes: list[dict[str, Any]]
-    router_extra: dict[str, Any] = field(default_factory=dict)
-    port: int = field(default_factory=free_port)
-    proc: subprocess.Popen[bytes] | None = None
-
-    def __post_init__(self) -> None:
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.client = httpx.Client(base_url=self.url, timeout=60)
-        self.config = self.folder / "router.toml"
-        router = {"listen": f"127.0.0.1:{self.port}", "state_dir": str(self.folder / "state"),
-                  "breaker_open_s": 1.0, **self.router_extra}  # fmt: skip
-        lines = ["[router]", *(f"{k} = {_toml_value(v)}" for k, v in router.items())]
-        for url in self.agents:
-            lines += ["", "[[agents]]", f"url = {_toml_value(url)}"]
-        for route in self.routes:
-            lines += ["", "[[routes]]", *(f"{k} = {_toml_value(v)}" for k, v in route.items())]
-        self.config.write_text("\n".join(lines) + "\n")
-
-    def start(self, live: int | None = None) -> RouterProc:
-        log = (self.folder / "router.log").open("ab")
-        self.proc = subprocess.Popen([str(ROUTER_BIN), "--config", str(self.config)],
-                                     stdout=log, stderr=log)  # fmt: skip
-        wanted = len(self.agents) if live is None else live
-        wait_for(lambda: self.view()["agents_live"] >= wanted, 60, "router to see the agents")
-        return self
-
-    def view(self) -> dict[str, Any]:
-        assert self.proc is not None
-        if self.proc.poll() is not None:
-            log = (self.folder / "router.log").read_text()[-2000:]
-            raise AssertionError(f"router exited with {self.proc.returncode}: {log}")
-        return self.client.get("/v1/router").json()  # type: ignore[no-any-return]
-
-    def route(self, name: str) -> dict[str, Any]:
-        return next(r for r in self.view()["routes"] if r["name"] == name)
-
-    def openai(self) -> openai.OpenAI:
-        return openai.OpenAI(base_url=self.url + "/v1", api_key="unused", max_retries=0)
-
-    def ask(self, model: str = "chat", headers: dict[str, str] | None = None,
-            **extra: Any) -> httpx.Response:  # fmt: skip
-        body = {"model": model, "messages": [{"role": "user", "content": "hello there"}],
-                "max_tokens": 4, "temperature": 0.7, **extra}  # fmt: skip
-        return self.client.post("/v1/chat/completions", json=body, headers=headers or {})
-
-    def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            self.proc.wait(20)
-        self.client.close()
-
-
-@pytest.fixture
-def make_router(tmp_path: Path) -> Iterator[Callable[..., RouterProc]]:
-    made: list[RouterProc] = []
-
-    def make(agents: list[Agent], routes: list[dict[str, Any]], start: bool = True,
-             **router_extra: Any) -> RouterProc:  # fmt: skip
-        folder = tmp_path / f"router{len(made)}"
-        folder.mkdir()
-        proc = RouterProc(folder, [a.url for a in agents], routes, router_extra)
-        made.append(proc)
-        return proc.start() if start else proc
-
-    yield make
-    for proc in made:
-        proc.stop()
+from tests.conftest import Agent, wait_for
+from tests.routers import CHAT, ROUTER_BIN, RouterProc
 
 
 def _candidate(router: RouterProc, key: str, route: str = "chat") -> dict[str, Any]:
@@ -118,17 +28,6 @@ def _candidate(router: RouterProc, key: str, route: str = "chat") -> dict[str, A
 
 def _served_by(response: httpx.Response) -> str:
     return response.headers["X-Wattops-Served-By"].split("@")[0]
-
-
-@pytest.fixture
-def two_nodes(make_agent: Callable[..., Agent]) -> tuple[Agent, Agent]:
-    """`edge` priced as a CPU host, `cloud` as an A100 box: both serve `tiny` at q8_0."""
-    edge = make_agent(agent_extra={"node": "edge", "profile": "cpu-generic", "sensor": "estimate"})
-    cloud = make_agent(agent_extra={"node": "cloud", "profile": "a100-80gb", "sensor": "estimate"})
-    return edge, cloud
-
-
-CHAT = {"name": "chat", "candidates": ["*/tiny"], "reference": "cloud/tiny", "policy": "cheapest"}
 
 
 def test_cheapest_follows_the_live_prices(
@@ -166,6 +65,9 @@ def test_cheapest_follows_the_live_prices(
     def moved() -> bool:
         return _served_by(router.ask()) == "cloud/tiny"
 
+    # The edge's recent window may still hold answers at its old price for a few seconds
+    # (5 s windows here): the traffic moves once the router's figure for it is the dearer.
+    wait_for(lambda: figure("edge/tiny") > figure("cloud/tiny"), 60, "the edge's new price")
     wait_for(moved, 30, "traffic to move to the cloud node")
     assert Counter(_served_by(router.ask()) for _ in range(3)) == {"cloud/tiny": 3}
     view = router.route("chat")
@@ -411,3 +313,42 @@ def test_the_cascade_escalates_answers_of_low_confidence(
         assert "X-Wattops-Confidence" not in streamed.headers
     metrics = router.client.get("/metrics").text
     assert 'wattops_route_escalations_total{candidate="edge/tiny",route="strict"} 1.0' in metrics
+
+
+def test_with_kubernetes_the_router_follows_agent_pods_as_they_come_and_go(
+    two_nodes: tuple[Agent, Agent], tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+    make_router: Callable[..., RouterProc],
+) -> None:  # fmt: skip
+    """Discovery through the real kubernetes client against tests/kube_apiserver.py (the
+    stand-in API server; no kube-apiserver runs here), as `kubernetes = true` does outside a
+    pod (the kubeconfig); the agents are real, on loopback, named by their pods' ports."""
+    from tests.kube_apiserver import VIEWER_TOKEN, KubeApiServer
+
+    edge, cloud = two_nodes
+    labels = {"app.kubernetes.io/name": "wattops-agent"}
+
+    def pod_of(agent: Agent) -> list[dict[str, Any]]:
+        return [{"name": "agent", "image": "wattops",
+                 "ports": [{"name": "http", "containerPort": agent.port}]}]  # fmt: skip
+
+    with KubeApiServer(nodes=("edge", "cloud")) as api:
+        api.add_pod("wattops", "agent-edge", labels, "edge", "127.0.0.1", containers=pod_of(edge))
+        config = tmp_path / "kubeconfig"
+        config.write_text(json.dumps({
+            "apiVersion": "v1", "kind": "Config",
+            "clusters": [{"name": "standin", "cluster": {"server": api.url}}],
+            "users": [{"name": "viewer", "user": {"token": VIEWER_TOKEN}}],
+            "contexts": [{"name": "c", "context": {"cluster": "standin", "user": "viewer"}}],
+            "current-context": "c",
+        }))  # fmt: skip
+        monkeypatch.setenv("KUBECONFIG", str(config))
+        router = make_router([], [CHAT], start=False, discovery_interval_s=0.5, kubernetes=True)
+        router.start(live=1)
+        assert {c["key"] for c in router.route("chat")["candidates"]} == {"edge/tiny"}
+        api.add_pod("wattops", "agent-cloud", labels, "cloud", "127.0.0.1",
+                    containers=pod_of(cloud))  # fmt: skip
+        wait_for(lambda: router.view()["agents_live"] == 2, 30, "the new agent pod followed")
+        api.delete_pod("wattops", "agent-edge")
+        wait_for(lambda: router.view()["agents"] == 1, 30, "the deleted pod's agent dropped")
+        assert {c["key"] for c in router.route("chat")["candidates"]} == {"cloud/tiny"}
+        assert _served_by(router.ask()) == "cloud/tiny"

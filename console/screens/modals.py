@@ -124,3 +124,72 @@ class DetailModal(ModalScreen[None]):
             yield Label(self.title_text, classes="title")
             yield Static(self.body, markup=False)
             yield Static("esc: close", classes="hint")
+
+
+class ChoiceModal(ModalScreen[str | None]):
+    """One of a few named choices, the current one marked (a route's policy)."""
+
+    BINDINGS = [Binding("escape", "dismiss(None)", "Cancel", id="modal.cancel")]
+
+    def __init__(self, title: str, current: str, choices: list[str]) -> None:
+        super().__init__()
+        self.title_text = title
+        self.current = current
+        self.choices = choices
+
+    def compose(self) -> ComposeResult:
+        with Vertical(classes="modal"):
+            yield Label(self.title_text, classes="title")
+            yield OptionList(*[Option(f"{c}  ← current" if c == self.current else c, id=c)
+                               for c in self.choices], id="choices")  # fmt: skip
+            yield Static("enter: choose   esc: cancel", classes="hint")
+
+    def on_mount(self) -> None:
+        option_list = self.query_one(OptionList)
+        if self.current in self.choices:
+            option_list.highlighted = self.choices.index(self.current)
+        option_list.focus()
+
+    @on(OptionList.OptionSelected)
+    def _chosen(self, event: OptionList.OptionSelected) -> None:
+        self.dismiss(event.option.id)
+
+
+class BoundModal(ModalScreen[float | None]):
+    """A number within limits, or empty to clear the bound (dismisses with -1 for "clear")."""
+
+    BINDINGS = [Binding("escape", "dismiss(None)", "Cancel", id="modal.cancel")]
+
+    def __init__(self, title: str, current: float | None, low: float, high: float) -> None:
+        super().__init__()
+        self.title_text = title
+        self.current = current
+        self.low = low
+        self.high = high
+
+    def compose(self) -> ComposeResult:
+        with Vertical(classes="modal"):
+            yield Label(self.title_text, classes="title")
+            yield Input("" if self.current is None else f"{self.current:g}", id="bound")
+            yield Static("", id="problem", classes="problem")
+            yield Static("enter: set (empty: no bound)   esc: cancel", classes="hint")
+
+    def on_mount(self) -> None:
+        self.query_one(Input).focus()
+
+    @on(Input.Submitted)
+    def _submitted(self, event: Input.Submitted) -> None:
+        text = event.value.strip()
+        if not text:
+            self.dismiss(-1.0)
+            return
+        try:
+            value = float(text)
+        except ValueError:
+            value = self.low - 1
+        if not self.low < value <= self.high:
+            self.query_one("#problem", Static).update(
+                f"must be a number above {self.low:g} and at most {self.high:g}, or empty"
+            )
+            return
+        self.dismiss(value)

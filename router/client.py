@@ -1,0 +1,66 @@
+"""A client of the router's control API, for the console and scripts: `GET /v1/router` and
+`PATCH /v1/routes/{name}`. Imports only aiohttp and the router's schema (`api.py`); aiohttp,
+not httpx, as the fleet core's agent client: httpx's command-line module pulls in `rich`
+whenever it is installed, and headless code must not."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import aiohttp
+
+from wattops.router.api import Bounds, RouterView
+
+__all__ = ["RouterClient", "RouterError"]
+
+
+class RouterError(Exception):
+    """The router refused or could not be reached; the message says which and why."""
+
+
+def _message(status: int, body: bytes) -> str:
+    import json
+
+    try:
+        error = json.loads(body).get("error") or {}
+        return str(error.get("message") or body[:300].decode("utf-8", "replace"))
+    except (ValueError, AttributeError):
+        return body[:300].decode("utf-8", "replace")
+
+
+class RouterClient:
+    """One router, over HTTP. The session is made on first use, on the caller's loop."""
+
+    def __init__(self, url: str, token: str | None = None, timeout_s: float = 5.0) -> None:
+        self.url = url.rstrip("/")
+        self.headers = {"Authorization": f"Bearer {token}"} if token else {}
+        self.timeout = aiohttp.ClientTimeout(total=timeout_s)
+        self._session: aiohttp.ClientSession | None = None
+
+    async def close(self) -> None:
+        if self._session is not None:
+            await self._session.close()
+            self._session = None
+
+    async def _call(self, method: str, path: str, body: dict[str, Any] | None = None) -> bytes:
+        if self._session is None:
+            self._session = aiohttp.ClientSession(headers=self.headers, timeout=self.timeout)
+        try:
+            async with self._session.request(method, self.url + path, json=body) as response:
+                data = await response.read()
+                status = response.status
+        except (aiohttp.ClientError, TimeoutError) as exc:
+            raise RouterError(
+                f"router {self.url} unreachable: {exc or type(exc).__name__}"
+            ) from None
+        if status >= 400:
+            raise RouterError(f"router {self.url} answered {status}: {_message(status, data)}")
+        return data
+
+    async def view(self) -> RouterView:
+        """Every route: its bounds, its candidates' figures and split, what it saved."""
+        return RouterView.model_validate_json(await self._call("GET", "/v1/router"))
+
+    async def patch(self, route: str, **changes: Any) -> Bounds:
+        """Change a route's policy or bounds (None clears a bound); returns the new bounds."""
+        return Bounds.model_validate_json(await self._call("PATCH", f"/v1/routes/{route}", changes))
