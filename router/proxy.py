@@ -195,6 +195,8 @@ class RouterGateway:
         router = self.router
         fallbacks: list[str] = []
         escalated: list[str] = []
+        #: The last answer the cascade set aside: returned if every surer candidate fails.
+        set_aside: tuple[Candidate, dict[str, str], bytes, str] | None = None
         stream = bool(body.get("stream"))
         asked_logprobs = body.get("logprobs")
         if cascade is not None:  # the answer's confidence is read from its log-probabilities
@@ -246,12 +248,26 @@ class RouterGateway:
                     # is counted all the same (it was computed).
                     escalated.append(f"{c.key} (confidence {confidence:.2f} < {cascade:g})")
                     router.record_escalation(route, c, reference, usage)
+                    set_aside = (c, out, data, upstream.headers.get("Content-Type", _JSON))
                     continue
                 if asked_logprobs is None:
                     data = _without_logprobs(data)
             router.record(route, choice, c, reference, usage, upstream.status, fallbacks, reason)
             return Response(data, status_code=upstream.status, headers=out,
                             media_type=upstream.headers.get("Content-Type", _JSON))  # fmt: skip
+        if set_aside is not None:
+            # Every surer candidate failed: the answer set aside is still an answer. Its cost
+            # is already counted (as an escalation); it is recorded as served, without usage.
+            c, out, data, content_type = set_aside
+            reason = (
+                f"{choice.reason}; escalated from {', '.join(escalated)}; after "
+                f"{', '.join(fallbacks)}; kept: every surer candidate failed"
+            )
+            out["X-Wattops-Decision"] = reason
+            if asked_logprobs is None:
+                data = _without_logprobs(data)
+            router.record(route, choice, c, reference, None, 200, fallbacks, reason)
+            return Response(data, status_code=200, headers=out, media_type=content_type)
         message = "every candidate failed before answering: " + "; ".join(fallbacks)
         router.record(route, choice, None, reference, None, 502, fallbacks, message)
         return _error(502, message, "all_candidates_failed", headers=headers)

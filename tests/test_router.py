@@ -315,6 +315,25 @@ def test_the_cascade_escalates_answers_of_low_confidence(
     assert 'wattops_route_escalations_total{candidate="edge/tiny",route="strict"} 1.0' in metrics
 
 
+def test_a_cascade_keeps_the_answer_it_set_aside_when_the_surer_candidate_fails(
+    two_nodes: tuple[Agent, Agent], make_router: Callable[..., RouterProc]
+) -> None:
+    edge, cloud = two_nodes
+    strict = {**CHAT, "name": "strict", "policy": "cascade", "cascade_min_logprob": -0.01}
+    router = make_router([edge, cloud], [strict], request_timeout_s=2.0)
+    assert _served_by(router.ask(model="strict")) == "cloud/tiny"  # both up: escalated
+    assert cloud.proc is not None
+    cloud.proc.send_signal(signal.SIGSTOP)  # frozen: accepts connections, answers nothing
+    try:
+        kept = router.ask(model="strict")
+    finally:
+        cloud.proc.send_signal(signal.SIGCONT)
+    assert kept.status_code == 200 and _served_by(kept) == "edge/tiny"
+    decision = kept.headers["X-Wattops-Decision"]
+    assert "escalated from edge/tiny" in decision and "after cloud/tiny (" in decision
+    assert decision.endswith("kept: every surer candidate failed")
+
+
 def test_with_kubernetes_the_router_follows_agent_pods_as_they_come_and_go(
     two_nodes: tuple[Agent, Agent], tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
     make_router: Callable[..., RouterProc],
