@@ -8,8 +8,8 @@ which applies when the reference serves the base's own precision; the same model
 precision as the reference is 1.0. Anything else is unknown, and a route with a floor then
 leaves the candidate out, saying so. The table is only read from the cache, never measured
 here (that takes minutes): run `wattops quality MODEL` on the machine the router runs on.
-Figures are kept per (model, precision) and a miss is looked up again after a minute, so a
-table measured later is picked up.
+Tables are kept per model file and read again after a minute, so precisions measured later
+(or a table measured for the first time) are picked up.
 """
 
 from __future__ import annotations
@@ -24,7 +24,8 @@ from wattops.router.config import RouteConfig
 
 __all__ = ["QualityBook"]
 
-RETRY_MISS_S = 60.0
+#: How long a table read from the cache (or its absence) is trusted before reading again.
+REREAD_S = 60.0
 
 
 class QualityBook:
@@ -37,7 +38,7 @@ class QualityBook:
     def _table(self, model: str) -> QualityTable | None:
         now = time.monotonic()
         seen = self._tables.get(model)
-        if seen is not None and (seen[1] is not None or now - seen[0] < RETRY_MISS_S):
+        if seen is not None and now - seen[0] < REREAD_S:
             return seen[1]
         table = cached(Path(model), self.root)
         self._tables[model] = (now, table)

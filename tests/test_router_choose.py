@@ -4,6 +4,7 @@ with their reason, policies order the rest, the queue counts against the latency
 from __future__ import annotations
 
 from dataclasses import replace
+from pathlib import Path
 
 import pytest
 
@@ -163,3 +164,28 @@ def test_prefix_key_is_the_conversation_before_the_last_message() -> None:
                                       {"role": "assistant", "content": "b"},
                                       {"role": "user", "content": "c"}]})  # fmt: skip
     assert longer not in (None, one)
+
+
+def test_quality_figures_come_from_the_cache_and_follow_new_measurements(
+    test_model: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import wattops.router.quality as book_module
+    from wattops.quality import measure
+    from wattops.router.config import RouteConfig
+
+    # The router reads the table `wattops quality` left in the cache; it never measures.
+    root = tmp_path / "cache"
+    route = RouteConfig(name="chat", candidates=["*/t"], reference="a/t")
+    ref = cand("a/t", model=str(test_model), precision="f16")
+    q4 = cand("b/t", model=str(test_model), precision="q4_0")
+    book = book_module.QualityBook(root)
+    assert (
+        book.figure(route, q4, ref).source == "no quality table of test.gguf: run wattops quality"
+    )
+    measure(test_model, ("f16", "q8_0"), root=root, threads=1)
+    monkeypatch.setattr(book_module, "REREAD_S", 0.0)
+    assert book.figure(route, q4, ref).source == "q4_0 not in the quality table"
+    measure(test_model, ("f16", "q4_0"), root=root, threads=1)
+    figure = book.figure(route, q4, ref)
+    assert figure.source == "wattops quality" and figure.top1 is not None and figure.top1 < 1
+    assert book.figure(route, ref, ref).top1 == 1.0  # the reference itself
