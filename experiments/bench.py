@@ -71,6 +71,9 @@ class Mode:
     prefix_cache: bool
     #: Replicas follow load (HPA's rule) between 1 and the peak need, and park when idle.
     elastic: bool
+    #: None: one agent priced as --hardware. "reference": the three-node fleet's reference
+    #: node alone (everything to the A100). "routed": the whole fleet behind wattops-router.
+    fleet: str | None = None
 
 
 AUTO = "auto"
@@ -79,7 +82,18 @@ MODES: tuple[Mode, ...] = (
     Mode("baseline", "Baseline", "f16", False, False, False),
     Mode("model_optimized", "Model-optimized", "q4_k_m", False, False, False),
     Mode("fully_optimized", "Fully optimized", AUTO, True, True, True),
+    Mode("reference", "Reference (A100, f16)", "f16", True, True, True, "reference"),
+    Mode("routed", "Routed (3 nodes)", "routed", True, True, True, "routed"),
 )
+#: The fleet of the routed experiment, as `make demo`'s: (node, hardware profile, precision).
+FLEET: tuple[tuple[str, str, str], ...] = (
+    ("gpu-a100", "a100-80gb", "f16"),
+    ("jetson-orin", "jetson-agx-orin-64gb", "q4_k_m"),
+    ("cpu-host", "cpu-generic", "q8_0"),
+)
+REFERENCE_NODE = "gpu-a100"
+#: What `wattops bench` runs unless --modes says otherwise (the routed pair is opt-in).
+DEFAULT_MODES = ("baseline", "model_optimized", "fully_optimized")
 
 #: The default model: `make models/smollm2-135m-instruct.f16.gguf` builds it.
 DEFAULT_MODEL = Path("models/smollm2-135m-instruct.f16.gguf")
@@ -137,7 +151,9 @@ class BenchSettings:
     sensor: str = "auto"
     idle_scale_to_zero_s: float = 5.0
     autoscale_target_in_flight: float = 1.0
-    modes: tuple[str, ...] = tuple(m.key for m in MODES)
+    modes: tuple[str, ...] = DEFAULT_MODES
+    #: The routed mode's route: its p95 bound (its quality floor is `floor`'s top-1).
+    route_max_p95_ms: float = 10_000.0
     #: What the fully optimized mode's precision must keep against the base.
     floor: QualityFloor = field(default_factory=QualityFloor)
 
@@ -157,6 +173,8 @@ class BenchSettings:
                 f"modes must be a non-empty subset of {', '.join(m.key for m in MODES)}, "
                 f"not {', '.join(self.modes) or 'nothing'}"
             )
+        if "routed" in self.modes and "reference" not in self.modes:
+            problems.append("the routed mode is compared with the reference mode: add reference")
         if problems:
             raise ValueError("; ".join(problems))
 
@@ -179,7 +197,8 @@ class BenchSettings:
 
 
 def agent_config(settings: BenchSettings, mode: Mode, port: int, state_dir: Path,
-                 files: dict[str, Path]) -> str:  # fmt: skip
+                 files: dict[str, Path], node: str | None = None, profile: str | None = None,
+                 precision: str | None = None) -> str:  # fmt: skip
     """The agent configuration that is `mode` (TOML). Paths are written absolute: the agent
     resolves relative ones against the config file's folder, not the bench's."""
     files_line = ", ".join(f'{p} = "{path.resolve()}"' for p, path in sorted(files.items()))
@@ -192,10 +211,10 @@ def agent_config(settings: BenchSettings, mode: Mode, port: int, state_dir: Path
     )
     return f"""\
 [agent]
-node = "bench-{mode.key}"
+node = "{node or f"bench-{mode.key}"}"
 listen = "127.0.0.1:{port}"
 state_dir = "{state_dir.resolve()}"
-profile = "{settings.hardware}"
+profile = "{profile or settings.hardware}"
 sensor = "{settings.sensor}"
 
 [site]
@@ -212,7 +231,7 @@ name = "bench"
 engine = "llamacpp"
 model = "{settings.model.resolve()}"
 files = {{ {files_line} }}
-precision = "{mode.precision}"
+precision = "{precision or mode.precision}"
 max_replicas = {settings.replicas}
 threads = {settings.threads}
 context = {settings.context}
@@ -224,52 +243,138 @@ def _deployment(node: dict[str, Any]) -> dict[str, Any]:
     return next(d for d in node["deployments"] if d["name"] == "bench")
 
 
+def _wait_serving(started: Launched, url: str, name: str, log: Path) -> dict[str, Any]:
+    """Wait until the agent at `url` serves its deployment at full strength; its snapshot."""
+    deadline = time.monotonic() + 300
+    while True:
+        if started.process.poll() is not None:
+            raise RuntimeError(
+                f"the {name} agent exited with code {started.process.returncode}; see {log}"
+            )
+        try:
+            node = httpx.get(f"{url}/v1/node", timeout=2).json()
+            dep = _deployment(node)
+        except (httpx.HTTPError, ValueError, StopIteration):
+            dep = None
+        if dep is not None:
+            held = (dep.get("accounting") or {}).get("cost_usd_per_hour") or 0.0
+            # Serving at full strength, and priced (the accounting's first tick has run).
+            if (dep["state"] == "serving" and dep["ready_replicas"] >= dep["desired_replicas"]
+                    and held > 0):  # fmt: skip
+                return dict(node)
+            if dep["state"] == "failed":  # it would only retry the same start
+                raise RuntimeError(
+                    f"the {name} agent cannot start its replicas: {dep['last_error']}; see {log}"
+                )
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"the {name} agent did not serve within 300 s")
+        time.sleep(0.25)
+
+
+@dataclass
+class Setup:
+    """What one (run, mode) measures: where the load goes, which agents account for it, and
+    each agent's price of one held replica per hour (for the routed saving's split)."""
+
+    load_url: str
+    agent_urls: list[str]
+    replica_usd_per_hour: dict[str, float] = field(default_factory=dict)
+
+
+def _replica_price(node: dict[str, Any]) -> float:
+    dep = _deployment(node)
+    held = dep["accounting"]["cost_usd_per_hour"] if dep.get("accounting") else 0.0
+    return float(held) / max(int(dep["ready_replicas"]), 1)
+
+
 @contextmanager
 def running_agent(settings: BenchSettings, mode: Mode, work: Path,
-                  files: dict[str, Path]) -> Iterator[str]:  # fmt: skip
-    """Start a fresh agent for `mode`, wait until it serves, yield its URL, stop it."""
+                  files: dict[str, Path]) -> Iterator[Setup]:  # fmt: skip
+    """Start fresh agents for `mode` (and, routed, a router), wait until they serve, yield
+    where to send the load; stop everything at the end."""
     # Fresh means empty: an interrupted attempt at this (run, mode) left its state and its
     # response cache here, and answers cached then would be hits now (`--resume`).
     if work.exists():
         shutil.rmtree(work)
     work.mkdir(parents=True)
-    port = free_port()
-    config = work / "agent.toml"
-    config.write_text(agent_config(settings, mode, port, work / "state", files))
-    url = f"http://127.0.0.1:{port}"
-    started: list[Launched] = [launch(f"agent {mode.key}", agent_argv(config), work / "agent.log")]
+    nodes: tuple[tuple[str | None, str | None, str | None], ...] = ((None, None, None),)
+    if mode.fleet == "reference":
+        nodes = tuple(n for n in FLEET if n[0] == REFERENCE_NODE)
+    elif mode.fleet == "routed":
+        nodes = FLEET
+    started: list[Launched] = []
     try:
-        deadline = time.monotonic() + 300
-        while True:
-            process = started[0].process
-            if process.poll() is not None:
-                raise RuntimeError(
-                    f"the {mode.key} agent exited with code {process.returncode}; "
-                    f"see {work / 'agent.log'}"
-                )
-            try:
-                dep = _deployment(httpx.get(f"{url}/v1/node", timeout=2).json())
-            except (httpx.HTTPError, ValueError, StopIteration):
-                dep = None
-            if dep is not None:
-                if dep["state"] == "serving" and dep["ready_replicas"] >= dep["desired_replicas"]:
-                    break
-                if dep["state"] == "failed":  # it would only retry the same start
-                    raise RuntimeError(
-                        f"the {mode.key} agent cannot start its replicas: {dep['last_error']}; "
-                        f"see {work / 'agent.log'}"
-                    )
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"the {mode.key} agent did not serve within 300 s")
-            time.sleep(0.25)
-        yield url
+        setup = Setup("", [])
+        for node, profile, precision in nodes:
+            port = free_port()
+            folder = work / (node or "agent")
+            folder.mkdir()
+            config = folder / "agent.toml"
+            config.write_text(agent_config(settings, mode, port, folder / "state", files, node,
+                                           profile, precision))  # fmt: skip
+            url = f"http://127.0.0.1:{port}"
+            name = f"{mode.key} {node or ''}".strip()
+            started.append(launch(f"agent {name}", agent_argv(config), folder / "agent.log"))
+            snapshot = _wait_serving(started[-1], url, name, folder / "agent.log")
+            setup.agent_urls.append(url)
+            setup.replica_usd_per_hour[snapshot["node"]] = _replica_price(snapshot)
+        setup.load_url = setup.agent_urls[0]
+        if mode.fleet == "routed":
+            setup.load_url = _start_router(settings, work, setup.agent_urls, started)
+        yield setup
     finally:
         stop_all(started)
 
 
-def _counters(url: str) -> tuple[dict[str, Any], dict[str, Any]]:
-    node = httpx.get(f"{url}/v1/node", timeout=10).json()
-    return node, _deployment(node)
+def _start_router(settings: BenchSettings, work: Path, agents: list[str],
+                  started: list[Launched]) -> str:  # fmt: skip
+    """The routed mode's router: route `bench` over the fleet, reference the A100 node, the
+    quality floor's top-1 and the p95 bound; its URL once it follows every agent."""
+    port = free_port()
+    lines = [
+        "[router]", f'listen = "127.0.0.1:{port}"', f'state_dir = "{(work / "router").resolve()}"',
+        f'models_dir = "{settings.model.resolve().parent}"',
+        *(f'[[agents]]\nurl = "{url}"' for url in agents),
+        "[[routes]]", 'name = "bench"', 'candidates = ["*/bench"]',
+        f'reference = "{REFERENCE_NODE}/bench"', 'policy = "cheapest"',
+        f"min_quality = {settings.floor.top1_agreement}",
+        f"max_p95_ms = {settings.route_max_p95_ms}",
+    ]  # fmt: skip
+    config = work / "router.toml"
+    config.write_text("\n".join(lines) + "\n")
+    argv = [sys.executable, "-m", "wattops.router.main", "--config", str(config)]
+    started.append(launch("router", argv, work / "router.log"))
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        if started[-1].process.poll() is not None:
+            raise RuntimeError(f"the router exited; see {work / 'router.log'}")
+        try:
+            if httpx.get(f"{url}/v1/router", timeout=2).json()["agents_live"] == len(agents):
+                return url
+        except (httpx.HTTPError, ValueError, KeyError):
+            pass
+        time.sleep(0.25)
+    raise RuntimeError(f"the router did not follow the agents within 60 s; see {work}")
+
+
+def _counters(urls: list[str]) -> tuple[dict[str, Any], dict[str, Any], dict[str, Any]]:
+    """The agents' node and deployment totals, summed, and each node's deployment."""
+    node_totals: dict[str, float] = {}
+    dep_totals: dict[str, float] = {}
+    per_node: dict[str, Any] = {}
+    source = None
+    for url in urls:
+        node = httpx.get(f"{url}/v1/node", timeout=10).json()
+        dep = _deployment(node)
+        per_node[node["node"]] = dep
+        source = source or dep["accounting"]["energy_source"]
+        for key, value in node["totals"].items():
+            node_totals[key] = node_totals.get(key, 0.0) + float(value)
+        for key, value in dep["accounting"]["totals"].items():
+            dep_totals[key] = dep_totals.get(key, 0.0) + float(value)
+    return ({"totals": node_totals},
+            {"accounting": {"totals": dep_totals, "energy_source": source}}, per_node)  # fmt: skip
 
 
 # -- measuring one mode over one run -------------------------------------------------------
@@ -279,22 +384,39 @@ def measure(
     settings: BenchSettings,
     mode: Mode,
     run: int,
-    url: str,
+    setup: Setup,
     on_result: Callable[[RequestResult], None] | None = None,
 ) -> dict[str, Any]:
-    """Send run `run`'s stream to the agent at `url`; return the raw figures."""
+    """Send run `run`'s stream where `setup` says; return the raw figures."""
     seed = settings.seed + run
     workload = build_workload(settings.workload, "bench", seed=seed)
-    node0, dep0 = _counters(url)
+    node0, dep0, each0 = _counters(setup.agent_urls)
     started = time.monotonic()
     report = asyncio.run(
-        run_load(url, workload, concurrency_limit=256, on_result=on_result, timeout_s=600)
+        run_load(
+            setup.load_url, workload, concurrency_limit=256, on_result=on_result, timeout_s=600
+        )
     )
     elapsed = time.monotonic() - started
     # The meter reports every 0.25 s: let the last answers' energy land in the counters.
     time.sleep(1.0)
-    node1, dep1 = _counters(url)
-    return _figures(mode, run, seed, report, elapsed, node0, dep0, node1, dep1)
+    node1, dep1, each1 = _counters(setup.agent_urls)
+    figures = _figures(mode, run, seed, report, elapsed, node0, dep0, node1, dep1)
+    if mode.fleet:
+        figures["nodes"] = {
+            name: {
+                "precision": dep["precision"],
+                "cost_usd": _delta(dep["accounting"]["totals"],
+                                   each0[name]["accounting"]["totals"], "cost_usd_total"),
+                "energy_j": _delta(dep["accounting"]["totals"],
+                                   each0[name]["accounting"]["totals"], "energy_j_total"),
+                "tokens": sum(_delta(dep["counters"], each0[name]["counters"], k)
+                              for k in ("prompt_tokens_total", "completion_tokens_total")),
+                "replica_usd_per_hour": setup.replica_usd_per_hour.get(name),
+            }
+            for name, dep in each1.items()
+        }  # fmt: skip
+    return figures
 
 
 def _delta(after: dict[str, Any], before: dict[str, Any], key: str) -> float:
@@ -500,8 +622,9 @@ def _run_bench(settings: BenchSettings, out: Path, resume: bool, command: str,
             if (run, mode.key) in done:
                 continue
             progress.stage(f"run {run + 1}/{settings.runs} {mode.key}")
-            with running_agent(settings, mode, out / "work" / f"run{run}-{mode.key}", files) as url:
-                runs.append(measure(settings, mode, run, url, progress.advance))
+            work = out / "work" / f"run{run}-{mode.key}"
+            with running_agent(settings, mode, work, files) as setup:
+                runs.append(measure(settings, mode, run, setup, progress.advance))
             results["runs"] = runs
             results.update(summarise(runs, quality, settings.runs, [m.key for m in modes]))
             _write_json(results_path, results)
@@ -522,7 +645,9 @@ def _prepare(
     """Measure (or read from the cache) the quality table, resolve the fully optimized mode's
     precision with it, and build the variants the modes serve."""
     root = cache_dir()
-    fixed = [m.precision for m in modes if m.precision != AUTO]
+    fixed = [m.precision for m in modes if m.precision not in (AUTO, "routed")]
+    if any(m.fleet == "routed" for m in modes):
+        fixed += [precision for _, _, precision in FLEET]
     table = measure_quality(
         settings.model, tuple(dict.fromkeys([*DEFAULT_PRECISIONS, *fixed])), root=root,
         on_stage=stage,
@@ -532,7 +657,8 @@ def _prepare(
     store = VariantStore(root / "variants")
     files = {
         p: asyncio.run(store.ensure(settings.model, p, os.cpu_count() or 1))
-        for p in sorted({m.precision for m in resolved} - {table.reference})
+        for p in sorted(set(fixed) | {chosen.precision})
+        if p != table.reference
     }
     choice = {
         "floor": asdict(settings.floor),
@@ -610,7 +736,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--modes",
         default=",".join(defaults.modes),
-        help="comma-separated subset of the modes (default: all three)",
+        help=f"comma-separated modes of {', '.join(m.key for m in MODES)} (default: "
+        f"{','.join(DEFAULT_MODES)}; routed brings reference along: it is compared with it)",
     )
     parser.add_argument(
         "--resume",
@@ -619,6 +746,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--quiet", action="store_true", help="no progress output")
     add_floor_arguments(parser)
+
+
+def _modes(text: str) -> tuple[str, ...]:
+    modes = [m.strip() for m in text.split(",") if m.strip()]
+    if "routed" in modes and "reference" not in modes:
+        modes.insert(modes.index("routed"), "reference")
+    return tuple(modes)
 
 
 def settings_from_args(args: argparse.Namespace) -> BenchSettings:
@@ -645,7 +779,7 @@ def settings_from_args(args: argparse.Namespace) -> BenchSettings:
         site=args.site,
         sensor=args.sensor,
         idle_scale_to_zero_s=2.0 if args.quick else BenchSettings.idle_scale_to_zero_s,
-        modes=tuple(m.strip() for m in args.modes.split(",") if m.strip()),
+        modes=_modes(args.modes),
         floor=QualityFloor(args.min_top1, args.max_chrf_drop),
     )
 

@@ -42,7 +42,11 @@ TITLES = {
     "baseline": "Baseline",
     "model_optimized": "Model-optimized",
     "fully_optimized": "Fully optimized",
+    "reference": "Reference (A100, f16)",
+    "routed": "Routed (3 nodes)",
 }
+#: The routed experiment's reference node (experiments/bench.py: FLEET).
+REFERENCE_NODE = "gpu-a100"
 
 
 def mean_std(values: list[float]) -> tuple[float | None, float | None]:
@@ -97,7 +101,72 @@ def summarise(
             for metric in (*METRICS, *QUALITY)
         }
     complete = all(sum(1 for r in runs if r["mode"] == key) >= planned_runs for key in modes)
-    return {"modes": summary, "complete": complete}
+    result: dict[str, Any] = {"modes": summary, "complete": complete}
+    routed = routed_vs_reference(runs, quality)
+    if routed is not None:
+        result["routed_vs_reference"] = routed
+    return result
+
+
+def routed_vs_reference(runs: list[dict[str, Any]], quality: dict[str, Any]
+                        ) -> dict[str, Any] | None:  # fmt: skip
+    """The routed fleet against everything on the reference node, over the runs that have
+    both, with the saving per 1M tokens split in two, each computed:
+
+    - less compute: the reference's cost against the routed fleet's held replica-time priced
+      at the reference node's price (each node's cost x reference $/replica-h / its own);
+    - price differences: that against what the routed fleet was charged at its nodes' prices.
+
+    The two add up to the whole saving. Quality: the routed tokens' top-1 agreement with f16,
+    weighted by the tokens each precision served."""
+    pairs = []
+    for run in sorted({r["run"] for r in runs}):
+        ref = next((r for r in runs if r["run"] == run and r["mode"] == "reference"), None)
+        routed = next((r for r in runs if r["run"] == run and r["mode"] == "routed"), None)
+        if ref is None or routed is None or not ref["tokens"] or not routed["tokens"]:
+            continue
+        ref_price = ref["nodes"][REFERENCE_NODE]["replica_usd_per_hour"]
+        neutral = sum(
+            n["cost_usd"] * ref_price / n["replica_usd_per_hour"]
+            for n in routed["nodes"].values()
+            if n["replica_usd_per_hour"]
+        )
+        per_ref = ref["cost_usd"] / ref["tokens"] * 1e6
+        per_neutral = neutral / routed["tokens"] * 1e6
+        per_routed = routed["cost_usd"] / routed["tokens"] * 1e6
+        served = sum(n["tokens"] for n in routed["nodes"].values()) or 1
+        top1 = (
+            sum(
+                n["tokens"] * (quality.get(n["precision"], {}).get("top1_agreement") or 0.0)
+                for n in routed["nodes"].values()
+            )
+            / served
+        )
+        pairs.append({
+            "saving_pct": (1 - per_routed / per_ref) * 100 if per_ref else None,
+            "from_less_compute_pct": (per_ref - per_neutral) / per_ref * 100 if per_ref else None,
+            "from_prices_pct": (per_neutral - per_routed) / per_ref * 100 if per_ref else None,
+            "energy_saving_pct": (1 - routed["energy_j_per_1m_tokens"]
+                                  / ref["energy_j_per_1m_tokens"]) * 100
+            if ref.get("energy_j_per_1m_tokens") else None,
+            "top1_agreement": top1,
+            "latency_p95_s": routed["latency_p95_s"],
+            "reference_latency_p95_s": ref["latency_p95_s"],
+            "token_share": {k: n["tokens"] / served for k, n in routed["nodes"].items()},
+        })  # fmt: skip
+    if not pairs:
+        return None
+    out: dict[str, Any] = {"runs": len(pairs)}
+    for key in ("saving_pct", "from_less_compute_pct", "from_prices_pct", "energy_saving_pct",
+                "top1_agreement", "latency_p95_s", "reference_latency_p95_s"):  # fmt: skip
+        out[key], out.setdefault("std", {})[key] = mean_std(
+            [p[key] for p in pairs if p[key] is not None]
+        )
+    nodes = sorted({k for p in pairs for k in p["token_share"]})
+    out["token_share"] = {
+        k: mean_std([p["token_share"].get(k, 0.0) for p in pairs])[0] for k in nodes
+    }
+    return out
 
 
 # -- table.md ------------------------------------------------------------------------------
@@ -214,6 +283,22 @@ def write_table(path: Path, results: dict[str, Any]) -> None:
     choice = results.get("precision_choice")
     if choice:
         lines += [f"Fully optimized precision: {choice['why']}.", ""]
+    routed = results.get("routed_vs_reference")
+    if routed:
+        share = ", ".join(f"{k} {v:.0%}" for k, v in routed["token_share"].items())
+        lines += [
+            "Routed against everything on the reference node (same stream, "
+            f"{routed['runs']} runs; cost per 1M tokens):",
+            "",
+            "| Saving | from less compute | from price differences | Energy saving | "
+            "Top-1 (token-weighted) | p95 routed / reference s | Tokens by node |",
+            "|---|---|---|---|---|---|---|",
+            f"| {_num(routed['saving_pct'], 3)}% | {_num(routed['from_less_compute_pct'], 3)}% "
+            f"| {_num(routed['from_prices_pct'], 3)}% | {_num(routed['energy_saving_pct'], 3)}% "
+            f"| {_rate(routed['top1_agreement'])} | {_num(routed['latency_p95_s'])} / "
+            f"{_num(routed['reference_latency_p95_s'])} | {share} |",
+            "",
+        ]
     path.write_text("\n".join(lines))
 
 

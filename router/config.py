@@ -72,6 +72,11 @@ class RouterSection(_Section):
         description="bearer token required by control endpoints; default: $WATTOPS_TOKEN",
     )
     inventory: Path | None = Field(None, description="fleet.toml listing the agents")
+    models_dir: Path | None = Field(
+        None, description="where the agents' model files are found by name (same machine or a "
+        "shared mount), to read their `wattops quality` tables; unset: quality comes only "
+        "from the routes' declared figures",
+    )  # fmt: skip
     kubernetes: bool = Field(
         False, description="follow the agent pods the Kubernetes API lists (in a pod: its "
         "service account; elsewhere: the kubeconfig), listed again every discovery_interval_s",
@@ -255,6 +260,8 @@ def load_config(path: Path) -> RouterConfig:
     config = parse_config(data, str(path))
     base = path.parent.resolve()
     config.router.state_dir = (base / config.router.state_dir).resolve()
+    if config.router.models_dir is not None:
+        config.router.models_dir = (base / config.router.models_dir).resolve()
     if config.router.inventory is not None:
         config.router.inventory = (base / config.router.inventory).resolve()
         try:

@@ -120,7 +120,7 @@ class Router:
             key: Learned(**figures) for key, figures in self._read("learned.json").items()
         }
         self.in_flight: Counter[str] = Counter()
-        self.quality = QualityBook()
+        self.quality = QualityBook(models_dir=config.router.models_dir)
         self.breakers = AsyncCircuitBreakerFactory(
             default_threshold=config.router.breaker_failures,
             default_ttl=config.router.breaker_open_s,

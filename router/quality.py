@@ -31,8 +31,10 @@ REREAD_S = 60.0
 class QualityBook:
     """Quality figures of candidates against references, read from the cache and kept."""
 
-    def __init__(self, root: Path | None = None) -> None:
+    def __init__(self, root: Path | None = None, models_dir: Path | None = None) -> None:
         self.root = root
+        #: Agents name their model by file name: the file is looked for here.
+        self.models_dir = models_dir
         self._tables: dict[str, tuple[float, QualityTable | None]] = {}
 
     def _table(self, model: str) -> QualityTable | None:
@@ -40,7 +42,10 @@ class QualityBook:
         seen = self._tables.get(model)
         if seen is not None and now - seen[0] < REREAD_S:
             return seen[1]
-        table = cached(Path(model), self.root)
+        path = Path(model)
+        if self.models_dir is not None and not path.is_absolute():
+            path = self.models_dir / path
+        table = cached(path, self.root)
         self._tables[model] = (now, table)
         return table
 
@@ -57,8 +62,10 @@ class QualityBook:
             return QualityFigure(1.0, 0.0, "the reference's model and precision")
         table = self._table(c.model)
         if table is None or table.reference != ref.precision:
+            bare = self.models_dir is None and not Path(c.model).is_absolute()
+            where = " (set router.models_dir)" if bare else ""
             return QualityFigure(
-                None, None, f"no quality table of {Path(c.model).name}: run wattops quality"
+                None, None, f"no quality table of {Path(c.model).name}{where}: run wattops quality"
             )
         try:
             row = table.row(c.precision)

@@ -14,6 +14,7 @@ import pytest
 
 from wattops.console.cli import main as cli_main
 from wattops.experiments.bench import (
+    DEFAULT_MODES,
     MODES,
     BenchSettings,
     agent_config,
@@ -166,7 +167,7 @@ def test_bench_runs_every_mode_against_real_agents(test_model: Path, tmp_path: P
     )
     out = tmp_path / "bench"
     results = run_bench(settings, out, show_progress=False)
-    assert set(results["modes"]) == {m.key for m in MODES}
+    assert set(results["modes"]) == set(DEFAULT_MODES)
     # The fully optimized mode serves the precision the quality table chose, and says why.
     choice = results["precision_choice"]
     assert choice["chosen"] == "q8_0" and "q5_k_m (top-1 agreement" in choice["why"]
@@ -215,3 +216,34 @@ def test_bench_runs_every_mode_against_real_agents(test_model: Path, tmp_path: P
     other = replace(settings, seed=7)
     with pytest.raises(ValueError, match="other settings"):
         run_bench(other, out, resume=True, show_progress=False)
+
+
+def test_routed_fleet_against_the_reference_node(test_model: Path, tmp_path: Path) -> None:
+    """The three-node fleet (A100 f16, Jetson q4_k_m, CPU host q8_0) behind a real router,
+    against everything on the A100 node, on one stream; the saving is split and adds up."""
+    workload = replace(default_workload(), requests=8, rate_rps=4.0, burst_every_s=0.0,
+                       idle_every_s=0.0, max_tokens=(4, 8), prompts="words",
+                       prompt_words=(4, 8))  # fmt: skip
+    # On the random test model q8_0 keeps 96% top-1 agreement, q4_k_m 71%: the route's floor
+    # of 90% leaves the Jetson node out, and the CPU host is far cheaper than the A100 share.
+    settings = BenchSettings(
+        model=test_model, workload=workload, runs=1, sensor="estimate", context=512,
+        floor=QualityFloor(0.9, 100.0), modes=("reference", "routed"),
+    )  # fmt: skip
+    results = run_bench(settings, tmp_path / "bench", show_progress=False)
+    assert all(r["ok"] == 8 and r["errors"] == 0 for r in results["runs"])
+    routed_run = next(r for r in results["runs"] if r["mode"] == "routed")
+    assert set(routed_run["nodes"]) == {"gpu-a100", "jetson-orin", "cpu-host"}
+    routed = results["routed_vs_reference"]
+    assert routed["token_share"]["jetson-orin"] == 0
+    assert routed["token_share"]["cpu-host"] > 0.5
+    assert routed["top1_agreement"] >= 0.9
+    assert routed["saving_pct"] > 0
+    parts = routed["from_less_compute_pct"] + routed["from_prices_pct"]
+    assert parts == pytest.approx(routed["saving_pct"], abs=1e-6)
+    assert (
+        "Routed against everything on the reference node"
+        in (tmp_path / "bench" / "table.md").read_text()
+    )
+    with pytest.raises(ValueError, match="add reference"):
+        BenchSettings(model=test_model, modes=("routed",))

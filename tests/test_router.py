@@ -89,7 +89,7 @@ def test_bounds_exclude_candidates_with_the_reason_in_the_503(
     # unknown, so the floor leaves it out however cheap it is.
     assert {_served_by(router.ask()) for _ in range(3)} == {"cloud/tiny"}
     excluded = {c["key"]: c["excluded"] for c in router.route("chat")["candidates"]}
-    assert "quality unknown (no quality table of test.gguf: run wattops quality)" in str(
+    assert "quality unknown (no quality table of test.gguf (set router.models_dir): run " in str(
         excluded["edge/tiny"]
     )
     # A latency bound nothing can meet: 503 in OpenAI's shape, naming each candidate's reason.
