@@ -281,7 +281,7 @@ def write_table(path: Path, results: dict[str, Any]) -> None:
         "",
     ]
     choice = results.get("precision_choice")
-    if choice:
+    if choice and "fully_optimized" in modes:
         lines += [f"Fully optimized precision: {choice['why']}.", ""]
     routed = results.get("routed_vs_reference")
     if routed:
