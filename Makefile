@@ -6,7 +6,7 @@ BIN    := $(VENV)/bin
 # pip caches the built wheel, so only the first install compiles (~8 min on 2 cores).
 export CMAKE_ARGS ?= -DGGML_NATIVE=OFF
 
-.PHONY: help install test lint layout layers typecheck pytest prometheus kubectl bench bench-quick demo models clean
+.PHONY: help install test lint layout layers typecheck pytest prometheus kubectl llama-server bench bench-quick demo models clean
 
 help:
 	@echo "make demo   a three-node fleet on this machine, with load, in the console"
@@ -77,19 +77,27 @@ prometheus:
 kubectl:
 	$(call apt-tool,kubectl,kubectl)
 
-pytest: $(BIN)/.installed models/test.gguf $(SMOLLM2) prometheus kubectl
+# llama-server for the `llamacpp-server` engine, built from the llama.cpp that the pinned
+# llama-cpp-python sdist vendors, once, into the user cache (keyed by version and CMake flags):
+# about 5 min on 2 cores the first time, nothing after (engines/server_binary.py).
+llama-server: $(BIN)/.installed
+	$(call apt-tool,cmake,cmake)
+	$(call apt-tool,c++,g++)
+	$(BIN)/python -m wattops.engines.server_binary
+
+pytest: $(BIN)/.installed models/test.gguf $(SMOLLM2) prometheus kubectl llama-server
 	$(BIN)/python -m pytest -q
 
 test: lint layers typecheck pytest
 
-demo: $(BIN)/.installed $(SMOLLM2)
+demo: $(BIN)/.installed $(SMOLLM2) llama-server
 	$(BIN)/wattops demo
 
 # The full experiment (hours on a small machine; --resume continues it). `make bench-quick`: minutes.
-bench: $(BIN)/.installed $(SMOLLM2)
+bench: $(BIN)/.installed $(SMOLLM2) llama-server
 	$(BIN)/wattops bench --out bench-results --resume
 
-bench-quick: $(BIN)/.installed $(SMOLLM2)
+bench-quick: $(BIN)/.installed $(SMOLLM2) llama-server
 	$(BIN)/wattops bench --quick --out bench-results/quick
 
 clean:

@@ -61,6 +61,22 @@ class LatencySummary(_Model):
     window: int = Field(0, description="number of answers the percentiles are computed over")
 
 
+class BatchingStatus(_Model):
+    """Slots of an engine that decodes several requests together (llamacpp-server)."""
+
+    parallel: int = Field(description="slots each replica was started with")
+    slots: int = Field(
+        description="slots in use per replica: requests the gateway lets into a replica at once"
+    )
+    adaptive: bool = Field(description="the agent adapts `slots` from measurements")
+    reason: str | None = Field(None, description="why `slots` is what it is (last change)")
+    changed_at: float | None = Field(None, description="when `slots` last changed (unix time)")
+    tokens_per_s_per_replica: float | None = Field(
+        None, description="tokens decoded per second per replica over the last tuning window"
+    )
+    waited: int = Field(0, description="requests that waited for a free slot, last window")
+
+
 class DeploymentCounters(_Model):
     """Monotonic counters since the deployment was first configured on this node."""
 
@@ -234,6 +250,7 @@ class DeploymentStatus(_Model):
     replicas: list[ReplicaStatus] = []
     counters: DeploymentCounters = DeploymentCounters()
     latency: LatencySummary = LatencySummary()
+    batching: BatchingStatus | None = None
     accounting: DeploymentAccounting | None = None
 
 

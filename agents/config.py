@@ -216,6 +216,12 @@ class DeploymentConfig(BaseModel):
     autoscale_stabilization_s: float = Field(
         30.0, ge=0, description="scale down to the highest recommendation of this window"
     )
+    latency_slo_p95_ms: float | None = Field(
+        None,
+        gt=0,
+        description="the p95 latency (ms) answers should stay inside; adaptive batching "
+        "(llamacpp-server's adaptive_parallel) uses fewer slots when it is passed",
+    )
     startup_timeout_s: float = Field(
         120.0, gt=0, description="how long one replica may take to load and answer its health path"
     )

@@ -17,6 +17,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from wattops.agents.api import (
+    BatchingStatus,
     DeploymentCounters,
     DeploymentState,
     DeploymentStatus,
@@ -26,6 +27,7 @@ from wattops.agents.api import (
     Totals,
 )
 from wattops.agents.autoscale import Autoscaler
+from wattops.agents.batching import SlotTuner, Window
 from wattops.agents.config import AgentSection, DeploymentConfig
 from wattops.agents.state import DesiredState
 from wattops.engines.base import EngineAdapter, EngineError, Replica
@@ -176,6 +178,26 @@ class Deployment:
             if config.autoscale_target_in_flight is not None and config.max_replicas >= 1
             else None
         )
+        #: Adaptive batching: how many of each replica's slots are in use (None: no cap, the
+        #: engine queues what it cannot take at once).
+        self.tuner = (
+            SlotTuner(
+                engine.parallel,
+                slo_p95_s=(
+                    config.latency_slo_p95_ms / 1000
+                    if config.latency_slo_p95_ms is not None
+                    else None
+                ),
+                window_s=engine.adapt_window_s,
+            )
+            if engine.parallel is not None and engine.adaptive_parallel
+            else None
+        )
+        self._waiting = 0
+        self._waited = 0
+        self._window_latencies: list[float] = []
+        self._window_started = time.monotonic()
+        self._window_tokens = 0
 
     # -- control (called by the API) -------------------------------------------------------
 
@@ -232,10 +254,14 @@ class Deployment:
     # -- traffic (called by the gateway) ---------------------------------------------------
 
     def pick(self, exclude: LiveReplica | None = None) -> LiveReplica | None:
-        """The ready replica with the fewest requests in flight, counted as taken."""
+        """The ready replica with the fewest requests in flight, counted as taken (with
+        adaptive batching, only one with a slot in use free)."""
         best: LiveReplica | None = None
+        limit = self.tuner.slots if self.tuner is not None else None
         for candidate in self.ready:
-            if candidate is not exclude and (best is None or candidate.in_flight < best.in_flight):
+            if candidate is exclude or (limit is not None and candidate.in_flight >= limit):
+                continue
+            if best is None or candidate.in_flight < best.in_flight:
                 best = candidate
         if best is not None:
             best.take()
@@ -254,24 +280,35 @@ class Deployment:
             self.desired.replicas = 1
             self._desired_changed()
         deadline = time.monotonic() + timeout_s
-        async with self._ready_changed:
-            while True:
-                replica = self.pick(exclude)
-                if replica is not None:
-                    return replica
-                if self.failed:
-                    raise NoReplicaError(f"{self.name} has no healthy replica: {self.last_error}")
-                remaining = deadline - time.monotonic()
-                if remaining <= 0:
-                    raise NoReplicaError(
-                        f"{self.name}: no replica became ready within {timeout_s:.0f}s"
-                    )
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self._ready_changed.wait(), remaining)
+        if self.ready:
+            self._waited += 1  # ready replicas, all slots in use: a request waits for one
+        self._waiting += 1
+        try:
+            async with self._ready_changed:
+                while True:
+                    replica = self.pick(exclude)
+                    if replica is not None:
+                        return replica
+                    if self.failed:
+                        raise NoReplicaError(
+                            f"{self.name} has no healthy replica: {self.last_error}"
+                        )
+                    remaining = deadline - time.monotonic()
+                    if remaining <= 0:
+                        raise NoReplicaError(
+                            f"{self.name}: no replica became ready within {timeout_s:.0f}s"
+                        )
+                    with contextlib.suppress(TimeoutError):
+                        await asyncio.wait_for(self._ready_changed.wait(), remaining)
+        finally:
+            self._waiting -= 1
 
     def release(self, replica: LiveReplica, latency_s: float | None, error: bool) -> None:
         """Count a finished request and free its slot on `replica`."""
         replica.give_back()
+        if self._waiting and self.tuner is not None:
+            # A request may be waiting for exactly this slot.
+            asyncio.get_running_loop().create_task(self._wake_waiters())
         if self.autoscaler is not None:
             self.autoscaler.add(time.monotonic(), -1)
         self.last_request = time.monotonic()
@@ -280,6 +317,8 @@ class Deployment:
             self.counters.errors_total += 1
         elif latency_s is not None:
             self.latencies.append(latency_s)
+            if self.tuner is not None:
+                self._window_latencies.append(latency_s)
         self._changed()
 
     def count_failure(self) -> None:
@@ -347,6 +386,7 @@ class Deployment:
                 await self._check_replicas()
                 self._maybe_park()
                 self._autoscale()
+                self._tune_slots()
             except asyncio.CancelledError:
                 raise
             except Exception:
@@ -654,6 +694,64 @@ class Deployment:
             self.desired.replicas = desired
             self._desired_changed()
 
+    def _tune_slots(self) -> None:
+        """Close a tuning window when one has passed and let the tuner adapt the slots."""
+        if self.tuner is None:
+            return
+        now = time.monotonic()
+        seconds = now - self._window_started
+        if seconds < self.tuner.window_s:
+            return
+        tokens = self.counters.prompt_tokens_total + self.counters.completion_tokens_total
+        tokens -= self.counters.cached_prompt_tokens_total  # reused, not decoded
+        latencies = sorted(self._window_latencies)
+        window = Window(
+            seconds=seconds,
+            tokens=max(0, tokens - self._window_tokens),
+            replicas=len(self.ready),
+            waited=self._waited,
+            p95_s=latencies[min(len(latencies) - 1, int(0.95 * len(latencies)))]
+            if latencies
+            else None,
+        )
+        self._window_started, self._window_tokens = now, tokens
+        self._waited = 0
+        self._window_latencies = []
+        if not self.ready or self.switching:
+            return  # a window without serving replicas says nothing about slots
+        before = self.tuner.slots
+        if self.tuner.observe(window):
+            log.info(
+                "%s: slots per replica %d -> %d: %s",
+                self.name,
+                before,
+                self.tuner.slots,
+                self.tuner.reason,
+            )
+            self._changed()
+            if self._waiting:
+                asyncio.get_running_loop().create_task(self._wake_waiters())
+
+    def batching(self) -> BatchingStatus | None:
+        """The slots view of the status, for an engine that batches."""
+        parallel = self.engine.parallel
+        if parallel is None:
+            return None
+        tuner = self.tuner
+        if tuner is None:
+            return BatchingStatus(parallel=parallel, slots=parallel, adaptive=False)
+        return BatchingStatus(
+            parallel=parallel,
+            slots=tuner.slots,
+            adaptive=True,
+            reason=tuner.reason,
+            changed_at=tuner.changed_at,
+            tokens_per_s_per_replica=(
+                round(tuner.last.tokens_per_s_per_replica, 2) if tuner.last else None
+            ),
+            waited=tuner.last.waited if tuner.last else 0,
+        )
+
     # -- reporting -------------------------------------------------------------------------
 
     def state(self) -> DeploymentState:
@@ -689,6 +787,7 @@ class Deployment:
             replicas=[r.status(self.restarts) for r in self.replicas],
             counters=self.counters.model_copy(),
             latency=_latency(self.latencies),
+            batching=self.batching(),
         )
 
 

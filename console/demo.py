@@ -37,6 +37,16 @@ DEMO_NODES: tuple[tuple[str, str, str], ...] = (
     ("cpu-host", "cpu-generic", "q8_0"),
 )
 
+#: Nodes whose replicas are llama-server with parallel slots, the slots in use adapted by the
+#: agent (continuous batching, as CPU hosts and Jetson boards run llama.cpp); the A100 node keeps
+#: the single-stream worker, standing in for a GPU engine that batches on its own.
+BATCHING_NODES = frozenset({"jetson-orin", "cpu-host"})
+BATCHING = """\
+parallel = 4
+adaptive_parallel = true
+adapt_window_s = 15
+"""
+
 #: The model the demo serves (`make models/smollm2-135m-instruct.f16.gguf`).
 DEMO_MODEL = Path("models/smollm2-135m-instruct.f16.gguf")
 #: The deployment's name on every node: what a client puts in `"model"`.
@@ -56,14 +66,14 @@ park_advice_after_s = 120
 
 [[deployments]]
 name = "{deployment}"
-engine = "llamacpp"
+engine = "{engine}"
 model = "{model}"
 precision = "{precision}"
 replicas = 1
 max_replicas = 3
 threads = 1
 context = 1024
-"""
+{batching}"""
 
 
 @contextlib.contextmanager
@@ -82,6 +92,8 @@ def demo_fleet(model: Path, state_dir: Path, rate: float, with_load: bool = True
                 config.write_text(AGENT_CONFIG.format(
                     node=node, port=port, state_dir=node_dir, profile=profile, sensor="estimate",
                     model=model.resolve(), precision=precision, deployment=DEPLOYMENT,
+                    engine="llamacpp-server" if node in BATCHING_NODES else "llamacpp",
+                    batching=BATCHING if node in BATCHING_NODES else "",
                 ))  # fmt: skip
                 started.append(launch(node, agent_argv(config), node_dir / "agent.log"))
                 urls.append(f"http://127.0.0.1:{port}")

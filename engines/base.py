@@ -114,6 +114,13 @@ class EngineAdapter(ABC):
     builds_variants: ClassVar[bool] = False
     #: Usage includes prompt tokens served from the engine's prefix (KV) cache.
     reports_prefix_cache: ClassVar[bool] = False
+    #: Requests one replica decodes together (its slots), for an engine that batches them;
+    #: None: one at a time, or the engine batches as it likes (vLLM, TGI).
+    parallel: int | None = None
+    #: The agent may adapt how many of those slots are used (agents/batching.py).
+    adaptive_parallel: bool = False
+    #: Seconds of measurements behind each adaptation.
+    adapt_window_s: float = 30.0
 
     health_path: str = "/health"
     metrics_path: str = "/metrics"

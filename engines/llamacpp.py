@@ -47,7 +47,7 @@ class LlamaCppSettings(EngineSettings):
     @model_validator(mode="after")
     def _some_model(self) -> LlamaCppSettings:
         if self.model is None and not self.files:
-            raise ValueError("engine 'llamacpp' needs `model` (a base GGUF) or `files`")
+            raise ValueError("needs `model` (a base GGUF) or `files` (GGUF files per precision)")
         return self
 
     def resolve_paths(self, base: Path) -> None:

@@ -15,6 +15,9 @@ from prometheus_client.parser import text_string_to_metric_families
 #: figure -> metric sample names in order of preference.
 ALIASES: dict[str, tuple[str, ...]] = {
     "prompt_tokens": (
+        # llama-server counts prompt tokens it evaluated and those reused from a slot's KV
+        # apart; wattops's worker counts all of them in llamacpp:prompt_tokens_total.
+        "llamacpp:prompt_tokens_total+llamacpp:prompt_tokens_cached_total",
         "llamacpp:prompt_tokens_total",
         "vllm:prompt_tokens_total",
         "tgi_request_input_length_sum",
@@ -26,6 +29,7 @@ ALIASES: dict[str, tuple[str, ...]] = {
     ),
     "cached_prompt_tokens": (
         "wattops:prompt_tokens_cached_total",
+        "llamacpp:prompt_tokens_cached_total",
         "vllm:prefix_cache_hits_total",
         "vllm:gpu_prefix_cache_hits_total",
     ),
@@ -39,11 +43,13 @@ ALIASES: dict[str, tuple[str, ...]] = {
         "vllm:num_requests_running",
         "tgi_batch_current_size",
     ),
-    "busy_seconds": (
-        "wattops:busy_seconds_total",
-        # llama-server splits busy time into prompt processing and generation; summed below.
-        "llamacpp:prompt_seconds_total+llamacpp:tokens_predicted_seconds_total",
-    ),
+    # llama-server counts tokens when a request finishes; its decode steps move every step,
+    # so a long generation shows progress (the agent's hung-replica check) before it ends.
+    "decode_steps": ("llamacpp:n_decode_total",),
+    # Only wattops's worker reports wall-clock busy time. llama-server's prompt and generation
+    # seconds are summed over its slots, so with several slots busy they run faster than the
+    # clock: busy time there comes from requests in flight (llamacpp:requests_processing).
+    "busy_seconds": ("wattops:busy_seconds_total",),
 }
 
 
@@ -57,6 +63,7 @@ class EngineUsage:
     requests: float | None = None
     in_flight: float | None = None
     busy_seconds: float | None = None
+    decode_steps: float | None = None
 
 
 def parse_usage(text: str) -> EngineUsage:

@@ -1,14 +1,16 @@
 """`wattops bench`: the published experiment, on this machine, against real agents.
 
-Three serving modes run one after another on the same machine, each a real `wattops-agent`
-serving the model (SmolLM2-135M-Instruct by default) through real llama.cpp replicas, each sent
+Serving modes run one after another on the same machine, each a real `wattops-agent`
+serving the model (SmolLM2-135M-Instruct by default) through real llama.cpp replicas (the
+single-stream worker, or llama-server with parallel slots in the batching modes), each sent
 the same request stream within a run (`experiments/load.py`'s deterministic open-loop
 workload); 5 runs with different seeds. Per mode: energy and cost (from the agent's own
 accounting: what it attributes to the deployment), latency, throughput, cache hits, and the
 quality of its precision against the base (`wattops.quality`, the table `wattops quality`
 prints). The fully optimized mode serves the cheapest precision whose measured quality meets
-the floor, chosen before the first run. Results: `results.json` (every raw figure),
-`table.md`, `chart.png`.
+the floor, chosen before the first run, on llama-server replicas whose slots the agent adapts
+(continuous batching); the batching mode is the baseline with that one lever. Results:
+`results.json` (every raw figure), `table.md`, `chart.png`.
 
 A (run, mode) that finishes is written to `results.json` at once (atomically); `--resume`
 skips what is there, so a multi-hour run that is interrupted loses one mode's work at most.
@@ -74,6 +76,9 @@ class Mode:
     #: None: one agent priced as --hardware. "reference": the three-node fleet's reference
     #: node alone (everything to the A100). "routed": the whole fleet behind wattops-router.
     fleet: str | None = None
+    #: Replicas are llama-server with `parallel` slots, the slots in use adapted by the agent
+    #: (continuous batching); False: the single-stream llama.cpp worker.
+    batching: bool = False
 
 
 AUTO = "auto"
@@ -81,7 +86,8 @@ AUTO = "auto"
 MODES: tuple[Mode, ...] = (
     Mode("baseline", "Baseline", "f16", False, False, False),
     Mode("model_optimized", "Model-optimized", "q4_k_m", False, False, False),
-    Mode("fully_optimized", "Fully optimized", AUTO, True, True, True),
+    Mode("fully_optimized", "Fully optimized", AUTO, True, True, True, batching=True),
+    Mode("batching", "Batching only", "f16", False, False, False, batching=True),
     Mode("reference", "Reference (A100, f16)", "f16", True, True, True, "reference"),
     Mode("routed", "Routed (3 nodes)", "routed", True, True, True, "routed"),
 )
@@ -93,7 +99,7 @@ FLEET: tuple[tuple[str, str, str], ...] = (
 )
 REFERENCE_NODE = "gpu-a100"
 #: What `wattops bench` runs unless --modes says otherwise (the routed pair is opt-in).
-DEFAULT_MODES = ("baseline", "model_optimized", "fully_optimized")
+DEFAULT_MODES = ("baseline", "model_optimized", "fully_optimized", "batching")
 
 #: The default model: `make models/smollm2-135m-instruct.f16.gguf` builds it.
 DEFAULT_MODEL = Path("models/smollm2-135m-instruct.f16.gguf")
@@ -151,6 +157,8 @@ class BenchSettings:
     sensor: str = "auto"
     idle_scale_to_zero_s: float = 5.0
     autoscale_target_in_flight: float = 1.0
+    #: Slots of a batching replica (llama-server --parallel): the most the agent may use.
+    parallel: int = 8
     modes: tuple[str, ...] = DEFAULT_MODES
     #: The routed mode's route: its p95 bound (its quality floor is `floor`'s top-1).
     route_max_p95_ms: float = 10_000.0
@@ -165,6 +173,8 @@ class BenchSettings:
             problems.append(f"replicas must be at least 1, not {self.replicas}")
         if self.threads < 1:
             problems.append(f"threads must be at least 1, not {self.threads}")
+        if not 1 <= self.parallel <= 64:
+            problems.append(f"parallel must be in 1..64, not {self.parallel}")
         if self.workload.requests is None:
             problems.append("the workload must be bounded by a request count")
         unknown = [m for m in self.modes if m not in {mode.key for mode in MODES}]
@@ -202,12 +212,20 @@ def agent_config(settings: BenchSettings, mode: Mode, port: int, state_dir: Path
     """The agent configuration that is `mode` (TOML). Paths are written absolute: the agent
     resolves relative ones against the config file's folder, not the bench's."""
     files_line = ", ".join(f'{p} = "{path.resolve()}"' for p, path in sorted(files.items()))
+    # A batching replica takes `parallel` requests at once: the autoscaling target is per slot,
+    # so a second replica starts only once the first one's slots are all in use.
+    target = settings.autoscale_target_in_flight * (settings.parallel if mode.batching else 1)
     elastic = (
-        f"autoscale_target_in_flight = {settings.autoscale_target_in_flight}\n"
+        f"autoscale_target_in_flight = {target}\n"
         f"idle_scale_to_zero_s = {settings.idle_scale_to_zero_s}\n"
         "replicas = 1\n"
         if mode.elastic
         else f"replicas = {settings.replicas}\n"
+    )
+    batching = (
+        f"parallel = {settings.parallel}\nadaptive_parallel = true\nadapt_window_s = 10\n"
+        if mode.batching
+        else ""
     )
     return f"""\
 [agent]
@@ -228,7 +246,7 @@ enabled = {str(mode.response_cache).lower()}
 
 [[deployments]]
 name = "bench"
-engine = "llamacpp"
+engine = "{"llamacpp-server" if mode.batching else "llamacpp"}"
 model = "{settings.model.resolve()}"
 files = {{ {files_line} }}
 precision = "{precision or mode.precision}"
@@ -236,7 +254,7 @@ max_replicas = {settings.replicas}
 threads = {settings.threads}
 context = {settings.context}
 prefix_cache = {str(mode.prefix_cache).lower()}
-{elastic}"""
+{batching}{elastic}"""
 
 
 def _deployment(node: dict[str, Any]) -> dict[str, Any]:
@@ -473,6 +491,10 @@ def _figures(mode: Mode, run: int, seed: int, report: LoadReport, elapsed: float
             report.cached_prompt_tokens / report.prompt_tokens if report.prompt_tokens else 0.0
         ),
         "send_lag_p99_s": report.send_lag_p99_s,
+        "engine": dep1["engine"],
+        # Batching modes: the slots per replica the agent had settled on at the end, and why.
+        "slots": (dep1.get("batching") or {}).get("slots"),
+        "slots_reason": (dep1.get("batching") or {}).get("reason"),
     }
 
 
@@ -722,6 +744,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="CPU threads per replica (default %(default)s)",
     )
     parser.add_argument(
+        "--parallel",
+        type=int,
+        default=defaults.parallel,
+        help="slots of a batching replica (llama-server --parallel), the most the agent's "
+        "adaptive batching may use (default %(default)s)",
+    )
+    parser.add_argument(
         "--hardware",
         default=defaults.hardware,
         help="hardware profile the agents price with (default %(default)s)",
@@ -775,6 +804,7 @@ def settings_from_args(args: argparse.Namespace) -> BenchSettings:
         seed=args.seed,
         replicas=args.replicas,
         threads=args.threads,
+        parallel=args.parallel,
         hardware=args.hardware,
         site=args.site,
         sensor=args.sensor,

@@ -42,6 +42,7 @@ TITLES = {
     "baseline": "Baseline",
     "model_optimized": "Model-optimized",
     "fully_optimized": "Fully optimized",
+    "batching": "Batching only",
     "reference": "Reference (A100, f16)",
     "routed": "Routed (3 nodes)",
 }

@@ -263,6 +263,13 @@ os.environ.setdefault("PYTHONUNBUFFERED", "1")
 
 #: Fixtures for tests that run a router (make_router, two_nodes).
 pytest_plugins = ["tests.routers"]
+# llama-server is built once into the user's cache (`make llama-server`); name that build before
+# the cache moves to a folder of this run, so agents started by tests find it.
+if "WATTOPS_LLAMA_SERVER" not in os.environ:
+    from wattops.engines.server_binary import cached_path
+
+    if cached_path().is_file():
+        os.environ["WATTOPS_LLAMA_SERVER"] = str(cached_path())
 # Built variants and quality tables go to a folder of this run, not the user's ~/.cache/wattops
 # (agents, benches and `wattops quality` started by tests inherit it).
 if "WATTOPS_CACHE_DIR" not in os.environ:

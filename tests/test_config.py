@@ -134,7 +134,7 @@ def readme_example() -> str:
 def test_the_readmes_example_configuration_is_accepted() -> None:
     data = tomllib.loads(readme_example())
     config = parse_config(data, "README.md")
-    assert [d.name for d in config.deployments] == ["llama2-13b", "falcon-7b"]
+    assert [d.name for d in config.deployments] == ["llama2-13b", "smollm2", "falcon-7b"]
     assert config.deployment("llama2-13b").settings.threads == 8  # type: ignore[attr-defined]
     # [hardware] and [site] override profile fields: those are checked at start, against them.
     hardware_profile(config.agent.profile, dict(config.hardware))

@@ -14,7 +14,7 @@ import pytest
 
 from tests.conftest import ROOT
 from wattops.console.commands import fleet_rows, render_table
-from wattops.console.demo import DEMO_MODEL, DEMO_NODES, DEPLOYMENT, demo_fleet
+from wattops.console.demo import BATCHING_NODES, DEMO_MODEL, DEMO_NODES, DEPLOYMENT, demo_fleet
 from wattops.fleet.client import fetch_snapshots
 
 MODEL = ROOT / DEMO_MODEL
@@ -40,6 +40,10 @@ def test_the_demo_fleet_serves_smollm2_and_answers_in_english(tmp_path: Path) ->
             assert snapshot["node"] == node and snapshot["cost"]["profile"] == profile
             (deployment,) = snapshot["deployments"]
             assert deployment["name"] == DEPLOYMENT and deployment["precision"] == precision
+            # CPU hosts and Jetson boards batch with llama-server's slots, adapted by the agent.
+            batching = node in BATCHING_NODES
+            assert deployment["engine"] == ("llamacpp-server" if batching else "llamacpp")
+            assert (deployment["batching"] or {}).get("adaptive", False) is batching
         # The f16 node knows a capital city.
         f16 = urls[[p for _, _, p in DEMO_NODES].index("f16")]
         assert "Paris" in _ask(f16, "What is the capital of France?")

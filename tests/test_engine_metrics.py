@@ -11,9 +11,12 @@ import pytest
 from wattops.engines.metrics import EngineUsage, parse_usage
 
 LLAMA_SERVER = """\
-# HELP llamacpp:prompt_tokens_total Number of prompt tokens processed.
+# HELP llamacpp:prompt_tokens_total Number of prompt tokens processed, excluding cached tokens
 # TYPE llamacpp:prompt_tokens_total counter
 llamacpp:prompt_tokens_total 1234
+# HELP llamacpp:prompt_tokens_cached_total Number of prompt tokens reused from the cache
+# TYPE llamacpp:prompt_tokens_cached_total counter
+llamacpp:prompt_tokens_cached_total 766
 # HELP llamacpp:prompt_seconds_total Prompt process time
 # TYPE llamacpp:prompt_seconds_total counter
 llamacpp:prompt_seconds_total 2.5
@@ -80,13 +83,22 @@ vllm:prompt_tokens_total{engine="0",model_name="m"} 500.0
 def test_llama_server_names() -> None:
     usage = parse_usage(LLAMA_SERVER)
     assert usage == EngineUsage(
-        prompt_tokens=1234,
+        # llama-server counts evaluated and reused prompt tokens apart: a prompt is both.
+        prompt_tokens=1234 + 766,
         completion_tokens=567,
-        cached_prompt_tokens=None,
+        cached_prompt_tokens=766,
         requests=None,
         in_flight=2,
-        busy_seconds=13.0,
+        # Its prompt and generation seconds are summed over slots: not wall-clock busy time.
+        busy_seconds=None,
+        decode_steps=600,
     )
+
+
+def test_an_older_llama_server_without_the_cached_counter() -> None:
+    older = "\n".join(line for line in LLAMA_SERVER.splitlines() if "cached" not in line)
+    usage = parse_usage(older + "\n")
+    assert usage.prompt_tokens == 1234 and usage.cached_prompt_tokens is None
 
 
 def test_vllm_v1_names_sum_over_labels() -> None:

@@ -116,6 +116,15 @@ class NodeScreen(Screen[None]):
             f"{t.estimated_energy_j_total:,.0f} J), cost {fmt.money(t.cost_usd_total)},"
             f" {t.carbon_g_total:,.1f} gCO2e"
         )
+        for dep in snap.deployments:
+            b = dep.batching
+            if b is None:
+                continue
+            how = "adapted by the agent" if b.adaptive else "fixed"
+            why = f": {b.reason}" if b.adaptive and b.reason else ""
+            lines.append(
+                f"batching {dep.name}: {b.slots} of {b.parallel} slots per replica ({how}){why}"
+            )
         summary.update("\n".join(lines))
         devices = self.query_one("#devices", DataTable)
         devices.clear()
