@@ -391,8 +391,15 @@ def _counters(urls: list[str]) -> tuple[dict[str, Any], dict[str, Any], dict[str
             node_totals[key] = node_totals.get(key, 0.0) + float(value)
         for key, value in dep["accounting"]["totals"].items():
             dep_totals[key] = dep_totals.get(key, 0.0) + float(value)
-    return ({"totals": node_totals},
-            {"accounting": {"totals": dep_totals, "energy_source": source}}, per_node)  # fmt: skip
+    deps = list(per_node.values())
+    engines = sorted({d["engine"] for d in deps})
+    combined = {
+        "accounting": {"totals": dep_totals, "energy_source": source},
+        "engine": ",".join(engines),
+        # One agent's slots; a fleet's are in each node's figures.
+        "batching": deps[0].get("batching") if len(deps) == 1 else None,
+    }
+    return {"totals": node_totals}, combined, per_node
 
 
 # -- measuring one mode over one run -------------------------------------------------------

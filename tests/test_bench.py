@@ -199,7 +199,7 @@ def test_bench_runs_every_mode_against_real_agents(test_model: Path, tmp_path: P
     assert "Fully optimized precision: q8_0: the smallest precision with" in table
     assert (out / "chart.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     on_disk = json.loads((out / "results.json").read_text())
-    assert on_disk["complete"] is True and len(on_disk["runs"]) == 3
+    assert on_disk["complete"] is True and len(on_disk["runs"]) == len(DEFAULT_MODES)
 
     # --resume keeps what is done and runs nothing again.
     again = run_bench(settings, out, resume=True, show_progress=False)
