@@ -253,11 +253,18 @@ def test_prefix_affinity_keeps_a_shared_prefix_on_one_node(
                 sum(c["prompt_tokens_total"] for c in deps),
                 sum(c["requests_total"] for c in deps))  # fmt: skip
 
+    def idle(route: str) -> bool:
+        return all(c["in_flight"] == 0 for c in router.route(route)["candidates"])
+
     def run(route: str) -> tuple[float, dict[str, set[str]]]:
         homes: dict[str, set[str]] = {}
         cached0, prompt0, requests0 = counters()
         for n, system in enumerate(systems):
             for turn in range(3):
+                # Idle between requests as the router sees it: an agent's snapshot can still
+                # show the last answer in flight for up to a second, and a node that looks busy
+                # is not a tie (the spread route would then send everything to the other one).
+                wait_for(lambda: idle(route), 10, "the twins idle")
                 answer = router.ask(model=route, messages=[
                     {"role": "system", "content": system},
                     {"role": "user", "content": f"question {turn} of group {n}"},
