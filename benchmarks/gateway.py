@@ -78,12 +78,14 @@ def run_stand_in(port: int) -> None:
     web.run_app(app, host="127.0.0.1", port=port, access_log=None, print=None)
 
 
-async def load(url: str, body: bytes, concurrency: int, total: int) -> tuple[list[float], float]:
+async def load(
+    url: str, body: bytes, concurrency: int, total: int, extra_headers: dict[str, str] | None = None
+) -> tuple[list[float], float]:
     """Send `total` requests with `concurrency` workers; returns latencies and wall time."""
     latencies: list[float] = []
     remaining = total
     connector = aiohttp.TCPConnector(limit=concurrency)
-    headers = {"Content-Type": "application/json"}
+    headers = {"Content-Type": "application/json", **(extra_headers or {})}
     async with aiohttp.ClientSession(connector=connector) as session:
 
         async def worker() -> None:

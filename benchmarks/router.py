@@ -1,6 +1,6 @@
 """Router overhead benchmark: what wattops-router adds in front of an agent.
 
-Usage: .venv/bin/python benchmarks/router.py [--requests 20000] [--out results.json]
+Usage: .venv/bin/python benchmarks/router.py [--requests 20000] [--keys] [--out results.json]
 
 Starts (each in its own process) the fast stand-in engine of benchmarks/gateway.py (answers
 every OpenAI chat request at once with a fixed body), a real wattops-agent attached to it, and
@@ -11,6 +11,11 @@ generator (aiohttp, uvloop) then measures, at concurrency 1 and 32, in the same 
 Sampling requests (temperature 0.7): never answered from the agent's response cache. Added
 latency is the router path's percentile minus the agent path's; the throughput ratio is the
 router path's requests/s over the agent path's. All four processes share this machine's cores.
+
+With `--keys`, the router path carries an API key (`Authorization: Bearer wok_...`) covered by
+three budgets (the key's USD per day, its team's kWh per month, the fleet's USD per month, all
+far from their limits): each request is authenticated, checked and reserved against them, and
+written to the SQLite ledger when it ends. Without, the ledger still gets its row per request.
 """
 
 from __future__ import annotations
@@ -32,10 +37,28 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from gateway import free_port, load, summarize, wait_http
 
 
+def _key_and_budgets(router: str) -> dict[str, str]:
+    """A key with a daily USD budget, a team kWh budget and a fleet USD budget, all far from
+    their limits; the Authorization header that carries the key."""
+    import httpx
+
+    admin = {"Authorization": "Bearer bench-admin"}
+    made = httpx.post(f"{router}/v1/keys", headers=admin, timeout=10,
+                      json={"team": "bench", "budget_usd_day": 1e9}).json()  # fmt: skip
+    for budget in (
+        {"name": "team-kwh", "scope": "team", "subject": "bench", "unit": "kwh",
+         "window": "month", "limit": 1e9},
+        {"name": "fleet-usd", "scope": "fleet", "unit": "usd", "window": "month", "limit": 1e9},
+    ):  # fmt: skip
+        httpx.post(f"{router}/v1/budgets", headers=admin, json=budget, timeout=10)
+    return {"Authorization": f"Bearer {made['key']}"}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--requests", type=int, default=20000, help="per measurement at c=32")
     parser.add_argument("--out", type=Path, help="write the figures as JSON here")
+    parser.add_argument("--keys", action="store_true", help="a key and three budgets on the way")
     args = parser.parse_args()
 
     engine_port, agent_port, router_port = free_port(), free_port(), free_port()
@@ -63,6 +86,7 @@ precision = "f16"
 [router]
 listen = "127.0.0.1:{router_port}"
 state_dir = "{tmp}/router-state"
+token = "bench-admin"
 
 [[agents]]
 url = "http://127.0.0.1:{agent_port}"
@@ -88,6 +112,9 @@ reference = "bench/bench"
             ))  # fmt: skip
             wait_http(f"http://127.0.0.1:{router_port}/healthz")
             time.sleep(2.0)  # the agent marks the attached server ready; the router sees it
+            auth: dict[str, str] = {}
+            if args.keys:
+                auth = _key_and_budgets(f"http://127.0.0.1:{router_port}")
 
             def body(model: str) -> bytes:
                 return orjson.dumps({"model": model, "temperature": 0.7, "max_tokens": 1,
@@ -100,11 +127,11 @@ reference = "bench/bench"
                 n = args.requests if concurrency > 1 else max(2000, args.requests // 5)
                 # Alternated twice, so a slow spell of the shared machine hits both paths.
                 for rnd in (1, 2):
-                    for label, url, payload in (
-                        ("agent", agent_url, body("bench")),
-                        ("router", router_url, body("chat")),
+                    for label, url, payload, headers in (
+                        ("agent", agent_url, body("bench"), {}),
+                        ("router", router_url, body("chat"), auth),
                     ):
-                        lat, wall = asyncio.run(load(url, payload, concurrency, n // 2))
+                        lat, wall = asyncio.run(load(url, payload, concurrency, n // 2, headers))
                         key = f"{label}_c{concurrency}"
                         got = summarize(lat, wall)
                         if rnd == 1:
@@ -126,6 +153,7 @@ reference = "bench/bench"
     report = {
         "machine": f"{platform.machine()}, {os.cpu_count()} cores, {platform.python_version()}",
         "requests": args.requests,
+        "keys_and_budgets": args.keys,
         "results": results,
     }
     print(json.dumps(report, indent=2))

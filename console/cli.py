@@ -380,6 +380,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_quality_arguments(quality)
     quality.set_defaults(func=_quality)
+    from wattops.console.keys import add_commands
+
+    add_commands(commands)
     return parser
 
 

@@ -5,11 +5,34 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-__all__ = ["Bounds", "CandidateView", "DecisionView", "RoutePatch", "RouteView", "RouterView"]
+__all__ = [
+    "Bounds",
+    "Budget",
+    "BudgetPatch",
+    "BudgetView",
+    "CandidateView",
+    "DecisionView",
+    "KeyCreate",
+    "KeyCreated",
+    "KeyPatch",
+    "KeyView",
+    "RoutePatch",
+    "RouteView",
+    "RouterView",
+]
 
 PolicyName = Literal["cheapest", "greenest", "fastest", "cascade"]
+Scope = Literal["key", "team", "route", "fleet"]
+Unit = Literal["usd", "kwh", "kgco2e"]
+Window = Literal["hour", "day", "month"]
+WINDOWS: tuple[str, ...] = ("hour", "day", "month")
+#: How each budget unit is written for people.
+UNIT_LABELS = {"usd": "USD", "kwh": "kWh", "kgco2e": "kgCO2e"}
+DEFAULT_WARN_AT = (0.8, 0.9, 0.95)
+NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,127}$"
+TEAM_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$"
 
 
 class _Model(BaseModel):
@@ -111,3 +134,138 @@ class RouterView(_Model):
     routes: list[RouteView]
     agents: int
     agents_live: int
+    budget_warnings: list[str] = Field(
+        default_factory=list, description="the last budget warnings fired, oldest first"
+    )
+    webhook_sent: int = Field(0, description="budget warnings delivered to a webhook")
+    webhook_failed: int = Field(0, description="budget warnings a webhook never got")
+    webhook_error: str | None = Field(None, description="the last webhook failure")
+
+
+# -- budgets and keys (router/budgets.py, router/keys.py) -------------------------------
+
+
+class Budget(_Model):
+    """One budget. `subject` names what it covers: a key's id, a team, a route; none for the
+    fleet."""
+
+    name: str = Field(pattern=NAME_PATTERN, description="unique name (letters, digits, ._:-)")
+    scope: Scope = Field(description="what it covers: key | team | route | fleet")
+    subject: str | None = Field(
+        None, description="the key id, team or route name; none for scope fleet"
+    )
+    unit: Unit = Field(description="usd | kwh | kgco2e")
+    window: Window = Field(description="hour | day | month (UTC; month: the calendar month)")
+    limit: float = Field(gt=0, description="at or above this (in flight included): refused")
+    degrade_at: float | None = Field(
+        None,
+        gt=0,
+        lt=1,
+        description="fraction of the limit from which requests are degraded (cheapest "
+        "candidate meeting degrade_min_quality); unset: nothing is degraded, only refused",
+    )
+    degrade_min_quality: float | None = Field(
+        None, ge=0, le=1, description="the quality floor (top-1 agreement) degraded requests keep"
+    )
+    warn_at: list[float] = Field(
+        default_factory=lambda: list(DEFAULT_WARN_AT),
+        description="fractions of the limit at which a warning fires, once per window",
+    )
+
+    @field_validator("warn_at")
+    @classmethod
+    def _fractions(cls, value: list[float]) -> list[float]:
+        if any(not 0 < v <= 1 for v in value):
+            raise ValueError(f"warn_at must be fractions in (0, 1], got {value}")
+        return sorted(set(value))
+
+    @model_validator(mode="after")
+    def _subject(self) -> Budget:
+        if self.scope == "fleet" and self.subject is not None:
+            raise ValueError("a fleet budget has no subject")
+        if self.scope != "fleet" and not self.subject:
+            raise ValueError(f"a {self.scope} budget needs a subject (the {self.scope} it covers)")
+        return self
+
+    def covers(self, key_id: str | None, team: str | None, route: str | None) -> bool:
+        """Whether a request by this key, team and route counts against this budget."""
+        if self.scope == "fleet":
+            return True
+        return self.subject == {"key": key_id, "team": team, "route": route}[self.scope]
+
+    def describe(self) -> str:
+        """How people read it: `team ml, USD per day`."""
+        who = "fleet" if self.scope == "fleet" else f"{self.scope} {self.subject}"
+        return f"{who}, {UNIT_LABELS[self.unit]} per {self.window}"
+
+
+class BudgetPatch(_Model):
+    """`PATCH /v1/budgets/{name}`: the fields to change (what it covers stays)."""
+
+    limit: float | None = Field(None, gt=0)
+    degrade_at: float | None = Field(None, gt=0, lt=1)
+    degrade_min_quality: float | None = Field(None, ge=0, le=1)
+    warn_at: list[float] | None = None
+
+
+class BudgetView(_Model):
+    """A budget and where it stands in its current window (`GET /v1/budgets`)."""
+
+    budget: Budget
+    spent: float = Field(description="spent in this window, from the ledger")
+    reserved: float = Field(description="what requests in flight may still cost")
+    remaining: float = Field(description="limit - spent - reserved, never below 0")
+    fraction: float = Field(description="(spent + reserved) / limit")
+    window_start: float = Field(description="unix time the window began (UTC boundary)")
+    resets_at: float = Field(description="unix time the window ends and spend starts again")
+    state: Literal["ok", "warning", "degrading", "over"]
+
+
+class KeyCreate(_Model):
+    """`POST /v1/keys`: the key's owner, its limits, and budgets made for it."""
+
+    team: str = Field(pattern=TEAM_PATTERN, description="the team it is charged to")
+    name: str | None = Field(None, max_length=128, description="what it is for")
+    rpm: int | None = Field(None, ge=1, description="requests per minute")
+    tpm: int | None = Field(None, ge=1, description="tokens per minute (prompt + completion)")
+    budget_usd_day: float | None = Field(None, gt=0)
+    budget_usd_month: float | None = Field(None, gt=0)
+    budget_kwh_month: float | None = Field(None, gt=0)
+    budget_kgco2e_month: float | None = Field(None, gt=0)
+
+    def budgets(self) -> list[tuple[str, str, float]]:
+        """(unit, window, limit) of each budget asked for."""
+        asked = [
+            ("usd", "day", self.budget_usd_day),
+            ("usd", "month", self.budget_usd_month),
+            ("kwh", "month", self.budget_kwh_month),
+            ("kgco2e", "month", self.budget_kgco2e_month),
+        ]
+        return [(unit, window, limit) for unit, window, limit in asked if limit is not None]
+
+
+class KeyPatch(_Model):
+    """`PATCH /v1/keys/{id}`: what to change (fields left out stay)."""
+
+    name: str | None = Field(None, max_length=128)
+    rpm: int | None = Field(None, ge=1)
+    tpm: int | None = Field(None, ge=1)
+
+
+class KeyView(_Model):
+    """A key as listed: never its secret."""
+
+    id: str
+    team: str
+    name: str | None = None
+    created_at: float
+    revoked_at: float | None = None
+    rpm: int | None = None
+    tpm: int | None = None
+    budgets: list[str] = Field(default_factory=list, description="budgets made for this key")
+
+
+class KeyCreated(KeyView):
+    """`POST /v1/keys`'s answer: the key itself, shown this once."""
+
+    key: str = Field(description="Authorization: Bearer <key>; not stored, not shown again")

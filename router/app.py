@@ -1,13 +1,14 @@
 """The router's ASGI app: the OpenAI paths go straight to the proxy (`proxy.py`); the rest is
 a small FastAPI app, OpenAPI-documented at /docs: `GET /v1/router` (routes, their split and
 savings), `PATCH /v1/routes/{name}` (change a route's policy or bounds; operator token),
-`/metrics` and `/healthz`."""
+`/v1/keys` and `/v1/budgets` (API keys and budgets; the router's token), `/metrics` and
+`/healthz`."""
 
 from __future__ import annotations
 
 import secrets
 
-from fastapi import Depends, FastAPI, HTTPException, Request
+from fastapi import Depends, FastAPI, HTTPException, Request, status
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
@@ -15,7 +16,18 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.responses import Response
 from starlette.types import Receive, Scope, Send
 
-from wattops.router.api import Bounds, RoutePatch, RouterView
+from wattops.router.api import (
+    Bounds,
+    Budget,
+    BudgetPatch,
+    BudgetView,
+    KeyCreate,
+    KeyCreated,
+    KeyPatch,
+    KeyView,
+    RoutePatch,
+    RouterView,
+)
 from wattops.router.core import Router
 from wattops.router.proxy import OPENAI_PATHS, RouterGateway
 from wattops.vocabulary.openai import error_body
@@ -84,6 +96,97 @@ def create_app(router: Router) -> FastAPI:
             return router.patch(name, change)
         except ValueError as exc:
             raise HTTPException(422, str(exc)) from None
+
+    charging = router.charging
+
+    def require_admin(request: Request) -> None:
+        # Keys and budgets decide who may spend what: never open, even on a router whose
+        # other control endpoints are (no token configured).
+        if router.config.router.token is None:
+            raise HTTPException(
+                403,
+                "keys and budgets need the router's token: set [router] "
+                "token (or $WATTOPS_TOKEN) and send it as a bearer token",
+            )
+        require_operator(request)
+
+    admin = [Depends(require_admin)]
+
+    def known_key(key_id: str) -> None:
+        if key_id not in charging.keys:
+            raise HTTPException(404, f"no key {key_id!r}")
+
+    @app.post("/v1/keys", response_model=KeyCreated, status_code=status.HTTP_201_CREATED,
+              tags=["keys"], dependencies=admin)  # fmt: skip
+    async def create_key(asked: KeyCreate) -> KeyCreated:
+        """A new API key for a team, with the budgets asked for; the key is in this answer
+        only (a salted hash is kept). Once a key exists, inference needs one (unless
+        `require_keys = false`)."""
+        secret, view = charging.create_key(asked)
+        return KeyCreated(**view.model_dump(), key=secret)
+
+    @app.get("/v1/keys", response_model=list[KeyView], tags=["keys"], dependencies=admin)
+    async def list_keys() -> list[KeyView]:
+        """Every key, revoked ones included (never their secrets)."""
+        return [charging.key_view(k) for k in charging.keys.values()]
+
+    @app.get("/v1/keys/{key_id}", response_model=KeyView, tags=["keys"], dependencies=admin)
+    async def show_key(key_id: str) -> KeyView:
+        known_key(key_id)
+        return charging.key_view(charging.keys[key_id])
+
+    @app.patch("/v1/keys/{key_id}", response_model=KeyView, tags=["keys"], dependencies=admin)
+    async def update_key(key_id: str, change: KeyPatch) -> KeyView:
+        known_key(key_id)
+        return charging.update_key(key_id, change)
+
+    @app.delete("/v1/keys/{key_id}", response_model=KeyView, tags=["keys"], dependencies=admin)
+    async def revoke_key(key_id: str) -> KeyView:
+        """Revoke a key: refused from the next request on; kept in the ledger's history."""
+        known_key(key_id)
+        return charging.revoke_key(key_id)
+
+    def known_budget(name: str) -> Budget:
+        found = charging.book.budgets.get(name)
+        if found is None:
+            raise HTTPException(404, f"no budget {name!r}; budgets: "
+                                f"{', '.join(charging.book.budgets) or 'none'}")  # fmt: skip
+        return found
+
+    @app.get("/v1/budgets", response_model=list[BudgetView], tags=["budgets"],
+             dependencies=admin)  # fmt: skip
+    async def list_budgets() -> list[BudgetView]:
+        """Every budget and where it stands in its current window."""
+        return charging.budget_views()
+
+    @app.post("/v1/budgets", response_model=BudgetView, status_code=status.HTTP_201_CREATED,
+              tags=["budgets"], dependencies=admin)  # fmt: skip
+    async def create_budget(budget: Budget) -> BudgetView:
+        if budget.name in charging.book.budgets:
+            raise HTTPException(409, f"budget {budget.name!r} exists: PATCH it, or DELETE it")
+        charging.book.put(budget)
+        return charging.budget_view(charging.book.standing(budget))
+
+    @app.patch("/v1/budgets/{name}", response_model=BudgetView, tags=["budgets"],
+               dependencies=admin)  # fmt: skip
+    async def patch_budget(name: str, change: BudgetPatch) -> BudgetView:
+        """Raise or lower a budget, or change its degrade and warning thresholds, now."""
+        budget = known_budget(name)
+        try:
+            changed = Budget.model_validate(
+                {**budget.model_dump(), **change.model_dump(exclude_unset=True)}
+            )
+        except ValueError as exc:
+            raise HTTPException(422, str(exc)) from None
+        charging.book.put(changed)
+        return charging.budget_view(charging.book.standing(changed))
+
+    @app.delete("/v1/budgets/{name}", status_code=status.HTTP_204_NO_CONTENT, tags=["budgets"],
+                dependencies=admin)  # fmt: skip
+    async def delete_budget(name: str) -> Response:
+        known_budget(name)
+        charging.book.delete(name)
+        return Response(status_code=204)
 
     @app.get("/metrics", tags=["router"])
     async def metrics() -> Response:

@@ -1,7 +1,7 @@
-"""A client of the router's control API, for the console and scripts: `GET /v1/router` and
-`PATCH /v1/routes/{name}`. Imports only aiohttp and the router's schema (`api.py`); aiohttp,
-not httpx, as the fleet core's agent client: httpx's command-line module pulls in `rich`
-whenever it is installed, and headless code must not."""
+"""A client of the router's control API, for the console and scripts: `GET /v1/router`,
+`PATCH /v1/routes/{name}`, `/v1/keys` and `/v1/budgets`. Imports only aiohttp and the router's
+schema (`api.py`); aiohttp, not httpx, as the fleet core's agent client: httpx's command-line
+module pulls in `rich` whenever it is installed, and headless code must not."""
 
 from __future__ import annotations
 
@@ -9,7 +9,15 @@ from typing import Any
 
 import aiohttp
 
-from wattops.router.api import Bounds, RouterView
+from wattops.router.api import (
+    Bounds,
+    Budget,
+    BudgetView,
+    KeyCreate,
+    KeyCreated,
+    KeyView,
+    RouterView,
+)
 
 __all__ = ["RouterClient", "RouterError"]
 
@@ -64,3 +72,42 @@ class RouterClient:
     async def patch(self, route: str, **changes: Any) -> Bounds:
         """Change a route's policy or bounds (None clears a bound); returns the new bounds."""
         return Bounds.model_validate_json(await self._call("PATCH", f"/v1/routes/{route}", changes))
+
+    # -- keys and budgets (admin token) ----------------------------------------------------
+
+    async def create_key(self, asked: KeyCreate) -> KeyCreated:
+        """A new key; its secret is in the answer, this once."""
+        data = await self._call("POST", "/v1/keys", asked.model_dump(exclude_none=True))
+        return KeyCreated.model_validate_json(data)
+
+    async def keys(self) -> list[KeyView]:
+        import json
+
+        return [KeyView.model_validate(k) for k in json.loads(await self._call("GET", "/v1/keys"))]
+
+    async def key(self, key_id: str) -> KeyView:
+        return KeyView.model_validate_json(await self._call("GET", f"/v1/keys/{key_id}"))
+
+    async def update_key(self, key_id: str, **changes: Any) -> KeyView:
+        data = await self._call("PATCH", f"/v1/keys/{key_id}", changes)
+        return KeyView.model_validate_json(data)
+
+    async def revoke_key(self, key_id: str) -> KeyView:
+        return KeyView.model_validate_json(await self._call("DELETE", f"/v1/keys/{key_id}"))
+
+    async def budgets(self) -> list[BudgetView]:
+        import json
+
+        data = json.loads(await self._call("GET", "/v1/budgets"))
+        return [BudgetView.model_validate(b) for b in data]
+
+    async def put_budget(self, budget: Budget) -> BudgetView:
+        data = await self._call("POST", "/v1/budgets", budget.model_dump())
+        return BudgetView.model_validate_json(data)
+
+    async def patch_budget(self, name: str, **changes: Any) -> BudgetView:
+        data = await self._call("PATCH", f"/v1/budgets/{name}", changes)
+        return BudgetView.model_validate_json(data)
+
+    async def delete_budget(self, name: str) -> None:
+        await self._call("DELETE", f"/v1/budgets/{name}")

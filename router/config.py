@@ -35,6 +35,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from wattops.fleet.client import agent_url
 from wattops.fleet.inventory import InventoryError, load_inventory
+from wattops.router.api import Budget
 from wattops.vocabulary.net import split_listen
 
 __all__ = [
@@ -100,6 +101,22 @@ class RouterSection(_Section):
     decisions_kept: int = Field(
         50, ge=0, description="last decisions kept per route for /v1/router"
     )
+    require_keys: bool | None = Field(
+        None, description="inference needs an API key (Authorization: Bearer wok_...); unset: "
+        "required as soon as one key has been created (POST /v1/keys, `wattops keys create`)",
+    )  # fmt: skip
+    default_max_tokens: int = Field(
+        256, ge=1, description="the completion tokens a request without max_tokens is reserved "
+        "for against its budgets (the llama.cpp engines' default answer length)",
+    )  # fmt: skip
+    budget_webhooks: list[str] = Field(
+        default_factory=list, description="URLs each budget warning is POSTed to as JSON "
+        "(Slack incoming webhooks and generic receivers); retried with backoff",
+    )  # fmt: skip
+    ledger_sync: Literal["normal", "full"] = Field(
+        "normal", description="ledger.sqlite durability: normal survives a crash of the router "
+        "(kill -9); full also a power cut, with an fsync per request",
+    )  # fmt: skip
 
     @field_validator("listen")
     @classmethod
@@ -208,6 +225,10 @@ class RouterConfig(_Section):
     router: RouterSection = RouterSection()
     agents: list[AgentEntry] = []
     routes: list[RouteConfig] = Field(min_length=1)
+    budgets: list[Budget] = Field(
+        default_factory=list, description="budgets made on the first start (then kept in the "
+        "ledger and changed through /v1/budgets)",
+    )  # fmt: skip
     _source: str = "<config>"
     _inventory_urls: list[str] = []
 
@@ -217,6 +238,10 @@ class RouterConfig(_Section):
         twice = sorted({n for n in names if names.count(n) > 1})
         if twice:
             raise ValueError(f"route names must be unique; repeated: {', '.join(twice)}")
+        budgets = [b.name for b in self.budgets]
+        twice = sorted({n for n in budgets if budgets.count(n) > 1})
+        if twice:
+            raise ValueError(f"budget names must be unique; repeated: {', '.join(twice)}")
         return self
 
     @property

@@ -19,10 +19,13 @@ from typing import Any
 
 from prometheus_client import CollectorRegistry
 from prometheus_client import Counter as PromCounter
+from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.registry import Collector
 from purgatory import AsyncCircuitBreakerFactory
 from purgatory.service._async.circuitbreaker import AsyncCircuitBreaker
 
 from wattops.fleet.state import FleetState
+from wattops.router.admission import BudgetWarning
 from wattops.router.affinity import Rings, prefix_key
 from wattops.router.api import (
     Bounds,
@@ -33,8 +36,11 @@ from wattops.router.api import (
     RouteView,
 )
 from wattops.router.candidates import Candidate, Learned, candidate_of, key_of
+from wattops.router.charging import Charging, Ticket
 from wattops.router.choose import PRIORITIES, Choice, Constraints, QualityFigure, Spread
 from wattops.router.config import POLICIES, RouteConfig, RouterConfig
+from wattops.router.ledger import Ledger
+from wattops.router.notify import Notifier
 from wattops.router.quality import QualityBook
 from wattops.vocabulary import atomic_write
 
@@ -152,6 +158,31 @@ class Router:
             "wattops_route_refusals", "Requests refused: no candidate met the bounds",
             ["route"], registry=self.registry,
         )  # fmt: skip
+        self.m_budget_refusals = PromCounter(
+            "wattops_budget_refusals", "Requests refused (429) because a budget was spent",
+            ["budget"], registry=self.registry,
+        )  # fmt: skip
+        self.m_budget_degraded = PromCounter(
+            "wattops_budget_degraded", "Requests sent to a cheaper candidate by a budget",
+            ["budget"], registry=self.registry,
+        )  # fmt: skip
+        self.m_webhook_failures = PromCounter(
+            "wattops_budget_webhook_failures", "Budget warnings a webhook receiver never got "
+            "(after every retry)", ["url"], registry=self.registry,
+        )  # fmt: skip
+        #: Set by the daemon (it owns the HTTP session): budget warnings as webhooks.
+        self.notifier: Notifier | None = None
+        self.m_budget_warnings = PromCounter(
+            "wattops_budget_warnings", "Budget warnings fired (once per threshold and window)",
+            ["budget", "threshold"], registry=self.registry,
+        )  # fmt: skip
+        cfg = config.router
+        self.charging = Charging(
+            Ledger(self.state_dir / "ledger.sqlite", cfg.ledger_sync),
+            cfg.require_keys, cfg.default_max_tokens, config.budgets,
+        )  # fmt: skip
+        self.charging.book.on_warning = self._warned
+        self.registry.register(_BudgetGauges(self.charging))
         self._last_save = time.monotonic()
         self._bounds: dict[str, Bounds] = {}
         self.rings = Rings()
@@ -321,10 +352,28 @@ class Router:
 
     # -- what happened ---------------------------------------------------------------------
 
+    def _warned(self, warning: BudgetWarning) -> None:
+        self.m_budget_warnings.labels(warning.budget, f"{warning.threshold:g}").inc()
+        if self.notifier is not None:
+            self.notifier.send(warning)
+
+    def notify_with(self, notifier: Notifier) -> None:
+        """Send budget warnings to `notifier`'s URLs; count what never arrives."""
+        self.notifier = notifier
+        notifier.on_failure = lambda url: self.m_webhook_failures.labels(url).inc()
+
     def record(self, route: str | None, choice: Choice | None, served: Candidate | None,
                reference: Candidate | None, usage: Usage | None, status: int,
-               fallbacks: list[str], reason: str) -> None:  # fmt: skip
-        """One request's outcome, into the route's statistics and the metrics."""
+               fallbacks: list[str], reason: str, ticket: Ticket | None = None,
+               cache_hit: bool = False) -> None:  # fmt: skip
+        """One request's outcome, into the ledger (with `ticket`), the route's statistics and
+        the metrics."""
+        if ticket is not None:
+            self.charging.settle(
+                ticket, served if status < 400 else None, ticket.every,
+                usage.prompt_tokens if usage else 0, usage.completion_tokens if usage else 0,
+                status, cache_hit,
+            )  # fmt: skip
         if route is None or route not in self.stats:
             return
         stats = self.stats[route]
@@ -361,8 +410,12 @@ class Router:
                 stats.decisions.popleft()
 
     def record_escalation(self, route: str | None, served: Candidate,
-                          reference: Candidate | None, usage: Usage | None) -> None:  # fmt: skip
+                          reference: Candidate | None, usage: Usage | None,
+                          ticket: Ticket | None = None) -> None:  # fmt: skip
         """An answer the cascade set aside for a surer one: counted, and its cost with it."""
+        if ticket is not None and usage is not None:
+            self.charging.escalated(ticket, served, ticket.every, usage.prompt_tokens,
+                                    usage.completion_tokens)  # fmt: skip
         if route is None or route not in self.stats:
             return
         stats = self.stats[route]
@@ -453,4 +506,38 @@ class Router:
             ))  # fmt: skip
         now = time.monotonic()
         live = sum(1 for link in self.fleet.links.values() if link.link(now).value == "live")
-        return RouterView(routes=routes, agents=len(self.fleet.links), agents_live=live)
+        warnings = [w.message() for w in list(self.charging.book.warnings)[-20:]]
+        n = self.notifier
+        return RouterView(
+            routes=routes, agents=len(self.fleet.links), agents_live=live,
+            budget_warnings=warnings, webhook_sent=n.sent if n else 0,
+            webhook_failed=n.failed if n else 0, webhook_error=n.last_error if n else None,
+        )  # fmt: skip
+
+
+class _BudgetGauges(Collector):
+    """Each budget's spend, reservations, limit and what remains, read at scrape time (finite:
+    what remains is never below 0, and a budget without a limit does not exist)."""
+
+    def __init__(self, charging: Charging) -> None:
+        self.charging = charging
+
+    def collect(self):  # type: ignore[no-untyped-def]
+        labels = ["budget", "scope", "subject", "unit", "window"]
+        families = {
+            name: GaugeMetricFamily(f"wattops_budget_{name}", text, labels=labels)
+            for name, text in (
+                ("spent", "Spent in the current window (ledger)"),
+                ("reserved", "Reserved by requests in flight"),
+                ("limit", "The budget's limit"),
+                ("remaining", "limit - spent - reserved, never below 0"),
+            )
+        }
+        for view in self.charging.budget_views():
+            b = view.budget
+            values = [b.name, b.scope, b.subject or "", b.unit, b.window]
+            families["spent"].add_metric(values, view.spent)
+            families["reserved"].add_metric(values, view.reserved)
+            families["limit"].add_metric(values, b.limit)
+            families["remaining"].add_metric(values, view.remaining)
+        yield from families.values()

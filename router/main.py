@@ -72,6 +72,10 @@ async def serve(config: RouterConfig) -> None:
     router.fleet.start()
     connector = aiohttp.TCPConnector(limit=0, ttl_dns_cache=300)
     session = aiohttp.ClientSession(connector=connector)
+    if config.router.budget_webhooks:
+        from wattops.router.notify import Notifier
+
+        router.notify_with(Notifier(config.router.budget_webhooks, session))
     host, _, port = config.router.listen.rpartition(":")
     server = uvicorn.Server(uvicorn.Config(
         RouterASGI(RouterGateway(router, session), create_app(router)),
@@ -103,6 +107,8 @@ async def serve(config: RouterConfig) -> None:
             with contextlib.suppress(asyncio.CancelledError):
                 await task
         router.save_learned()
+        if router.notifier is not None:
+            await router.notifier.drain()
         await router.fleet.stop()
         await session.close()
 

@@ -15,6 +15,7 @@ session for forwarding.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
@@ -25,6 +26,7 @@ from starlette.responses import Response, StreamingResponse
 from starlette.types import Receive, Scope, Send
 
 from wattops.router.candidates import Candidate
+from wattops.router.charging import Refusal, Ticket
 from wattops.router.choose import Choice, NoCandidate, choose
 from wattops.router.core import BadRequestHeader, Router, Usage
 from wattops.vocabulary.openai import MAX_BODY_BYTES, BodyTooLarge, error_body, read_body
@@ -121,12 +123,14 @@ class RouterGateway:
             else:
                 if raw is None:
                     return
-                headers = {
-                    k.decode("latin-1"): v.decode("latin-1")
-                    for k, v in scope["headers"]
-                    if k.startswith(b"x-wattops-")
-                }
-                response = await self._handle(raw, path, headers)
+                headers: dict[str, str] = {}
+                authorization = None
+                for k, v in scope["headers"]:
+                    if k.startswith(b"x-wattops-"):
+                        headers[k.decode("latin-1")] = v.decode("latin-1")
+                    elif k == b"authorization":
+                        authorization = v.decode("latin-1")
+                response = await self._handle(raw, path, headers, authorization)
         await response(scope, receive, send)
 
     def models(self) -> Response:
@@ -137,7 +141,14 @@ class RouterGateway:
                  for key in sorted(self.router.deployments())]  # fmt: skip
         return Response(orjson.dumps({"object": "list", "data": data}), media_type=_JSON)
 
-    async def _handle(self, raw: bytes, path: str, headers: dict[str, str]) -> Response:
+    async def _handle(self, raw: bytes, path: str, headers: dict[str, str],
+                      authorization: str | None = None) -> Response:  # fmt: skip
+        charging = self.router.charging
+        try:
+            caller = charging.authenticate(authorization)
+        except Refusal as refused:
+            return _error(refused.status, str(refused), refused.code,
+                          headers={"WWW-Authenticate": "Bearer"})  # fmt: skip
         try:
             body = orjson.loads(raw)
         except orjson.JSONDecodeError as exc:
@@ -162,7 +173,15 @@ class RouterGateway:
                     "model",
                 )
             choice = Choice([direct], "addressed directly")
-            return await self._forward(None, choice, None, path, body, {})
+            ticket = charging.ticket(caller, None, every)
+            try:
+                charging.limit_rate(ticket, body)
+                charging.check(ticket)
+                charging.admit(ticket, body, choice.ordered, every)
+            except Refusal as refused:
+                self._refused(refused)
+                return _error(refused.status, str(refused), refused.code, headers=refused.headers)
+            return await self._guarded(ticket, None, choice, None, path, body, {})
         try:
             bounds = router.constraints(route, headers, stream=bool(body.get("stream")))
         except BadRequestHeader as exc:
@@ -175,12 +194,77 @@ class RouterGateway:
             router.record(route.name, None, None, None, None, 503, [], str(exc))
             return _error(503, str(exc), "no_candidate",
                           headers={"X-Wattops-Route": route.name})  # fmt: skip
+        out = {"X-Wattops-Route": route.name}
+        ticket = charging.ticket(caller, route.name, every)
+        try:
+            charging.limit_rate(ticket, body)
+            degrading = charging.check(ticket)
+            if degrading is not None:
+                choice = self._degraded(route.name, cands, bounds, choice, degrading, ticket)
+                out["X-Wattops-Degraded"] = ticket.degraded or ""
+            charging.admit(ticket, body, choice.ordered, every)
+        except Refusal as refused:
+            self._refused(refused)
+            return _error(refused.status, str(refused), refused.code,
+                          headers={**out, **refused.headers})  # fmt: skip
         reference = every.get(route.reference)
         cascade = None
         if bounds.policy == "cascade" and not body.get("stream"):
             cascade = route.cascade_min_logprob
-        return await self._forward(route.name, choice, reference, path, body,
-                                   {"X-Wattops-Route": route.name}, cascade)  # fmt: skip
+        return await self._guarded(ticket, route.name, choice, reference, path, body, out,
+                                   cascade)  # fmt: skip
+
+    def _refused(self, refused: Refusal) -> None:
+        name = refused.headers.get("X-Wattops-Budget")
+        if name:
+            self.router.m_budget_refusals.labels(name).inc()
+
+    def _degraded(self, route: str, cands: list[Candidate], bounds: Any, choice: Choice,
+                  degrading: Any, ticket: Ticket) -> Choice:  # fmt: skip
+        """The cheapest candidate that meets the degrading budget's own quality floor (the
+        route's latency and price bounds still hold); the original choice if none does."""
+        b = degrading.budget
+        router = self.router
+        cheaper = dataclasses.replace(bounds, policy="cheapest", min_quality=b.degrade_min_quality,
+                                      max_chrf_drop=None)  # fmt: skip
+        floor = f" with quality >= {b.degrade_min_quality:g}" if b.degrade_min_quality else ""
+        why = (f"budget {b.name} at {degrading.used / b.limit:.0%} of its limit "
+               f"({b.describe()}): cheapest candidate{floor}")  # fmt: skip
+        try:
+            found = choose(
+                route,
+                cands,
+                router.quality_of(router.routes[route], cands),
+                cheaper,
+                router.unavailable(cands),
+                router.spread(router.routes[route], {}),
+            )
+        except NoCandidate:
+            ticket.degraded = why + ": none meets it, served as routed"
+            return choice
+        ticket.degraded = why
+        router.m_budget_degraded.labels(b.name).inc()
+        return Choice(found.ordered, f"{found.reason}; degraded: {why}", found.excluded)
+
+    async def _guarded(
+        self,
+        ticket: Ticket,
+        route: str | None,
+        choice: Choice,
+        reference: Candidate | None,
+        path: str,
+        body: dict[str, Any],
+        headers: dict[str, str],
+        cascade: float | None = None,
+    ) -> Response:
+        """Forward; whatever escapes, the request's reservation is given back."""
+        try:
+            return await self._forward(route, choice, reference, path, body, headers, cascade,
+                                       ticket)  # fmt: skip
+        except BaseException:
+            if ticket.admission is not None:
+                self.router.charging.book.release(ticket.admission)
+            raise
 
     async def _forward(
         self,
@@ -191,6 +275,7 @@ class RouterGateway:
         body: dict[str, Any],
         headers: dict[str, str],
         cascade: float | None = None,
+        ticket: Ticket | None = None,
     ) -> Response:
         router = self.router
         fallbacks: list[str] = []
@@ -224,14 +309,15 @@ class RouterGateway:
                 if name in upstream.headers:
                     out[name] = upstream.headers[name]
             if stream and upstream.status == 200:
-                relay = _Relay(self, route, choice, c, reference, upstream, fallbacks, reason)
+                relay = _Relay(self, route, choice, c, reference, upstream, fallbacks, reason,
+                               ticket)  # fmt: skip
                 return _RelayResponse(relay.chunks(), relay.finish,
                                       media_type=upstream.content_type or "text/event-stream",
                                       headers={**out, "Cache-Control": "no-cache"})  # fmt: skip
             try:
                 data = await upstream.read()
             except (aiohttp.ClientError, TimeoutError) as exc:
-                router.record(route, choice, c, reference, None, 502, fallbacks, reason)
+                router.record(route, choice, c, reference, None, 502, fallbacks, reason, ticket)
                 return _error(502, f"{c.key} broke off its answer: {exc}", "upstream_failed",
                               headers=out)  # fmt: skip
             finally:
@@ -247,12 +333,14 @@ class RouterGateway:
                     # Not confident enough: the next candidate answers. What this answer cost
                     # is counted all the same (it was computed).
                     escalated.append(f"{c.key} (confidence {confidence:.2f} < {cascade:g})")
-                    router.record_escalation(route, c, reference, usage)
+                    router.record_escalation(route, c, reference, usage, ticket)
                     set_aside = (c, out, data, upstream.headers.get("Content-Type", _JSON))
                     continue
                 if asked_logprobs is None:
                     data = _without_logprobs(data)
-            router.record(route, choice, c, reference, usage, upstream.status, fallbacks, reason)
+            hit = upstream.headers.get("X-Cache") == "HIT"
+            router.record(route, choice, c, reference, usage, upstream.status, fallbacks, reason,
+                          ticket, hit)  # fmt: skip
             return Response(data, status_code=upstream.status, headers=out,
                             media_type=upstream.headers.get("Content-Type", _JSON))  # fmt: skip
         if set_aside is not None:
@@ -266,10 +354,10 @@ class RouterGateway:
             out["X-Wattops-Decision"] = reason
             if asked_logprobs is None:
                 data = _without_logprobs(data)
-            router.record(route, choice, c, reference, None, 200, fallbacks, reason)
+            router.record(route, choice, c, reference, None, 200, fallbacks, reason, ticket)
             return Response(data, status_code=200, headers=out, media_type=content_type)
         message = "every candidate failed before answering: " + "; ".join(fallbacks)
-        router.record(route, choice, None, reference, None, 502, fallbacks, message)
+        router.record(route, choice, None, reference, None, 502, fallbacks, message, ticket)
         return _error(502, message, "all_candidates_failed", headers=headers)
 
     async def _open(self, c: Candidate, path: str, raw: bytes) -> aiohttp.ClientResponse:
@@ -299,8 +387,9 @@ class _Relay:
 
     def __init__(self, gateway: RouterGateway, route: str | None, choice: Choice, c: Candidate,
                  reference: Candidate | None, upstream: aiohttp.ClientResponse,
-                 fallbacks: list[str], reason: str) -> None:  # fmt: skip
+                 fallbacks: list[str], reason: str, ticket: Ticket | None) -> None:  # fmt: skip
         self.gateway, self.route, self.choice, self.c = gateway, route, choice, c
+        self.ticket = ticket
         self.reference, self.upstream = reference, upstream
         self.fallbacks, self.reason = fallbacks, reason
         self.usage: Usage | None = None
@@ -322,8 +411,9 @@ class _Relay:
         router = self.gateway.router
         router.in_flight[self.c.key] -= 1
         status = 200 if self.complete else 502
+        hit = self.upstream.headers.get("X-Cache") == "HIT"
         router.record(self.route, self.choice, self.c, self.reference, self.usage, status,
-                      self.fallbacks, self.reason)  # fmt: skip
+                      self.fallbacks, self.reason, self.ticket, hit)  # fmt: skip
 
 
 class _RelayResponse(StreamingResponse):

@@ -42,6 +42,7 @@ class RouterProc:
     agents: list[str]
     routes: list[dict[str, Any]]
     router_extra: dict[str, Any] = field(default_factory=dict)
+    budgets: list[dict[str, Any]] = field(default_factory=list)
     port: int = field(default_factory=free_port)
     proc: subprocess.Popen[bytes] | None = None
 
@@ -56,6 +57,8 @@ class RouterProc:
             lines += ["", "[[agents]]", f"url = {_toml_value(url)}"]
         for route in self.routes:
             lines += ["", "[[routes]]", *(f"{k} = {_toml_value(v)}" for k, v in route.items())]
+        for budget in self.budgets:
+            lines += ["", "[[budgets]]", *(f"{k} = {_toml_value(v)}" for k, v in budget.items())]
         self.config.write_text("\n".join(lines) + "\n")
 
     def start(self, live: int | None = None) -> RouterProc:
@@ -96,11 +99,16 @@ class RouterProc:
 def make_router(tmp_path: Path) -> Iterator[Callable[..., RouterProc]]:
     made: list[RouterProc] = []
 
-    def make(agents: list[Agent], routes: list[dict[str, Any]], start: bool = True,
-             **router_extra: Any) -> RouterProc:  # fmt: skip
+    def make(
+        agents: list[Agent],
+        routes: list[dict[str, Any]],
+        start: bool = True,
+        budgets: list[dict[str, Any]] | None = None,
+        **router_extra: Any,
+    ) -> RouterProc:
         folder = tmp_path / f"router{len(made)}"
         folder.mkdir()
-        proc = RouterProc(folder, [a.url for a in agents], routes, router_extra)
+        proc = RouterProc(folder, [a.url for a in agents], routes, router_extra, budgets or [])
         made.append(proc)
         return proc.start() if start else proc
 

@@ -1,0 +1,261 @@
+"""Admission against budgets, with reservations.
+
+Before a request is forwarded, every budget that covers it (its key's, its team's, its
+route's, the fleet's) is checked: **over** when what was spent in the window plus what requests
+in flight have reserved is at or above the limit (`>=`). A request that passes reserves its
+worst case (an upper bound of its prompt tokens, plus `max_tokens`, at the highest rates of the
+candidates it may be served by) on each of those budgets; when it ends, the reservation is
+replaced by what it actually cost (written to the ledger first), or simply released if it
+failed. The check and the reservation run with no await in between, on the router's one event
+loop, so they are atomic: under any concurrency a budget's spend can pass its limit by at most
+what requests in flight had reserved when it crossed.
+
+Spend per budget and window is kept in memory, read from the ledger when a window is first
+needed (at start, and when a new hour, day or month begins), and added to at every settle.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from collections import deque
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+
+from wattops.router.budgets import UNIT_LABELS, Budget, window_end, window_start
+from wattops.router.ledger import Entry, Ledger
+
+__all__ = ["Admission", "Amounts", "BudgetBook", "BudgetExceeded", "BudgetWarning"]
+
+log = logging.getLogger("wattops.router")
+
+
+@dataclass(frozen=True)
+class Amounts:
+    """What a request costs (or may cost) in each budget unit."""
+
+    usd: float = 0.0
+    kwh: float = 0.0
+    kgco2e: float = 0.0
+
+    def of(self, unit: str) -> float:
+        return float(getattr(self, unit))
+
+
+@dataclass(frozen=True)
+class Standing:
+    """Where one budget stands now."""
+
+    budget: Budget
+    window_start: float
+    resets_at: float
+    spent: float
+    reserved: float
+
+    @property
+    def used(self) -> float:
+        return self.spent + self.reserved
+
+    @property
+    def over(self) -> bool:
+        return self.used >= self.budget.limit
+
+    @property
+    def degrading(self) -> bool:
+        b = self.budget
+        return b.degrade_at is not None and self.used >= b.degrade_at * b.limit
+
+    @property
+    def remaining(self) -> float:
+        """Finite, never negative (a Prometheus gauge, never +Inf)."""
+        return max(0.0, self.budget.limit - self.used)
+
+
+class BudgetExceeded(Exception):
+    """A budget covering the request is spent; the message names it and when it resets."""
+
+    def __init__(self, standing: Standing, now: float) -> None:
+        b = standing.budget
+        unit = UNIT_LABELS[b.unit]
+        resets = datetime.fromtimestamp(standing.resets_at, UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+        super().__init__(
+            f"budget {b.name!r} ({b.describe()}) is spent: {standing.spent:.6g} {unit} spent "
+            f"and {standing.reserved:.6g} {unit} reserved by requests in flight, limit "
+            f"{b.limit:.6g} {unit}; it resets at {resets}"
+        )
+        self.standing = standing
+        self.retry_after_s = max(1, math.ceil(standing.resets_at - now))
+
+
+@dataclass(frozen=True)
+class BudgetWarning:
+    """A budget passed one of its warning thresholds (fired once per window)."""
+
+    budget: str
+    description: str
+    threshold: float
+    spent: float
+    limit: float
+    unit: str
+    window_start: float
+    time: float
+
+    def message(self) -> str:
+        return (
+            f"budget {self.budget} ({self.description}) at {self.spent / self.limit:.0%} of its "
+            f"limit: {self.spent:.6g} of {self.limit:.6g} {UNIT_LABELS[self.unit]} "
+            f"(warning at {self.threshold:.0%})"
+        )
+
+
+@dataclass
+class Admission:
+    """One request let in: what it reserved, on which budgets."""
+
+    request_id: str
+    key_id: str | None
+    team: str | None
+    route: str | None
+    reserved: Amounts
+    budgets: list[str]
+    #: The budget whose degrade threshold sent this request to a cheaper candidate.
+    degraded_by: Budget | None = None
+    done: bool = False
+
+
+@dataclass
+class BudgetBook:
+    """Budgets, their spend per window, and the reservations of requests in flight."""
+
+    ledger: Ledger
+    clock: Callable[[], float] = time.time
+    on_warning: Callable[[BudgetWarning], None] | None = None
+    budgets: dict[str, Budget] = field(default_factory=dict)
+    #: budget name -> (window start, spent in it)
+    #: budget name -> [window start, window end, spent in it] (unix times)
+    _spent: dict[str, list[float]] = field(default_factory=dict)
+    _reserved: dict[str, float] = field(default_factory=dict)
+    in_flight: dict[str, Admission] = field(default_factory=dict)
+    warnings: deque[BudgetWarning] = field(default_factory=lambda: deque(maxlen=200))
+    #: (budget, window start, threshold) known to have fired: no ledger write to find out.
+    _fired: set[tuple[str, float, float]] = field(default_factory=set)
+
+    def __post_init__(self) -> None:
+        self.budgets = {b.name: b for b in self.ledger.budgets()}
+
+    # -- budgets ---------------------------------------------------------------------------
+
+    def put(self, budget: Budget) -> None:
+        """Create or replace a budget (its spend is the ledger's, whatever the change)."""
+        self.ledger.put_budget(budget)
+        self.budgets[budget.name] = budget
+        self._spent.pop(budget.name, None)
+
+    def delete(self, name: str) -> None:
+        self.ledger.delete_budget(name)
+        self.budgets.pop(name, None)
+        self._spent.pop(name, None)
+
+    def covering(self, key_id: str | None, team: str | None, route: str | None) -> list[Budget]:
+        return [b for b in self.budgets.values() if b.covers(key_id, team, route)]
+
+    def standing(self, budget: Budget, now: float | None = None) -> Standing:
+        now = self.clock() if now is None else now
+        held = self._spent.get(budget.name)
+        if held is None or not held[0] <= now < held[1]:
+            # A window not seen yet (or a new hour, day, month): its spend is the ledger's.
+            moment = datetime.fromtimestamp(now, UTC)
+            start = window_start(budget.window, moment).timestamp()
+            end = window_end(budget.window, moment).timestamp()
+            held = [start, end, self.ledger.spent(budget, start)]
+            self._spent[budget.name] = held
+        return Standing(budget, held[0], held[1], held[2], self._reserved.get(budget.name, 0.0))
+
+    # -- admission -------------------------------------------------------------------------
+
+    def check(self, key_id: str | None, team: str | None, route: str | None
+              ) -> tuple[Standing | None, Standing | None]:  # fmt: skip
+        """(the first budget that is over, the first that degrades) for such a request."""
+        now = self.clock()
+        over = degrading = None
+        for budget in self.covering(key_id, team, route):
+            s = self.standing(budget, now)
+            if s.over and over is None:
+                over = s
+            elif s.degrading and degrading is None:
+                degrading = s
+        return over, degrading
+
+    def admit(self, request_id: str, key_id: str | None, team: str | None, route: str | None,
+              worst: Amounts, degraded_by: Budget | None = None) -> Admission:  # fmt: skip
+        """Let the request in and reserve `worst`; BudgetExceeded naming the budget if over."""
+        now = self.clock()
+        covering = self.covering(key_id, team, route)
+        for budget in covering:
+            s = self.standing(budget, now)
+            if s.over:
+                raise BudgetExceeded(s, now)
+        for budget in covering:
+            self._reserved[budget.name] = self._reserved.get(budget.name, 0.0) + worst.of(
+                budget.unit
+            )
+        admission = Admission(request_id, key_id, team, route, worst,
+                              [b.name for b in covering], degraded_by)  # fmt: skip
+        self.in_flight[request_id] = admission
+        return admission
+
+    def release(self, admission: Admission) -> None:
+        """Give back what `admission` reserved (it failed, or its cost is now settled)."""
+        if admission.done:
+            return
+        admission.done = True
+        self.in_flight.pop(admission.request_id, None)
+        for name in admission.budgets:
+            budget = self.budgets.get(name)
+            unit = budget.unit if budget else "usd"
+            left = self._reserved.get(name, 0.0) - admission.reserved.of(unit)
+            self._reserved[name] = left if left > 1e-12 else 0.0
+
+    def settle(self, admission: Admission | None, entry: Entry) -> None:
+        """Write the request's ledger row, count it against its budgets, release its
+        reservation, and fire the warnings it set off."""
+        now = self.clock()
+        covering = self.covering(entry.key_id, entry.team, entry.route)
+        for budget in covering:  # windows read from the ledger before this row is in it
+            self.standing(budget, now)
+        try:
+            new = self.ledger.record(entry)
+        finally:
+            if admission is not None:
+                self.release(admission)
+        if not new:
+            return
+        for budget in covering:
+            held = self._spent[budget.name]
+            if entry.time >= held[0]:
+                held[2] += entry.amount(budget.unit)
+            self._warn(self.standing(budget, now))
+
+    def _warn(self, s: Standing) -> None:
+        b = s.budget
+        for threshold in b.warn_at:
+            if s.spent < threshold * b.limit:
+                break
+            mark = (b.name, s.window_start, threshold)
+            if mark in self._fired:
+                continue
+            self._fired.add(mark)
+            if not self.ledger.warn_once(b.name, s.window_start, threshold, s.spent, b.limit):
+                continue  # fired before a restart
+            warning = BudgetWarning(b.name, b.describe(), threshold, s.spent, b.limit, b.unit,
+                              s.window_start, self.clock())  # fmt: skip
+            self.warnings.append(warning)
+            log.warning("%s", warning.message())
+            if self.on_warning is not None:
+                self.on_warning(warning)
+
+    def standings(self) -> Iterable[Standing]:
+        now = self.clock()
+        return [self.standing(b, now) for b in self.budgets.values()]

@@ -1,0 +1,195 @@
+"""The router's durable store: API keys, budgets, the request ledger and the warnings fired.
+
+SQLite in WAL mode in the router's `state_dir` (`ledger.sqlite`). Every answered or failed
+request routed under a key or a budget is one ledger row, keyed by its request id (a retry of
+the same write is a no-op, so nothing is counted twice). Writes are committed before the answer
+is returned; with `synchronous=NORMAL` a committed row survives the router's crash (kill -9
+included: WAL frames are in the OS's page cache); a power cut may lose the last commits, which
+`ledger_sync = "full"` prevents at the cost of an fsync per request.
+
+Reservations (what requests in flight may still cost) are not stored here: they live in the
+router's memory (`admission.py`), so requests that died with a killed router hold nothing
+when it starts again.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import sqlite3
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from wattops.router.budgets import Budget
+from wattops.router.keys import KeyRecord
+
+__all__ = ["Entry", "Ledger"]
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS keys (
+    id TEXT PRIMARY KEY, team TEXT NOT NULL, name TEXT, created_at REAL NOT NULL,
+    revoked_at REAL, rpm INTEGER, tpm INTEGER, salt TEXT NOT NULL, secret_hash TEXT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS budgets (name TEXT PRIMARY KEY, body TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS entries (
+    request_id TEXT PRIMARY KEY, time REAL NOT NULL, key_id TEXT, team TEXT, route TEXT,
+    served_by TEXT, status INTEGER NOT NULL, prompt_tokens INTEGER NOT NULL,
+    completion_tokens INTEGER NOT NULL, cost_usd REAL NOT NULL, energy_kwh REAL NOT NULL,
+    carbon_kg REAL NOT NULL, degraded TEXT, cache_hit INTEGER NOT NULL DEFAULT 0
+);
+CREATE INDEX IF NOT EXISTS entries_by_time ON entries (time);
+CREATE TABLE IF NOT EXISTS warnings (
+    budget TEXT NOT NULL, window_start REAL NOT NULL, threshold REAL NOT NULL,
+    fired_at REAL NOT NULL, spent REAL NOT NULL, limit_value REAL NOT NULL,
+    PRIMARY KEY (budget, window_start, threshold)
+);
+"""
+
+#: The ledger column each budget unit sums.
+UNIT_COLUMNS = {"usd": "cost_usd", "kwh": "energy_kwh", "kgco2e": "carbon_kg"}
+_SCOPE_COLUMNS = {"key": "key_id", "team": "team", "route": "route"}
+
+
+@dataclass(frozen=True)
+class Entry:
+    """One request in the ledger."""
+
+    request_id: str
+    time: float
+    key_id: str | None
+    team: str | None
+    route: str | None
+    served_by: str | None
+    status: int
+    prompt_tokens: int
+    completion_tokens: int
+    cost_usd: float
+    energy_kwh: float
+    carbon_kg: float
+    degraded: str | None = None
+    cache_hit: bool = False
+
+    def amount(self, unit: str) -> float:
+        return float(getattr(self, UNIT_COLUMNS[unit]))
+
+
+class Ledger:
+    """The SQLite store (one connection, used from the router's event loop)."""
+
+    def __init__(self, path: Path, sync: str = "normal") -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self.path = path
+        self.db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+        self.db.execute("PRAGMA journal_mode=WAL")
+        self.db.execute(f"PRAGMA synchronous={'FULL' if sync == 'full' else 'NORMAL'}")
+        self.db.execute("PRAGMA busy_timeout=5000")
+        self.db.executescript(_SCHEMA)
+
+    def close(self) -> None:
+        self.db.close()
+
+    # -- keys ------------------------------------------------------------------------------
+
+    def add_key(self, record: KeyRecord) -> None:
+        self.db.execute(
+            "INSERT INTO keys (id, team, name, created_at, revoked_at, rpm, tpm, salt, "
+            "secret_hash) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            (record.id, record.team, record.name, record.created_at, record.revoked_at,
+             record.rpm, record.tpm, record.salt, record.secret_hash),
+        )  # fmt: skip
+
+    def key_records(self) -> list[KeyRecord]:
+        rows = self.db.execute(
+            "SELECT id, team, name, created_at, revoked_at, rpm, tpm, salt, secret_hash "
+            "FROM keys ORDER BY created_at"
+        ).fetchall()
+        return [_key(row) for row in rows]
+
+    def update_key(self, record: KeyRecord) -> None:
+        self.db.execute(
+            "UPDATE keys SET name = ?, revoked_at = ?, rpm = ?, tpm = ? WHERE id = ?",
+            (record.name, record.revoked_at, record.rpm, record.tpm, record.id),
+        )
+
+    # -- budgets ---------------------------------------------------------------------------
+
+    def put_budget(self, budget: Budget) -> None:
+        self.db.execute(
+            "INSERT INTO budgets (name, body) VALUES (?, ?) "
+            "ON CONFLICT (name) DO UPDATE SET body = excluded.body",
+            (budget.name, budget.model_dump_json()),
+        )
+
+    def delete_budget(self, name: str) -> None:
+        self.db.execute("DELETE FROM budgets WHERE name = ?", (name,))
+
+    def budgets(self) -> list[Budget]:
+        rows = self.db.execute("SELECT body FROM budgets ORDER BY name").fetchall()
+        return [Budget.model_validate(json.loads(body)) for (body,) in rows]
+
+    # -- the ledger ------------------------------------------------------------------------
+
+    def record(self, entry: Entry) -> bool:
+        """Write one request's row; False if that request id is already there."""
+        cur = self.db.execute(
+            "INSERT OR IGNORE INTO entries (request_id, time, key_id, team, route, served_by, "
+            "status, prompt_tokens, completion_tokens, cost_usd, energy_kwh, carbon_kg, "
+            "degraded, cache_hit) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            (entry.request_id, entry.time, entry.key_id, entry.team, entry.route,
+             entry.served_by, entry.status, entry.prompt_tokens, entry.completion_tokens,
+             entry.cost_usd, entry.energy_kwh, entry.carbon_kg, entry.degraded,
+             int(entry.cache_hit)),
+        )  # fmt: skip
+        return cur.rowcount == 1
+
+    def spent(self, budget: Budget, since: float) -> float:
+        """What the ledger holds against `budget` from `since` (unix time) on."""
+        column = UNIT_COLUMNS[budget.unit]
+        where = "time >= ?"
+        args: list[float | str] = [since]
+        if budget.scope != "fleet" and budget.subject is not None:
+            where += f" AND {_SCOPE_COLUMNS[budget.scope]} = ?"
+            args.append(budget.subject)
+        (total,) = self.db.execute(
+            f"SELECT COALESCE(SUM({column}), 0) FROM entries WHERE {where}", args
+        ).fetchone()
+        return float(total)
+
+    def entries(self, since: float = 0.0) -> list[Entry]:
+        rows = self.db.execute(
+            "SELECT request_id, time, key_id, team, route, served_by, status, prompt_tokens, "
+            "completion_tokens, cost_usd, energy_kwh, carbon_kg, degraded, cache_hit "
+            "FROM entries WHERE time >= ? ORDER BY time",
+            (since,),
+        ).fetchall()
+        names = [f.name for f in dataclasses.fields(Entry)]
+        found = [dict(zip(names, row, strict=True)) for row in rows]
+        return [Entry(**{**row, "cache_hit": bool(row["cache_hit"])}) for row in found]
+
+    # -- warnings --------------------------------------------------------------------------
+
+    def warn_once(self, budget: str, window_start: float, threshold: float, spent: float,
+                  limit: float) -> bool:  # fmt: skip
+        """Mark `threshold` of `budget` as fired in this window; False if it already was."""
+        cur = self.db.execute(
+            "INSERT OR IGNORE INTO warnings (budget, window_start, threshold, fired_at, spent, "
+            "limit_value) VALUES (?, ?, ?, ?, ?, ?)",
+            (budget, window_start, threshold, time.time(), spent, limit),
+        )
+        return cur.rowcount == 1
+
+    def warnings(self, since: float = 0.0) -> list[dict[str, float | str]]:
+        rows = self.db.execute(
+            "SELECT budget, window_start, threshold, fired_at, spent, limit_value FROM warnings "
+            "WHERE fired_at >= ? ORDER BY fired_at",
+            (since,),
+        ).fetchall()
+        names = ("budget", "window_start", "threshold", "fired_at", "spent", "limit")
+        return [dict(zip(names, row, strict=True)) for row in rows]
+
+
+def _key(row: tuple[object, ...]) -> KeyRecord:
+    names = ("id", "team", "name", "created_at", "revoked_at", "rpm", "tpm", "salt",
+             "secret_hash")  # fmt: skip
+    return KeyRecord.model_validate(dict(zip(names, row, strict=True)))

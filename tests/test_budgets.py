@@ -1,0 +1,220 @@
+"""Budgets on their own: windows, the `>=` boundary, reservations, warnings once per threshold,
+and the overshoot bound under generated sequences of admissions and settlements.
+
+The ledger is the real SQLite store in a temporary folder; the clock is a fake one so windows
+can be crossed without waiting.
+"""
+
+from __future__ import annotations
+
+import itertools
+from datetime import UTC, datetime
+from pathlib import Path
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from wattops.router.admission import Admission, Amounts, BudgetBook, BudgetExceeded, BudgetWarning
+from wattops.router.api import Budget
+from wattops.router.budgets import window_end, window_start
+from wattops.router.ledger import Entry, Ledger
+
+T0 = datetime(2026, 11, 28, 10, 30, tzinfo=UTC).timestamp()
+_ids = itertools.count()
+
+
+class Clock:
+    def __init__(self, now: float = T0) -> None:
+        self.now = now
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def entry(usd: float, *, key: str | None = "k1", team: str | None = "ml",
+          route: str | None = "chat", at: float = T0, kwh: float = 0.0) -> Entry:  # fmt: skip
+    return Entry(f"r{next(_ids)}", at, key, team, route, "n/d", 200, 10, 10, usd, kwh, 0.0)
+
+
+def book(tmp_path: Path, *budgets: Budget, clock: Clock | None = None) -> BudgetBook:
+    b = BudgetBook(Ledger(tmp_path / "ledger.sqlite"), clock=clock or Clock())
+    for budget in budgets:
+        b.put(budget)
+    return b
+
+
+TEAM_DAY = Budget(name="ml-day", scope="team", subject="ml", unit="usd", window="day", limit=1.0)
+
+
+def test_windows_are_utc_calendar_boundaries() -> None:
+    moment = datetime(2026, 12, 31, 23, 59, 30, tzinfo=UTC)
+    assert window_start("hour", moment) == datetime(2026, 12, 31, 23, tzinfo=UTC)
+    assert window_start("day", moment) == datetime(2026, 12, 31, tzinfo=UTC)
+    assert window_start("month", moment) == datetime(2026, 12, 1, tzinfo=UTC)
+    assert window_end("month", moment) == datetime(2027, 1, 1, tzinfo=UTC)
+    assert window_end("month", datetime(2027, 1, 31, tzinfo=UTC)) == datetime(
+        2027, 2, 1, tzinfo=UTC
+    )
+    assert window_end("day", moment) == datetime(2027, 1, 1, tzinfo=UTC)
+
+
+def test_at_exactly_the_limit_the_next_request_is_over(tmp_path: Path) -> None:
+    b = book(tmp_path, TEAM_DAY)
+    b.settle(None, entry(0.75))
+    b.settle(None, entry(0.25 - 1e-9))
+    b.admit("a", "k1", "ml", "chat", Amounts(usd=0.0)).done = True  # just below: admitted
+    b.settle(None, entry(1e-9))  # exactly 1.0 spent
+    with pytest.raises(BudgetExceeded) as refused:
+        b.admit("b", "k1", "ml", "chat", Amounts(usd=0.0))
+    message = str(refused.value)
+    assert "'ml-day'" in message and "team ml, USD per day" in message
+    assert "limit 1 USD" in message and "resets at 2026-11-29T00:00:00Z" in message
+    assert refused.value.retry_after_s == 13.5 * 3600
+    # Another team is not covered by it.
+    b.admit("c", "k2", "search", "chat", Amounts(usd=5.0))
+
+
+def test_reservations_count_until_settled_or_released(tmp_path: Path) -> None:
+    b = book(tmp_path, TEAM_DAY)
+    first = b.admit("a", "k1", "ml", "chat", Amounts(usd=0.6))
+    second = b.admit("b", "k1", "ml", "chat", Amounts(usd=0.6))  # 0.6 < 1.0: still let in
+    with pytest.raises(BudgetExceeded, match=r"1\.2 USD reserved"):
+        b.admit("c", "k1", "ml", "chat", Amounts(usd=0.01))
+    b.release(second)  # it failed: nothing spent
+    b.settle(first, entry(0.1))  # it cost far less than its worst case
+    (standing,) = b.standings()
+    assert standing.spent == pytest.approx(0.1) and standing.reserved == 0.0
+    assert b.in_flight == {}
+    b.admit("d", "k1", "ml", "chat", Amounts(usd=0.5))
+
+
+def test_a_new_window_starts_from_zero(tmp_path: Path) -> None:
+    clock = Clock()
+    b = book(tmp_path, TEAM_DAY, clock=clock)
+    b.settle(None, entry(1.0))
+    with pytest.raises(BudgetExceeded):
+        b.admit("a", "k1", "ml", "chat", Amounts())
+    clock.now = datetime(2026, 11, 29, 0, 0, tzinfo=UTC).timestamp()
+    b.admit("b", "k1", "ml", "chat", Amounts(usd=0.5))
+
+
+def test_spend_is_read_back_from_the_ledger_on_start(tmp_path: Path) -> None:
+    b = book(tmp_path, TEAM_DAY)
+    b.settle(None, entry(0.4))
+    b.settle(None, entry(0.4, at=T0 - 86400))  # yesterday: another window
+    again = BudgetBook(Ledger(tmp_path / "ledger.sqlite"), clock=Clock())
+    (standing,) = again.standings()
+    assert standing.spent == pytest.approx(0.4)
+    assert standing.reserved == 0.0  # reservations die with the process that held them
+
+
+def test_the_same_request_is_never_counted_twice(tmp_path: Path) -> None:
+    b = book(tmp_path, TEAM_DAY)
+    row = entry(0.3)
+    b.settle(None, row)
+    b.settle(None, row)
+    (standing,) = b.standings()
+    assert standing.spent == pytest.approx(0.3)
+
+
+def test_warnings_fire_once_per_threshold_per_window(tmp_path: Path) -> None:
+    fired: list[BudgetWarning] = []
+    clock = Clock()
+    b = book(tmp_path, TEAM_DAY, clock=clock)
+    b.on_warning = fired.append
+    b.settle(None, entry(0.5))
+    assert fired == []
+    b.settle(None, entry(0.35))  # 85%: the 80% warning
+    b.settle(None, entry(0.01))  # 86%: nothing new
+    assert [w.threshold for w in fired] == [0.8]
+    b.settle(None, entry(0.12))  # 98%: 90% and 95% at once
+    assert [w.threshold for w in fired] == [0.8, 0.9, 0.95]
+    assert "at 98% of its limit" in fired[-1].message()
+    # A restarted router does not fire them again in the same window...
+    again = BudgetBook(Ledger(tmp_path / "ledger.sqlite"), clock=clock, on_warning=fired.append)
+    again.settle(None, entry(0.001))
+    assert len(fired) == 3
+    # ...but a new window does.
+    clock.now = datetime(2026, 11, 29, 1, tzinfo=UTC).timestamp()
+    again.settle(None, entry(0.9, at=clock.now))
+    assert [w.threshold for w in fired[3:]] == [0.8, 0.9]
+
+
+def test_degrading_comes_before_refusing(tmp_path: Path) -> None:
+    soft = TEAM_DAY.model_copy(update={"degrade_at": 0.8, "degrade_min_quality": 0.7})
+    b = book(tmp_path, soft)
+    b.settle(None, entry(0.79))
+    assert b.check("k1", "ml", "chat") == (None, None)
+    b.settle(None, entry(0.01))
+    over, degrading = b.check("k1", "ml", "chat")
+    assert over is None and degrading is not None and degrading.budget.name == "ml-day"
+    b.settle(None, entry(0.2))
+    over, _ = b.check("k1", "ml", "chat")
+    assert over is not None
+
+
+def test_kwh_and_carbon_budgets_count_their_own_unit(tmp_path: Path) -> None:
+    energy = Budget(name="fleet-kwh", scope="fleet", unit="kwh", window="month", limit=2.0)
+    b = book(tmp_path, energy)
+    b.settle(None, entry(100.0, kwh=1.5))  # dollars do not count against a kWh budget
+    b.admit("a", None, None, None, Amounts(usd=1e6, kwh=0.4)).done = True
+    b.settle(None, entry(0.0, kwh=0.5))
+    with pytest.raises(BudgetExceeded, match="kWh"):
+        b.admit("b", None, None, None, Amounts(kwh=0.0))
+
+
+def test_bad_budgets_are_refused_naming_the_field() -> None:
+    with pytest.raises(ValueError, match="needs a subject"):
+        Budget(name="x", scope="team", unit="usd", window="day", limit=1)
+    with pytest.raises(ValueError, match="fleet budget has no subject"):
+        Budget(name="x", scope="fleet", subject="ml", unit="usd", window="day", limit=1)
+    with pytest.raises(ValueError, match="limit"):
+        Budget(name="x", scope="fleet", unit="usd", window="day", limit=0)
+    with pytest.raises(ValueError, match="window"):
+        Budget(name="x", scope="fleet", unit="usd", window="week", limit=1)  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="warn_at"):
+        Budget(name="x", scope="fleet", unit="usd", window="day", limit=1, warn_at=[1.5])
+
+
+# One step of a generated sequence: admit a request reserving `worst`, or settle / release the
+# oldest one in flight at some fraction of what it reserved.
+STEP = st.one_of(
+    st.tuples(st.just("admit"), st.floats(0.0, 0.5)),
+    st.tuples(st.just("settle"), st.floats(0.0, 1.0)),
+    st.tuples(st.just("release"), st.just(0.0)),
+)
+
+
+@settings(
+    max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(steps=st.lists(STEP, max_size=60))
+def test_spend_passes_the_limit_by_at_most_what_was_in_flight(
+    tmp_path_factory: pytest.TempPathFactory, steps: list[tuple[str, float]]
+) -> None:
+    b = book(tmp_path_factory.mktemp("ledger"), TEAM_DAY)
+    flying: list[tuple[Admission, float]] = []
+    for op, value in steps:
+        if op == "admit":
+            before = sum(worst for _, worst in flying)
+            try:
+                a = b.admit(f"q{next(_ids)}", "k1", "ml", "chat", Amounts(usd=value))
+            except BudgetExceeded as exc:
+                # Refused only when spent + reserved really is at or over the limit.
+                assert exc.standing.used >= TEAM_DAY.limit
+                continue
+            flying.append((a, value))
+            assert b.standing(TEAM_DAY).reserved == pytest.approx(before + value)
+        elif flying:
+            a, worst = flying.pop(0)
+            if op == "settle":
+                b.settle(a, entry(worst * value))  # actual cost never above the worst case
+            else:
+                b.release(a)
+        s = b.standing(TEAM_DAY)
+        in_flight = sum(worst for _, worst in flying)
+        assert s.reserved == pytest.approx(in_flight, abs=1e-9)
+        # The bound: what is spent, plus what may still be, passes the limit by at most the
+        # largest single reservation let in while below it.
+        assert s.spent + s.reserved <= TEAM_DAY.limit + 0.5 + 1e-9

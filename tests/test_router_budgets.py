@@ -1,0 +1,370 @@
+"""Keys and budgets on a real wattops-router in front of real agents (llama.cpp on the test
+model): 401/403 in OpenAI's error shape, revocation at once, the 429 naming the budget with
+Retry-After, degrade before refuse, the overshoot bound under 32 concurrent clients, and a
+consistent ledger after kill -9 of the router mid-load."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import sqlite3
+import subprocess
+import sys
+import threading
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import httpx
+import openai
+import pytest
+
+from tests.conftest import Agent, wait_for
+from tests.routers import CHAT, RouterProc
+
+WATTOPS = Path(sys.executable).with_name("wattops")
+ADMIN = "admin-token-for-tests"
+ADMIN_HEADERS = {"Authorization": f"Bearer {ADMIN}"}
+
+
+def _priced(router: RouterProc, ask: Callable[[], httpx.Response]) -> None:
+    """Send requests until a candidate of the route has a price (its agent's accounting
+    window has seen its tokens): budgets reserve and charge at those prices."""
+
+    def priced() -> bool:
+        ask()
+        cands = router.route("chat")["candidates"]
+        return any(c["usd_per_1m_tokens"] for c in cands)
+
+    wait_for(priced, 60, "the candidates' prices")
+
+
+def _create_key(router: RouterProc, **asked: Any) -> dict[str, Any]:
+    resp = router.client.post("/v1/keys", json={"team": "ml", **asked}, headers=ADMIN_HEADERS)
+    assert resp.status_code == 201, resp.text
+    return resp.json()  # type: ignore[no-any-return]
+
+
+def _budget(router: RouterProc, **fields: Any) -> dict[str, Any]:
+    body = {"scope": "team", "subject": "ml", "unit": "usd", "window": "day", **fields}
+    resp = router.client.post("/v1/budgets", json=body, headers=ADMIN_HEADERS)
+    assert resp.status_code == 201, resp.text
+    return resp.json()  # type: ignore[no-any-return]
+
+
+def _fresh(router: RouterProc, **budget: Any) -> dict[str, str]:
+    """A new key with a budget of its own (`budget` fields): nothing spent against it yet.
+    Team budgets would count what the team's other keys spent earlier in the window."""
+    made = _create_key(router)
+    if budget:
+        _budget(router, scope="key", subject=made["id"], **budget)
+    return {"Authorization": f"Bearer {made['key']}"}
+
+
+def _one_answer(router: RouterProc) -> float:
+    """What one answer of `RouterProc.ask` costs now, measured on a key of its own."""
+    auth = _fresh(router, name="probe", limit=1e6)
+    assert router.ask(headers=auth).status_code == 200
+    one = float(_standing(router, "probe")["spent"])
+    router.client.delete("/v1/budgets/probe", headers=ADMIN_HEADERS)
+    assert one > 0
+    return one
+
+
+def _standing(router: RouterProc, name: str) -> dict[str, Any]:
+    budgets = router.client.get("/v1/budgets", headers=ADMIN_HEADERS).json()
+    return next(b for b in budgets if b["budget"]["name"] == name)  # type: ignore[no-any-return]
+
+
+def test_keys_once_created_are_required_and_revoked_at_once(
+    make_router: Callable[..., RouterProc], two_nodes: tuple[Agent, Agent]
+) -> None:
+    router = make_router(list(two_nodes), [CHAT], token=ADMIN)
+    assert router.ask().status_code == 200  # no key yet: open, as before keys existed
+    # Keys and budgets are the admin's: not without its token.
+    assert router.client.post("/v1/keys", json={"team": "ml"}).status_code == 401
+    made = _create_key(router, name="notebook", budget_usd_day=5.0)
+    key = made["key"]
+    assert key.startswith("wok_") and made["team"] == "ml" and made["name"] == "notebook"
+    assert made["budgets"] == [f"key-{made['id']}-usd-day"]
+    listed = router.client.get("/v1/keys", headers=ADMIN_HEADERS).json()
+    assert [k["id"] for k in listed] == [made["id"]]
+    assert (
+        "key" not in listed[0]
+        and key not in router.client.get("/v1/keys", headers=ADMIN_HEADERS).text
+    )  # the secret is shown once, never listed
+
+    missing = router.ask()
+    assert missing.status_code == 401
+    assert missing.json()["error"]["code"] == "missing_api_key"
+    unknown = router.ask(headers={"Authorization": "Bearer wok_000000000000_" + "x" * 43})
+    assert unknown.status_code == 403 and unknown.json()["error"]["code"] == "invalid_api_key"
+    # The official client, as an application would use it.
+    client = openai.OpenAI(base_url=router.url + "/v1", api_key=key, max_retries=0)
+    answer = client.chat.completions.create(
+        model="chat", messages=[{"role": "user", "content": "hi"}], max_tokens=3, temperature=0.5
+    )
+    assert answer.usage is not None and answer.usage.completion_tokens == 3
+    stranger = openai.OpenAI(base_url=router.url + "/v1", api_key="sk-wrong", max_retries=0)
+    with pytest.raises(openai.PermissionDeniedError, match="not known"):
+        stranger.chat.completions.create(
+            model="chat", messages=[{"role": "user", "content": "x"}], max_tokens=2
+        )
+
+    revoked = router.client.delete(f"/v1/keys/{made['id']}", headers=ADMIN_HEADERS)
+    assert revoked.status_code == 200 and revoked.json()["revoked_at"] is not None
+    with pytest.raises(openai.PermissionDeniedError, match="revoked"):
+        client.chat.completions.create(
+            model="chat", messages=[{"role": "user", "content": "hi"}], max_tokens=3
+        )
+
+
+def test_a_spent_budget_is_refused_with_429_naming_it(
+    make_router: Callable[..., RouterProc], two_nodes: tuple[Agent, Agent]
+) -> None:
+    router = make_router(list(two_nodes), [CHAT], token=ADMIN)
+    _priced(router, lambda: router.ask())
+    auth = _fresh(router, name="ml-day", limit=1e-9)  # the first answer spends it
+    assert router.ask(headers=auth).status_code == 200
+    refused = router.ask(headers=auth)
+    assert refused.status_code == 429
+    error = refused.json()["error"]
+    assert error["code"] == "budget_exceeded" and error["type"] == "invalid_request_error"
+    assert "'ml-day' (key " in error["message"] and "USD per day) is spent" in error["message"]
+    assert "resets at" in error["message"]
+    assert 0 < int(refused.headers["Retry-After"]) <= 86400
+    assert refused.headers["X-Wattops-Budget"] == "ml-day"
+    standing = _standing(router, "ml-day")
+    assert standing["state"] == "over" and standing["remaining"] == 0.0
+    # Raised, it lets requests in again, at once.
+    raised = router.client.patch("/v1/budgets/ml-day", json={"limit": 1e6}, headers=ADMIN_HEADERS)
+    assert raised.status_code == 200, raised.text
+    assert router.ask(headers=auth).status_code == 200
+    # Remaining budget is exported as a finite number.
+    metrics = router.client.get("/metrics").text
+    line = next(x for x in metrics.splitlines() if x.startswith("wattops_budget_remaining{"))
+    assert 'budget="ml-day"' in line and "Inf" not in line
+
+
+def test_degraded_answers_come_before_none(
+    make_router: Callable[..., RouterProc], two_nodes: tuple[Agent, Agent]
+) -> None:
+    # One node: every answer costs about the same, so the order below is the budget's doing.
+    edge, _ = two_nodes
+    route = {**CHAT, "reference": "edge/tiny", "policy": "fastest"}
+    router = make_router([edge], [route], token=ADMIN)
+    _priced(router, lambda: router.ask())
+    one = _one_answer(router)
+    auth = _fresh(router, name="ml-day", limit=12 * one, degrade_at=0.25, degrade_min_quality=0.0)
+    outcomes = []
+    for _ in range(60):
+        resp = router.ask(headers=auth)
+        if resp.status_code == 429:
+            outcomes.append("refused")
+            break
+        assert resp.status_code == 200, resp.text
+        degraded = resp.headers.get("X-Wattops-Degraded")
+        if degraded:
+            assert "budget ml-day" in degraded and "cheapest" in degraded
+        outcomes.append("degraded" if degraded else "served")
+    # In that order, never back: served, then degraded, then refused.
+    order = {"served": 0, "degraded": 1, "refused": 2}
+    assert [order[o] for o in outcomes] == sorted(order[o] for o in outcomes)
+    assert {"served", "degraded", "refused"} <= set(outcomes)
+
+
+def test_overshoot_is_bounded_by_the_reservations_in_flight(
+    make_router: Callable[..., RouterProc], two_nodes: tuple[Agent, Agent]
+) -> None:
+    router = make_router(list(two_nodes), [CHAT], token=ADMIN)
+    _priced(router, lambda: router.ask())
+    one = _one_answer(router)
+    # Half of one answer: the first request let in reserves its worst case, which covers the
+    # limit, so every other one is refused while it is in flight, and after it settles.
+    auth = _fresh(router, name="tight", limit=one / 2)
+
+    def ask(_: int) -> int:
+        with httpx.Client(base_url=router.url, timeout=60) as c:
+            body = {"model": "chat", "messages": [{"role": "user", "content": "hello there"}],
+                    "max_tokens": 4, "temperature": 0.7}  # fmt: skip
+            return c.post("/v1/chat/completions", json=body, headers=auth).status_code
+
+    with ThreadPoolExecutor(32) as pool:
+        statuses = list(pool.map(ask, range(96)))
+    assert set(statuses) <= {200, 429}
+    # Without reservations, all 32 concurrent requests would pass the check at once.
+    assert statuses.count(200) == 1, statuses
+    standing = _standing(router, "tight")
+    assert standing["reserved"] == 0.0
+    assert one / 2 <= standing["spent"] <= 2 * one
+
+
+def test_kill_9_of_the_router_mid_load_leaves_a_consistent_ledger(
+    make_router: Callable[..., RouterProc], two_nodes: tuple[Agent, Agent]
+) -> None:
+    router = make_router(list(two_nodes), [CHAT], token=ADMIN)
+    key = _create_key(router)["key"]
+    auth = {"Authorization": f"Bearer {key}"}
+    _priced(router, lambda: router.ask(headers=auth))
+    _budget(router, name="ml-month", window="month", limit=1e6)
+    answered: list[int] = []
+    stop = threading.Event()
+
+    def client() -> None:
+        with httpx.Client(base_url=router.url, timeout=30) as c:
+            while not stop.is_set():
+                body = {"model": "chat", "messages": [{"role": "user", "content": "load"}],
+                        "max_tokens": 4, "temperature": 0.7}  # fmt: skip
+                try:
+                    resp = c.post("/v1/chat/completions", json=body, headers=auth)
+                except httpx.HTTPError:
+                    continue
+                if resp.status_code == 200:
+                    answered.append(1)
+
+    threads = [threading.Thread(target=client) for _ in range(8)]
+    for t in threads:
+        t.start()
+    wait_for(lambda: len(answered) >= 20, 60, "load through the router")
+    assert router.proc is not None
+    router.proc.send_signal(signal.SIGKILL)
+    router.proc.wait(10)
+    stop.set()
+    for t in threads:
+        t.join(30)
+    ledger = router.folder / "state" / "ledger.sqlite"
+    db = sqlite3.connect(ledger)
+    assert db.execute("PRAGMA integrity_check").fetchone() == ("ok",)
+    rows, spent = db.execute(
+        "SELECT COUNT(*), SUM(cost_usd) FROM entries WHERE key_id IS NOT NULL AND status = 200"
+    ).fetchone()
+    db.close()
+    # Every answer a client received was in the ledger before it was sent.
+    assert rows >= len(answered)
+    router.start()
+    standing = _standing(router, "ml-month")
+    assert standing["reserved"] == 0.0  # what died with the router holds nothing
+    assert standing["spent"] == pytest.approx(spent)
+
+
+def test_requests_and_tokens_per_minute_per_key(
+    make_router: Callable[..., RouterProc], two_nodes: tuple[Agent, Agent]
+) -> None:
+    router = make_router(list(two_nodes), [CHAT], token=ADMIN)
+    rpm = {"Authorization": f"Bearer {_create_key(router, rpm=3)['key']}"}
+    statuses = [router.ask(headers=rpm).status_code for _ in range(4)]
+    assert statuses == [200, 200, 200, 429]
+    limited = router.ask(headers=rpm)
+    assert limited.json()["error"]["code"] == "rate_limit_exceeded"
+    assert "3 requests per minute" in limited.json()["error"]["message"]
+    assert 1 <= int(limited.headers["Retry-After"]) <= 61
+    # Tokens are counted at admission as the prompt's bound plus max_tokens: "hello there"
+    # is 11 bytes + 32 for the template, plus 4 = 47 of 60 for the first, none left for more.
+    tpm = {"Authorization": f"Bearer {_create_key(router, tpm=60)['key']}"}
+    assert router.ask(headers=tpm).status_code == 200
+    second = router.ask(headers=tpm)
+    assert second.status_code == 429 and "60 tokens per minute" in second.text
+    # Another key of the same team has limits of its own.
+    assert router.ask(headers=rpm).status_code == 429
+    other = {"Authorization": f"Bearer {_create_key(router)['key']}"}
+    assert router.ask(headers=other).status_code == 200
+
+
+def test_the_cli_manages_keys_and_budgets(
+    make_router: Callable[..., RouterProc], two_nodes: tuple[Agent, Agent]
+) -> None:
+    router = make_router(list(two_nodes), [CHAT], token=ADMIN)
+    env = {**os.environ, "WATTOPS_ROUTER": router.url, "WATTOPS_TOKEN": ADMIN}
+
+    def wattops(*argv: str, token: str | None = ADMIN) -> subprocess.CompletedProcess[str]:
+        run_env = (
+            {**env, "WATTOPS_TOKEN": token}
+            if token
+            else {k: v for k, v in env.items() if k != "WATTOPS_TOKEN"}
+        )
+        return subprocess.run([str(WATTOPS), *argv], capture_output=True, text=True,
+                              timeout=60, env=run_env)  # fmt: skip
+
+    made = wattops("keys", "create", "--team", "ml", "--name", "cli", "--budget-usd-day", "5")
+    assert made.returncode == 0, made.stderr
+    key = made.stdout.strip()
+    assert key.startswith("wok_") and "shown this once" in made.stderr
+    key_id = key.split("_")[1]
+    listed = json.loads(wattops("keys", "list", "--json").stdout)
+    assert [k["id"] for k in listed] == [key_id] and key not in json.dumps(listed)
+    budgets = wattops("budgets", "list")
+    assert f"key-{key_id}-usd-day" in budgets.stdout and "ok" in budgets.stdout
+    raised = wattops("budgets", "set", f"key-{key_id}-usd-day", "--limit", "9")
+    assert raised.returncode == 0 and "of 9 " in raised.stdout
+    assert router.ask(headers={"Authorization": f"Bearer {key}"}).status_code == 200
+    assert wattops("keys", "revoke", key_id).returncode == 0
+    assert router.ask(headers={"Authorization": f"Bearer {key}"}).status_code == 403
+    # Bad input and a wrong credential are named, and change nothing.
+    bad = wattops("keys", "create", "--team", "bad team")
+    assert bad.returncode != 0 and "--team" in bad.stderr
+    wrong = wattops("keys", "list", token="not-the-token")
+    assert wrong.returncode != 0 and "403" in wrong.stderr
+    assert len(json.loads(wattops("keys", "list", "--json").stdout)) == 1
+
+
+class _Receiver:
+    """A local webhook receiver: answers each POST with the next status of `statuses` (the
+    last one repeats) and keeps the bodies."""
+
+    def __init__(self, statuses: list[int]) -> None:
+        import http.server
+
+        received = self.received = []  # type: ignore[var-annotated]
+        answers = list(statuses)
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_POST(self) -> None:
+                length = int(self.headers.get("Content-Length", 0))
+                received.append(json.loads(self.rfile.read(length)))
+                status = answers.pop(0) if len(answers) > 1 else answers[0]
+                self.send_response(status)
+                self.end_headers()
+                self.wfile.write(b"ok" if status < 300 else b"nope")
+
+            def log_message(self, *args: Any) -> None:
+                pass
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/hook"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def close(self) -> None:
+        self.server.shutdown()
+
+
+def test_warnings_reach_a_webhook_retried_when_it_fails(
+    make_router: Callable[..., RouterProc], two_nodes: tuple[Agent, Agent]
+) -> None:
+    flaky, broken = _Receiver([500, 200]), _Receiver([400])
+    try:
+        router = make_router(list(two_nodes), [CHAT], token=ADMIN,
+                             budget_webhooks=[flaky.url, broken.url])  # fmt: skip
+        _priced(router, lambda: router.ask())
+        one = _one_answer(router)
+        auth = _fresh(router, name="hooked", limit=1.5 * one, warn_at=[0.5])
+        assert router.ask(headers=auth).status_code == 200  # about 67%: the 50% warning
+        view = wait_for(lambda: (v := router.view())["webhook_sent"] == 1 and v, 30,
+                        "the warning delivered after a retry")  # fmt: skip
+        assert len(flaky.received) == 2  # a 500 first, then the 200
+        body = flaky.received[-1]
+        assert body["budget"] == "hooked" and body["threshold"] == 0.5
+        assert "wattops-router: budget hooked" in body["text"] and "50%" in body["text"]
+        # A receiver that refuses (400) is not retried, and its failure is visible.
+        assert len(broken.received) == 1
+        assert view["webhook_failed"] == 1 and "HTTP 400" in view["webhook_error"]
+        metrics = router.client.get("/metrics").text
+        assert f'wattops_budget_webhook_failures_total{{url="{broken.url}"}} 1.0' in metrics
+        assert any("budget hooked" in w for w in view["budget_warnings"])
+        # Once per threshold per window: more spend, no second warning.
+        assert router.ask(headers=auth).status_code == 200
+        assert router.view()["webhook_sent"] == 1 and len(flaky.received) == 2
+    finally:
+        flaky.close()
+        broken.close()
