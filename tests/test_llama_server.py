@@ -76,8 +76,10 @@ def test_concurrent_requests_are_decoded_together(make_agent: Callable[..., Agen
     _ask(agent, 0, max_tokens=4)  # warm: the first request pays for loading pages
     one = _tokens_per_s(agent, clients=1, requests=4, first=100)
     four = _tokens_per_s(agent, clients=4, requests=12, first=200)
-    # One replica on one thread: only decoding the sequences together can do this.
-    assert four > 1.5 * one, f"4 clients {four:.1f} tokens/s vs 1 client {one:.1f}"
+    # One replica on one thread: only decoding the sequences together can do this (a serial
+    # engine stays at 1x; measured here 1.67-2.09x over five runs, so 1.35 leaves room for a
+    # noisy neighbour). The replica's own count says the same directly.
+    assert four > 1.35 * one, f"4 clients {four:.1f} tokens/s vs 1 client {one:.1f}"
     metrics = _replica_metrics(agent)
     assert metrics["llamacpp:n_busy_slots_per_decode"] > 1.5
 
