@@ -28,6 +28,9 @@ from wattops.engines.llamacpp import LlamaCppEngine, LlamaCppSettings
 from wattops.engines.metrics import EngineUsage
 from wattops.engines.openai_server import free_port
 
+#: Completion tokens of a request that gives no max_tokens (the worker's default too).
+DEFAULT_MAX_TOKENS = 256
+
 
 class LlamaServerSettings(LlamaCppSettings):
     """`engine = "llamacpp-server"`: llama.cpp's server with parallel slots on this node's CPU."""
@@ -137,6 +140,9 @@ class LlamaServerEngine(LlamaCppEngine):
             "--no-webui",
             "--jinja",
             "--no-warmup",
+            # A request without max_tokens gets 256, as on the worker (llama-server's own
+            # default is until the context is full); a request's own max_tokens still wins.
+            "--n-predict", str(DEFAULT_MAX_TOKENS),
             # Prompt caching (the slot's KV reused for a common prefix) is on by default in
             # llama-server; `prefix_cache = false` turns the RAM prompt cache off too.
             *([] if self.prefix_cache else ["--cache-ram", "0"]),
