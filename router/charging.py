@@ -3,17 +3,19 @@
 `Charging` is what the router's hot path calls: `authenticate` (the bearer key, when keys are
 required), `admit` (budgets over, degrading, or a reservation of the request's worst case)
 and, when the request ends, `settle` (its ledger row at the server's rates, its reservation
-released). Worst case: the prompt's UTF-8 bytes plus 16 per message for the chat template (a
-token is at least one byte, so this bounds its tokens for byte-level BPE vocabularies) plus
-`max_tokens` (the router's `default_max_tokens` when the request gives none), priced at the
-highest rate among the candidates it may be served by. A candidate whose rates are not known
-yet (it has not served) is priced at the highest rate known in the fleet; a fleet that has
-served nothing has no rate to charge and reserves nothing.
+released). Worst case: the prompt's UTF-8 bytes plus 16 per message and 64 for the chat
+template (a token is at least one byte, so this bounds its tokens for byte-level BPE
+vocabularies), plus `max_tokens` (the router's `default_max_tokens` when the request gives
+none), priced at the highest rate among the candidates it may be served by. A candidate whose
+rates are not known yet (it has not served) is priced at the highest rate known in the fleet;
+a fleet that has served nothing has no rate to charge and reserves nothing. The bound is in
+`worst_tokens`.
 """
 
 from __future__ import annotations
 
 import itertools
+import json
 import secrets
 import time
 from collections.abc import Iterable, Mapping
@@ -96,15 +98,25 @@ def amounts(prompt: int, completion: int, rates: tuple[float | None, ...]) -> Am
     )
 
 
+#: Tokens a chat template may add around the messages (roles, special tokens, a default
+#: system prompt).
+TEMPLATE_TOKENS = 64
+
+
 def worst_tokens(body: Mapping[str, Any], default_max_tokens: int) -> tuple[int, int]:
-    """An upper bound of (prompt tokens, completion tokens) for an OpenAI request body."""
+    """An upper bound of (prompt tokens, completion tokens) for an OpenAI request body: a
+    token is at least one byte, so the text's UTF-8 bytes, plus 16 per message and 64 for the
+    chat template (SmolLM2's adds a default system prompt of 15 tokens), plus tool definitions."""
+    prompt = TEMPLATE_TOKENS
     if "messages" in body and isinstance(body["messages"], list):
-        prompt = 16
         for message in body["messages"]:
             content = message.get("content") if isinstance(message, dict) else message
             prompt += 16 + len(str(content or "").encode())
     else:
-        prompt = 16 + len(str(body.get("prompt") or "").encode())
+        prompt += len(str(body.get("prompt") or "").encode())
+    tools = body.get("tools") or body.get("functions")
+    if tools:
+        prompt += len(json.dumps(tools).encode())
     asked = body.get("max_completion_tokens", body.get("max_tokens"))
     completion = asked if isinstance(asked, int) and asked > 0 else default_max_tokens
     n = body.get("n")
@@ -287,25 +299,32 @@ class Charging:
         completion: int,
         status: int,
         cache_hit: bool = False,
+        reference: Candidate | None = None,
     ) -> None:
-        """Write the request's ledger row at `served`'s rates, release its reservation."""
+        """Write the request's ledger row at `served`'s rates, release its reservation. The
+        row also keeps the tokens' list price at those rates (what a cache hit saved) and at
+        the route's reference's (what routing saved), for `wattops report`."""
         if ticket.settled:
             return
         ticket.settled = True
-        if served is not None and not cache_hit:
-            rates = self._highest_rates([served], every)
-            cost = amounts(prompt, completion, rates)
-        else:
-            cost = Amounts()
+        listed = Amounts()
+        if served is not None:
+            listed = amounts(prompt, completion, self._highest_rates([served], every))
+        cost = Amounts() if cache_hit else listed
         cost = Amounts(cost.usd + ticket.extra.usd, cost.kwh + ticket.extra.kwh,
                        cost.kgco2e + ticket.extra.kgco2e)  # fmt: skip
+        at_reference = None
+        if reference is not None and served is not None:
+            ref_in, ref_out, _, _ = _rates(reference)
+            if ref_in is not None and ref_out is not None:
+                at_reference = (prompt * ref_in + completion * ref_out) / 1e6
         c = ticket.caller
         entry = Entry(
             request_id=ticket.request_id, time=time.time(), key_id=c.key_id, team=c.team,
             route=ticket.route, served_by=served.key if served else None, status=status,
             prompt_tokens=prompt, completion_tokens=completion, cost_usd=cost.usd,
             energy_kwh=cost.kwh, carbon_kg=cost.kgco2e, degraded=ticket.degraded,
-            cache_hit=cache_hit,
+            cache_hit=cache_hit, list_cost_usd=listed.usd, reference_cost_usd=at_reference,
         )  # fmt: skip
         self.book.settle(ticket.admission, entry)
 

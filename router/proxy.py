@@ -338,7 +338,7 @@ class RouterGateway:
                     continue
                 if asked_logprobs is None:
                     data = _without_logprobs(data)
-            hit = upstream.headers.get("X-Cache") == "HIT"
+            hit = upstream.headers.get("X-Cache", "").lower() == "hit"
             router.record(route, choice, c, reference, usage, upstream.status, fallbacks, reason,
                           ticket, hit)  # fmt: skip
             return Response(data, status_code=upstream.status, headers=out,
@@ -411,7 +411,7 @@ class _Relay:
         router = self.gateway.router
         router.in_flight[self.c.key] -= 1
         status = 200 if self.complete else 502
-        hit = self.upstream.headers.get("X-Cache") == "HIT"
+        hit = self.upstream.headers.get("X-Cache", "").lower() == "hit"
         router.record(self.route, self.choice, self.c, self.reference, self.usage, status,
                       self.fallbacks, self.reason, self.ticket, hit)  # fmt: skip
 

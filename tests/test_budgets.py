@@ -218,3 +218,30 @@ def test_spend_passes_the_limit_by_at_most_what_was_in_flight(
         # The bound: what is spent, plus what may still be, passes the limit by at most the
         # largest single reservation let in while below it.
         assert s.spent + s.reserved <= TEAM_DAY.limit + 0.5 + 1e-9
+
+
+def test_the_worst_case_bounds_smollm2s_templated_prompts() -> None:
+    """The reservation's prompt bound is never below what the model really evaluates: every
+    shipped prompt through SmolLM2's own chat template (its default system prompt included),
+    and a conversation with a system prompt and tool definitions."""
+    import llama_cpp
+
+    from tests.conftest import ROOT
+    from wattops.quality.table import evaluation_prompts
+    from wattops.router.charging import worst_tokens
+
+    llm = llama_cpp.Llama(str(ROOT / "models" / "smollm2-135m-instruct.f16.gguf"), n_ctx=1024,
+                          n_threads=1, verbose=False)  # fmt: skip
+    conversations = [[{"role": "user", "content": p}] for p in evaluation_prompts()]
+    conversations.append([
+        {"role": "system", "content": "You answer in French. Ünïcödé ☃ and digits 12345."},
+        {"role": "user", "content": "Quelle est la capitale de l'Italie ?"},
+        {"role": "assistant", "content": "Rome."},
+        {"role": "user", "content": "Et de l'Espagne ?"},
+    ])  # fmt: skip
+    for messages in conversations:
+        llm.reset()
+        usage = llm.create_chat_completion(messages=messages, max_tokens=1)["usage"]  # type: ignore[arg-type,index]
+        bound, completion = worst_tokens({"messages": messages}, 256)
+        assert usage["prompt_tokens"] <= bound, (messages, usage, bound)
+        assert completion == 256
