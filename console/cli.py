@@ -381,8 +381,10 @@ def build_parser() -> argparse.ArgumentParser:
     add_quality_arguments(quality)
     quality.set_defaults(func=_quality)
     from wattops.console.keys import add_commands
+    from wattops.console.report import add_command
 
     add_commands(commands)
+    add_command(commands)
     return parser
 
 

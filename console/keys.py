@@ -18,7 +18,7 @@ from pydantic import ValidationError
 from wattops.router.api import Budget, BudgetView, KeyCreate, KeyView
 from wattops.router.client import RouterClient, RouterError
 
-__all__ = ["add_commands"]
+__all__ = ["add_commands", "call_router"]
 
 ROUTER_ENV = "WATTOPS_ROUTER"
 T = TypeVar("T")
@@ -59,7 +59,9 @@ def _client(args: argparse.Namespace) -> RouterClient:
     return RouterClient(url, token, timeout_s=30.0)
 
 
-def _run(args: argparse.Namespace, call: Callable[[RouterClient], Awaitable[T]]) -> T:
+def call_router(args: argparse.Namespace, call: Callable[[RouterClient], Awaitable[T]]) -> T:
+    """Run `call` with a client of the router the arguments name; SystemExit on a refusal."""
+
     async def go() -> T:
         client = _client(args)
         try:
@@ -115,7 +117,7 @@ def _keys_create(args: argparse.Namespace) -> int:
         )  # fmt: skip
     except ValidationError as exc:
         raise _invalid("keys create", exc) from None
-    made = _run(args, lambda c: c.create_key(asked))
+    made = call_router(args, lambda c: c.create_key(asked))
     if args.json:
         print(made.model_dump_json(indent=2))
         return 0
@@ -126,12 +128,12 @@ def _keys_create(args: argparse.Namespace) -> int:
 
 
 def _keys_list(args: argparse.Namespace) -> int:
-    keys = _run(args, lambda c: c.keys())
+    keys = call_router(args, lambda c: c.keys())
     return _print(args, [k.model_dump() for k in keys], [_key_line(k) for k in keys])
 
 
 def _keys_show(args: argparse.Namespace) -> int:
-    key = _run(args, lambda c: c.key(args.id))
+    key = call_router(args, lambda c: c.key(args.id))
     return _print(args, key.model_dump(), [_key_line(key)])
 
 
@@ -139,12 +141,12 @@ def _keys_update(args: argparse.Namespace) -> int:
     changes = {n: getattr(args, n) for n in ("name", "rpm", "tpm") if getattr(args, n) is not None}
     if not changes:
         raise SystemExit("wattops keys update: nothing to change (give --name, --rpm or --tpm)")
-    key = _run(args, lambda c: c.update_key(args.id, **changes))
+    key = call_router(args, lambda c: c.update_key(args.id, **changes))
     return _print(args, key.model_dump(), [_key_line(key)])
 
 
 def _keys_revoke(args: argparse.Namespace) -> int:
-    key = _run(args, lambda c: c.revoke_key(args.id))
+    key = call_router(args, lambda c: c.revoke_key(args.id))
     return _print(args, key.model_dump(), [_key_line(key)])
 
 
@@ -160,7 +162,7 @@ def _budget_line(v: BudgetView) -> str:
 
 
 def _budgets_list(args: argparse.Namespace) -> int:
-    views = _run(args, lambda c: c.budgets())
+    views = call_router(args, lambda c: c.budgets())
     return _print(args, [v.model_dump() for v in views], [_budget_line(v) for v in views])
 
 
@@ -173,7 +175,7 @@ def _budgets_create(args: argparse.Namespace) -> int:
         )  # fmt: skip
     except ValidationError as exc:
         raise _invalid("budgets create", exc) from None
-    view = _run(args, lambda c: c.put_budget(budget))
+    view = call_router(args, lambda c: c.put_budget(budget))
     return _print(args, view.model_dump(), [_budget_line(view)])
 
 
@@ -182,12 +184,12 @@ def _budgets_set(args: argparse.Namespace) -> int:
                if getattr(args, n) is not None}  # fmt: skip
     if not changes:
         raise SystemExit("wattops budgets set: nothing to change (give --limit, --degrade-at ...)")
-    view = _run(args, lambda c: c.patch_budget(args.name, **changes))
+    view = call_router(args, lambda c: c.patch_budget(args.name, **changes))
     return _print(args, view.model_dump(), [_budget_line(view)])
 
 
 def _budgets_delete(args: argparse.Namespace) -> int:
-    _run(args, lambda c: c.delete_budget(args.name))
+    call_router(args, lambda c: c.delete_budget(args.name))
     print(f"budget {args.name} deleted")
     return 0
 

@@ -269,3 +269,77 @@ class KeyCreated(KeyView):
     """`POST /v1/keys`'s answer: the key itself, shown this once."""
 
     key: str = Field(description="Authorization: Bearer <key>; not stored, not shown again")
+
+
+# -- reports (router/report.py) ---------------------------------------------------------------
+
+
+class ReportGroup(_Model):
+    """One key, team or route over the report's period (`(none)`: requests without one)."""
+
+    group: str
+    requests: int
+    prompt_tokens: int
+    completion_tokens: int
+    cost_usd: float
+    energy_kwh: float
+    carbon_kg: float
+    cache_hits: int = Field(description="answers from an agent's response cache (cost 0)")
+    cache_saving_usd: float = Field(description="those answers' tokens at the server's rates")
+    degraded: int = Field(description="answers sent to a cheaper candidate by a budget")
+    routing_saving_usd: float = Field(
+        description="the same tokens at the route's reference's rates minus at the server's"
+    )
+    errors: int
+
+
+class FleetSpan(_Model):
+    """What the agents attributed to the fleet's deployments between two samples the router
+    took (every minute) within the period."""
+
+    start: float
+    end: float
+    cost_usd: float
+    energy_kwh: float
+    carbon_kg: float
+    #: The ledger's requests between the same two samples.
+    ledger_cost_usd: float
+    ledger_energy_kwh: float
+    ledger_carbon_kg: float
+    #: Fleet minus ledger: held and idle hardware no request was charged, and requests not
+    #: sent through this router.
+    unattributed_cost_usd: float
+    unattributed_energy_kwh: float
+    unattributed_carbon_kg: float
+
+
+class BudgetForecast(_Model):
+    """A budget's spend projected to the end of its window."""
+
+    budget: str
+    unit: Unit
+    window: Window
+    limit: float
+    spent: float
+    rate_per_day: float = Field(description="mean spend per day over the lookback")
+    lookback_s: float = Field(description="seconds the rate is measured over")
+    projected: float = Field(description="spent + rate x time left in the window")
+    runs_out_at: float | None = Field(
+        None, description="when spend reaches the limit at that rate (unix time), if before "
+        "the window ends; the window's start if it is already over",
+    )  # fmt: skip
+    resets_at: float
+
+
+class Report(_Model):
+    """`GET /v1/report`: chargeback per key, team or route, and budget forecasts."""
+
+    by: Literal["key", "team", "route"]
+    since: float
+    until: float
+    groups: list[ReportGroup]
+    total: ReportGroup
+    fleet: FleetSpan | None = Field(
+        None, description="none until the router has sampled the fleet twice in the period"
+    )
+    forecasts: list[BudgetForecast]

@@ -7,8 +7,9 @@ savings), `PATCH /v1/routes/{name}` (change a route's policy or bounds; operator
 from __future__ import annotations
 
 import secrets
+from typing import Literal
 
-from fastapi import Depends, FastAPI, HTTPException, Request, status
+from fastapi import Depends, FastAPI, HTTPException, Query, Request, status
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
@@ -25,11 +26,13 @@ from wattops.router.api import (
     KeyCreated,
     KeyPatch,
     KeyView,
+    Report,
     RoutePatch,
     RouterView,
 )
 from wattops.router.core import Router
 from wattops.router.proxy import OPENAI_PATHS, RouterGateway
+from wattops.router.report import build_report
 from wattops.vocabulary.openai import error_body
 
 __all__ = ["RouterASGI", "create_app"]
@@ -187,6 +190,16 @@ def create_app(router: Router) -> FastAPI:
         known_budget(name)
         charging.book.delete(name)
         return Response(status_code=204)
+
+    @app.get("/v1/report", response_model=Report, tags=["budgets"], dependencies=admin)
+    async def report(
+        by: Literal["key", "team", "route"] = "team",
+        since: float = Query(description="unix time the period begins"),
+        until: float | None = Query(None, description="unix time it ends; default: now"),
+    ) -> Report:
+        """Chargeback per key, team or route from the ledger, the fleet's attributed totals
+        and what no request was charged (router/report.py), and each budget's forecast."""
+        return build_report(charging.ledger, charging.book, by, since, until)
 
     @app.get("/metrics", tags=["router"])
     async def metrics() -> Response:

@@ -16,6 +16,7 @@ from wattops.router.api import (
     KeyCreate,
     KeyCreated,
     KeyView,
+    Report,
     RouterView,
 )
 
@@ -111,3 +112,8 @@ class RouterClient:
 
     async def delete_budget(self, name: str) -> None:
         await self._call("DELETE", f"/v1/budgets/{name}")
+
+    async def report(self, by: str, since: float, until: float | None = None) -> Report:
+        """Chargeback per key, team or route over [since, until), with budget forecasts."""
+        query = f"/v1/report?by={by}&since={since}" + (f"&until={until}" if until else "")
+        return Report.model_validate_json(await self._call("GET", query))

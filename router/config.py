@@ -113,6 +113,10 @@ class RouterSection(_Section):
         default_factory=list, description="URLs each budget warning is POSTed to as JSON "
         "(Slack incoming webhooks and generic receivers); retried with backoff",
     )  # fmt: skip
+    fleet_sample_s: float = Field(
+        60.0, gt=0, description="how often the fleet's attributed totals are kept in the ledger "
+        "(the other side of `wattops report`'s unattributed line)",
+    )  # fmt: skip
     ledger_sync: Literal["normal", "full"] = Field(
         "normal", description="ledger.sqlite durability: normal survives a crash of the router "
         "(kill -9); full also a power cut, with an fsync per request",

@@ -184,6 +184,7 @@ class Router:
         self.charging.book.on_warning = self._warned
         self.registry.register(_BudgetGauges(self.charging))
         self._last_save = time.monotonic()
+        self._last_sample = 0.0
         self._bounds: dict[str, Bounds] = {}
         self.rings = Rings()
         self._turn = 0
@@ -209,6 +210,25 @@ class Router:
     def save_learned(self) -> None:
         self._write("learned.json", {k: asdict(v) for k, v in self.learned.items()})
         self._last_save = time.monotonic()
+
+    def sample_fleet(self) -> None:
+        """Keep what the agents attribute to every deployment now (cumulative cost, energy,
+        carbon; an agent's last snapshot if it is offline), for the report's fleet line."""
+        cost = kwh = kg = 0.0
+        for link in self.fleet.links.values():
+            snapshot = link.snapshot
+            for dep in snapshot.deployments if snapshot else []:
+                if dep.accounting is not None:
+                    t = dep.accounting.totals
+                    cost += t.cost_usd_total
+                    kwh += t.energy_j_total / 3.6e6
+                    kg += t.carbon_g_total / 1000
+        self.charging.ledger.sample_fleet(time.time(), cost, kwh, kg)
+        self._last_sample = time.monotonic()
+
+    def maybe_sample_fleet(self, every_s: float = 60.0) -> None:
+        if time.monotonic() - self._last_sample >= every_s:
+            self.sample_fleet()
 
     def maybe_save_learned(self, every_s: float = 30.0) -> None:
         if time.monotonic() - self._last_save > every_s:
@@ -372,7 +392,7 @@ class Router:
             self.charging.settle(
                 ticket, served if status < 400 else None, ticket.every,
                 usage.prompt_tokens if usage else 0, usage.completion_tokens if usage else 0,
-                status, cache_hit,
+                status, cache_hit, reference,
             )  # fmt: skip
         if route is None or route not in self.stats:
             return

@@ -36,9 +36,14 @@ CREATE TABLE IF NOT EXISTS entries (
     request_id TEXT PRIMARY KEY, time REAL NOT NULL, key_id TEXT, team TEXT, route TEXT,
     served_by TEXT, status INTEGER NOT NULL, prompt_tokens INTEGER NOT NULL,
     completion_tokens INTEGER NOT NULL, cost_usd REAL NOT NULL, energy_kwh REAL NOT NULL,
-    carbon_kg REAL NOT NULL, degraded TEXT, cache_hit INTEGER NOT NULL DEFAULT 0
+    carbon_kg REAL NOT NULL, degraded TEXT, cache_hit INTEGER NOT NULL DEFAULT 0,
+    list_cost_usd REAL NOT NULL DEFAULT 0, reference_cost_usd REAL
 );
 CREATE INDEX IF NOT EXISTS entries_by_time ON entries (time);
+CREATE TABLE IF NOT EXISTS fleet_totals (
+    time REAL PRIMARY KEY, cost_usd REAL NOT NULL, energy_kwh REAL NOT NULL,
+    carbon_kg REAL NOT NULL
+);
 CREATE TABLE IF NOT EXISTS warnings (
     budget TEXT NOT NULL, window_start REAL NOT NULL, threshold REAL NOT NULL,
     fired_at REAL NOT NULL, spent REAL NOT NULL, limit_value REAL NOT NULL,
@@ -69,6 +74,10 @@ class Entry:
     carbon_kg: float
     degraded: str | None = None
     cache_hit: bool = False
+    #: The tokens at the server's rates, cache hit or not (a hit's saving is this).
+    list_cost_usd: float = 0.0
+    #: The same tokens at the route's reference's rates (None: no route, or no price yet).
+    reference_cost_usd: float | None = None
 
     def amount(self, unit: str) -> float:
         return float(getattr(self, UNIT_COLUMNS[unit]))
@@ -85,6 +94,11 @@ class Ledger:
         self.db.execute(f"PRAGMA synchronous={'FULL' if sync == 'full' else 'NORMAL'}")
         self.db.execute("PRAGMA busy_timeout=5000")
         self.db.executescript(_SCHEMA)
+        columns = {row[1] for row in self.db.execute("PRAGMA table_info(entries)")}
+        for column, kind in (("list_cost_usd", "REAL NOT NULL DEFAULT 0"),
+                             ("reference_cost_usd", "REAL")):  # fmt: skip
+            if column not in columns:  # a ledger written before reports existed
+                self.db.execute(f"ALTER TABLE entries ADD COLUMN {column} {kind}")
 
     def close(self) -> None:
         self.db.close()
@@ -135,11 +149,12 @@ class Ledger:
         cur = self.db.execute(
             "INSERT OR IGNORE INTO entries (request_id, time, key_id, team, route, served_by, "
             "status, prompt_tokens, completion_tokens, cost_usd, energy_kwh, carbon_kg, "
-            "degraded, cache_hit) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            "degraded, cache_hit, list_cost_usd, reference_cost_usd) "
+            "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
             (entry.request_id, entry.time, entry.key_id, entry.team, entry.route,
              entry.served_by, entry.status, entry.prompt_tokens, entry.completion_tokens,
              entry.cost_usd, entry.energy_kwh, entry.carbon_kg, entry.degraded,
-             int(entry.cache_hit)),
+             int(entry.cache_hit), entry.list_cost_usd, entry.reference_cost_usd),
         )  # fmt: skip
         return cur.rowcount == 1
 
@@ -159,13 +174,62 @@ class Ledger:
     def entries(self, since: float = 0.0) -> list[Entry]:
         rows = self.db.execute(
             "SELECT request_id, time, key_id, team, route, served_by, status, prompt_tokens, "
-            "completion_tokens, cost_usd, energy_kwh, carbon_kg, degraded, cache_hit "
-            "FROM entries WHERE time >= ? ORDER BY time",
+            "completion_tokens, cost_usd, energy_kwh, carbon_kg, degraded, cache_hit, "
+            "list_cost_usd, reference_cost_usd FROM entries WHERE time >= ? ORDER BY time",
             (since,),
         ).fetchall()
         names = [f.name for f in dataclasses.fields(Entry)]
         found = [dict(zip(names, row, strict=True)) for row in rows]
         return [Entry(**{**row, "cache_hit": bool(row["cache_hit"])}) for row in found]
+
+    # -- reports ---------------------------------------------------------------------------
+
+    def groups(self, by: str, since: float, until: float) -> list[dict[str, float | str]]:
+        """Per key, team or route (`by`), what the ledger holds between `since` and `until`:
+        requests, tokens, cost, energy, carbon, cache hits and their saving, degraded answers,
+        and the routing saving against the reference. Requests without one are `(none)`."""
+        column = {"key": "key_id", "team": "team", "route": "route"}[by]
+        rows = self.db.execute(
+            f"SELECT COALESCE({column}, '(none)') AS grp, COUNT(*), "
+            "SUM(prompt_tokens), SUM(completion_tokens), SUM(cost_usd), SUM(energy_kwh), "
+            "SUM(carbon_kg), SUM(cache_hit), "
+            "SUM(CASE WHEN cache_hit THEN list_cost_usd ELSE 0 END), "
+            "SUM(CASE WHEN degraded IS NOT NULL THEN 1 ELSE 0 END), "
+            "SUM(CASE WHEN NOT cache_hit AND reference_cost_usd IS NOT NULL "
+            "    THEN reference_cost_usd - list_cost_usd ELSE 0 END), "
+            "SUM(CASE WHEN status >= 400 THEN 1 ELSE 0 END) "
+            f"FROM entries WHERE time >= ? AND time < ? GROUP BY grp ORDER BY SUM(cost_usd) DESC",
+            (since, until),
+        ).fetchall()
+        names = ("group", "requests", "prompt_tokens", "completion_tokens", "cost_usd",
+                 "energy_kwh", "carbon_kg", "cache_hits", "cache_saving_usd", "degraded",
+                 "routing_saving_usd", "errors")  # fmt: skip
+        return [dict(zip(names, row, strict=True)) for row in rows]
+
+    def sample_fleet(self, at: float, cost_usd: float, energy_kwh: float,
+                     carbon_kg: float) -> None:  # fmt: skip
+        """Keep the fleet's cumulative attributed totals at `at` (the report's other side)."""
+        self.db.execute(
+            "INSERT OR REPLACE INTO fleet_totals (time, cost_usd, energy_kwh, carbon_kg) "
+            "VALUES (?, ?, ?, ?)",
+            (at, cost_usd, energy_kwh, carbon_kg),
+        )
+
+    def fleet_span(self, since: float, until: float) -> tuple[float, float, list[float]] | None:
+        """(first sample time, last sample time, [cost, kWh, kgCO2e] between them) of the
+        fleet's totals within [since, until); None with fewer than two samples."""
+        first = self.db.execute(
+            "SELECT time, cost_usd, energy_kwh, carbon_kg FROM fleet_totals "
+            "WHERE time >= ? AND time < ? ORDER BY time LIMIT 1", (since, until),
+        ).fetchone()  # fmt: skip
+        last = self.db.execute(
+            "SELECT time, cost_usd, energy_kwh, carbon_kg FROM fleet_totals "
+            "WHERE time >= ? AND time < ? ORDER BY time DESC LIMIT 1", (since, until),
+        ).fetchone()  # fmt: skip
+        if first is None or last is None or first[0] == last[0]:
+            return None
+        return first[0], last[0], [max(0.0, b - a) for a, b in zip(first[1:], last[1:],
+                                                                    strict=True)]  # fmt: skip
 
     # -- warnings --------------------------------------------------------------------------
 

@@ -90,9 +90,11 @@ async def serve(config: RouterConfig) -> None:
         signal.signal(signum, request_exit)
 
     async def keep_learned() -> None:
+        every = min(5.0, config.router.fleet_sample_s)
         while True:
-            await asyncio.sleep(5)
+            await asyncio.sleep(every)
             router.maybe_save_learned()
+            router.maybe_sample_fleet(config.router.fleet_sample_s)
 
     tasks = [asyncio.create_task(keep_learned())]
     if kube is not None:

@@ -9,12 +9,15 @@ from tests.conftest import Agent
 from tests.routers import CHAT, RouterProc
 from tests.test_console import SIZE, until
 from wattops.console.app import make_app
+from wattops.console.screens.budgets import BudgetsScreen
 from wattops.console.screens.modals import BoundModal, ChoiceModal, ConfirmModal
 from wattops.console.screens.routes import RoutesScreen
 
 
-def _cells(screen: RoutesScreen) -> list[tuple[str, ...]]:
-    table = screen.query_one("#routes")
+def _cells(
+    screen: RoutesScreen | BudgetsScreen, table_id: str = "#routes"
+) -> list[tuple[str, ...]]:
+    table = screen.query_one(table_id)
     return [tuple(str(c) for c in table.get_row_at(i)) for i in range(table.row_count)]
 
 
@@ -83,3 +86,34 @@ async def test_without_a_router_the_key_is_not_offered(agent: Agent) -> None:
         await pilot.press("r")
         await pilot.pause(0.2)
         assert not isinstance(app.screen, RoutesScreen)
+
+
+async def test_the_budgets_view_shows_spend_and_raises_a_limit(
+    two_nodes: tuple[Agent, Agent],
+    make_router: Callable[..., RouterProc],
+) -> None:
+    router = make_router(list(two_nodes), [CHAT], token="route-admin")
+    admin = {"Authorization": "Bearer route-admin"}
+    budget = {"name": "ml-day", "scope": "fleet", "unit": "usd", "window": "day", "limit": 2.0}
+    assert router.client.post("/v1/budgets", json=budget, headers=admin).status_code == 201
+    app = make_app([a.url for a in two_nodes], token="route-admin", router=router.url,
+                   refresh_s=0.2)  # fmt: skip
+    async with app.run_test(size=SIZE) as pilot:
+        await pilot.press("r")
+        await until(pilot, lambda: isinstance(app.screen, RoutesScreen), 5, "the routes view")
+        await pilot.press("b")
+        screen = await until(pilot, lambda: isinstance(app.screen, BudgetsScreen) and app.screen,
+                             5, "the budgets view")  # fmt: skip
+        rows = await until(pilot, lambda: _cells(screen, "#budgets"), 10, "the budgets table")
+        (row,) = rows
+        assert row[0] == "ml-day" and row[1] == "fleet" and row[2] == "USD/day"
+        assert row[6] == "2" and "ok" in row[7] and row[3].endswith("0%")
+        # +10%, confirmed: the router applies it.
+        await pilot.press("plus")
+        await until(pilot, lambda: isinstance(app.screen, ConfirmModal), 5, "the confirmation")
+        await pilot.press("y")
+        standing = lambda: router.client.get("/v1/budgets", headers=admin).json()[0]  # noqa: E731
+        await until(pilot, lambda: abs(standing()["budget"]["limit"] - 2.2) < 1e-9, 10,
+                    "the router to raise the limit")  # fmt: skip
+        await until(pilot, lambda: _cells(screen, "#budgets")[0][6] == "2.2", 10,
+                    "the view to show it")  # fmt: skip

@@ -262,11 +262,12 @@ def test_requests_and_tokens_per_minute_per_key(
     assert "3 requests per minute" in limited.json()["error"]["message"]
     assert 1 <= int(limited.headers["Retry-After"]) <= 61
     # Tokens are counted at admission as the prompt's bound plus max_tokens: "hello there"
-    # is 11 bytes + 32 for the template, plus 4 = 47 of 60 for the first, none left for more.
-    tpm = {"Authorization": f"Bearer {_create_key(router, tpm=60)['key']}"}
+    # is 11 bytes + 16 for its message + 64 for the template, plus 4 = 95 of 120 for the
+    # first, not enough left for a second.
+    tpm = {"Authorization": f"Bearer {_create_key(router, tpm=120)['key']}"}
     assert router.ask(headers=tpm).status_code == 200
     second = router.ask(headers=tpm)
-    assert second.status_code == 429 and "60 tokens per minute" in second.text
+    assert second.status_code == 429 and "120 tokens per minute" in second.text
     # Another key of the same team has limits of its own.
     assert router.ask(headers=rpm).status_code == 429
     other = {"Authorization": f"Bearer {_create_key(router)['key']}"}
@@ -369,3 +370,58 @@ def test_warnings_reach_a_webhook_retried_when_it_fails(
     finally:
         flaky.close()
         broken.close()
+
+
+def test_the_report_adds_up_to_the_ledger_and_the_fleet(
+    make_router: Callable[..., RouterProc], two_nodes: tuple[Agent, Agent], tmp_path: Path
+) -> None:
+    router = make_router(list(two_nodes), [CHAT], token=ADMIN, fleet_sample_s=0.5)
+    _priced(router, lambda: router.ask())
+    ml, search = (
+        _fresh(router),
+        {"Authorization": f"Bearer {_create_key(router, team='search')['key']}"},
+    )
+    for auth, n in ((ml, 3), (search, 2)):
+        for _ in range(n):
+            assert router.ask(headers=auth).status_code == 200
+    # A response-cache hit: charged nothing, its list price is the cache's saving.
+    greedy = {"temperature": 0.0}
+    assert router.ask(headers=ml, **greedy).status_code == 200
+    hit = router.ask(headers=ml, **greedy)
+    assert hit.headers.get("X-Cache") == "hit"
+    env = {**os.environ, "WATTOPS_ROUTER": router.url, "WATTOPS_TOKEN": ADMIN}
+
+    def report(*argv: str) -> str:
+        done = subprocess.run([str(WATTOPS), "report", *argv], capture_output=True, text=True,
+                              timeout=60, env=env)  # fmt: skip
+        assert done.returncode == 0, done.stderr
+        return done.stdout
+
+    wait_for(lambda: json.loads(report("--since", "1h", "--format", "json"))["fleet"], 30,
+             "two samples of the fleet")  # fmt: skip
+    data = json.loads(report("--by", "team", "--since", "1h", "--format", "json"))
+    groups = {g["group"]: g for g in data["groups"]}
+    assert set(groups) == {"ml", "search", "(none)"}  # (none): the answers before any key
+    assert groups["ml"]["requests"] == 5 and groups["search"]["requests"] == 2
+    assert groups["ml"]["cache_hits"] == 1 and groups["ml"]["cache_saving_usd"] > 0
+    for field in ("requests", "prompt_tokens", "cost_usd", "energy_kwh", "carbon_kg"):
+        assert data["total"][field] == pytest.approx(sum(g[field] for g in groups.values()))
+    # ...and the ledger's rows.
+    db = sqlite3.connect(router.folder / "state" / "ledger.sqlite")
+    cost, rows = db.execute("SELECT SUM(cost_usd), COUNT(*) FROM entries").fetchone()
+    db.close()
+    assert data["total"]["cost_usd"] == pytest.approx(cost) and data["total"]["requests"] == rows
+    fleet = data["fleet"]
+    assert fleet["cost_usd"] == pytest.approx(
+        fleet["ledger_cost_usd"] + fleet["unattributed_cost_usd"]
+    )
+    # The held hardware costs more than the few requests charged: a remainder, not zero.
+    assert fleet["unattributed_cost_usd"] > 0
+    table = report("--by", "team", "--since", "1h", "--chart", str(tmp_path / "cost.png"))
+    assert "| **total** |" in table and "| ml |" in table and "unattributed" in table
+    assert (tmp_path / "cost.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    lines = report("--by", "key", "--since", "1h", "--format", "csv").splitlines()
+    assert lines[0].startswith("key,requests,") and lines[-1].startswith("total,")
+    bad = subprocess.run([str(WATTOPS), "report", "--since", "last tuesday"],
+                         capture_output=True, text=True, timeout=60, env=env)  # fmt: skip
+    assert bad.returncode == 2 and "30d" in bad.stderr

@@ -98,6 +98,13 @@ class RoutesScreen(Screen[None]):
             id="routes.quality",
             tooltip="Change the selected route's least top-1 agreement",
         ),
+        Binding(
+            "b",
+            "budgets",
+            "Budgets",
+            id="routes.budgets",
+            tooltip="The router's budgets: spent and reserved against each limit",
+        ),
     ]
 
     def __init__(self, client: RouterClient, read_only: bool = False,
@@ -150,6 +157,11 @@ class RoutesScreen(Screen[None]):
             return self.view_now.routes[0]
         name = str(table.get_row_at(table.cursor_row)[0])
         return next((r for r in self.view_now.routes if r.name == name), None)
+
+    def action_budgets(self) -> None:
+        from .budgets import BudgetsScreen
+
+        self.app.push_screen(BudgetsScreen(self.client, self.read_only, self.refresh_s))
 
     def _editable_route(self) -> RouteView | None:
         if self.read_only:
