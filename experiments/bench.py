@@ -469,6 +469,8 @@ def _figures(mode: Mode, run: int, seed: int, report: LoadReport, elapsed: float
         "requests": report.planned,
         "ok": ok,
         "errors": report.error_count,
+        # What the failures were (HTTP status or exception kind -> count), to diagnose them.
+        "error_kinds": dict(report.errors),
         "dropped": report.dropped,
         "elapsed_s": elapsed,
         "energy_source": dep1["accounting"]["energy_source"],
