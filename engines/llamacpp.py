@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import sys
 from pathlib import Path
+from typing import Any
 
 import aiohttp
 from pydantic import Field, field_validator, model_validator
@@ -105,21 +106,26 @@ class LlamaCppEngine(EngineAdapter):
         )
 
     @classmethod
+    def arguments(cls, context: EngineContext, settings: LlamaCppSettings) -> dict[str, Any]:
+        """The constructor's keyword arguments from the deployment's settings (a subclass
+        adds its own keys to these)."""
+        return {
+            "name": context.name,
+            "base_model": settings.model,
+            "files": settings.files,
+            "variants": context.variants,
+            "owner": context.owner,
+            "log_dir": context.log_dir,
+            "threads": settings.threads,
+            "context": settings.context,
+            "prefix_cache": settings.prefix_cache,
+            "startup_timeout_s": context.startup_timeout_s,
+        }
+
+    @classmethod
     def create(cls, context: EngineContext, settings: LlamaCppSettings) -> LlamaCppEngine:
         try:
-            return cls(
-                context.session,
-                name=context.name,
-                base_model=settings.model,
-                files=settings.files,
-                variants=context.variants,
-                owner=context.owner,
-                log_dir=context.log_dir,
-                threads=settings.threads,
-                context=settings.context,
-                prefix_cache=settings.prefix_cache,
-                startup_timeout_s=context.startup_timeout_s,
-            )
+            return cls(context.session, **cls.arguments(context, settings))
         except OSError as exc:
             raise EngineError(str(exc), field="model") from None
         except EngineError as exc:

@@ -88,28 +88,15 @@ class LlamaServerEngine(LlamaCppEngine):
         self.server = server
 
     @classmethod
-    def create(cls, context: EngineContext, settings: LlamaCppSettings) -> LlamaServerEngine:
+    def arguments(cls, context: EngineContext, settings: LlamaCppSettings) -> dict[str, Any]:
         assert isinstance(settings, LlamaServerSettings)  # the registry validates with Settings
-        try:
-            return cls(
-                context.session,
-                name=context.name,
-                base_model=settings.model,
-                files=settings.files,
-                variants=context.variants,
-                owner=context.owner,
-                log_dir=context.log_dir,
-                threads=settings.threads,
-                context=settings.context,
-                prefix_cache=settings.prefix_cache,
-                startup_timeout_s=context.startup_timeout_s,
-                parallel=settings.parallel,
-                adaptive_parallel=settings.adaptive_parallel,
-                adapt_window_s=settings.adapt_window_s,
-                server=settings.server,
-            )
-        except OSError as exc:
-            raise EngineError(str(exc), field="model") from None
+        return {
+            **super().arguments(context, settings),
+            "parallel": settings.parallel,
+            "adaptive_parallel": settings.adaptive_parallel,
+            "adapt_window_s": settings.adapt_window_s,
+            "server": settings.server,
+        }
 
     def binary(self) -> Path:
         """The llama-server to run; EngineError (field `server`) saying how to get one."""
