@@ -6,7 +6,7 @@ BIN    := $(VENV)/bin
 # pip caches the built wheel, so only the first install compiles (~8 min on 2 cores).
 export CMAKE_ARGS ?= -DGGML_NATIVE=OFF
 
-.PHONY: help install test lint layout layers typecheck pytest prometheus kubectl llama-server bench bench-quick demo models clean
+.PHONY: help install test lint layout layers typecheck pytest prometheus kubectl redis-server haproxy llama-server bench bench-quick demo models clean
 
 help:
 	@echo "make demo   a three-node fleet on this machine, with load, in the console"
@@ -77,6 +77,13 @@ prometheus:
 kubectl:
 	$(call apt-tool,kubectl,kubectl)
 
+# The shared-store tests run Debian's real redis-server, and two routers behind a real HAProxy.
+redis-server:
+	$(call apt-tool,redis-server,redis-server)
+
+haproxy:
+	$(call apt-tool,haproxy,haproxy)
+
 # llama-server for the `llamacpp-server` engine, built from the llama.cpp that the pinned
 # llama-cpp-python sdist vendors, once, into the user cache (keyed by version and CMake flags):
 # about 5 min on 2 cores the first time, nothing after (engines/server_binary.py).
@@ -85,7 +92,8 @@ llama-server: $(BIN)/.installed
 	$(call apt-tool,c++,g++)
 	$(BIN)/python -m wattops.engines.server_binary
 
-pytest: $(BIN)/.installed models/test.gguf $(SMOLLM2) prometheus kubectl llama-server
+pytest: $(BIN)/.installed models/test.gguf $(SMOLLM2) prometheus kubectl redis-server haproxy \
+		llama-server
 	$(BIN)/python -m pytest -q
 
 test: lint layers typecheck pytest

@@ -1,6 +1,7 @@
 """Router overhead benchmark: what wattops-router adds in front of an agent.
 
-Usage: .venv/bin/python benchmarks/router.py [--requests 20000] [--keys] [--out results.json]
+Usage: .venv/bin/python benchmarks/router.py [--requests 20000] [--keys] [--store redis]
+                                             [--out results.json]
 
 Starts (each in its own process) the fast stand-in engine of benchmarks/gateway.py (answers
 every OpenAI chat request at once with a fixed body), a real wattops-agent attached to it, and
@@ -16,6 +17,9 @@ With `--keys`, the router path carries an API key (`Authorization: Bearer wok_..
 three budgets (the key's USD per day, its team's kWh per month, the fleet's USD per month, all
 far from their limits): each request is authenticated, checked and reserved against them, and
 written to the SQLite ledger when it ends. Without, the ledger still gets its row per request.
+With `--store redis`, keys, budgets and the ledger are in a real redis-server started for the
+run on this machine (append-only file, fsync every second: the durability the docs advise),
+reached over loopback TCP: the shared store of several routers, here measured with one.
 """
 
 from __future__ import annotations
@@ -59,6 +63,12 @@ def main() -> None:
     parser.add_argument("--requests", type=int, default=20000, help="per measurement at c=32")
     parser.add_argument("--out", type=Path, help="write the figures as JSON here")
     parser.add_argument("--keys", action="store_true", help="a key and three budgets on the way")
+    parser.add_argument(
+        "--store",
+        choices=["sqlite", "redis"],
+        default="sqlite",
+        help="where keys, budgets and the ledger are kept (default: sqlite)",
+    )
     args = parser.parse_args()
 
     engine_port, agent_port, router_port = free_port(), free_port(), free_port()
@@ -81,12 +91,22 @@ engine = "openai"
 url = "http://127.0.0.1:{engine_port}"
 precision = "f16"
 """)
+        store = "sqlite"
+        if args.store == "redis":
+            redis_port = free_port()
+            store = f"redis://127.0.0.1:{redis_port}/0"
+            procs.append(subprocess.Popen(
+                ["redis-server", "--port", str(redis_port), "--bind", "127.0.0.1", "--dir", tmp,
+                 "--save", "", "--appendonly", "yes", "--appendfsync", "everysec"],
+                stdout=subprocess.DEVNULL,
+            ))  # fmt: skip
         router_config = Path(tmp) / "router.toml"
         router_config.write_text(f"""
 [router]
 listen = "127.0.0.1:{router_port}"
 state_dir = "{tmp}/router-state"
 token = "bench-admin"
+store = "{store}"
 
 [[agents]]
 url = "http://127.0.0.1:{agent_port}"
@@ -154,6 +174,7 @@ reference = "bench/bench"
         "machine": f"{platform.machine()}, {os.cpu_count()} cores, {platform.python_version()}",
         "requests": args.requests,
         "keys_and_budgets": args.keys,
+        "store": args.store,
         "results": results,
     }
     print(json.dumps(report, indent=2))

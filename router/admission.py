@@ -20,14 +20,25 @@ import logging
 import math
 import time
 from collections import deque
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from typing import Any, Protocol
 
 from wattops.router.budgets import UNIT_LABELS, Budget, window_end, window_start
 from wattops.router.ledger import Entry, Ledger
 
-__all__ = ["Admission", "Amounts", "BudgetBook", "BudgetExceeded", "BudgetWarning"]
+__all__ = [
+    "Admission",
+    "Amounts",
+    "Book",
+    "BudgetBook",
+    "BudgetExceeded",
+    "BudgetWarning",
+    "Standing",
+    "ring",
+    "verdict",
+]
 
 log = logging.getLogger("wattops.router")
 
@@ -125,6 +136,65 @@ class Admission:
     done: bool = False
 
 
+class Book(Protocol):
+    """What the router asks of budgets, whichever store keeps them: `BudgetBook` (this
+    process, over SQLite) or `SharedBudgetBook` (several routers, over Redis)."""
+
+    ledger: Any
+    on_warning: Callable[[BudgetWarning], None] | None
+    warnings: deque[BudgetWarning]
+    _fired: set[tuple[str, float, float]]
+
+    @property
+    def clock(self) -> Callable[[], float]: ...
+    @property
+    def budgets(self) -> Mapping[str, Budget]: ...
+    def put(self, budget: Budget) -> None: ...
+    def delete(self, name: str) -> None: ...
+    def may_cover(self, key_id: str | None, team: str | None, route: str | None) -> bool: ...
+    def standing(self, budget: Budget, now: float | None = None) -> Standing: ...
+    def standings(self) -> Iterable[Standing]: ...
+    def check(self, key_id: str | None, team: str | None, route: str | None
+              ) -> tuple[Standing | None, Standing | None]: ...  # fmt: skip
+    def admit(self, request_id: str, key_id: str | None, team: str | None, route: str | None,
+              worst: Amounts, degraded_by: Budget | None = None) -> Admission: ...  # fmt: skip
+    def release(self, admission: Admission) -> None: ...
+    def settle(self, admission: Admission | None, entry: Entry) -> None: ...
+    def heartbeat(self, own: bool = False) -> int: ...
+
+
+def verdict(standings: Iterable[Standing]) -> tuple[Standing | None, Standing | None]:
+    """(the first budget that is over, the first that degrades) among `standings`."""
+    over = degrading = None
+    for s in standings:
+        if s.over and over is None:
+            over = s
+        elif s.degrading and degrading is None:
+            degrading = s
+    return over, degrading
+
+
+def ring(book: Book, s: Standing) -> None:
+    """Fire the warnings `s` has passed, once per threshold and window: once in this process
+    (a set), and once across restarts and routers (the store's `warn_once`)."""
+    b = s.budget
+    for threshold in b.warn_at:
+        if s.spent < threshold * b.limit:
+            break
+        mark = (b.name, s.window_start, threshold)
+        if mark in book._fired:
+            continue
+        book._fired.add(mark)
+        if not book.ledger.warn_once(b.name, s.window_start, threshold, s.spent, b.limit):
+            continue  # fired before a restart, or by another router
+        warning = BudgetWarning(b.name, b.describe(), threshold, s.spent, b.limit, b.unit,
+                                s.window_start, book.clock())  # fmt: skip
+        book.warnings.append(warning)
+        log.warning("%s", warning.message())
+        if book.on_warning is not None:
+            book.on_warning(warning)
+
+
 @dataclass
 class BudgetBook:
     """Budgets, their spend per window, and the reservations of requests in flight."""
@@ -133,7 +203,6 @@ class BudgetBook:
     clock: Callable[[], float] = time.time
     on_warning: Callable[[BudgetWarning], None] | None = None
     budgets: dict[str, Budget] = field(default_factory=dict)
-    #: budget name -> (window start, spent in it)
     #: budget name -> [window start, window end, spent in it] (unix times)
     _spent: dict[str, list[float]] = field(default_factory=dict)
     _reserved: dict[str, float] = field(default_factory=dict)
@@ -161,6 +230,13 @@ class BudgetBook:
     def covering(self, key_id: str | None, team: str | None, route: str | None) -> list[Budget]:
         return [b for b in self.budgets.values() if b.covers(key_id, team, route)]
 
+    def may_cover(self, key_id: str | None, team: str | None, route: str | None) -> bool:
+        return bool(self.covering(key_id, team, route))
+
+    def heartbeat(self, own: bool = False) -> int:
+        """Nothing to say: reservations live and die with this process."""
+        return 0
+
     def standing(self, budget: Budget, now: float | None = None) -> Standing:
         now = self.clock() if now is None else now
         held = self._spent.get(budget.name)
@@ -179,14 +255,7 @@ class BudgetBook:
               ) -> tuple[Standing | None, Standing | None]:  # fmt: skip
         """(the first budget that is over, the first that degrades) for such a request."""
         now = self.clock()
-        over = degrading = None
-        for budget in self.covering(key_id, team, route):
-            s = self.standing(budget, now)
-            if s.over and over is None:
-                over = s
-            elif s.degrading and degrading is None:
-                degrading = s
-        return over, degrading
+        return verdict(self.standing(b, now) for b in self.covering(key_id, team, route))
 
     def admit(self, request_id: str, key_id: str | None, team: str | None, route: str | None,
               worst: Amounts, degraded_by: Budget | None = None) -> Admission:  # fmt: skip
@@ -239,22 +308,7 @@ class BudgetBook:
             self._warn(self.standing(budget, now))
 
     def _warn(self, s: Standing) -> None:
-        b = s.budget
-        for threshold in b.warn_at:
-            if s.spent < threshold * b.limit:
-                break
-            mark = (b.name, s.window_start, threshold)
-            if mark in self._fired:
-                continue
-            self._fired.add(mark)
-            if not self.ledger.warn_once(b.name, s.window_start, threshold, s.spent, b.limit):
-                continue  # fired before a restart
-            warning = BudgetWarning(b.name, b.describe(), threshold, s.spent, b.limit, b.unit,
-                              s.window_start, self.clock())  # fmt: skip
-            self.warnings.append(warning)
-            log.warning("%s", warning.message())
-            if self.on_warning is not None:
-                self.on_warning(warning)
+        ring(self, s)
 
     def standings(self) -> Iterable[Standing]:
         now = self.clock()

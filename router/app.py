@@ -31,7 +31,8 @@ from wattops.router.api import (
     RouterView,
 )
 from wattops.router.core import Router
-from wattops.router.proxy import OPENAI_PATHS, RouterGateway
+from wattops.router.keys import KeyRecord
+from wattops.router.proxy import OPENAI_PATHS, RouterGateway, store_unavailable
 from wattops.router.report import build_report
 from wattops.vocabulary.openai import error_body
 
@@ -69,6 +70,12 @@ def create_app(router: Router) -> FastAPI:
         code = {401: "unauthorized", 403: "forbidden", 404: "not_found",
                 405: "method_not_allowed"}.get(exc.status_code, "http_error")  # fmt: skip
         return _error(exc.status_code, code, str(exc.detail), dict(exc.headers or {}))
+
+    for error in router.charging.store_errors:
+
+        @app.exception_handler(error)
+        async def _store_down(request: Request, exc: Exception) -> Response:
+            return store_unavailable(exc)
 
     @app.exception_handler(RequestValidationError)
     async def _invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
@@ -115,9 +122,11 @@ def create_app(router: Router) -> FastAPI:
 
     admin = [Depends(require_admin)]
 
-    def known_key(key_id: str) -> None:
-        if key_id not in charging.keys:
+    def known_key(key_id: str) -> KeyRecord:
+        found = charging.key_record(key_id)
+        if found is None:
             raise HTTPException(404, f"no key {key_id!r}")
+        return found
 
     @app.post("/v1/keys", response_model=KeyCreated, status_code=status.HTTP_201_CREATED,
               tags=["keys"], dependencies=admin)  # fmt: skip
@@ -131,29 +140,27 @@ def create_app(router: Router) -> FastAPI:
     @app.get("/v1/keys", response_model=list[KeyView], tags=["keys"], dependencies=admin)
     async def list_keys() -> list[KeyView]:
         """Every key, revoked ones included (never their secrets)."""
-        return [charging.key_view(k) for k in charging.keys.values()]
+        return [charging.key_view(k) for k in charging.key_records()]
 
     @app.get("/v1/keys/{key_id}", response_model=KeyView, tags=["keys"], dependencies=admin)
     async def show_key(key_id: str) -> KeyView:
-        known_key(key_id)
-        return charging.key_view(charging.keys[key_id])
+        return charging.key_view(known_key(key_id))
 
     @app.patch("/v1/keys/{key_id}", response_model=KeyView, tags=["keys"], dependencies=admin)
     async def update_key(key_id: str, change: KeyPatch) -> KeyView:
-        known_key(key_id)
-        return charging.update_key(key_id, change)
+        return charging.update_key(known_key(key_id), change)
 
     @app.delete("/v1/keys/{key_id}", response_model=KeyView, tags=["keys"], dependencies=admin)
     async def revoke_key(key_id: str) -> KeyView:
         """Revoke a key: refused from the next request on; kept in the ledger's history."""
-        known_key(key_id)
-        return charging.revoke_key(key_id)
+        return charging.revoke_key(known_key(key_id))
 
     def known_budget(name: str) -> Budget:
-        found = charging.book.budgets.get(name)
+        budgets = charging.book.budgets
+        found = budgets.get(name)
         if found is None:
             raise HTTPException(404, f"no budget {name!r}; budgets: "
-                                f"{', '.join(charging.book.budgets) or 'none'}")  # fmt: skip
+                                f"{', '.join(budgets) or 'none'}")  # fmt: skip
         return found
 
     @app.get("/v1/budgets", response_model=list[BudgetView], tags=["budgets"],
@@ -199,7 +206,7 @@ def create_app(router: Router) -> FastAPI:
     ) -> Report:
         """Chargeback per key, team or route from the ledger, the fleet's attributed totals
         and what no request was charged (router/report.py), and each budget's forecast."""
-        return build_report(charging.ledger, charging.book, by, since, until)
+        return build_report(charging.book, by, since, until)
 
     @app.get("/metrics", tags=["router"])
     async def metrics() -> Response:

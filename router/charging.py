@@ -24,11 +24,11 @@ from typing import Any
 
 from limits import RateLimitItemPerMinute, storage, strategies
 
-from wattops.router.admission import Admission, Amounts, BudgetBook, BudgetExceeded, Standing
+from wattops.router.admission import Admission, Amounts, Book, BudgetExceeded, Standing
 from wattops.router.api import Budget, BudgetView, KeyCreate, KeyPatch, KeyView
 from wattops.router.candidates import Candidate
 from wattops.router.keys import KeyRecord, new_key, parse
-from wattops.router.ledger import Entry, Ledger
+from wattops.router.ledger import Entry
 
 __all__ = ["Caller", "Charging", "Refusal", "Ticket"]
 
@@ -126,14 +126,19 @@ def worst_tokens(body: Mapping[str, Any], default_max_tokens: int) -> tuple[int,
 class Charging:
     """Keys, budgets and the ledger (see the module docstring)."""
 
-    def __init__(self, ledger: Ledger, require_keys: bool | None, default_max_tokens: int,
-                 budgets: Iterable[Budget] = ()) -> None:  # fmt: skip
-        self.ledger = ledger
-        self.book = BudgetBook(ledger)
+    def __init__(self, book: Book, require_keys: bool | None, default_max_tokens: int,
+                 budgets: Iterable[Budget] = (), limits_storage: storage.Storage | None = None,
+                 store_errors: tuple[type[Exception], ...] = ()) -> None:  # fmt: skip
+        """`book` and its ledger are one store's (SQLite: `BudgetBook`; Redis:
+        `SharedBudgetBook`); `limits_storage` is where the per-key rate limits count (memory
+        for one router, the same Redis for several); `store_errors`: what the store raises
+        when it cannot be reached (the router answers 503 `store_unavailable`)."""
+        self.book = book
+        self.store_errors = store_errors
+        self.ledger = book.ledger
         self.require_keys_setting = require_keys
         self.default_max_tokens = default_max_tokens
-        self.keys: dict[str, KeyRecord] = {k.id: k for k in ledger.key_records()}
-        self.limiter = strategies.MovingWindowRateLimiter(storage.MemoryStorage())
+        self.limiter = strategies.MovingWindowRateLimiter(limits_storage or storage.MemoryStorage())
         self._run_id = secrets.token_hex(8)
         self._serial = itertools.count(1)
         for budget in budgets:  # the config's budgets: made once, then the store's
@@ -147,7 +152,13 @@ class Charging:
         """Keys are required when the config says so, or (unset) once any key exists."""
         if self.require_keys_setting is not None:
             return self.require_keys_setting
-        return bool(self.keys)
+        return bool(self.ledger.has_keys())
+
+    def key_record(self, key_id: str) -> KeyRecord | None:
+        return self.ledger.key(key_id)
+
+    def key_records(self) -> list[KeyRecord]:
+        return self.ledger.key_records()
 
     def authenticate(self, authorization: str | None) -> Caller:
         """The caller of a request with this Authorization header; Refusal 401/403."""
@@ -166,7 +177,7 @@ class Charging:
             raise Refusal(401, "invalid_api_key",
                           "the Authorization header must read 'Bearer <key>'")  # fmt: skip
         parsed = parse(given)
-        record = self.keys.get(parsed[0]) if parsed else None
+        record = self.ledger.key(parsed[0]) if parsed else None
         if parsed is None or record is None or not record.matches(parsed[1]):
             if not self.keys_required and parsed is None:
                 return Caller()  # an open router ignores other schemes' tokens
@@ -178,7 +189,6 @@ class Charging:
     def create_key(self, asked: KeyCreate) -> tuple[str, KeyView]:
         secret, record = new_key(asked.team, asked.name, asked.rpm, asked.tpm)
         self.ledger.add_key(record)
-        self.keys[record.id] = record
         for unit, window, limit in asked.budgets():
             budget = Budget.model_validate({
                 "name": f"key-{record.id}-{unit}-{window}", "scope": "key",
@@ -192,19 +202,15 @@ class Charging:
                if b.scope == "key" and b.subject == record.id]  # fmt: skip
         return KeyView(**record.model_dump(), budgets=own)
 
-    def update_key(self, key_id: str, change: KeyPatch) -> KeyView:
-        record = self.keys[key_id]
+    def update_key(self, record: KeyRecord, change: KeyPatch) -> KeyView:
         record = record.model_copy(update=change.model_dump(exclude_unset=True))
         self.ledger.update_key(record)
-        self.keys[key_id] = record
         return self.key_view(record)
 
-    def revoke_key(self, key_id: str) -> KeyView:
-        record = self.keys[key_id]
+    def revoke_key(self, record: KeyRecord) -> KeyView:
         if record.active:
             record = record.model_copy(update={"revoked_at": time.time()})
             self.ledger.update_key(record)
-            self.keys[key_id] = record
         return self.key_view(record)
 
     # -- budgets ---------------------------------------------------------------------------
@@ -262,7 +268,7 @@ class Charging:
               every: Mapping[str, Candidate]) -> None:  # fmt: skip
         """Reserve the request's worst case on every budget that covers it (Refusal 429)."""
         c = ticket.caller
-        if not self.book.covering(c.key_id, c.team, ticket.route):
+        if not self.book.may_cover(c.key_id, c.team, ticket.route):
             return
         prompt, completion = worst_tokens(body, self.default_max_tokens)
         rates = self._highest_rates(candidates, every)

@@ -121,11 +121,35 @@ class RouterSection(_Section):
         "normal", description="ledger.sqlite durability: normal survives a crash of the router "
         "(kill -9); full also a power cut, with an fsync per request",
     )  # fmt: skip
+    store: str = Field(
+        "sqlite", description="where keys, budgets and the ledger are kept: `sqlite` (one "
+        "router: ledger.sqlite in state_dir) or a Redis URL (redis://, rediss://, unix://) "
+        "shared by several routers behind a load balancer",
+    )  # fmt: skip
+    store_prefix: str = Field(
+        "wattops:", min_length=1, description="the prefix of every Redis key (several fleets "
+        "in one Redis database each need their own)",
+    )  # fmt: skip
+    router_id: str | None = Field(
+        None, pattern=r"^[A-Za-z0-9_.-]{1,64}$", description="this router's name among those "
+        "sharing a Redis store (its reservations are kept under it); unset: one made on the "
+        "first start and kept in state_dir",
+    )  # fmt: skip
 
     @field_validator("listen")
     @classmethod
     def _check_listen(cls, value: str) -> str:
         split_listen(value)
+        return value
+
+    @field_validator("store")
+    @classmethod
+    def _check_store(cls, value: str) -> str:
+        if value != "sqlite" and not value.startswith(("redis://", "rediss://", "unix://")):
+            raise ValueError(
+                f"{value!r} is not a store: give `sqlite` or a Redis URL (redis://host:6379/0, "
+                "rediss://... for TLS, unix:///path/redis.sock)"
+            )
         return value
 
 

@@ -3,8 +3,10 @@ has learned about each deployment, its circuit breakers and its statistics.
 
 Stateless apart from its configuration and two small files in `state_dir`, written atomically:
 `routes.json` (policy and bounds changed at run time through `PATCH /v1/routes/{name}`) and
-`learned.json` (the last per-token figures seen per deployment). Several routers can therefore
-run side by side behind a load balancer; each keeps its own statistics.
+`learned.json` (the last per-token figures seen per deployment), and the store of keys,
+budgets and the ledger (`store.py`: SQLite in `state_dir`, or a Redis that several routers
+share). Several routers can therefore run side by side behind a load balancer; each keeps its
+own statistics.
 """
 
 from __future__ import annotations
@@ -39,9 +41,9 @@ from wattops.router.candidates import Candidate, Learned, candidate_of, key_of
 from wattops.router.charging import Charging, Ticket
 from wattops.router.choose import PRIORITIES, Choice, Constraints, QualityFigure, Spread
 from wattops.router.config import POLICIES, RouteConfig, RouterConfig
-from wattops.router.ledger import Ledger
 from wattops.router.notify import Notifier
 from wattops.router.quality import QualityBook
+from wattops.router.store import open_charging
 from wattops.vocabulary import atomic_write
 
 __all__ = ["BadRequestHeader", "Router", "Usage"]
@@ -176,11 +178,7 @@ class Router:
             "wattops_budget_warnings", "Budget warnings fired (once per threshold and window)",
             ["budget", "threshold"], registry=self.registry,
         )  # fmt: skip
-        cfg = config.router
-        self.charging = Charging(
-            Ledger(self.state_dir / "ledger.sqlite", cfg.ledger_sync),
-            cfg.require_keys, cfg.default_max_tokens, config.budgets,
-        )  # fmt: skip
+        self.charging = open_charging(config.router, config.budgets)
         self.charging.book.on_warning = self._warned
         self.registry.register(_BudgetGauges(self.charging))
         self._last_save = time.monotonic()

@@ -18,13 +18,15 @@ import dataclasses
 import json
 import sqlite3
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from wattops.router.budgets import Budget
 from wattops.router.keys import KeyRecord
 
-__all__ = ["Entry", "Ledger"]
+__all__ = ["GROUP_FIELDS", "Entry", "Ledger", "group_rows"]
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS keys (
@@ -99,6 +101,7 @@ class Ledger:
                              ("reference_cost_usd", "REAL")):  # fmt: skip
             if column not in columns:  # a ledger written before reports existed
                 self.db.execute(f"ALTER TABLE entries ADD COLUMN {column} {kind}")
+        self._keys = {k.id: k for k in self.key_records()}
 
     def close(self) -> None:
         self.db.close()
@@ -106,12 +109,20 @@ class Ledger:
     # -- keys ------------------------------------------------------------------------------
 
     def add_key(self, record: KeyRecord) -> None:
+        self._keys[record.id] = record
         self.db.execute(
             "INSERT INTO keys (id, team, name, created_at, revoked_at, rpm, tpm, salt, "
             "secret_hash) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
             (record.id, record.team, record.name, record.created_at, record.revoked_at,
              record.rpm, record.tpm, record.salt, record.secret_hash),
         )  # fmt: skip
+
+    def key(self, key_id: str) -> KeyRecord | None:
+        """The key's record (this router is the store's only writer: kept in memory)."""
+        return self._keys.get(key_id)
+
+    def has_keys(self) -> bool:
+        return bool(self._keys)
 
     def key_records(self) -> list[KeyRecord]:
         rows = self.db.execute(
@@ -121,6 +132,7 @@ class Ledger:
         return [_key(row) for row in rows]
 
     def update_key(self, record: KeyRecord) -> None:
+        self._keys[record.id] = record
         self.db.execute(
             "UPDATE keys SET name = ?, revoked_at = ?, rpm = ?, tpm = ? WHERE id = ?",
             (record.name, record.revoked_at, record.rpm, record.tpm, record.id),
@@ -201,10 +213,7 @@ class Ledger:
             f"FROM entries WHERE time >= ? AND time < ? GROUP BY grp ORDER BY SUM(cost_usd) DESC",
             (since, until),
         ).fetchall()
-        names = ("group", "requests", "prompt_tokens", "completion_tokens", "cost_usd",
-                 "energy_kwh", "carbon_kg", "cache_hits", "cache_saving_usd", "degraded",
-                 "routing_saving_usd", "errors")  # fmt: skip
-        return [dict(zip(names, row, strict=True)) for row in rows]
+        return [dict(zip(GROUP_FIELDS, row, strict=True)) for row in rows]
 
     def sample_fleet(self, at: float, cost_usd: float, energy_kwh: float,
                      carbon_kg: float) -> None:  # fmt: skip
@@ -251,6 +260,37 @@ class Ledger:
         ).fetchall()
         names = ("budget", "window_start", "threshold", "fired_at", "spent", "limit")
         return [dict(zip(names, row, strict=True)) for row in rows]
+
+
+#: A report group's sums, in `Ledger.groups`' column order.
+GROUP_FIELDS = ("group", "requests", "prompt_tokens", "completion_tokens", "cost_usd",
+                "energy_kwh", "carbon_kg", "cache_hits", "cache_saving_usd", "degraded",
+                "routing_saving_usd", "errors")  # fmt: skip
+
+
+def group_rows(by: str, entries: Iterable[Entry]) -> list[dict[str, Any]]:
+    """`Ledger.groups`' sums over `entries`, in Python (for stores without SQL)."""
+    column = _SCOPE_COLUMNS[by]
+    out: dict[str, dict[str, Any]] = {}
+    for e in entries:
+        name = getattr(e, column) or "(none)"
+        g = out.get(name)
+        if g is None:
+            g = out[name] = dict.fromkeys(GROUP_FIELDS, 0)
+            g["group"] = name
+        g["requests"] += 1
+        g["prompt_tokens"] += e.prompt_tokens
+        g["completion_tokens"] += e.completion_tokens
+        g["cost_usd"] += e.cost_usd
+        g["energy_kwh"] += e.energy_kwh
+        g["carbon_kg"] += e.carbon_kg
+        g["cache_hits"] += int(e.cache_hit)
+        g["cache_saving_usd"] += e.list_cost_usd if e.cache_hit else 0.0
+        g["degraded"] += int(e.degraded is not None)
+        if not e.cache_hit and e.reference_cost_usd is not None:
+            g["routing_saving_usd"] += e.reference_cost_usd - e.list_cost_usd
+        g["errors"] += int(e.status >= 400)
+    return sorted(out.values(), key=lambda g: -g["cost_usd"])
 
 
 def _key(row: tuple[object, ...]) -> KeyRecord:

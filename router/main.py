@@ -68,7 +68,11 @@ async def serve(config: RouterConfig) -> None:
             raise ConfigError(f"{config.source}: kubernetes = true: {exc}") from None
     else:
         urls = _discover(config, None)
-    router = Router(config, urls)
+    try:
+        router = Router(config, urls)
+    except ConnectionError as exc:  # the store (Redis) is not there: say which, do not start
+        listener.close()
+        raise ConfigError(f"{config.source}: router.{exc}") from None
     router.fleet.start()
     connector = aiohttp.TCPConnector(limit=0, ttl_dns_cache=300)
     session = aiohttp.ClientSession(connector=connector)
@@ -95,6 +99,7 @@ async def serve(config: RouterConfig) -> None:
             await asyncio.sleep(every)
             router.maybe_save_learned()
             router.maybe_sample_fleet(config.router.fleet_sample_s)
+            router.charging.book.heartbeat()  # a shared store's: this router is alive
 
     tasks = [asyncio.create_task(keep_learned())]
     if kube is not None:

@@ -16,6 +16,7 @@ session for forwarding.
 from __future__ import annotations
 
 import dataclasses
+import logging
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
@@ -30,6 +31,8 @@ from wattops.router.charging import Refusal, Ticket
 from wattops.router.choose import Choice, NoCandidate, choose
 from wattops.router.core import BadRequestHeader, Router, Usage
 from wattops.vocabulary.openai import MAX_BODY_BYTES, BodyTooLarge, error_body, read_body
+
+log = logging.getLogger("wattops.router")
 
 __all__ = ["OPENAI_PATHS", "RouterGateway"]
 
@@ -51,6 +54,14 @@ def _error(status: int, message: str, code: str, param: str | None = None,
            headers: dict[str, str] | None = None) -> Response:  # fmt: skip
     return Response(orjson.dumps(error_body(status, message, code, param)), status_code=status,
                     media_type=_JSON, headers=headers)  # fmt: skip
+
+
+def store_unavailable(exc: Exception) -> Response:
+    """503 for a request whose keys and budgets could not be checked or charged (fail closed:
+    a budget that cannot be read is not a budget that lets everything through)."""
+    log.error("the router's store is unreachable: %s", exc)
+    return _error(503, f"the router's store (keys, budgets, ledger) is unreachable: {exc}; "
+                  "retry shortly", "store_unavailable", headers={"Retry-After": "1"})  # fmt: skip
 
 
 def _usage_of(data: bytes) -> Usage | None:
@@ -130,7 +141,10 @@ class RouterGateway:
                         headers[k.decode("latin-1")] = v.decode("latin-1")
                     elif k == b"authorization":
                         authorization = v.decode("latin-1")
-                response = await self._handle(raw, path, headers, authorization)
+                try:
+                    response = await self._handle(raw, path, headers, authorization)
+                except self.router.charging.store_errors as exc:
+                    response = store_unavailable(exc)
         await response(scope, receive, send)
 
     def models(self) -> Response:

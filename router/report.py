@@ -23,9 +23,8 @@ from __future__ import annotations
 
 import time
 
-from wattops.router.admission import BudgetBook
+from wattops.router.admission import Book
 from wattops.router.api import BudgetForecast, FleetSpan, Report, ReportGroup
-from wattops.router.ledger import Ledger
 
 __all__ = ["LOOKBACK_S", "build_report", "forecast"]
 
@@ -41,7 +40,7 @@ def _total(groups: list[ReportGroup], name: str = "total") -> ReportGroup:
     return ReportGroup(group=name, **sums)
 
 
-def forecast(book: BudgetBook, now: float | None = None) -> list[BudgetForecast]:
+def forecast(book: Book, now: float | None = None) -> list[BudgetForecast]:
     """Each budget's spend projected to the end of its window (see the module docstring)."""
     now = book.clock() if now is None else now
     out = []
@@ -66,9 +65,9 @@ def forecast(book: BudgetBook, now: float | None = None) -> list[BudgetForecast]
     return out
 
 
-def build_report(ledger: Ledger, book: BudgetBook, by: str, since: float,
-                 until: float | None = None) -> Report:  # fmt: skip
-    """The report for `by` (key | team | route) over [since, until)."""
+def build_report(book: Book, by: str, since: float, until: float | None = None) -> Report:
+    """The report for `by` (key | team | route) over [since, until), from `book`'s ledger."""
+    ledger = book.ledger
     until = time.time() if until is None else until
     groups = [ReportGroup.model_validate(g) for g in ledger.groups(by, since, until)]
     fleet = None

@@ -88,6 +88,9 @@ class RouterProc:
                 "max_tokens": 4, "temperature": 0.7, **extra}  # fmt: skip
         return self.client.post("/v1/chat/completions", json=body, headers=headers or {})
 
+    def metrics(self) -> str:
+        return self.client.get("/metrics").text
+
     def stop(self) -> None:
         if self.proc is not None and self.proc.poll() is None:
             self.proc.send_signal(signal.SIGTERM)
@@ -130,3 +133,77 @@ def two_nodes(make_agent: Callable[..., Agent]) -> tuple[Agent, Agent]:
 
 
 CHAT = {"name": "chat", "candidates": ["*/tiny"], "reference": "cloud/tiny", "policy": "cheapest"}
+
+
+class Balanced:
+    """Two wattops-routers sharing one Redis store behind a real HAProxy (Debian's; `make test`
+    installs it), balancing each request round robin: how several routers are deployed, seen
+    by a test as one router. Admin calls, keys and requests land on either router, so every
+    assertion about budgets, keys and the ledger holds across both."""
+
+    def __init__(self, routers: list[RouterProc], folder: Path) -> None:
+        self.routers = routers
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        servers = "\n".join(
+            f"  server r{n} 127.0.0.1:{r.port} check inter 500ms fall 1 rise 1"
+            for n, r in enumerate(routers)
+        )
+        config = folder / "haproxy.cfg"
+        config.write_text(
+            "defaults\n  mode http\n  timeout connect 5s\n  timeout client 120s\n"
+            "  timeout server 120s\n  option redispatch\n  retries 1\n"
+            f"frontend routers\n  bind 127.0.0.1:{self.port}\n  default_backend routers\n"
+            f"backend routers\n  balance roundrobin\n{servers}\n"
+        )
+        quiet = subprocess.DEVNULL
+        self.lb = subprocess.Popen(["haproxy", "-db", "-f", str(config)], stdout=quiet,
+                                   stderr=quiet)  # fmt: skip
+        self.client = httpx.Client(base_url=self.url, timeout=60)
+        wait_for(lambda: self.client.get("/healthz").status_code == 200, 30, "HAProxy")
+
+    # What the tests use of one RouterProc: the first router stands for "the router" where
+    # one process is meant (the one a kill -9 test kills and restarts).
+    @property
+    def proc(self) -> subprocess.Popen[bytes] | None:
+        return self.routers[0].proc
+
+    @property
+    def folder(self) -> Path:
+        return self.routers[0].folder
+
+    def start(self) -> Balanced:
+        self.routers[0].start()
+        return self
+
+    def route(self, name: str) -> dict[str, Any]:
+        return self.routers[0].route(name)
+
+    def view(self) -> dict[str, Any]:
+        """The routers' views together: counts added, lists joined."""
+        views = [r.view() for r in self.routers]
+        out = dict(views[0])
+        for v in views[1:]:
+            for k, x in v.items():
+                if isinstance(x, int | float) and not isinstance(x, bool):
+                    out[k] = out.get(k, 0) + x
+                elif isinstance(x, list):
+                    out[k] = [*out.get(k, []), *x]
+                elif x and not out.get(k):
+                    out[k] = x
+        return out
+
+    def ask(self, model: str = "chat", headers: dict[str, str] | None = None,
+            **extra: Any) -> httpx.Response:  # fmt: skip
+        body = {"model": model, "messages": [{"role": "user", "content": "hello there"}],
+                "max_tokens": 4, "temperature": 0.7, **extra}  # fmt: skip
+        return self.client.post("/v1/chat/completions", json=body, headers=headers or {})
+
+    def metrics(self) -> str:
+        """Every router's /metrics (each counts what it did itself)."""
+        return "\n".join(r.metrics() for r in self.routers)
+
+    def stop(self) -> None:
+        self.client.close()
+        self.lb.terminate()
+        self.lb.wait(10)

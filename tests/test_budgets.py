@@ -1,13 +1,17 @@
 """Budgets on their own: windows, the `>=` boundary, reservations, warnings once per threshold,
 and the overshoot bound under generated sequences of admissions and settlements.
 
-The ledger is the real SQLite store in a temporary folder; the clock is a fake one so windows
-can be crossed without waiting.
+Every test runs on both stores: the real SQLite ledger in a temporary folder (`BudgetBook`)
+and a real `redis-server` (`SharedBudgetBook`, its Lua scripts); the clock is a fake one so
+windows can be crossed without waiting. Two routers sharing one Redis are tested at the end.
 """
 
 from __future__ import annotations
 
 import itertools
+import threading
+import time
+from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -15,10 +19,19 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from wattops.router.admission import Admission, Amounts, BudgetBook, BudgetExceeded, BudgetWarning
+from wattops.router.admission import (
+    Admission,
+    Amounts,
+    Book,
+    BudgetBook,
+    BudgetExceeded,
+    BudgetWarning,
+)
 from wattops.router.api import Budget
 from wattops.router.budgets import window_end, window_start
 from wattops.router.ledger import Entry, Ledger
+from wattops.router.redis_ledger import RedisLedger
+from wattops.router.shared_book import SharedBudgetBook
 
 T0 = datetime(2026, 11, 28, 10, 30, tzinfo=UTC).timestamp()
 _ids = itertools.count()
@@ -37,8 +50,38 @@ def entry(usd: float, *, key: str | None = "k1", team: str | None = "ml",
     return Entry(f"r{next(_ids)}", at, key, team, route, "n/d", 200, 10, 10, usd, kwh, 0.0)
 
 
-def book(tmp_path: Path, *budgets: Budget, clock: Clock | None = None) -> BudgetBook:
-    b = BudgetBook(Ledger(tmp_path / "ledger.sqlite"), clock=clock or Clock())
+class Store:
+    """One store for a test: `open()` is a router starting on it (again, after a restart),
+    `fresh()` empties it first."""
+
+    def __init__(self, kind: str, folder: Path, redis_url: str | None) -> None:
+        self.kind, self.base, self.folder, self.redis_url = kind, folder, folder, redis_url
+        self._fresh = itertools.count()
+
+    def open(self, clock: Clock | None = None, router: str = "router-a",
+             on_warning: Callable[[BudgetWarning], None] | None = None) -> Book:  # fmt: skip
+        if self.kind == "sqlite":
+            return BudgetBook(Ledger(self.folder / "ledger.sqlite"), clock=clock or Clock(),
+                              on_warning=on_warning)  # fmt: skip
+        assert self.redis_url is not None
+        return SharedBudgetBook(RedisLedger(self.redis_url), router, clock=clock or Clock(),
+                                on_warning=on_warning)  # fmt: skip
+
+    def fresh(self) -> None:
+        if self.kind == "sqlite":
+            self.folder = self.base / f"fresh{next(self._fresh)}"
+        else:
+            RedisLedger(str(self.redis_url)).db.flushall()
+
+
+@pytest.fixture(params=["sqlite", "redis"])
+def store(request: pytest.FixtureRequest, tmp_path: Path) -> Store:
+    url = request.getfixturevalue("redis_url") if request.param == "redis" else None
+    return Store(request.param, tmp_path, url)
+
+
+def book(store: Store, *budgets: Budget, clock: Clock | None = None) -> Book:
+    b = store.open(clock)
     for budget in budgets:
         b.put(budget)
     return b
@@ -59,8 +102,8 @@ def test_windows_are_utc_calendar_boundaries() -> None:
     assert window_end("day", moment) == datetime(2027, 1, 1, tzinfo=UTC)
 
 
-def test_at_exactly_the_limit_the_next_request_is_over(tmp_path: Path) -> None:
-    b = book(tmp_path, TEAM_DAY)
+def test_at_exactly_the_limit_the_next_request_is_over(store: Store) -> None:
+    b = book(store, TEAM_DAY)
     b.settle(None, entry(0.75))
     b.settle(None, entry(0.25 - 1e-9))
     b.admit("a", "k1", "ml", "chat", Amounts(usd=0.0)).done = True  # just below: admitted
@@ -75,8 +118,8 @@ def test_at_exactly_the_limit_the_next_request_is_over(tmp_path: Path) -> None:
     b.admit("c", "k2", "search", "chat", Amounts(usd=5.0))
 
 
-def test_reservations_count_until_settled_or_released(tmp_path: Path) -> None:
-    b = book(tmp_path, TEAM_DAY)
+def test_reservations_count_until_settled_or_released(store: Store) -> None:
+    b = book(store, TEAM_DAY)
     first = b.admit("a", "k1", "ml", "chat", Amounts(usd=0.6))
     second = b.admit("b", "k1", "ml", "chat", Amounts(usd=0.6))  # 0.6 < 1.0: still let in
     with pytest.raises(BudgetExceeded, match=r"1\.2 USD reserved"):
@@ -89,9 +132,9 @@ def test_reservations_count_until_settled_or_released(tmp_path: Path) -> None:
     b.admit("d", "k1", "ml", "chat", Amounts(usd=0.5))
 
 
-def test_a_new_window_starts_from_zero(tmp_path: Path) -> None:
+def test_a_new_window_starts_from_zero(store: Store) -> None:
     clock = Clock()
-    b = book(tmp_path, TEAM_DAY, clock=clock)
+    b = book(store, TEAM_DAY, clock=clock)
     b.settle(None, entry(1.0))
     with pytest.raises(BudgetExceeded):
         b.admit("a", "k1", "ml", "chat", Amounts())
@@ -99,18 +142,18 @@ def test_a_new_window_starts_from_zero(tmp_path: Path) -> None:
     b.admit("b", "k1", "ml", "chat", Amounts(usd=0.5))
 
 
-def test_spend_is_read_back_from_the_ledger_on_start(tmp_path: Path) -> None:
-    b = book(tmp_path, TEAM_DAY)
+def test_spend_is_read_back_from_the_ledger_on_start(store: Store) -> None:
+    b = book(store, TEAM_DAY)
     b.settle(None, entry(0.4))
     b.settle(None, entry(0.4, at=T0 - 86400))  # yesterday: another window
-    again = BudgetBook(Ledger(tmp_path / "ledger.sqlite"), clock=Clock())
+    again = store.open()
     (standing,) = again.standings()
     assert standing.spent == pytest.approx(0.4)
     assert standing.reserved == 0.0  # reservations die with the process that held them
 
 
-def test_the_same_request_is_never_counted_twice(tmp_path: Path) -> None:
-    b = book(tmp_path, TEAM_DAY)
+def test_the_same_request_is_never_counted_twice(store: Store) -> None:
+    b = book(store, TEAM_DAY)
     row = entry(0.3)
     b.settle(None, row)
     b.settle(None, row)
@@ -118,10 +161,10 @@ def test_the_same_request_is_never_counted_twice(tmp_path: Path) -> None:
     assert standing.spent == pytest.approx(0.3)
 
 
-def test_warnings_fire_once_per_threshold_per_window(tmp_path: Path) -> None:
+def test_warnings_fire_once_per_threshold_per_window(store: Store) -> None:
     fired: list[BudgetWarning] = []
     clock = Clock()
-    b = book(tmp_path, TEAM_DAY, clock=clock)
+    b = book(store, TEAM_DAY, clock=clock)
     b.on_warning = fired.append
     b.settle(None, entry(0.5))
     assert fired == []
@@ -132,7 +175,7 @@ def test_warnings_fire_once_per_threshold_per_window(tmp_path: Path) -> None:
     assert [w.threshold for w in fired] == [0.8, 0.9, 0.95]
     assert "at 98% of its limit" in fired[-1].message()
     # A restarted router does not fire them again in the same window...
-    again = BudgetBook(Ledger(tmp_path / "ledger.sqlite"), clock=clock, on_warning=fired.append)
+    again = store.open(clock, on_warning=fired.append)
     again.settle(None, entry(0.001))
     assert len(fired) == 3
     # ...but a new window does.
@@ -141,9 +184,9 @@ def test_warnings_fire_once_per_threshold_per_window(tmp_path: Path) -> None:
     assert [w.threshold for w in fired[3:]] == [0.8, 0.9]
 
 
-def test_degrading_comes_before_refusing(tmp_path: Path) -> None:
+def test_degrading_comes_before_refusing(store: Store) -> None:
     soft = TEAM_DAY.model_copy(update={"degrade_at": 0.8, "degrade_min_quality": 0.7})
-    b = book(tmp_path, soft)
+    b = book(store, soft)
     b.settle(None, entry(0.79))
     assert b.check("k1", "ml", "chat") == (None, None)
     b.settle(None, entry(0.01))
@@ -154,9 +197,9 @@ def test_degrading_comes_before_refusing(tmp_path: Path) -> None:
     assert over is not None
 
 
-def test_kwh_and_carbon_budgets_count_their_own_unit(tmp_path: Path) -> None:
+def test_kwh_and_carbon_budgets_count_their_own_unit(store: Store) -> None:
     energy = Budget(name="fleet-kwh", scope="fleet", unit="kwh", window="month", limit=2.0)
-    b = book(tmp_path, energy)
+    b = book(store, energy)
     b.settle(None, entry(100.0, kwh=1.5))  # dollars do not count against a kWh budget
     b.admit("a", None, None, None, Amounts(usd=1e6, kwh=0.4)).done = True
     b.settle(None, entry(0.0, kwh=0.5))
@@ -191,9 +234,10 @@ STEP = st.one_of(
 )
 @given(steps=st.lists(STEP, max_size=60))
 def test_spend_passes_the_limit_by_at_most_what_was_in_flight(
-    tmp_path_factory: pytest.TempPathFactory, steps: list[tuple[str, float]]
+    store: Store, steps: list[tuple[str, float]]
 ) -> None:
-    b = book(tmp_path_factory.mktemp("ledger"), TEAM_DAY)
+    store.fresh()
+    b = book(store, TEAM_DAY)
     flying: list[tuple[Admission, float]] = []
     for op, value in steps:
         if op == "admit":
@@ -245,3 +289,75 @@ def test_the_worst_case_bounds_smollm2s_templated_prompts() -> None:
         bound, completion = worst_tokens({"messages": messages}, 256)
         assert usage["prompt_tokens"] <= bound, (messages, usage, bound)
         assert completion == 256
+
+
+def test_two_routers_on_one_redis_never_pass_a_budget_together(redis_url: str) -> None:
+    """Two routers (each its own connection and thread, as two processes would be) admit and
+    settle against one team budget until it refuses them: the spend each counted adds up
+    in Redis, and passes the limit by at most one reservation, not one per router."""
+    store = Store("redis", Path("."), redis_url)
+    book(store, TEAM_DAY.model_copy(update={"limit": 2.0}))
+    routers = [store.open(Clock(time.time()), router=f"router-{n}") for n in "ab"]
+    spent = [0.0, 0.0]
+
+    def serve(n: int) -> None:
+        b = routers[n]
+        while True:
+            try:
+                a = b.admit(f"{n}-{next(_ids)}", "k1", "ml", "chat", Amounts(usd=0.05))
+            except BudgetExceeded:
+                return
+            b.settle(a, entry(0.05, at=b.clock()))
+            spent[n] += 0.05
+
+    threads = [threading.Thread(target=serve, args=(n,)) for n in (0, 1)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert all(s > 0 for s in spent)  # both routers served
+    for b in routers:
+        (s,) = b.standings()
+        assert s.spent == pytest.approx(sum(spent)) and s.reserved == pytest.approx(0.0)
+        assert 2.0 <= s.spent < 2.0 + 0.05 + 1e-9
+
+
+def test_a_dead_routers_reservations_are_released_by_the_others(redis_url: str) -> None:
+    store = Store("redis", Path("."), redis_url)
+    a = book(store, TEAM_DAY, clock=Clock(time.time()))
+    b = SharedBudgetBook(RedisLedger(redis_url), "router-b", stale_s=1.0)
+    a.admit("in-flight", "k1", "ml", "chat", Amounts(usd=0.6))
+    mine = b.admit("mine", "k1", "ml", "chat", Amounts(usd=0.3))
+    last = b.admit("last", "k1", "ml", "chat", Amounts(usd=0.1))  # 0.9 < 1: let in
+    with pytest.raises(BudgetExceeded, match=r"1 USD reserved"):  # both routers' count
+        b.admit("more", "k1", "ml", "chat", Amounts(usd=0.1))
+    # router-a is killed: no more heartbeats. router-b's next beat after it went silent for
+    # stale_s frees what it held.
+    assert b.heartbeat() == 0
+    time.sleep(2.1)  # Redis's clock counts whole seconds
+    assert b.heartbeat() == 1
+    assert b.standing(TEAM_DAY).reserved == pytest.approx(0.3 + 0.1)  # its own stay
+    b.release(mine)
+    b.release(last)
+    assert b.standing(TEAM_DAY).reserved == 0.0
+
+
+def test_a_restarted_router_releases_its_own_reservations_at_once(redis_url: str) -> None:
+    store = Store("redis", Path("."), redis_url)
+    a = book(store, TEAM_DAY, clock=Clock(time.time()))
+    a.admit("in-flight", "k1", "ml", "chat", Amounts(usd=0.6))
+    again = store.open(Clock(time.time()), router="router-a")  # the same id, from its state dir
+    assert again.standing(TEAM_DAY).reserved == 0.0
+
+
+def test_a_budget_made_later_counts_what_its_window_already_spent(store: Store) -> None:
+    """As on SQLite (the window's spend is the ledger's), so on Redis: rows settled before a
+    budget existed are recounted when it is made, rows after it by their own settle."""
+    b = book(store)
+    b.settle(None, entry(0.25))
+    b.settle(None, entry(0.5, at=T0 - 86400))  # yesterday: not this window
+    b.put(TEAM_DAY)
+    b.settle(None, entry(0.25))
+    assert b.standing(TEAM_DAY).spent == pytest.approx(0.5)
+    b.put(TEAM_DAY.model_copy(update={"limit": 3.0}))  # a change recounts, never doubles
+    assert b.standing(TEAM_DAY.model_copy(update={"limit": 3.0})).spent == pytest.approx(0.5)

@@ -12,7 +12,7 @@ import sqlite3
 import subprocess
 import sys
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -21,40 +21,75 @@ import httpx
 import openai
 import pytest
 
-from tests.conftest import Agent, wait_for
-from tests.routers import CHAT, RouterProc
+from tests.conftest import Agent, free_port, wait_for
+from tests.routers import CHAT, ROUTER_BIN, Balanced, RouterProc
+from wattops.router.ledger import Entry, Ledger
+from wattops.router.redis_ledger import RedisLedger
 
 WATTOPS = Path(sys.executable).with_name("wattops")
 ADMIN = "admin-token-for-tests"
 ADMIN_HEADERS = {"Authorization": f"Bearer {ADMIN}"}
 
 
-def _priced(router: RouterProc, ask: Callable[[], httpx.Response]) -> None:
+Routers = RouterProc | Balanced
+
+
+@pytest.fixture(params=["sqlite", "redis"])
+def make_routers(request: pytest.FixtureRequest, make_router: Callable[..., RouterProc],
+                 tmp_path: Path) -> Iterator[Callable[..., Routers]]:  # fmt: skip
+    """The suite's router: one with the SQLite store, or two sharing a real Redis behind a
+    real HAProxy (`Balanced`), with the same configuration otherwise."""
+    made: list[Balanced] = []
+
+    def make(agents: list[Agent], routes: list[dict[str, Any]], **extra: Any) -> Routers:
+        if request.param == "sqlite":
+            return make_router(agents, routes, **extra)
+        url = request.getfixturevalue("redis_url")
+        pair = [make_router(agents, routes, store=url, **extra) for _ in range(2)]
+        made.append(Balanced(pair, tmp_path))
+        return made[-1]
+
+    yield make
+    for balanced in made:
+        balanced.stop()
+
+
+def _ledger(router: Routers) -> list[Entry]:
+    """Every row of the router's ledger, read from its store directly."""
+    if isinstance(router, Balanced):
+        url = router.routers[0].router_extra["store"]
+        return RedisLedger(url).entries()
+    return Ledger(router.folder / "state" / "ledger.sqlite").entries()
+
+
+def _priced(router: Routers, ask: Callable[[], httpx.Response]) -> None:
     """Send requests until a candidate of the route has a price (its agent's accounting
     window has seen its tokens): budgets reserve and charge at those prices."""
 
+    each = router.routers if isinstance(router, Balanced) else [router]
+
     def priced() -> bool:
         ask()
-        cands = router.route("chat")["candidates"]
-        return any(c["usd_per_1m_tokens"] for c in cands)
+        return all(any(c["usd_per_1m_tokens"] for c in r.route("chat")["candidates"])
+                   for r in each)  # fmt: skip
 
     wait_for(priced, 60, "the candidates' prices")
 
 
-def _create_key(router: RouterProc, **asked: Any) -> dict[str, Any]:
+def _create_key(router: Routers, **asked: Any) -> dict[str, Any]:
     resp = router.client.post("/v1/keys", json={"team": "ml", **asked}, headers=ADMIN_HEADERS)
     assert resp.status_code == 201, resp.text
     return resp.json()  # type: ignore[no-any-return]
 
 
-def _budget(router: RouterProc, **fields: Any) -> dict[str, Any]:
+def _budget(router: Routers, **fields: Any) -> dict[str, Any]:
     body = {"scope": "team", "subject": "ml", "unit": "usd", "window": "day", **fields}
     resp = router.client.post("/v1/budgets", json=body, headers=ADMIN_HEADERS)
     assert resp.status_code == 201, resp.text
     return resp.json()  # type: ignore[no-any-return]
 
 
-def _fresh(router: RouterProc, **budget: Any) -> dict[str, str]:
+def _fresh(router: Routers, **budget: Any) -> dict[str, str]:
     """A new key with a budget of its own (`budget` fields): nothing spent against it yet.
     Team budgets would count what the team's other keys spent earlier in the window."""
     made = _create_key(router)
@@ -63,7 +98,7 @@ def _fresh(router: RouterProc, **budget: Any) -> dict[str, str]:
     return {"Authorization": f"Bearer {made['key']}"}
 
 
-def _one_answer(router: RouterProc) -> float:
+def _one_answer(router: Routers) -> float:
     """What one answer of `RouterProc.ask` costs now, measured on a key of its own."""
     auth = _fresh(router, name="probe", limit=1e6)
     assert router.ask(headers=auth).status_code == 200
@@ -73,15 +108,15 @@ def _one_answer(router: RouterProc) -> float:
     return one
 
 
-def _standing(router: RouterProc, name: str) -> dict[str, Any]:
+def _standing(router: Routers, name: str) -> dict[str, Any]:
     budgets = router.client.get("/v1/budgets", headers=ADMIN_HEADERS).json()
     return next(b for b in budgets if b["budget"]["name"] == name)  # type: ignore[no-any-return]
 
 
 def test_keys_once_created_are_required_and_revoked_at_once(
-    make_router: Callable[..., RouterProc], two_nodes: tuple[Agent, Agent]
+    make_routers: Callable[..., Routers], two_nodes: tuple[Agent, Agent]
 ) -> None:
-    router = make_router(list(two_nodes), [CHAT], token=ADMIN)
+    router = make_routers(list(two_nodes), [CHAT], token=ADMIN)
     assert router.ask().status_code == 200  # no key yet: open, as before keys existed
     # Keys and budgets are the admin's: not without its token.
     assert router.client.post("/v1/keys", json={"team": "ml"}).status_code == 401
@@ -122,9 +157,9 @@ def test_keys_once_created_are_required_and_revoked_at_once(
 
 
 def test_a_spent_budget_is_refused_with_429_naming_it(
-    make_router: Callable[..., RouterProc], two_nodes: tuple[Agent, Agent]
+    make_routers: Callable[..., Routers], two_nodes: tuple[Agent, Agent]
 ) -> None:
-    router = make_router(list(two_nodes), [CHAT], token=ADMIN)
+    router = make_routers(list(two_nodes), [CHAT], token=ADMIN)
     _priced(router, lambda: router.ask())
     auth = _fresh(router, name="ml-day", limit=1e-9)  # the first answer spends it
     assert router.ask(headers=auth).status_code == 200
@@ -143,18 +178,18 @@ def test_a_spent_budget_is_refused_with_429_naming_it(
     assert raised.status_code == 200, raised.text
     assert router.ask(headers=auth).status_code == 200
     # Remaining budget is exported as a finite number.
-    metrics = router.client.get("/metrics").text
+    metrics = router.metrics()
     line = next(x for x in metrics.splitlines() if x.startswith("wattops_budget_remaining{"))
     assert 'budget="ml-day"' in line and "Inf" not in line
 
 
 def test_degraded_answers_come_before_none(
-    make_router: Callable[..., RouterProc], two_nodes: tuple[Agent, Agent]
+    make_routers: Callable[..., Routers], two_nodes: tuple[Agent, Agent]
 ) -> None:
     # One node: every answer costs about the same, so the order below is the budget's doing.
     edge, _ = two_nodes
     route = {**CHAT, "reference": "edge/tiny", "policy": "fastest"}
-    router = make_router([edge], [route], token=ADMIN)
+    router = make_routers([edge], [route], token=ADMIN)
     _priced(router, lambda: router.ask())
     one = _one_answer(router)
     auth = _fresh(router, name="ml-day", limit=12 * one, degrade_at=0.25, degrade_min_quality=0.0)
@@ -176,9 +211,9 @@ def test_degraded_answers_come_before_none(
 
 
 def test_overshoot_is_bounded_by_the_reservations_in_flight(
-    make_router: Callable[..., RouterProc], two_nodes: tuple[Agent, Agent]
+    make_routers: Callable[..., Routers], two_nodes: tuple[Agent, Agent]
 ) -> None:
-    router = make_router(list(two_nodes), [CHAT], token=ADMIN)
+    router = make_routers(list(two_nodes), [CHAT], token=ADMIN)
     _priced(router, lambda: router.ask())
     one = _one_answer(router)
     # A quarter of one answer: the first request let in reserves its worst case, which covers
@@ -203,9 +238,9 @@ def test_overshoot_is_bounded_by_the_reservations_in_flight(
 
 
 def test_kill_9_of_the_router_mid_load_leaves_a_consistent_ledger(
-    make_router: Callable[..., RouterProc], two_nodes: tuple[Agent, Agent]
+    make_routers: Callable[..., Routers], two_nodes: tuple[Agent, Agent]
 ) -> None:
-    router = make_router(list(two_nodes), [CHAT], token=ADMIN)
+    router = make_routers(list(two_nodes), [CHAT], token=ADMIN)
     key = _create_key(router)["key"]
     auth = {"Authorization": f"Bearer {key}"}
     _priced(router, lambda: router.ask(headers=auth))
@@ -229,19 +264,20 @@ def test_kill_9_of_the_router_mid_load_leaves_a_consistent_ledger(
     for t in threads:
         t.start()
     wait_for(lambda: len(answered) >= 20, 60, "load through the router")
+    if isinstance(router, Balanced):  # both routers take their share of the load
+        assert all(r.route("chat")["requests"] > 0 for r in router.routers)
     assert router.proc is not None
     router.proc.send_signal(signal.SIGKILL)
     router.proc.wait(10)
     stop.set()
     for t in threads:
         t.join(30)
-    ledger = router.folder / "state" / "ledger.sqlite"
-    db = sqlite3.connect(ledger)
-    assert db.execute("PRAGMA integrity_check").fetchone() == ("ok",)
-    rows, spent = db.execute(
-        "SELECT COUNT(*), SUM(cost_usd) FROM entries WHERE key_id IS NOT NULL AND status = 200"
-    ).fetchone()
-    db.close()
+    if isinstance(router, RouterProc):
+        db = sqlite3.connect(router.folder / "state" / "ledger.sqlite")
+        assert db.execute("PRAGMA integrity_check").fetchone() == ("ok",)
+        db.close()
+    keyed = [e for e in _ledger(router) if e.key_id is not None and e.status == 200]
+    rows, spent = len(keyed), sum(e.cost_usd for e in keyed)
     # Every answer a client received was in the ledger before it was sent.
     assert rows >= len(answered)
     router.start()
@@ -251,9 +287,9 @@ def test_kill_9_of_the_router_mid_load_leaves_a_consistent_ledger(
 
 
 def test_requests_and_tokens_per_minute_per_key(
-    make_router: Callable[..., RouterProc], two_nodes: tuple[Agent, Agent]
+    make_routers: Callable[..., Routers], two_nodes: tuple[Agent, Agent]
 ) -> None:
-    router = make_router(list(two_nodes), [CHAT], token=ADMIN)
+    router = make_routers(list(two_nodes), [CHAT], token=ADMIN)
     rpm = {"Authorization": f"Bearer {_create_key(router, rpm=3)['key']}"}
     statuses = [router.ask(headers=rpm).status_code for _ in range(4)]
     assert statuses == [200, 200, 200, 429]
@@ -275,9 +311,9 @@ def test_requests_and_tokens_per_minute_per_key(
 
 
 def test_the_cli_manages_keys_and_budgets(
-    make_router: Callable[..., RouterProc], two_nodes: tuple[Agent, Agent]
+    make_routers: Callable[..., Routers], two_nodes: tuple[Agent, Agent]
 ) -> None:
-    router = make_router(list(two_nodes), [CHAT], token=ADMIN)
+    router = make_routers(list(two_nodes), [CHAT], token=ADMIN)
     env = {**os.environ, "WATTOPS_ROUTER": router.url, "WATTOPS_TOKEN": ADMIN}
 
     def wattops(*argv: str, token: str | None = ADMIN) -> subprocess.CompletedProcess[str]:
@@ -342,11 +378,11 @@ class _Receiver:
 
 
 def test_warnings_reach_a_webhook_retried_when_it_fails(
-    make_router: Callable[..., RouterProc], two_nodes: tuple[Agent, Agent]
+    make_routers: Callable[..., Routers], two_nodes: tuple[Agent, Agent]
 ) -> None:
     flaky, broken = _Receiver([500, 200]), _Receiver([400])
     try:
-        router = make_router(list(two_nodes), [CHAT], token=ADMIN,
+        router = make_routers(list(two_nodes), [CHAT], token=ADMIN,
                              budget_webhooks=[flaky.url, broken.url])  # fmt: skip
         _priced(router, lambda: router.ask())
         one = _one_answer(router)
@@ -361,7 +397,7 @@ def test_warnings_reach_a_webhook_retried_when_it_fails(
         # A receiver that refuses (400) is not retried, and its failure is visible.
         assert len(broken.received) == 1
         assert view["webhook_failed"] == 1 and "HTTP 400" in view["webhook_error"]
-        metrics = router.client.get("/metrics").text
+        metrics = router.metrics()
         assert f'wattops_budget_webhook_failures_total{{url="{broken.url}"}} 1.0' in metrics
         assert any("budget hooked" in w for w in view["budget_warnings"])
         # Once per threshold per window: more spend, no second warning.
@@ -373,9 +409,9 @@ def test_warnings_reach_a_webhook_retried_when_it_fails(
 
 
 def test_the_report_adds_up_to_the_ledger_and_the_fleet(
-    make_router: Callable[..., RouterProc], two_nodes: tuple[Agent, Agent], tmp_path: Path
+    make_routers: Callable[..., Routers], two_nodes: tuple[Agent, Agent], tmp_path: Path
 ) -> None:
-    router = make_router(list(two_nodes), [CHAT], token=ADMIN, fleet_sample_s=0.5)
+    router = make_routers(list(two_nodes), [CHAT], token=ADMIN, fleet_sample_s=0.5)
     _priced(router, lambda: router.ask())
     ml, search = (
         _fresh(router),
@@ -407,9 +443,8 @@ def test_the_report_adds_up_to_the_ledger_and_the_fleet(
     for field in ("requests", "prompt_tokens", "cost_usd", "energy_kwh", "carbon_kg"):
         assert data["total"][field] == pytest.approx(sum(g[field] for g in groups.values()))
     # ...and the ledger's rows.
-    db = sqlite3.connect(router.folder / "state" / "ledger.sqlite")
-    cost, rows = db.execute("SELECT SUM(cost_usd), COUNT(*) FROM entries").fetchone()
-    db.close()
+    rows = len(entries := _ledger(router))
+    cost = sum(e.cost_usd for e in entries)
     assert data["total"]["cost_usd"] == pytest.approx(cost) and data["total"]["requests"] == rows
     fleet = data["fleet"]
     assert fleet["cost_usd"] == pytest.approx(
@@ -425,3 +460,44 @@ def test_the_report_adds_up_to_the_ledger_and_the_fleet(
     bad = subprocess.run([str(WATTOPS), "report", "--since", "last tuesday"],
                          capture_output=True, text=True, timeout=60, env=env)  # fmt: skip
     assert bad.returncode == 2 and "30d" in bad.stderr
+
+
+def test_an_unreachable_store_is_named_and_fails_closed(
+    make_router: Callable[..., RouterProc], two_nodes: tuple[Agent, Agent], tmp_path: Path
+) -> None:
+    """A router whose Redis is gone answers 503 `store_unavailable` (keys and budgets cannot
+    be checked, so nothing passes unchecked) and serves again when it is back; a router whose
+    Redis is not there at start says so and exits 2."""
+    port = free_port()
+
+    def redis_up() -> subprocess.Popen[bytes]:
+        proc = subprocess.Popen(["redis-server", "--port", str(port), "--bind", "127.0.0.1",
+                                 "--dir", str(tmp_path), "--save", "", "--appendonly", "no"],
+                                stdout=subprocess.DEVNULL)  # fmt: skip
+        ping = ["redis-cli", "-p", str(port), "ping"]
+        wait_for(lambda: subprocess.run(ping, capture_output=True).returncode == 0, 20, "redis")
+        return proc
+
+    store = f"redis://127.0.0.1:{port}/0"
+    refused = make_router(list(two_nodes), [CHAT], start=False, store=store, token=ADMIN)
+    done = subprocess.run([str(ROUTER_BIN), "--config", str(refused.config)],
+                          capture_output=True, text=True, timeout=60)  # fmt: skip
+    assert done.returncode == 2 and f"store {store}: cannot reach Redis" in done.stderr
+
+    redis = redis_up()
+    router = make_router(list(two_nodes), [CHAT], store=store, token=ADMIN)
+    assert router.ask().status_code == 200
+    redis.terminate()
+    redis.wait(10)
+    down = router.ask()
+    assert down.status_code == 503 and down.headers["Retry-After"] == "1"
+    error = down.json()["error"]
+    assert error["code"] == "store_unavailable" and "unreachable" in error["message"]
+    admin = router.client.get("/v1/budgets", headers=ADMIN_HEADERS)
+    assert admin.status_code == 503 and admin.json()["error"]["code"] == "store_unavailable"
+    redis = redis_up()
+    try:
+        wait_for(lambda: router.ask().status_code == 200, 30, "the router to serve again")
+    finally:
+        redis.terminate()
+        redis.wait(10)

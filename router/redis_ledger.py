@@ -1,0 +1,185 @@
+"""The router's store in Redis, shared by several routers behind a load balancer.
+
+`store = "redis://host:6379/0"` in `[router]` puts what `ledger.py` keeps in SQLite into one
+Redis database, so every router sees the same keys, budgets and ledger: a key revoked through
+one router is refused by the others from their next request (keys are read from Redis on every
+request, never cached), and a budget's spend is one counter that every router's requests add
+to. Budget admission (check, reserve, settle, release) runs as atomic Lua scripts
+(`shared_book.py`).
+
+Layout (every name under the prefix, `wattops:` by default):
+
+- `keys` hash: key id -> the key's record as JSON (salted hash included, never the secret);
+- `budgets` hash: name -> the budget as JSON; `bidx:fleet`, `bidx:<scope>:<subject>` sets:
+  which budgets cover a key, a team, a route (so the scripts find them without a scan);
+- `entries` stream: the ledger, one entry per request (field `e`: the row as JSON); a row's
+  id is its time in milliseconds, or the previous row's if a router's clock is behind (ids
+  only grow), so rows from a time on start at that id; `seen:<request id>`: a marker kept
+  8 days, so a row written twice is counted once;
+- `spent:<budget>:<window start>`: what the budget's window has spent (kept 8 days past it);
+  `reserved:<budget>`: what requests in flight have reserved; `inflight:<router id>` hash:
+  request id -> what it reserved on which budget; `routers` sorted set: router id -> its last
+  heartbeat (Redis's clock);
+- `warned` hash: one field per (budget, window, threshold) that fired; `fleet` sorted set: the
+  fleet's attributed totals over time (each router samples them).
+
+Durability is Redis's: run it with `appendonly yes` (`appendfsync everysec` loses at most a
+second of rows on a power cut; `always` nothing). The scripts name keys they compute, so this
+needs one Redis 7 or later (or a replicated primary), not Redis Cluster.
+
+The calls are synchronous on the router's event loop, as the SQLite store's are: a round trip
+per step of a request (key, budgets, reserve, settle), measured in docs/benchmarks.md for a
+Redis on the same host. Put Redis next to the routers; an asyncio client is the next step if
+it must be far away.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import orjson
+import redis
+
+from wattops.router.budgets import Budget
+from wattops.router.keys import KeyRecord
+from wattops.router.ledger import UNIT_COLUMNS, Entry, group_rows
+
+__all__ = ["RedisLedger", "budget_index"]
+
+#: How far routers' clocks may differ when the ledger is read by time.
+_CLOCK_MARGIN_S = 3600.0
+_PAGE = 5000
+
+
+def budget_index(prefix: str, budget: Budget) -> str:
+    """The set that lists `budget` among those covering its key, team, route or the fleet."""
+    if budget.scope == "fleet" or budget.subject is None:
+        return f"{prefix}bidx:fleet"
+    return f"{prefix}bidx:{budget.scope}:{budget.subject}"
+
+
+def _key_json(record: KeyRecord) -> bytes:
+    return orjson.dumps({**record.model_dump(), "salt": record.salt,
+                         "secret_hash": record.secret_hash})  # fmt: skip
+
+
+class RedisLedger:
+    """Keys, budgets, the ledger, warnings and fleet samples in one Redis database."""
+
+    def __init__(self, url: str, prefix: str = "wattops:") -> None:
+        self.url = url
+        self.prefix = prefix
+        # Any: redis-py types every reply as a union with its asyncio client's awaitables.
+        self.db: Any = redis.Redis.from_url(url, socket_timeout=5, socket_connect_timeout=5,
+                                            health_check_interval=30)  # fmt: skip
+        self._has_keys = False
+        try:
+            self.db.ping()
+        except redis.RedisError as exc:
+            raise ConnectionError(f"store {url}: cannot reach Redis: {exc}") from None
+
+    def close(self) -> None:
+        self.db.close()
+
+    def _k(self, name: str) -> str:
+        return self.prefix + name
+
+    # -- keys ------------------------------------------------------------------------------
+
+    def add_key(self, record: KeyRecord) -> None:
+        self.db.hset(self._k("keys"), record.id, _key_json(record))
+        self._has_keys = True
+
+    def key(self, key_id: str) -> KeyRecord | None:
+        """The key's record, read from Redis now (a revocation by another router counts)."""
+        raw = self.db.hget(self._k("keys"), key_id)
+        return KeyRecord.model_validate_json(raw) if raw else None
+
+    def has_keys(self) -> bool:
+        # Keys are revoked, never deleted: once one exists, it always will.
+        if not self._has_keys:
+            self._has_keys = bool(self.db.hlen(self._k("keys")))
+        return self._has_keys
+
+    def key_records(self) -> list[KeyRecord]:
+        found = [KeyRecord.model_validate_json(raw)
+                 for raw in self.db.hvals(self._k("keys"))]  # fmt: skip
+        return sorted(found, key=lambda k: k.created_at)
+
+    def update_key(self, record: KeyRecord) -> None:
+        self.db.hset(self._k("keys"), record.id, _key_json(record))
+
+    # -- budgets (written by the book's scripts, which keep the index sets) ----------------
+
+    def budgets(self) -> list[Budget]:
+        found = [Budget.model_validate_json(raw) for raw in self.db.hvals(self._k("budgets"))]
+        return sorted(found, key=lambda b: b.name)
+
+    # -- the ledger ------------------------------------------------------------------------
+
+    def _scan(self, since: float, until: float | None = None,
+              last_id: str | None = None) -> Iterator[Entry]:  # fmt: skip
+        """The rows with since <= time (< until), read by pages of the stream."""
+        # A row's id is never below its time (ms), and above it only by how far another
+        # router's clock was ahead: start at `since`, stop a margin past `until`.
+        low = str(max(0, int(since * 1000)))
+        high = last_id or ("+" if until is None else str(int((until + _CLOCK_MARGIN_S) * 1000)))
+        names = {f.name for f in dataclasses.fields(Entry)}
+        while True:
+            page = self.db.xrange(self._k("entries"), low, high, count=_PAGE)
+            for _, fields in page:
+                row = orjson.loads(fields[b"e"])
+                entry = Entry(**{k: v for k, v in row.items() if k in names})
+                if entry.time >= since and (until is None or entry.time < until):
+                    yield entry
+            if len(page) < _PAGE:
+                return
+            low = "(" + page[-1][0].decode()
+
+    def spent(self, budget: Budget, since: float, last_id: str | None = None) -> float:
+        """What the ledger holds against `budget` from `since` on (up to stream id
+        `last_id`)."""
+        column = UNIT_COLUMNS[budget.unit]
+        return sum(float(getattr(e, column)) for e in self._scan(since, last_id=last_id)
+                   if budget.covers(e.key_id, e.team, e.route))  # fmt: skip
+
+    def entries(self, since: float = 0.0) -> list[Entry]:
+        return sorted(self._scan(since), key=lambda e: e.time)
+
+    def groups(self, by: str, since: float, until: float) -> list[dict[str, Any]]:
+        """As `Ledger.groups` (the same sums as its SQL, summed here)."""
+        return group_rows(by, self._scan(since, until))
+
+    def sample_fleet(self, at: float, cost_usd: float, energy_kwh: float,
+                     carbon_kg: float) -> None:  # fmt: skip
+        member = orjson.dumps([at, cost_usd, energy_kwh, carbon_kg])
+        self.db.zadd(self._k("fleet"), {member: at})
+
+    def fleet_span(self, since: float, until: float) -> tuple[float, float, list[float]] | None:
+        """As `Ledger.fleet_span`."""
+        key = self._k("fleet")
+        first = self.db.zrangebyscore(key, since, f"({until}", start=0, num=1)
+        last = self.db.zrevrangebyscore(key, f"({until}", since, start=0, num=1)
+        if not first or not last:
+            return None
+        a, b = orjson.loads(first[0]), orjson.loads(last[0])
+        if a[0] == b[0]:
+            return None
+        return a[0], b[0], [max(0.0, y - x) for x, y in zip(a[1:], b[1:], strict=True)]
+
+    # -- warnings --------------------------------------------------------------------------
+
+    def warn_once(self, budget: str, window_start: float, threshold: float, spent: float,
+                  limit: float) -> bool:  # fmt: skip
+        """Mark `threshold` of `budget` as fired in this window; False if any router had."""
+        field = f"{budget}|{window_start!r}|{threshold!r}"
+        row = {"budget": budget, "window_start": window_start, "threshold": threshold,
+               "fired_at": time.time(), "spent": spent, "limit": limit}  # fmt: skip
+        return bool(self.db.hsetnx(self._k("warned"), field, orjson.dumps(row)))
+
+    def warnings(self, since: float = 0.0) -> list[dict[str, Any]]:
+        rows = [orjson.loads(raw) for raw in self.db.hvals(self._k("warned"))]
+        return sorted((r for r in rows if r["fired_at"] >= since), key=lambda r: r["fired_at"])

@@ -1,0 +1,60 @@
+"""Which store keeps keys, budgets and the ledger: opened from `[router]`'s `store`.
+
+`sqlite` (the default): `ledger.sqlite` in the router's state dir, budgets counted in this
+process (`ledger.py`, `admission.py`); one router. A Redis URL: everything in that Redis,
+budgets counted by atomic scripts (`redis_ledger.py`, `shared_book.py`); several routers
+behind a load balancer share it, and their per-key rate limits count in the same Redis.
+"""
+
+from __future__ import annotations
+
+import secrets
+from collections.abc import Iterable
+from pathlib import Path
+
+from limits import storage
+
+from wattops.router.admission import BudgetBook
+from wattops.router.api import Budget
+from wattops.router.charging import Charging
+from wattops.router.config import RouterSection
+from wattops.router.ledger import Ledger
+from wattops.vocabulary import atomic_write
+
+__all__ = ["open_charging", "router_id"]
+
+
+def router_id(state_dir: Path) -> str:
+    """This router's id among those sharing a store: made on the first start, then kept in
+    `state_dir/router-id`, so a restart finds (and releases) what its last run reserved."""
+    path = state_dir / "router-id"
+    try:
+        found = path.read_text().strip()
+        if found:
+            return found
+    except FileNotFoundError:
+        pass
+    made = f"router-{secrets.token_hex(6)}"
+    state_dir.mkdir(parents=True, exist_ok=True)
+    atomic_write(path, (made + "\n").encode())
+    return made
+
+
+def open_charging(section: RouterSection, budgets: Iterable[Budget] = ()) -> Charging:
+    """Keys, budgets and the ledger on the store `section.store` names."""
+    if section.store == "sqlite":
+        book = BudgetBook(Ledger(section.state_dir / "ledger.sqlite", section.ledger_sync))
+        return Charging(book, section.require_keys, section.default_max_tokens, budgets)
+    from wattops.router.redis_ledger import RedisLedger
+    from wattops.router.shared_book import SharedBudgetBook
+
+    ledger = RedisLedger(section.store, section.store_prefix)
+    shared = SharedBudgetBook(ledger, section.router_id or router_id(section.state_dir))
+    uri = section.store
+    if uri.startswith("unix://"):
+        uri = "redis+unix://" + uri.removeprefix("unix://")  # the `limits` package's spelling
+    limits = storage.RedisStorage(uri, key_prefix=f"{section.store_prefix}limits")
+    import redis
+
+    return Charging(shared, section.require_keys, section.default_max_tokens, budgets,
+                    limits_storage=limits, store_errors=(redis.RedisError,))  # fmt: skip
