@@ -271,10 +271,18 @@ def test_prefix_affinity_keeps_a_shared_prefix_on_one_node(
                 ])  # fmt: skip
                 assert answer.status_code == 200
                 homes.setdefault(system, set()).add(_served_by(answer))
-        # The agents read their engines' token counters once a second.
-        wait_for(lambda: counters()[2] >= requests0 + 9 and counters()[1] > prompt0, 30,
-                 "the agents to count the answers")  # fmt: skip
-        cached1, prompt1, _ = counters()
+        # The agents read their engines' token counters once a second: wait until every
+        # answer is counted and one more reading changes nothing (a reading taken mid-run
+        # misses the later requests' cached tokens: 0% reuse, seen once in a full run).
+        seen: list[tuple[int, int, int]] = []
+
+        def settled() -> bool:
+            seen.append(counters())
+            return (seen[-1][2] >= requests0 + 9 and seen[-1][1] > prompt0
+                    and len(seen) > 1 and seen[-1] == seen[-2])  # fmt: skip
+
+        wait_for(lambda: settled() or time.sleep(1.2), 30, "the agents to count the answers")
+        cached1, prompt1, _ = seen[-1]
         return (cached1 - cached0) / (prompt1 - prompt0), homes
 
     with_affinity, homes = run("sticky")

@@ -90,13 +90,16 @@ class BudgetsScreen(Screen[None]):
 
     @work(exclusive=True, group="budgets")
     async def refresh_view(self) -> None:
-        summary = self.query_one("#budgets-summary", Static)
         try:
-            self.views = await self.client.budgets()
+            views = await self.client.budgets()
             warnings = (await self.client.view()).budget_warnings
         except RouterError as exc:
-            summary.update(f"[red]{exc}[/red]")
+            if self.is_attached:
+                self.query_one("#budgets-summary", Static).update(f"[red]{exc}[/red]")
             return
+        if not self.is_attached:
+            return  # the screen went away while the router answered
+        self.views = views
         self.show(self.views, warnings)
 
     def show(self, views: list[BudgetView], warnings: list[str]) -> None:

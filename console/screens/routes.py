@@ -131,8 +131,11 @@ class RoutesScreen(Screen[None]):
         try:
             view = await self.client.view()
         except RouterError as exc:
-            self.query_one("#routes-summary", Static).update(f"[red]{exc}[/red]")
+            if self.is_attached:
+                self.query_one("#routes-summary", Static).update(f"[red]{exc}[/red]")
             return
+        if not self.is_attached:
+            return  # the screen went away while the router answered
         self.view_now = view
         self.show(view)
 
