@@ -17,6 +17,10 @@ Allocation follows what a deployment holds, the way Kubecost allocates cluster c
   one request in flight on a replica, weighted by that replica's compute share); idle energy
   by share held. Unattributed energy stays with the node.
 - Carbon: energy x PUE x grid gCO2e/kWh (agents/cost.py).
+- Parking: while a deployment is parked, its seconds and the hardware charge it did not carry
+  (the share it held when it last ran, at the node's price) are counted (`parked_s_total`,
+  `parked_usd_avoided_total`): the report's parking saving. A deployment not seen running
+  since the agent started counts parked seconds only.
 """
 
 from __future__ import annotations
@@ -27,6 +31,7 @@ from collections.abc import Mapping
 
 from wattops.agents.api import (
     DeploymentHistory,
+    DeploymentState,
     Figures,
     HistoryPoint,
     ReplicaState,
@@ -74,6 +79,8 @@ class Accounting:
         self._second_seconds = 0.0
         self._last_watts = 0.0
         self._second_by_deployment: dict[str, float] = {}
+        #: The share each deployment held when it last ran (what parking it avoids).
+        self._last_share: dict[str, float] = {}
 
     def engine_utilisation(self) -> float:
         """Busy fraction of the node's compute since the last call (the estimate's input on
@@ -197,6 +204,13 @@ class Accounting:
             self._second_by_deployment[name] = (
                 self._second_by_deployment.get(name, 0.0) + dep_joules
             )
+            if shares[name] > 0:
+                self._last_share[name] = shares[name]
+            elif dep.state() is DeploymentState.PARKED:
+                dep.totals.parked_s_total += seconds
+                dep.totals.parked_usd_avoided_total += self.cost.hardware_usd(
+                    seconds, self._last_share.get(name, 0.0)
+                )
         self._second_energy += joules
         self._second_seconds += seconds
 

@@ -108,6 +108,15 @@ class Totals(_Model):
         description="seconds the agent was down while the node (still billed, still drawing) "
         "could not be metered: their cost is counted, their energy is unknown, not zero",
     )
+    parked_s_total: float = Field(
+        0.0, description="seconds a deployment was parked (no replica: it held nothing)"
+    )
+    parked_usd_avoided_total: float = Field(
+        0.0,
+        description="the hardware charge a deployment did not carry while parked: the share "
+        "of the node it held when it last ran, at the node's price; the node's unallocated "
+        "cost grew by as much (a saving for the fleet where that share is reused or released)",
+    )
 
 
 class Figures(_Model):

@@ -100,6 +100,10 @@ def render(report: Report, fmt: str) -> str:
             f"{f.unattributed_cost_usd:.6f} | {f.unattributed_energy_kwh:.6f} | "
             f"{f.unattributed_carbon_kg:.6f} |",
             f"| **fleet** | {f.cost_usd:.6f} | {f.energy_kwh:.6f} | {f.carbon_kg:.6f} |",
+            "",
+            f"Parking: {f.parking_saving_usd:.6f} USD of hardware the parked deployments did "
+            "not hold (the share each held when it last ran, at its node's price); it is in "
+            "the unattributed line, saved where that share is reused or the node released.",
         ]  # fmt: skip
     if report.forecasts:
         lines += [

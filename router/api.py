@@ -311,6 +311,11 @@ class FleetSpan(_Model):
     unattributed_cost_usd: float
     unattributed_energy_kwh: float
     unattributed_carbon_kg: float
+    parking_saving_usd: float = Field(
+        0.0, description="the hardware charges deployments did not carry while parked (the "
+        "share each held when it last ran, at its node's price): part of the unattributed "
+        "cost's hardware, saved where that share is reused or the node released",
+    )  # fmt: skip
 
 
 class BudgetForecast(_Model):

@@ -212,7 +212,7 @@ class Router:
     def sample_fleet(self) -> None:
         """Keep what the agents attribute to every deployment now (cumulative cost, energy,
         carbon; an agent's last snapshot if it is offline), for the report's fleet line."""
-        cost = kwh = kg = 0.0
+        cost = kwh = kg = parked = 0.0
         for link in self.fleet.links.values():
             snapshot = link.snapshot
             for dep in snapshot.deployments if snapshot else []:
@@ -221,7 +221,8 @@ class Router:
                     cost += t.cost_usd_total
                     kwh += t.energy_j_total / 3.6e6
                     kg += t.carbon_g_total / 1000
-        self.charging.ledger.sample_fleet(time.time(), cost, kwh, kg)
+                    parked += t.parked_usd_avoided_total
+        self.charging.ledger.sample_fleet(time.time(), cost, kwh, kg, parked)
         self._last_sample = time.monotonic()
 
     def maybe_sample_fleet(self, every_s: float = 60.0) -> None:

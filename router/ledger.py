@@ -44,7 +44,7 @@ CREATE TABLE IF NOT EXISTS entries (
 CREATE INDEX IF NOT EXISTS entries_by_time ON entries (time);
 CREATE TABLE IF NOT EXISTS fleet_totals (
     time REAL PRIMARY KEY, cost_usd REAL NOT NULL, energy_kwh REAL NOT NULL,
-    carbon_kg REAL NOT NULL
+    carbon_kg REAL NOT NULL, parked_usd REAL NOT NULL DEFAULT 0
 );
 CREATE TABLE IF NOT EXISTS warnings (
     budget TEXT NOT NULL, window_start REAL NOT NULL, threshold REAL NOT NULL,
@@ -101,6 +101,10 @@ class Ledger:
                              ("reference_cost_usd", "REAL")):  # fmt: skip
             if column not in columns:  # a ledger written before reports existed
                 self.db.execute(f"ALTER TABLE entries ADD COLUMN {column} {kind}")
+        sampled = {row[1] for row in self.db.execute("PRAGMA table_info(fleet_totals)")}
+        if "parked_usd" not in sampled:  # written before parking savings were sampled
+            self.db.execute("ALTER TABLE fleet_totals ADD COLUMN parked_usd REAL NOT NULL "
+                            "DEFAULT 0")  # fmt: skip
         self._keys = {k.id: k for k in self.key_records()}
 
     def close(self) -> None:
@@ -215,24 +219,25 @@ class Ledger:
         ).fetchall()
         return [dict(zip(GROUP_FIELDS, row, strict=True)) for row in rows]
 
-    def sample_fleet(self, at: float, cost_usd: float, energy_kwh: float,
-                     carbon_kg: float) -> None:  # fmt: skip
-        """Keep the fleet's cumulative attributed totals at `at` (the report's other side)."""
+    def sample_fleet(self, at: float, cost_usd: float, energy_kwh: float, carbon_kg: float,
+                     parked_usd: float = 0.0) -> None:  # fmt: skip
+        """Keep the fleet's cumulative attributed totals at `at` (the report's other side),
+        and the hardware charges its deployments avoided while parked."""
         self.db.execute(
-            "INSERT OR REPLACE INTO fleet_totals (time, cost_usd, energy_kwh, carbon_kg) "
-            "VALUES (?, ?, ?, ?)",
-            (at, cost_usd, energy_kwh, carbon_kg),
+            "INSERT OR REPLACE INTO fleet_totals (time, cost_usd, energy_kwh, carbon_kg, "
+            "parked_usd) VALUES (?, ?, ?, ?, ?)",
+            (at, cost_usd, energy_kwh, carbon_kg, parked_usd),
         )
 
     def fleet_span(self, since: float, until: float) -> tuple[float, float, list[float]] | None:
-        """(first sample time, last sample time, [cost, kWh, kgCO2e] between them) of the
-        fleet's totals within [since, until); None with fewer than two samples."""
+        """(first sample time, last sample time, [cost, kWh, kgCO2e, parked $] between them)
+        of the fleet's totals within [since, until); None with fewer than two samples."""
         first = self.db.execute(
-            "SELECT time, cost_usd, energy_kwh, carbon_kg FROM fleet_totals "
+            "SELECT time, cost_usd, energy_kwh, carbon_kg, parked_usd FROM fleet_totals "
             "WHERE time >= ? AND time < ? ORDER BY time LIMIT 1", (since, until),
         ).fetchone()  # fmt: skip
         last = self.db.execute(
-            "SELECT time, cost_usd, energy_kwh, carbon_kg FROM fleet_totals "
+            "SELECT time, cost_usd, energy_kwh, carbon_kg, parked_usd FROM fleet_totals "
             "WHERE time >= ? AND time < ? ORDER BY time DESC LIMIT 1", (since, until),
         ).fetchone()  # fmt: skip
         if first is None or last is None or first[0] == last[0]:

@@ -153,9 +153,9 @@ class RedisLedger:
         """As `Ledger.groups` (the same sums as its SQL, summed here)."""
         return group_rows(by, self._scan(since, until))
 
-    def sample_fleet(self, at: float, cost_usd: float, energy_kwh: float,
-                     carbon_kg: float) -> None:  # fmt: skip
-        member = orjson.dumps([at, cost_usd, energy_kwh, carbon_kg])
+    def sample_fleet(self, at: float, cost_usd: float, energy_kwh: float, carbon_kg: float,
+                     parked_usd: float = 0.0) -> None:  # fmt: skip
+        member = orjson.dumps([at, cost_usd, energy_kwh, carbon_kg, parked_usd])
         self.db.zadd(self._k("fleet"), {member: at})
 
     def fleet_span(self, since: float, until: float) -> tuple[float, float, list[float]] | None:

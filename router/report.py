@@ -73,7 +73,7 @@ def build_report(book: Book, by: str, since: float, until: float | None = None) 
     fleet = None
     span = ledger.fleet_span(since, until)
     if span is not None:
-        start, end, (cost, kwh, kg) = span
+        start, end, (cost, kwh, kg, parked) = span
         inside = _total([ReportGroup.model_validate(g) for g in ledger.groups(by, start, end)])
         fleet = FleetSpan(
             start=start, end=end, cost_usd=cost, energy_kwh=kwh, carbon_kg=kg,
@@ -81,7 +81,7 @@ def build_report(book: Book, by: str, since: float, until: float | None = None) 
             ledger_carbon_kg=inside.carbon_kg,
             unattributed_cost_usd=cost - inside.cost_usd,
             unattributed_energy_kwh=kwh - inside.energy_kwh,
-            unattributed_carbon_kg=kg - inside.carbon_kg,
+            unattributed_carbon_kg=kg - inside.carbon_kg, parking_saving_usd=parked,
         )  # fmt: skip
     return Report(by=by, since=since, until=until, groups=groups, total=_total(groups),
                   fleet=fleet, forecasts=forecast(book))  # fmt: skip

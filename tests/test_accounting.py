@@ -96,6 +96,27 @@ def test_a_parked_deployment_holds_nothing_and_is_charged_nothing() -> None:
     assert node.carbon_g_total == pytest.approx(500 / 3.6e6 * 1.5 * 400)
 
 
+def test_parking_counts_the_share_it_stopped_holding() -> None:
+    cost = cost_model()
+    dep = deployment("chat", [(1 * GIB, 2, 0.0)])  # holds 2/8 of the node
+    acc = Accounting(cost, Totals(), {"chat": dep}, 1, 3, 300)
+    acc.on_interval(interval(joules=300.0, seconds=10.0))
+    assert dep.totals.parked_s_total == 0.0
+    charged = dep.totals.cost_usd_total
+    dep.replicas.clear()
+    dep.desired = DesiredState(precision="f16", replicas=0)  # parked
+    acc.on_interval(interval(joules=200.0, seconds=30.0))
+    assert dep.totals.cost_usd_total == charged  # it held nothing...
+    assert dep.totals.parked_s_total == 30.0
+    # ...and avoided its last share of the node's price for those 30 s.
+    assert dep.totals.parked_usd_avoided_total == pytest.approx(0.40 * 0.25 * 30 / 3600)
+    never = deployment("new", [])
+    acc2 = Accounting(cost, Totals(), {"new": never}, 1, 3, 300)
+    acc2.on_interval(interval(joules=200.0, seconds=10.0))
+    assert never.totals.parked_s_total == 10.0  # parked, never seen running: seconds only
+    assert never.totals.parked_usd_avoided_total == 0.0
+
+
 def test_active_energy_follows_busy_time_weighted_by_compute() -> None:
     cost = cost_model()
     a = deployment("a", [(GIB, 4, 3.0)])  # 3 s busy x 4/8 of the cores = 1.5

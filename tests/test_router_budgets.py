@@ -452,6 +452,17 @@ def test_the_report_adds_up_to_the_ledger_and_the_fleet(
     )
     # The held hardware costs more than the few requests charged: a remainder, not zero.
     assert fleet["unattributed_cost_usd"] > 0
+    assert fleet["parking_saving_usd"] == 0.0  # nothing was parked
+    # Parked, the edge node's deployment stops holding its share: the report says what that
+    # avoided (its share at the node's price, for as long as it stays parked).
+    edge = two_nodes[0]
+    assert edge.control("/v1/deployments/tiny/scale", {"replicas": 0}).status_code == 202
+    parked = wait_for(
+        lambda: (f := json.loads(report("--since", "1h", "--format", "json"))["fleet"])
+        and f["parking_saving_usd"] > 0 and f, 30, "a parking saving in the report",
+    )  # fmt: skip
+    assert parked["parking_saving_usd"] < parked["unattributed_cost_usd"]
+    assert "Parking: " in report("--by", "team", "--since", "1h")
     table = report("--by", "team", "--since", "1h", "--chart", str(tmp_path / "cost.png"))
     assert "| **total** |" in table and "| ml |" in table and "unattributed" in table
     assert (tmp_path / "cost.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
