@@ -77,6 +77,79 @@ class BatchingStatus(_Model):
     waited: int = Field(0, description="requests that waited for a free slot, last window")
 
 
+class CanarySide(_Model):
+    """One side of a canary (the serving precision or the candidate) over its window."""
+
+    precision: str
+    replicas: int = 0
+    requests: int = Field(0, description="live requests answered by this side")
+    errors: int = 0
+    tokens: int = Field(0, description="prompt + completion tokens its replicas evaluated")
+    busy_s: float = Field(0.0, description="seconds its replicas had a request in flight")
+    j_per_token: float | None = Field(
+        None, description="active energy by busy time (as the accounting attributes it) per token"
+    )
+    usd_per_1m_tokens: float | None = Field(
+        None, description="the share of the node its replicas held, plus electricity, per 1M tokens"
+    )
+    latency_p50_s: float | None = None
+    latency_p95_s: float | None = None
+
+
+class CanaryGuards(_Model):
+    """What a candidate must show to be promoted (each optional; defaults in brackets)."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    min_agreement: float = Field(
+        0.9, ge=0, le=1, description="greedy answer agreement (exact match) on shadowed pairs "
+        "[0.9, the quality floor of `wattops quality`]",
+    )  # fmt: skip
+    max_p95_change: float | None = Field(
+        0.10, ge=-1, description="p95 latency change allowed, a fraction (0.10: 10% worse) [0.10]"
+    )
+    max_j_per_token_change: float | None = Field(
+        0.0, ge=-1, description="J/token change allowed, a fraction (0: not worse; -0.2: at "
+        "least 20% better) [0]",
+    )  # fmt: skip
+    min_pairs: int = Field(50, ge=1, le=100000, description="shadowed pairs needed to decide [50]")
+
+
+class CanaryRequest(_Model):
+    """A canary: the candidate precision takes `share` of live traffic for `duration_s`."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    share: float = Field(0.1, gt=0, lt=1, description="fraction of live requests sent to it")
+    duration_s: float = Field(300.0, ge=5, le=86400, description="how long it runs")
+    shadow_share: float = Field(
+        0.25, gt=0, le=1, description="fraction of answered requests also sent, greedily, to "
+        "both precisions to compare their answers (one at a time, while the candidate is idle)",
+    )  # fmt: skip
+    guards: CanaryGuards = CanaryGuards()
+
+
+class CanaryStatus(_Model):
+    """A canary running, or the last one with its verdict."""
+
+    precision: str = Field(description="the candidate precision")
+    share: float
+    duration_s: float
+    started_at: float = Field(description="unix time")
+    elapsed_s: float
+    guards: CanaryGuards
+    state: Literal["starting", "running", "promoting", "promoted", "rolled_back", "inconclusive"]
+    serving: CanarySide
+    candidate: CanarySide
+    pairs: int = Field(0, description="requests shadowed to both precisions with greedy decoding")
+    agreement: float | None = Field(None, description="exact-match share of the pairs")
+    chrf: float | None = Field(None, description="chrF of the candidate's answers, 0..100")
+    j_per_token_change: float | None = Field(None, description="candidate vs serving, a fraction")
+    p95_change: float | None = Field(None, description="candidate vs serving, a fraction")
+    verdict: str | None = Field(None, description="the decision and why, once made")
+    ended_at: float | None = None
+
+
 class DeploymentCounters(_Model):
     """Monotonic counters since the deployment was first configured on this node."""
 
@@ -260,6 +333,9 @@ class DeploymentStatus(_Model):
     counters: DeploymentCounters = DeploymentCounters()
     latency: LatencySummary = LatencySummary()
     batching: BatchingStatus | None = None
+    canary: CanaryStatus | None = Field(
+        None, description="a canary precision switch running, or the last one and its verdict"
+    )
     accounting: DeploymentAccounting | None = None
 
 
@@ -333,6 +409,10 @@ class PrecisionRequest(_Request):
     precision: str = Field(
         description="llama.cpp precision name, e.g. q4_k_m (read case-insensitively: Q4_K_M)"
     )
+    canary: CanaryRequest | None = Field(
+        None, description="try the precision on a share of live traffic first; promoted or "
+        "rolled back on its guards when the time is up (none: switch at once)",
+    )  # fmt: skip
 
     @field_validator("precision")
     @classmethod

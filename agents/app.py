@@ -244,13 +244,41 @@ def create_app(agent: NodeAgent) -> FastAPI:
             409: {"model": ErrorBody},
         },
     )
-    async def precision(body: PrecisionRequest, deployment: DeploymentDep) -> Accepted:
-        """Switch a deployment's precision without downtime; carried out in the background."""
+    async def precision(body: PrecisionRequest, deployment: DeploymentDep,
+                        agent: AgentDep) -> Accepted:  # fmt: skip
+        """Switch a deployment's precision without downtime, at once or after a canary
+        (`canary`: the candidate takes a share of live traffic and is promoted or rolled back
+        on its guards; see the deployment's `canary` in the snapshot). In the background."""
         try:
-            deployment.set_precision(body.precision)
+            if body.canary is None:
+                deployment.set_precision(body.precision)
+            else:
+                assert agent.session is not None
+                cost = agent.accounting.cost if agent.accounting is not None else None
+                deployment.start_canary(body.precision, body.canary, agent.session, cost)
         except ControlError as exc:
             raise APIError(exc.status, exc.code, str(exc), exc.allowed) from None
-        return _accepted(deployment, "precision")
+        return _accepted(deployment, "canary" if body.canary else "precision")
+
+    @app.delete(
+        "/v1/deployments/{name}/canary",
+        status_code=202,
+        response_model=Accepted,
+        dependencies=[OperatorAuth],
+        tags=["control"],
+        responses={
+            401: {"model": ErrorBody},
+            403: {"model": ErrorBody},
+            404: {"model": ErrorBody},
+        },
+    )
+    async def abort_canary(deployment: DeploymentDep) -> Accepted:
+        """Abort the running canary: rolled back, the serving precision stays."""
+        try:
+            deployment.abort_canary()
+        except ControlError as exc:
+            raise APIError(exc.status, exc.code, str(exc), exc.allowed) from None
+        return _accepted(deployment, "canary")
 
     _document_gateway_routes(app)
     return app

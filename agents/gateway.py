@@ -160,7 +160,7 @@ class Gateway:
                 deployment.release(replica, None, error=True)
                 return openai_error(504, "the engine did not answer in time", "upstream_timeout")
             if body.get("stream") and upstream.status == 200:
-                relay = _Relay(self, deployment, replica, upstream, started, key)
+                relay = _Relay(self, deployment, replica, upstream, started, key, endpoint, body)
                 return _RelayResponse(
                     relay.chunks(),
                     relay.finish,
@@ -178,6 +178,8 @@ class Gateway:
                 upstream.release()
             ok = upstream.status == 200
             deployment.release(replica, time.perf_counter() - started, error=not ok)
+            if ok and deployment.canary is not None:
+                deployment.shadow(endpoint, body)
             content_type = upstream.headers.get("Content-Type", _JSON)
             if ok and key is not None and self.cache is not None:
                 self.cache.put(_store_key(key, replica), CachedAnswer(content_type, data))
@@ -200,8 +202,12 @@ class _Relay:
         upstream: aiohttp.ClientResponse,
         started: float,
         key: str | None,
+        endpoint: str,
+        body: dict[str, Any],
     ) -> None:
         self.gateway = gateway
+        self.endpoint = endpoint
+        self.body = body
         self.deployment = deployment
         self.replica = replica
         self.upstream = upstream
@@ -231,6 +237,8 @@ class _Relay:
         self.deployment.release(
             self.replica, time.perf_counter() - self.started, error=not self.complete
         )
+        if self.complete and self.deployment.canary is not None:
+            self.deployment.shadow(self.endpoint, self.body)
 
     def _store(self) -> None:
         """Cache the answer if it ended properly."""

@@ -170,6 +170,31 @@ class SnapshotCollector(Collector):
                 "Answer latency over recent requests",
                 labels=[*labels, "quantile"],
             ),
+            "canary": GaugeMetricFamily(
+                "wattops_canary_state",
+                "1 for the state of the deployment's canary (the last one once decided)",
+                labels=[*labels, "precision", "state"],
+            ),
+            "canary_pairs": GaugeMetricFamily(
+                "wattops_canary_pairs",
+                "Requests shadowed to both precisions",
+                labels=[*labels, "precision"],
+            ),
+            "canary_agreement": GaugeMetricFamily(
+                "wattops_canary_agreement_ratio",
+                "Greedy answer agreement on the shadowed pairs",
+                labels=[*labels, "precision"],
+            ),
+            "canary_j": GaugeMetricFamily(
+                "wattops_canary_joules_per_token",
+                "J/token in the canary window (side: serving, candidate)",
+                labels=[*labels, "precision", "side"],
+            ),
+            "canary_p95": GaugeMetricFamily(
+                "wattops_canary_latency_p95_seconds",
+                "p95 latency in the canary window (side: serving, candidate)",
+                labels=[*labels, "precision", "side"],
+            ),
         }
         for dep in snap.deployments:
             key = [node, dep.name]
@@ -191,6 +216,18 @@ class SnapshotCollector(Collector):
                 families["latency"].add_metric([*key, "0.5"], dep.latency.p50_s)
             if dep.latency.p95_s is not None:
                 families["latency"].add_metric([*key, "0.95"], dep.latency.p95_s)
+            if dep.canary is not None:
+                can = dep.canary
+                ck = [*key, can.precision]
+                families["canary"].add_metric([*ck, can.state], 1.0)
+                families["canary_pairs"].add_metric(ck, can.pairs)
+                if can.agreement is not None:
+                    families["canary_agreement"].add_metric(ck, can.agreement)
+                for side_name, side in (("serving", can.serving), ("candidate", can.candidate)):
+                    if side.j_per_token is not None:
+                        families["canary_j"].add_metric([*ck, side_name], side.j_per_token)
+                    if side.latency_p95_s is not None:
+                        families["canary_p95"].add_metric([*ck, side_name], side.latency_p95_s)
             acc = dep.accounting
             if acc is not None:
                 t = acc.totals

@@ -15,9 +15,13 @@ import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import aiohttp
 
 from wattops.agents.api import (
     BatchingStatus,
+    CanaryRequest,
     DeploymentCounters,
     DeploymentState,
     DeploymentStatus,
@@ -28,10 +32,15 @@ from wattops.agents.api import (
 )
 from wattops.agents.autoscale import Autoscaler
 from wattops.agents.batching import SlotTuner, Window
+from wattops.agents.canary import Canary, answer_text, shadow_body
+from wattops.agents.canary import State as CanaryState
 from wattops.agents.config import AgentSection, DeploymentConfig
 from wattops.agents.state import DesiredState
 from wattops.engines.base import EngineAdapter, EngineError, Replica
 from wattops.engines.metrics import EngineUsage
+
+if TYPE_CHECKING:
+    from wattops.agents.cost import CostModel
 
 log = logging.getLogger("wattops.agent")
 
@@ -198,6 +207,10 @@ class Deployment:
         self._window_latencies: list[float] = []
         self._window_started = time.monotonic()
         self._window_tokens = 0
+        #: A canary precision switch running, or the last one (its verdict stays visible).
+        self.canary: Canary | None = None
+        self._session: aiohttp.ClientSession | None = None
+        self._abort_canary = False
 
     # -- control (called by the API) -------------------------------------------------------
 
@@ -221,6 +234,22 @@ class Deployment:
 
     def set_precision(self, precision: str) -> None:
         """Ask for a precision switch. Raises ControlError if unknown or not switchable."""
+        self._check_precision(precision)
+        self._no_canary_running()
+        self.desired.precision = precision
+        self.last_error = None
+        self._desired_changed()
+
+    def _no_canary_running(self) -> None:
+        if self.canary is not None and not self.canary.ended:
+            raise ControlError(
+                409,
+                "canary_running",
+                f"{self.name}: a canary of {self.canary.target} is running: wait for its "
+                f"verdict or abort it (DELETE /v1/deployments/{self.name}/canary)",
+            )
+
+    def _check_precision(self, precision: str) -> None:
         available = self.engine.available_precisions()
         if precision not in available:
             raise ControlError(
@@ -237,9 +266,39 @@ class Deployment:
                 f"{self.name}: the {self.engine.kind} engine serves one fixed precision",
                 available,
             )
-        self.desired.precision = precision
-        self.last_error = None
-        self._desired_changed()
+
+    def start_canary(self, precision: str, spec: CanaryRequest, session: aiohttp.ClientSession,
+                     cost: CostModel | None) -> None:  # fmt: skip
+        """Try `precision` on a share of live traffic before switching (agents/canary.py).
+        Raises ControlError when it cannot: unknown or fixed precision, already serving it,
+        parked, switching, or a canary already running."""
+        self._check_precision(precision)
+        self._no_canary_running()
+        problem = None
+        if precision == self.precision:
+            problem = f"it already serves {precision}"
+        elif not self.engine.manages_processes:
+            problem = "it is attached to a running server: the agent cannot start a candidate"
+        elif not self.ready or self.desired.replicas == 0:
+            problem = "it has no ready replica: a canary needs live traffic (wake it first)"
+        elif self.switching or self.desired.precision != self.precision:
+            problem = f"it is switching to {self.desired.precision}"
+        if problem is not None:
+            raise ControlError(409, "canary_impossible", f"{self.name}: no canary: {problem}")
+        self.canary = Canary(self.precision, precision, spec, cost)
+        self._session = session
+        self._abort_canary = False
+        log.info("%s: canary %s -> %s on %.0f%% of traffic for %.0f s", self.name,
+                 self.precision, precision, spec.share * 100, spec.duration_s)  # fmt: skip
+        self._changed()
+        self._poke.set()
+
+    def abort_canary(self) -> None:
+        """Stop a running canary now: rolled back, clients see no change."""
+        if self.canary is None or self.canary.ended:
+            raise ControlError(404, "no_canary", f"{self.name}: no canary is running")
+        self._abort_canary = True
+        self._poke.set()
 
     def _desired_changed(self) -> None:
         self.failed = False
@@ -258,6 +317,18 @@ class Deployment:
         adaptive batching, only one with a slot in use free)."""
         best: LiveReplica | None = None
         limit = self.tuner.slots if self.tuner is not None else None
+        canary = self.canary
+        if canary is not None and canary.running and canary.replicas and canary.takes_next():
+            trial = canary.replicas[0]
+            if (
+                trial is not exclude
+                and trial.state is ReplicaState.READY
+                and (limit is None or trial.in_flight < limit)
+            ):
+                trial.take()
+                if self.autoscaler is not None:
+                    self.autoscaler.add(time.monotonic(), 1)
+                return trial
         for candidate in self.ready:
             if candidate is exclude or (limit is not None and candidate.in_flight >= limit):
                 continue
@@ -312,6 +383,8 @@ class Deployment:
         if self.autoscaler is not None:
             self.autoscaler.add(time.monotonic(), -1)
         self.last_request = time.monotonic()
+        if self.canary is not None and self.canary.running:
+            self.canary.count(replica, latency_s, error)
         self.counters.requests_total += 1
         if error:
             self.counters.errors_total += 1
@@ -384,6 +457,9 @@ class Deployment:
         while True:
             try:
                 await self._check_replicas()
+                canary = self.canary
+                if canary is not None and canary.running and (canary.due() or canary.failing()):
+                    self._poke.set()
                 self._maybe_park()
                 self._autoscale()
                 self._tune_slots()
@@ -396,9 +472,22 @@ class Deployment:
             self._check_now.clear()
 
     def _active(self) -> list[LiveReplica]:
-        return [r for r in self.replicas if r.state in (ReplicaState.STARTING, ReplicaState.READY)]
+        """Replicas starting or serving at the deployment's precision (a canary's excluded)."""
+        held = self.canary.replicas if self.canary is not None else ()
+        serving = (ReplicaState.STARTING, ReplicaState.READY)
+        return [r for r in self.replicas if r.state in serving and r not in held]
+
+    def _refresh_ready(self) -> None:
+        held = self.canary.replicas if self.canary is not None else ()
+        self.ready = [r for r in self.replicas if r.state is ReplicaState.READY and r not in held]
 
     async def _reconcile(self) -> None:
+        canary = self.canary
+        if canary is not None and not canary.ended:
+            if canary.state == "starting":
+                await self._start_candidate(canary)
+            elif canary.running and (self._abort_canary or canary.due() or canary.failing()):
+                await self._finish_canary(canary)
         if self.desired.precision != self.precision:
             if self.ready or self.desired.replicas > 0:
                 await self._switch(self.desired.precision)
@@ -491,7 +580,7 @@ class Deployment:
     async def _make_ready(self, replicas: list[LiveReplica]) -> None:
         for live in replicas:
             live.set_state(ReplicaState.READY)
-        self.ready = [r for r in self.replicas if r.state is ReplicaState.READY]
+        self._refresh_ready()
         self.failed = False
         async with self._ready_changed:
             self._ready_changed.notify_all()
@@ -526,7 +615,7 @@ class Deployment:
             task = asyncio.get_running_loop().create_task(self._drain(live))
             self._drains.add(task)
             task.add_done_callback(self._drains.discard)
-        self.ready = [r for r in self.replicas if r.state is ReplicaState.READY]
+        self._refresh_ready()
         self._changed()
 
     async def _drain(self, live: LiveReplica) -> None:
@@ -540,26 +629,29 @@ class Deployment:
         await self.engine.stop_replica(live.replica, grace_s)
         if live in self.replicas:
             self.replicas.remove(live)
-        self.ready = [r for r in self.replicas if r.state is ReplicaState.READY]
+        self._refresh_ready()
         self._changed()
 
-    async def _switch(self, target: str) -> None:
-        """Zero-downtime precision switch: new replicas up and healthy before old ones go."""
+    async def _switch(self, target: str, adopt: list[LiveReplica] | None = None) -> bool:
+        """Zero-downtime precision switch: new replicas up and healthy before old ones go
+        (`adopt`: replicas already running `target`, a promoted canary's). True if done."""
         self.switching = True
         self.last_error = None
         self._changed()
+        adopt = adopt or []
         count = max(self.desired.replicas, 1 if self.ready else 0)
         try:
             log.info(
                 "%s: switching %s -> %s (%d replicas)", self.name, self.precision, target, count
             )
             await self._prepare(target)
-            started = await self._start_ready(target, count) if count else []
+            more = count - len(adopt)
+            started = [*adopt, *(await self._start_ready(target, more) if more > 0 else [])]
         except EngineError as exc:
             self._switch_failed(target, str(exc))
             self.switching = False
             self._changed()
-            return
+            return False
         old = self._active()
         old = [r for r in old if r not in started]
         self.precision = target
@@ -568,6 +660,96 @@ class Deployment:
         self.switching = False
         self._backoff_s = 0.0
         self._changed()
+        return True
+
+    # -- canary ----------------------------------------------------------------------------
+
+    async def _start_candidate(self, canary: Canary) -> None:
+        """Build the candidate precision if needed and start its replica; then measure."""
+        try:
+            await self._prepare(canary.target)
+            started = await self._start_ready(canary.target, 1)
+        except EngineError as exc:
+            canary.end("rolled_back", f"rolled back: the candidate did not start: {exc}",
+                       canary.status(self.ready, self.totals.active_energy_j_total))  # fmt: skip
+            self._changed()
+            return
+        canary.replicas = started
+        for live in started:
+            live.set_state(ReplicaState.READY)
+        # Counters read now, so the window counts only what both sides do from here on.
+        await asyncio.gather(*(self._collect_usage(r) for r in self.replicas))
+        canary.open_window(self.ready, self.totals.active_energy_j_total)
+        self._changed()
+
+    async def _finish_canary(self, canary: Canary) -> None:
+        """The window is over (or the candidate fails, or the operator aborts): decide."""
+        await asyncio.gather(*(self._collect_usage(r) for r in self.replicas))
+        figures = canary.status(self.ready, self.totals.active_energy_j_total)
+        early = canary.failing()
+        state: CanaryState
+        if self._abort_canary:
+            state, verdict = "rolled_back", "rolled back: aborted by the operator"
+        elif early is not None:
+            state, verdict = "rolled_back", early
+        else:
+            state, verdict = canary.decide(figures)
+        log.info("%s: canary %s: %s", self.name, canary.target, verdict)
+        candidates, canary.replicas = canary.replicas, []
+        if state == "promoted":
+            canary.state = "promoting"
+            self.desired.precision = canary.target
+            self._persist()
+            if not await self._switch(canary.target, adopt=candidates):
+                state, verdict = "rolled_back", f"rolled back: the switch failed: {self.last_error}"
+        if state != "promoted":
+            self._retire(candidates)
+        canary.end(state, verdict, figures)
+        self._changed()
+
+    def shadow(self, endpoint: str, body: dict[str, Any]) -> None:
+        """Maybe compare both precisions on this request: a canary running, no shadow in
+        flight, the candidate idle (its live requests never wait behind one); the serving side
+        answers on its least busy replica."""
+        canary = self.canary
+        if canary is None or self._session is None or not canary.running or not canary.replicas:
+            return
+        trial = canary.replicas[0]
+        if trial.in_flight or not self.ready or not canary.wants_shadow():
+            return
+        serving = min(self.ready, key=lambda r: r.in_flight)
+        canary.shadowing = True
+        task = asyncio.get_running_loop().create_task(
+            self._shadow(canary, endpoint, shadow_body(body), serving, trial)
+        )
+        self._drains.add(task)
+        task.add_done_callback(self._drains.discard)
+
+    async def _shadow(self, canary: Canary, endpoint: str, body: dict[str, Any],
+                      serving: LiveReplica, trial: LiveReplica) -> None:  # fmt: skip
+        assert self._session is not None
+        session = self._session
+
+        async def ask(live: LiveReplica) -> str:
+            live.take()
+            try:
+                async with session.post(
+                    live.replica.url + endpoint, json=body, timeout=aiohttp.ClientTimeout(total=120)
+                ) as resp:
+                    resp.raise_for_status()
+                    return answer_text(await resp.json())
+            finally:
+                live.give_back()
+
+        try:
+            answers = await asyncio.gather(ask(serving), ask(trial))
+            if canary.running:
+                canary.add_pair(answers[0], answers[1])
+                self._changed()
+        except (aiohttp.ClientError, TimeoutError, ValueError) as exc:
+            log.debug("%s: a shadow request failed: %s", self.name, exc)
+        finally:
+            canary.shadowing = False
 
     def _switch_failed(self, target: str, message: str) -> None:
         log.warning("%s: switch to %s failed: %s", self.name, target, message)
@@ -634,7 +816,14 @@ class Deployment:
         log.warning("%s: %s", self.name, message)
         live.set_state(ReplicaState.FAILED)
         self.replicas.remove(live)
-        self.ready = [r for r in self.replicas if r.state is ReplicaState.READY]
+        canary = self.canary
+        if canary is not None and live in canary.replicas and not canary.ended:
+            canary.replicas.remove(live)
+            canary.end("rolled_back", f"rolled back: the candidate replica crashed: {message}",
+                       canary.status(self.ready, self.totals.active_energy_j_total))  # fmt: skip
+            self._changed()
+            return
+        self._refresh_ready()
         self.restarts += 1
         self.last_error = message
         self._backoff_s = min(max(self._backoff_s * 2, BACKOFF_START_S), BACKOFF_CAP_S)
@@ -669,6 +858,8 @@ class Deployment:
             self._changed()
 
     def _maybe_park(self) -> None:
+        if self.canary is not None and not self.canary.ended:
+            return  # a canary measures live traffic: never parked under it
         idle_after = self.config.idle_scale_to_zero_s
         if idle_after is None or self.desired.replicas == 0:
             return
@@ -788,6 +979,11 @@ class Deployment:
             counters=self.counters.model_copy(),
             latency=_latency(self.latencies),
             batching=self.batching(),
+            canary=(
+                self.canary.status(self.ready, self.totals.active_energy_j_total)
+                if self.canary is not None
+                else None
+            ),
         )
 
 

@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import json
 import platform
-import random
 import sys
 import tempfile
 import time
@@ -31,7 +30,7 @@ from typing import Any
 import httpx
 
 from wattops.experiments.launch import agent_argv, free_port, launch, stop_all
-from wattops.experiments.questions import question
+from wattops.experiments.questions import SeededDraw, question
 
 CONFIG = """\
 [agent]
@@ -60,17 +59,6 @@ context = 1024
 {extra}"""
 
 
-class _Draw:
-    def __init__(self, seed: int) -> None:
-        self.rng = random.Random(seed)
-
-    def index(self, n: int) -> int:
-        return self.rng.randrange(n)
-
-    def integer(self, low: int, high: int) -> int:
-        return self.rng.randint(low, high)
-
-
 def _deployment(url: str) -> dict[str, Any]:
     node = httpx.get(url + "/v1/node", timeout=10).json()
     return next(d for d in node["deployments"] if d["name"] == "bench")
@@ -94,7 +82,7 @@ def _wait_serving(url: str, timeout_s: float = 300) -> None:
 def _ask(url: str, n: int, max_tokens: int) -> dict[str, Any]:
     body = {
         "model": "bench",
-        "messages": [{"role": "user", "content": question(_Draw(n))}],
+        "messages": [{"role": "user", "content": question(SeededDraw(n))}],
         "max_tokens": max_tokens,
         "temperature": 0.7,
         "seed": n,

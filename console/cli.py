@@ -128,7 +128,77 @@ def _scale(args: argparse.Namespace) -> int:
 
 
 def _precision(args: argparse.Namespace) -> int:
-    return _act(args, "precision", args.precision)
+    if args.canary is None:
+        if args.guard:
+            print("wattops precision: --guard goes with --canary", file=sys.stderr)
+            return 2
+        return _act(args, "precision", args.precision)
+    if args.kube:
+        print("wattops precision: --canary is not built for --kube yet (agents only)",
+              file=sys.stderr)  # fmt: skip
+        return 2
+    from pydantic import ValidationError
+
+    from wattops.agents.api import CanaryRequest
+    from wattops.console.commands import canary
+
+    try:
+        spec = CanaryRequest.model_validate({
+            "share": args.canary, "duration_s": args.canary_for, "guards": dict(args.guard),
+        })  # fmt: skip
+    except ValidationError as exc:
+        problems = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())
+        print(f"wattops precision: {problems}", file=sys.stderr)
+        return 2
+    return canary(_agent_urls(args), args.node, args.deployment, args.precision.lower(), spec,
+                  _token(), not args.no_wait, args.timeout)  # fmt: skip
+
+
+def _share(text: str) -> float:
+    """10% or 0.1, strictly between 0 and 1."""
+    try:
+        value = float(text[:-1]) / 100 if text.endswith("%") else float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"must be a share such as 10% or 0.1, got {text!r}"
+        ) from None
+    if not 0 < value < 1:
+        raise argparse.ArgumentTypeError(f"must be between 0 and 100% (exclusive), got {text}")
+    return value
+
+
+_UNITS = {"s": 1.0, "m": 60.0, "h": 3600.0}
+
+
+def _duration(text: str) -> float:
+    """90, 90s, 5m or 1h: seconds."""
+    unit = _UNITS.get(text[-1:])
+    try:
+        value = float(text[:-1] if unit else text) * (unit or 1.0)
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"must be a duration such as 90s, 5m or 1h, got {text!r}"
+        ) from None
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"must be more than 0, got {text}")
+    return value
+
+
+_GUARDS = ("min_agreement", "max_p95_change", "max_j_per_token_change", "min_pairs")
+
+
+def _guard(text: str) -> tuple[str, float | int | None]:
+    name, sep, value = text.partition("=")
+    if not sep or name not in _GUARDS:
+        raise argparse.ArgumentTypeError(
+            f"must be NAME=VALUE with NAME one of {', '.join(_GUARDS)}, got {text!r}"
+        )
+    if value.lower() == "none" and name.startswith("max_"):
+        return name, None
+    try:
+        return name, int(value) if name == "min_pairs" else float(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{name} must be a number, got {value!r}") from None
 
 
 def _agent_url(text: str) -> str:
@@ -336,6 +406,20 @@ def build_parser() -> argparse.ArgumentParser:
         "lists each deployment's available_precisions, and a refusal names them",
     )
     _add_action_options(precision)
+    precision.add_argument(
+        "--canary", type=_share, metavar="SHARE",
+        help="try it first on this share of live traffic (10%% or 0.1), then promote or roll "
+        "back on the guards",
+    )  # fmt: skip
+    precision.add_argument(
+        "--for", dest="canary_for", type=_duration, default=300.0, metavar="DURATION",
+        help="how long the canary runs (90s, 5m, 1h; default 5m)",
+    )  # fmt: skip
+    precision.add_argument(
+        "--guard", action="append", default=[], type=_guard, metavar="NAME=VALUE",
+        help="a canary guard: min_agreement (0..1), max_p95_change and max_j_per_token_change "
+        "(fractions; `none` turns one off), min_pairs; repeatable",
+    )  # fmt: skip
     precision.set_defaults(func=_precision)
 
     demo = commands.add_parser("demo", help="a three-node fleet on loopback, with load")

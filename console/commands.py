@@ -1,21 +1,23 @@
-"""`wattops status`, `wattops scale` and `wattops precision`: the fleet from the shell."""
+"""`wattops status`, `wattops scale` and `wattops precision` (with `--canary`): the fleet from
+the shell."""
 
 from __future__ import annotations
 
 import asyncio
 import json
 import sys
+import time
 from collections.abc import Sequence
 from dataclasses import asdict
 from typing import Any
 
-from wattops.agents.api import NodeSnapshot
+from wattops.agents.api import CanaryRequest, NodeSnapshot
 from wattops.console import formats as fmt
-from wattops.fleet.client import fetch_snapshots
+from wattops.fleet.client import AgentClient, AgentError, fetch_snapshots
 from wattops.fleet.kube import KubeDeployment, KubeError, KubeFleet
 from wattops.fleet.rollout import Action
-from wattops.fleet.rows import FleetRow, Link, rows_for
-from wattops.fleet.target import ActionRefused, AgentTarget, FleetTarget, KubeTarget
+from wattops.fleet.rows import FleetRow, Link, canary_summary, rows_for
+from wattops.fleet.target import ActionRefused, AgentTarget, FleetTarget, KubeTarget, refusal
 
 COLUMNS = (
     "NODE",
@@ -174,6 +176,65 @@ def act(
         if isinstance(target, int):
             return target
         return await _carry_out(target, action, value, wait, timeout_s)
+
+    return asyncio.run(run())
+
+
+def canary(
+    urls: Sequence[str],
+    node: str | None,
+    deployment: str,
+    precision: str,
+    spec: CanaryRequest,
+    token: str | None,
+    wait: bool,
+    timeout_s: float,
+) -> int:
+    """`wattops precision DEP P --canary SHARE`: start a canary on the deployment's agent and,
+    unless told not to, follow it to its verdict (exit 0 promoted, 1 rolled back or
+    inconclusive, 2 refused)."""
+
+    async def run() -> int:
+        target = await _agent_target(urls, node, deployment, "precision", token)
+        if isinstance(target, int):
+            return target
+        async with AgentClient(target.url, token=token) as client:
+            try:
+                await client.precision(deployment, precision, spec)
+            except AgentError as exc:
+                print(f"wattops precision: {target.where} refused: {refusal(exc)}",
+                      file=sys.stderr)  # fmt: skip
+                return 2
+            print(f"{target.where}: canary of {precision} on {spec.share:.0%} of {deployment}'s "
+                  f"traffic for {spec.duration_s:.0f} s accepted")  # fmt: skip
+            if not wait:
+                return 0
+            deadline = time.monotonic() + max(timeout_s, spec.duration_s + 120)
+            said = ""
+            while time.monotonic() < deadline:
+                await asyncio.sleep(1.0)
+                try:
+                    snap = await client.node()
+                except AgentError as exc:
+                    print(f"  {target.where}: {refusal(exc)}", file=sys.stderr)
+                    continue
+                dep = next((d for d in snap.deployments if d.name == deployment), None)
+                found = dep.canary if dep is not None else None
+                if found is None:
+                    continue
+                line = canary_summary(found)
+                if found.verdict is not None and found.state != "promoting":
+                    if found.state == "promoted":
+                        print(line)
+                        return 0
+                    print(line, file=sys.stderr)
+                    return 1
+                if line != said:
+                    print(f"  {line}", flush=True)
+                    said = line
+            print(f"wattops precision: no verdict within {timeout_s:.0f} s; the canary goes "
+                  "on (see `wattops status`)", file=sys.stderr)  # fmt: skip
+            return 1
 
     return asyncio.run(run())
 

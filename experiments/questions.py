@@ -8,10 +8,11 @@ decides the repeats). A fixed draw order makes the text a pure function of the d
 
 from __future__ import annotations
 
+import random
 from collections.abc import Callable
 from typing import Protocol
 
-__all__ = ["Draw", "question"]
+__all__ = ["Draw", "SeededDraw", "question"]
 
 
 class Draw(Protocol):
@@ -20,6 +21,20 @@ class Draw(Protocol):
     def index(self, n: int) -> int: ...
 
     def integer(self, low: int, high: int) -> int: ...
+
+
+class SeededDraw:
+    """Draws from Python's generator seeded with `seed`: one question per seed, for scripts
+    that want a repeatable question without the load generator's stream."""
+
+    def __init__(self, seed: int) -> None:
+        self.rng = random.Random(seed)
+
+    def index(self, n: int) -> int:
+        return self.rng.randrange(n)
+
+    def integer(self, low: int, high: int) -> int:
+        return self.rng.randint(low, high)
 
 
 def _pick(draw: Draw, options: tuple[str, ...]) -> str:

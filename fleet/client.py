@@ -9,7 +9,7 @@ from typing import Any
 
 import aiohttp
 
-from wattops.agents.api import Accepted, NodeSnapshot
+from wattops.agents.api import Accepted, CanaryRequest, NodeSnapshot
 
 
 def agent_url(text: str) -> str:
@@ -79,7 +79,8 @@ class AgentClient:
         await self.close()
 
     async def _call(self, method: str, path: str, body: dict[str, Any] | None = None) -> Any:
-        headers = {"Authorization": f"Bearer {self.token}"} if self.token and body else {}
+        control = method != "GET"  # the operator token goes with control calls only
+        headers = {"Authorization": f"Bearer {self.token}"} if self.token and control else {}
         try:
             async with self.http.request(
                 method, self.url + path, json=body, headers=headers
@@ -114,11 +115,18 @@ class AgentClient:
         )
         return Accepted.model_validate(data)
 
-    async def precision(self, deployment: str, precision: str) -> Accepted:
-        """POST /v1/deployments/{deployment}/precision."""
-        data = await self._call(
-            "POST", f"/v1/deployments/{deployment}/precision", {"precision": precision}
-        )
+    async def precision(self, deployment: str, precision: str,
+                        canary: CanaryRequest | None = None) -> Accepted:  # fmt: skip
+        """POST /v1/deployments/{deployment}/precision (with `canary`: tried first)."""
+        body: dict[str, Any] = {"precision": precision}
+        if canary is not None:
+            body["canary"] = canary.model_dump(mode="json")
+        data = await self._call("POST", f"/v1/deployments/{deployment}/precision", body)
+        return Accepted.model_validate(data)
+
+    async def abort_canary(self, deployment: str) -> Accepted:
+        """DELETE /v1/deployments/{deployment}/canary."""
+        data = await self._call("DELETE", f"/v1/deployments/{deployment}/canary")
         return Accepted.model_validate(data)
 
     async def act(self, deployment: str, action: str, target: str | int) -> Accepted:

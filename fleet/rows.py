@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from enum import StrEnum
 from typing import TYPE_CHECKING
 
-from wattops.agents.api import NodeSnapshot
+from wattops.agents.api import CanaryStatus, NodeSnapshot
 
 if TYPE_CHECKING:
     from wattops.fleet.kube import KubeDeployment
@@ -58,6 +58,31 @@ class FleetRow:
     #: A Kubernetes Deployment's own row: its updated and available replicas.
     updated: int | None = None
     available: int | None = None
+    #: A canary running on it, in words (`canary_summary`).
+    canary: str | None = None
+
+
+def _clock(seconds: float) -> str:
+    return f"{int(seconds // 60)}:{int(seconds % 60):02d}"
+
+
+def canary_summary(c: CanaryStatus) -> str:
+    """A canary in one line: `canary q4_k_m 10% 2:10/5:00 pairs 61 agree 96% J/tok -31%`,
+    or its verdict once decided."""
+    if c.verdict is not None:
+        return f"canary {c.precision}: {c.verdict}"
+    parts = [f"canary {c.precision} {c.share:.0%}"]
+    if c.state == "starting":
+        parts.append("starting")
+    else:
+        parts.append(f"{_clock(c.elapsed_s)}/{_clock(c.duration_s)} pairs {c.pairs}")
+    if c.agreement is not None:
+        parts.append(f"agree {c.agreement:.0%}")
+    if c.j_per_token_change is not None:
+        parts.append(f"J/tok {c.j_per_token_change:+.0%}")
+    if c.p95_change is not None:
+        parts.append(f"p95 {c.p95_change:+.0%}")
+    return " ".join(parts)
 
 
 def kube_key(namespace: str, name: str) -> str:
@@ -76,6 +101,7 @@ def rows_for(url: str, snapshot: NodeSnapshot | None, link: Link) -> list[FleetR
         acc = dep.accounting
         fig = acc.figures if acc else None
         alerts = sum(1 for a in snapshot.alerts if a.subject == dep.name)
+        trial = dep.canary if dep.canary is not None and dep.canary.verdict is None else None
         rows.append(
             FleetRow(
                 key=f"{url}|{dep.name}",
@@ -88,7 +114,7 @@ def rows_for(url: str, snapshot: NodeSnapshot | None, link: Link) -> list[FleetR
                 desired_precision=dep.desired_precision,
                 ready=dep.ready_replicas,
                 desired=dep.desired_replicas,
-                state=dep.state.value,
+                state="canary" if trial is not None else dep.state.value,
                 watts=fig.watts if fig else None,
                 estimated=estimated,
                 j_per_token=fig.j_per_token if fig else None,
@@ -101,6 +127,7 @@ def rows_for(url: str, snapshot: NodeSnapshot | None, link: Link) -> list[FleetR
                 alerts=alerts,
                 last_error=dep.last_error,
                 namespace=dep.namespace if dep.managed_by == "kubernetes" else None,
+                canary=canary_summary(trial) if trial is not None else None,
             )
         )
     return rows

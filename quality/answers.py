@@ -1,5 +1,6 @@
 """Answer-level quality: do two precisions of a model give the same answers to the same
-questions?
+questions? (The comparison itself, exact match and chrF, is `vocabulary/agreement.py`: the
+agent's canary compares live answers with the same code.)
 
 Each model answers every prompt greedily (temperature 0), as a chat message formatted with the
 model's own chat template (llama-cpp-python's chat handler, the one the agent's worker serves
@@ -19,45 +20,12 @@ candidate that repeats the reference's mistakes scores 100.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+from wattops.vocabulary.agreement import AnswerAgreement, agreement
+
 __all__ = ["AnswerAgreement", "agreement", "greedy_answers"]
-
-
-@dataclass(frozen=True)
-class AnswerAgreement:
-    """How a candidate's answers compare with the reference's over `prompts` prompts."""
-
-    prompts: int
-    exact_match: float
-    chrf: float
-
-    @property
-    def chrf_drop(self) -> float:
-        """Points of chrF lost against the reference (which scores 100 against itself)."""
-        return 100.0 - self.chrf
-
-    def as_dict(self) -> dict[str, Any]:
-        return {**asdict(self), "chrf_drop": self.chrf_drop}
-
-
-def agreement(reference: Sequence[str], candidate: Sequence[str]) -> AnswerAgreement:
-    """Exact-match rate and chrF of `candidate` answers against `reference` answers."""
-    from sacrebleu.metrics import CHRF
-
-    if len(reference) != len(candidate) or not reference:
-        raise ValueError(
-            f"need one candidate answer per reference answer, at least one; got "
-            f"{len(candidate)} for {len(reference)}"
-        )
-    same = sum(r.strip() == c.strip() for r, c in zip(reference, candidate, strict=True))
-    if same == len(reference):
-        chrf = 100.0  # sacrebleu scores two empty corpora 0; identical answers agree fully
-    else:
-        chrf = CHRF().corpus_score(list(candidate), [list(reference)]).score
-    return AnswerAgreement(prompts=len(reference), exact_match=same / len(reference), chrf=chrf)
 
 
 def greedy_answers(

@@ -15,6 +15,7 @@ from textual.widgets import DataTable, Footer, Label, Sparkline, Static
 
 from wattops.agents.api import History, NodeSnapshot
 from wattops.console import formats as fmt
+from wattops.fleet.rows import canary_summary
 from wattops.fleet.state import AgentLink
 
 
@@ -117,6 +118,8 @@ class NodeScreen(Screen[None]):
             f" {t.carbon_g_total:,.1f} gCO2e"
         )
         for dep in snap.deployments:
+            if dep.canary is not None:
+                lines.append(f"{dep.name}: {canary_summary(dep.canary)}")
             b = dep.batching
             if b is None:
                 continue

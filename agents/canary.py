@@ -1,0 +1,328 @@
+"""Canary precision switches: a candidate precision proves itself on live traffic first.
+
+`POST /v1/deployments/{name}/precision` with a `canary` starts one replica at the candidate
+precision beside the serving ones. For `duration_s` it takes `share` of the deployment's live
+requests (a smooth weighted round robin: with 0.1, every tenth request), and `shadow_share` of
+the answered requests (a quarter by default, spread evenly) are **shadowed**: sent again,
+greedily (temperature 0, at most `SHADOW_MAX_TOKENS` tokens, not streamed), to one serving
+replica and to the candidate, and the two answers compared (exact match and chrF,
+`vocabulary/agreement.py`, as `wattops quality` compares precisions). Shadow answers are
+discarded; they run one at a time and only while the candidate is idle (its live requests never
+wait behind one), the serving side answering on its least busy replica, where a live request
+may wait for at most one short greedy answer.
+
+Both sides are measured on the same node over the same window, the way the accounting counts:
+
+- J/token: the deployment's active energy over the window, split between the sides by their
+  replicas' busy seconds, over the tokens their replicas evaluated (prompt + completion, from
+  the engines' counters; shadow requests count on both sides alike);
+- $/1M tokens: the share of the node each side's replicas held (memory or compute, as the
+  accounting's shares), at the node's price, plus electricity for its energy, per token;
+- latency p50/p95 of the live requests each side answered.
+
+When the window ends, the guards decide (each optional, `api.CanaryGuards`): too few shadowed
+pairs (`min_pairs`), or too few live requests on either side to compare latency
+(`MIN_SIDE_REQUESTS`), is **inconclusive** and rolls back, never a silent promote; otherwise
+every guard must hold (`min_agreement`, `max_p95_change`, `max_j_per_token_change`) for a
+**promote** (the zero-downtime switch, adopting the candidate replica), else **rolled back**
+(the candidate is drained and stopped; clients see no change). A candidate that crashes or
+fails more than `MAX_ERROR_RATE` of its requests (after 5) rolls back at once. The verdict and
+every figure stay in the deployment's status until the next canary. Not measured yet: time to
+first token, and the teacher-forced KL on a sample of live prompts (`wattops quality` has KL
+against the evaluation prompts).
+"""
+
+from __future__ import annotations
+
+import logging
+import statistics
+import time
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Literal
+
+from wattops.agents.api import CanaryRequest, CanarySide, CanaryStatus, ReplicaState
+from wattops.vocabulary.agreement import AnswerAgreement, agreement
+
+if TYPE_CHECKING:
+    from wattops.agents.cost import CostModel
+    from wattops.agents.supervisor import LiveReplica
+
+__all__ = [
+    "MAX_ERROR_RATE",
+    "MIN_SIDE_REQUESTS",
+    "SHADOW_MAX_TOKENS",
+    "Canary",
+    "State",
+    "answer_text",
+    "shadow_body",
+]
+
+log = logging.getLogger("wattops.agent")
+
+#: The longest shadow answer (tokens): enough to see two answers part, cheap to repeat.
+SHADOW_MAX_TOKENS = 48
+#: Live requests each side needs before its latency is compared.
+MIN_SIDE_REQUESTS = 10
+#: A candidate failing more than this share of its requests (after 5) is rolled back at once.
+MAX_ERROR_RATE = 0.2
+
+State = Literal["starting", "running", "promoting", "promoted", "rolled_back", "inconclusive"]
+
+
+def shadow_body(body: Mapping[str, Any]) -> dict[str, Any]:
+    """The request to shadow: the same prompt, greedy, short, not streamed, one answer."""
+    out = {k: v for k, v in body.items() if k not in ("stream", "stream_options", "logprobs",
+                                                       "top_logprobs", "n", "seed")}  # fmt: skip
+    asked = body.get("max_completion_tokens", body.get("max_tokens"))
+    limit = SHADOW_MAX_TOKENS if not isinstance(asked, int) else min(asked, SHADOW_MAX_TOKENS)
+    out.pop("max_completion_tokens", None)
+    out.update(temperature=0.0, max_tokens=max(1, limit))
+    return out
+
+
+def answer_text(data: Mapping[str, Any]) -> str:
+    """The text of an OpenAI chat or completion answer's first choice."""
+    choice = (data.get("choices") or [{}])[0]
+    message = choice.get("message")
+    if isinstance(message, dict):
+        return str(message.get("content") or "")
+    return str(choice.get("text") or "")
+
+
+@dataclass
+class _Tally:
+    """One side's live requests."""
+
+    requests: int = 0
+    errors: int = 0
+    latencies: list[float] = field(default_factory=list)
+
+    def count(self, latency_s: float | None, error: bool) -> None:
+        self.requests += 1
+        if error:
+            self.errors += 1
+        elif latency_s is not None:
+            self.latencies.append(latency_s)
+
+
+def _tokens(live: LiveReplica) -> int:
+    seen = live.usage_seen
+    return int((seen.prompt_tokens or 0) + (seen.completion_tokens or 0))
+
+
+def _change(candidate: float | None, serving: float | None) -> float | None:
+    if candidate is None or serving is None or serving <= 0:
+        return None
+    return candidate / serving - 1.0
+
+
+class Canary:
+    """One canary of a deployment: routing, tallies, shadow pairs, figures and verdict."""
+
+    def __init__(self, serving_precision: str, target: str, spec: CanaryRequest,
+                 cost: CostModel | None) -> None:  # fmt: skip
+        self.serving_precision = serving_precision
+        self.target = target
+        self.spec = spec
+        self.cost = cost
+        self.state: State = "starting"
+        self.started_wall = time.time()
+        self.started = time.monotonic()
+        self.ended_wall: float | None = None
+        self.verdict: str | None = None
+        #: The candidate's replicas (one), not among the deployment's serving ones.
+        self.replicas: list[LiveReplica] = []
+        self.serving = _Tally()
+        self.candidate = _Tally()
+        self.pairs: list[tuple[str, str]] = []
+        self.shadowing = False
+        self._credit = 0.0
+        self._shadow_credit = 0.0
+        #: replica -> (busy seconds, tokens) when the window opened (or it was first seen).
+        self._base: dict[int, tuple[LiveReplica, float, int]] = {}
+        self._active_j0 = 0.0
+        self._last: CanaryStatus | None = None
+        self._scored: AnswerAgreement | None = None
+
+    # -- while it runs ---------------------------------------------------------------------
+
+    @property
+    def running(self) -> bool:
+        return self.state == "running"
+
+    @property
+    def ended(self) -> bool:
+        return self.state in ("promoted", "rolled_back", "inconclusive")
+
+    def open_window(self, serving: Iterable[LiveReplica], active_j: float) -> None:
+        """The candidate is ready: from now on both sides are measured."""
+        now = time.monotonic()
+        self.state = "running"
+        self.started = now
+        self._active_j0 = active_j
+        self._base = {}
+        self._see([*serving, *self.replicas], now)
+
+    def _see(self, replicas: Iterable[LiveReplica], now: float) -> None:
+        for live in replicas:
+            if id(live) not in self._base:
+                self._base[id(live)] = (live, live.busy_seconds(now), _tokens(live))
+
+    def takes_next(self) -> bool:
+        """Whether the next live request goes to the candidate (smooth weighted round robin)."""
+        self._credit += self.spec.share
+        if self._credit >= 1.0 - 1e-9:  # ten 0.1s sum to 0.9999999999999999
+            self._credit -= 1.0
+            return True
+        return False
+
+    def count(self, live: LiveReplica, latency_s: float | None, error: bool) -> None:
+        """A live request ended on `live`."""
+        side = self.candidate if live in self.replicas else self.serving
+        side.count(latency_s, error)
+
+    def failing(self) -> str | None:
+        """Why the candidate must go now, or None."""
+        c = self.candidate
+        if c.requests >= 5 and c.errors / c.requests > MAX_ERROR_RATE:
+            return (f"rolled back early: the candidate failed {c.errors} of {c.requests} "
+                    f"requests (more than {MAX_ERROR_RATE:.0%})")  # fmt: skip
+        return None
+
+    def wants_shadow(self) -> bool:
+        """Whether to shadow this answered request: `shadow_share` of them (spread evenly),
+        one at a time."""
+        if not self.running or self.shadowing or not self.replicas:
+            return False
+        self._shadow_credit += self.spec.shadow_share
+        if self._shadow_credit >= 1.0 - 1e-9:
+            self._shadow_credit -= 1.0
+            return True
+        return False
+
+    def add_pair(self, serving_answer: str, candidate_answer: str) -> None:
+        self.pairs.append((serving_answer, candidate_answer))
+
+    def due(self) -> bool:
+        return self.running and time.monotonic() - self.started >= self.spec.duration_s
+
+    # -- figures and verdict ---------------------------------------------------------------
+
+    def _side(self, precision: str, tally: _Tally, replicas: list[LiveReplica], now: float,
+              active_j: float, busy_all: float) -> tuple[CanarySide, float, int]:  # fmt: skip
+        busy = tokens = 0.0
+        for live in replicas:
+            _, busy0, tokens0 = self._base.get(id(live), (live, 0.0, 0))
+            busy += max(0.0, live.busy_seconds(now) - busy0)
+            tokens += max(0, _tokens(live) - tokens0)
+        j_per_token = usd = None
+        if tokens > 0 and busy_all > 0:
+            joules = active_j * busy / busy_all
+            j_per_token = joules / tokens
+            if self.cost is not None:
+                held = sum(self.cost.holding(r) for r in replicas
+                           if r.state is not ReplicaState.STOPPED)  # fmt: skip
+                seconds = now - self.started
+                usd = self.cost.usd(seconds, min(1.0, held), joules) / tokens * 1e6
+        lat = sorted(tally.latencies)
+        side = CanarySide(
+            precision=precision, replicas=len(replicas), requests=tally.requests,
+            errors=tally.errors, tokens=int(tokens), busy_s=busy, j_per_token=j_per_token,
+            usd_per_1m_tokens=usd,
+            latency_p50_s=statistics.median(lat) if lat else None,
+            latency_p95_s=lat[min(len(lat) - 1, int(0.95 * len(lat)))] if lat else None,
+        )  # fmt: skip
+        return side, busy, int(tokens)
+
+    def status(self, serving: list[LiveReplica], active_j: float) -> CanaryStatus:
+        """Where it stands: every figure so far (frozen once it has ended)."""
+        if self.ended and self._last is not None:
+            return self._last
+        now = time.monotonic()
+        if self.running:
+            self._see([*serving, *self.replicas], now)
+        seen = [live for live, _, _ in self._base.values()]
+        serving_seen = [r for r in seen if r not in self.replicas]
+        busy_all = sum(max(0.0, live.busy_seconds(now) - b) for live, b, _ in self._base.values())
+        energy = max(0.0, active_j - self._active_j0) if self.running else 0.0
+        s_side, _, _ = self._side(self.serving_precision, self.serving, serving_seen, now,
+                                  energy, busy_all)  # fmt: skip
+        c_side, _, _ = self._side(self.target, self.candidate, self.replicas, now, energy,
+                                  busy_all)  # fmt: skip
+        found = self._agreement()
+        status = CanaryStatus(
+            precision=self.target, share=self.spec.share, duration_s=self.spec.duration_s,
+            started_at=self.started_wall,
+            elapsed_s=(now - self.started) if self.state != "starting" else 0.0,
+            guards=self.spec.guards, state=self.state, serving=s_side, candidate=c_side,
+            pairs=len(self.pairs), agreement=found.exact_match if found else None,
+            chrf=found.chrf if found else None,
+            j_per_token_change=_change(c_side.j_per_token, s_side.j_per_token),
+            p95_change=_change(c_side.latency_p95_s, s_side.latency_p95_s),
+            verdict=self.verdict, ended_at=self.ended_wall,
+        )  # fmt: skip
+        return status
+
+    def _agreement(self) -> AnswerAgreement | None:
+        """Exact match and chrF of the pairs (recomputed only when a pair is added: the
+        snapshot asks on every change)."""
+        if not self.pairs:
+            return None
+        if self._scored is None or self._scored.prompts != len(self.pairs):
+            self._scored = agreement([a for a, _ in self.pairs], [b for _, b in self.pairs])
+        return self._scored
+
+    def decide(self, figures: CanaryStatus) -> tuple[State, str]:
+        """Promote, roll back or inconclusive, with the reason in words and figures."""
+        g = self.spec.guards
+        if figures.pairs < g.min_pairs:
+            return "inconclusive", (f"inconclusive: {figures.pairs} shadowed pairs, need "
+                                    f"{g.min_pairs}; rolled back")  # fmt: skip
+        if g.max_p95_change is not None:
+            short = [s for s in (figures.serving, figures.candidate)
+                     if s.requests - s.errors < MIN_SIDE_REQUESTS]  # fmt: skip
+            if short:
+                side = short[0]
+                return "inconclusive", (
+                    f"inconclusive: {side.requests - side.errors} answered requests on "
+                    f"{side.precision}, need {MIN_SIDE_REQUESTS} to compare p95; rolled back"
+                )
+        failed = []
+        if figures.agreement is not None and figures.agreement < g.min_agreement:
+            failed.append(f"agreement {figures.agreement:.1%} < {g.min_agreement:.1%} "
+                          f"({figures.pairs} pairs, chrF {figures.chrf:.1f})")  # fmt: skip
+        if g.max_p95_change is not None:
+            if figures.p95_change is None:
+                failed.append("p95 not measured on both sides")
+            elif figures.p95_change > g.max_p95_change:
+                failed.append(f"p95 {figures.p95_change:+.1%} > {g.max_p95_change:+.1%} "
+                              f"({figures.candidate.latency_p95_s:.3f} s vs "
+                              f"{figures.serving.latency_p95_s:.3f} s)")  # fmt: skip
+        if g.max_j_per_token_change is not None:
+            if figures.j_per_token_change is None:
+                return "inconclusive", ("inconclusive: J/token not measured on both sides "
+                                        "(no tokens or no energy yet); rolled back")  # fmt: skip
+            if figures.j_per_token_change > g.max_j_per_token_change:
+                failed.append(f"J/token {figures.j_per_token_change:+.1%} > "
+                              f"{g.max_j_per_token_change:+.1%} "
+                              f"({figures.candidate.j_per_token:.4g} J vs "
+                              f"{figures.serving.j_per_token:.4g} J)")  # fmt: skip
+        if failed:
+            return "rolled_back", "rolled back: " + "; ".join(failed)
+        parts = [f"agreement {figures.agreement:.1%} ({figures.pairs} pairs)"
+                 if figures.agreement is not None else f"{figures.pairs} pairs"]  # fmt: skip
+        if figures.p95_change is not None:
+            parts.append(f"p95 {figures.p95_change:+.1%}")
+        if figures.j_per_token_change is not None:
+            parts.append(f"J/token {figures.j_per_token_change:+.1%}")
+        return "promoted", "promoted: " + ", ".join(parts)
+
+    def end(self, state: State, verdict: str, figures: CanaryStatus) -> None:
+        """Record the outcome; the figures stay as they were when it was decided."""
+        self.state = state
+        self.verdict = verdict
+        self.ended_wall = time.time()
+        self._last = figures.model_copy(
+            update={"state": state, "verdict": verdict, "ended_at": self.ended_wall}
+        )

@@ -1,0 +1,226 @@
+"""Canary precision switches on a real agent with real llama.cpp replicas (the test model,
+q8_0 serving, q4_k_m the candidate): a verdict with its figures under load, a guard that fails
+rolls back with no failed request, too little traffic is inconclusive, and bad requests are
+refused naming what is wrong."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import threading
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from tests.conftest import Agent, wait_for
+from wattops.agents.api import CanaryGuards
+from wattops.agents.canary import Canary, shadow_body
+
+WATTOPS = Path(sys.executable).with_name("wattops")
+LOOSE = {"min_agreement": 0.0, "max_p95_change": None, "max_j_per_token_change": None}
+
+
+@contextmanager
+def load(agent: Agent, clients: int = 3) -> Iterator[tuple[list[int], list[str]]]:
+    """`clients` threads sending sampled (never cached) chat requests until the block ends:
+    (status codes, failures)."""
+    stop = threading.Event()
+    codes: list[int] = []
+    failures: list[str] = []
+
+    def client(n: int) -> None:
+        with httpx.Client(base_url=agent.url, timeout=120) as c:
+            i = 0
+            while not stop.is_set():
+                i += 1
+                ask = [{"role": "user", "content": f"client {n} question {i}"}]
+                body = {"model": "tiny", "max_tokens": 6, "temperature": 0.8, "messages": ask}
+                try:
+                    resp = c.post("/v1/chat/completions", json=body)
+                    codes.append(resp.status_code)
+                    if resp.status_code != 200:
+                        failures.append(resp.text)
+                except httpx.HTTPError as exc:
+                    failures.append(repr(exc))
+
+    threads = [threading.Thread(target=client, args=(n,)) for n in range(clients)]
+    for t in threads:
+        t.start()
+    try:
+        wait_for(lambda: len(codes) >= clients, 60, "load to start")
+        yield codes, failures
+    finally:
+        stop.set()
+        for t in threads:
+            t.join(120)
+
+
+def canary(agent: Agent, precision: str = "q4_k_m", **spec: Any) -> httpx.Response:
+    return agent.control("/v1/deployments/tiny/precision",
+                         {"precision": precision, "canary": spec})  # fmt: skip
+
+
+def ended(agent: Agent, timeout: float = 120) -> dict[str, Any]:
+    """The deployment once its canary has a verdict and the fleet has settled."""
+    wait_for(lambda: (c := agent.deployment()["canary"]) and c["verdict"], timeout,
+             "the canary's verdict")  # fmt: skip
+    return agent.wait_converged("tiny")
+
+
+def test_a_canary_under_load_is_promoted_with_its_figures(agent: Agent) -> None:
+    with load(agent) as (_, failures):
+        resp = canary(agent, share=0.3, duration_s=10, guards={**LOOSE, "min_pairs": 3})
+        assert resp.status_code == 202, resp.text
+        assert resp.json()["action"] == "canary"
+        running = wait_for(lambda: (c := agent.deployment()["canary"])["state"] == "running"
+                           and c, 60, "the candidate to take traffic")  # fmt: skip
+        assert running["precision"] == "q4_k_m" and running["share"] == 0.3
+        dep = ended(agent)
+    assert failures == []  # no request failed, through the canary and the promotion
+    c = dep["canary"]
+    assert c["state"] == "promoted" and c["verdict"].startswith("promoted: ")
+    assert dep["precision"] == "q4_k_m" and dep["ready_replicas"] == 1
+    # Every figure, for both sides of the same window on the same node.
+    assert c["pairs"] >= 3 and 0.0 <= c["agreement"] <= 1.0 and 0.0 <= c["chrf"] <= 100.0
+    for side in (c["serving"], c["candidate"]):
+        assert side["requests"] > 0 and side["tokens"] > 0 and side["busy_s"] > 0
+        assert side["j_per_token"] > 0 and side["usd_per_1m_tokens"] > 0
+        assert side["latency_p95_s"] >= side["latency_p50_s"] > 0
+    assert (c["serving"]["precision"], c["candidate"]["precision"]) == ("q8_0", "q4_k_m")
+    # About the share asked: 30% of live requests (the shadows are not live requests), and
+    # about a quarter of the answered requests shadowed (the default `shadow_share`).
+    answered = c["candidate"]["requests"] + c["serving"]["requests"]
+    assert 0 < c["pairs"] <= 0.3 * answered, c
+    share = c["candidate"]["requests"] / (c["candidate"]["requests"] + c["serving"]["requests"])
+    assert 0.2 <= share <= 0.4, c
+    assert c["j_per_token_change"] == pytest.approx(
+        c["candidate"]["j_per_token"] / c["serving"]["j_per_token"] - 1
+    )
+    metrics = agent.client.get("/metrics").text.splitlines()
+    pairs = next(x for x in metrics if x.startswith("wattops_canary_pairs{"))
+    assert 'deployment="tiny"' in pairs and 'precision="q4_k_m"' in pairs
+    assert float(pairs.split()[-1]) == c["pairs"]
+    assert any(x.startswith("wattops_canary_state{") and 'state="promoted"' in x for x in metrics)
+
+
+def test_a_candidate_failing_a_guard_is_rolled_back_with_no_failed_request(
+    agent: Agent,
+) -> None:
+    pid = agent.deployment()["replicas"][0]["pid"]
+    with load(agent) as (codes, failures):
+        # Random weights: q4_k_m's greedy answers differ from q8_0's, so full agreement fails.
+        # Through the CLI, as an operator would, following it to the verdict.
+        done = subprocess.run(
+            [str(WATTOPS), "precision", "tiny", "q4_k_m", "--agent", agent.url, "--canary", "30%",
+             "--for", "10s", "--guard", "min_agreement=1", "--guard", "min_pairs=3",
+             "--guard", "max_p95_change=none", "--guard", "max_j_per_token_change=none"],
+            capture_output=True, text=True, timeout=180,
+        )  # fmt: skip
+        dep = ended(agent)
+        served = len(codes)
+        wait_for(lambda: len(codes) > served + 3, 60, "requests after the rollback")
+    assert failures == []
+    assert done.returncode == 1, (done.stdout, done.stderr)
+    assert "canary of q4_k_m on 30% of tiny's traffic for 10 s accepted" in done.stdout
+    assert "canary q4_k_m 30% 0:" in done.stdout  # progress while it ran
+    assert "canary q4_k_m: rolled back: agreement" in done.stderr
+    c = dep["canary"]
+    assert c["state"] == "rolled_back" and "agreement" in c["verdict"], c["verdict"]
+    assert c["agreement"] < 1.0
+    assert dep["precision"] == "q8_0" and dep["desired_precision"] == "q8_0"
+    assert [r["pid"] for r in dep["replicas"]] == [pid]  # the candidate is gone, nothing else
+
+
+def test_too_little_traffic_is_inconclusive_never_a_silent_promote(agent: Agent) -> None:
+    assert canary(agent, share=0.5, duration_s=5, guards={"min_pairs": 50}).status_code == 202
+    wait_for(lambda: agent.deployment()["canary"]["state"] == "running", 60, "the canary")
+    for i in range(4):
+        assert agent.chat(f"a quiet moment {i}", temperature=0.5).status_code == 200
+    dep = ended(agent)
+    c = dep["canary"]
+    assert c["state"] == "inconclusive"
+    assert c["verdict"].startswith(f"inconclusive: {c['pairs']} shadowed pairs, need 50")
+    assert dep["precision"] == "q8_0"
+
+
+def test_canary_requests_are_checked_and_a_canary_can_be_aborted(agent: Agent) -> None:
+    bad = canary(agent, share=1.5)
+    assert bad.status_code == 422 and "share" in bad.text
+    for argv, said in ((["--canary", "150%"], "between 0 and 100%"),
+                       (["--canary", "10%", "--for", "5 minutes"], "a duration such as"),
+                       (["--canary", "10%", "--guard", "min_agree=1"], "NAME one of"),
+                       (["--guard", "min_pairs=3"], "--guard goes with --canary")):  # fmt: skip
+        cli = subprocess.run([str(WATTOPS), "precision", "tiny", "q4_k_m", "--agent", agent.url,
+                              *argv], capture_output=True, text=True, timeout=60)  # fmt: skip
+        assert cli.returncode == 2 and said in cli.stderr, (argv, cli.stderr)
+    typo = canary(agent, share=0.1, guards={"min_agreemnt": 0.9})
+    assert typo.status_code == 422 and "min_agreemnt" in typo.text
+    same = canary(agent, precision="q8_0")
+    assert same.status_code == 409 and "already serves q8_0" in same.text
+    assert canary(agent, share=0.2, duration_s=600).status_code == 202
+    again = canary(agent, share=0.2)
+    assert again.status_code == 409 and "a canary of q4_k_m is running" in again.text
+    switch = agent.control("/v1/deployments/tiny/precision", {"precision": "q4_0"})
+    assert switch.status_code == 409 and "canary" in switch.text
+    wait_for(lambda: agent.deployment()["canary"]["state"] == "running", 60, "the canary")
+    headers = {"Authorization": f"Bearer {agent.token}"} if agent.token else {}
+    assert agent.client.delete("/v1/deployments/tiny/canary", headers=headers).status_code == 202
+    dep = ended(agent)
+    assert dep["canary"]["verdict"] == "rolled back: aborted by the operator"
+    assert dep["precision"] == "q8_0" and len(dep["replicas"]) == 1
+    assert agent.client.delete("/v1/deployments/tiny/canary", headers=headers).status_code == 404
+
+
+def test_parked_deployments_get_no_canary(make_agent: Callable[..., Agent]) -> None:
+    agent = make_agent(replicas=0)
+    refused = canary(agent, share=0.1)
+    assert refused.status_code == 409 and "no ready replica" in refused.text
+
+
+def test_the_decision_follows_the_guards() -> None:
+    """The verdict's arithmetic on its own: each guard, and inconclusive before any of them."""
+    from wattops.agents.api import CanaryRequest, CanarySide, CanaryStatus
+
+    def figures(**over: Any) -> CanaryStatus:
+        side = {"requests": 40, "errors": 0, "tokens": 400, "busy_s": 4.0}
+        base: dict[str, Any] = dict(
+            precision="q4_k_m", share=0.1, duration_s=60, started_at=0, elapsed_s=60,
+            guards=CanaryGuards(), state="running",
+            serving=CanarySide(precision="q8_0", j_per_token=1.0, latency_p95_s=1.0, **side),
+            candidate=CanarySide(precision="q4_k_m", j_per_token=0.7, latency_p95_s=1.05,
+                                 **side),
+            pairs=60, agreement=0.95, chrf=97.0, j_per_token_change=-0.3, p95_change=0.05,
+        )  # fmt: skip
+        base.update(over)
+        return CanaryStatus(**base)
+
+    c = Canary("q8_0", "q4_k_m", CanaryRequest(), None)
+    assert c.decide(figures()) == ("promoted", "promoted: agreement 95.0% (60 pairs), "
+                                   "p95 +5.0%, J/token -30.0%")  # fmt: skip
+    state, why = c.decide(figures(agreement=0.85))
+    assert state == "rolled_back" and "agreement 85.0% < 90.0%" in why
+    state, why = c.decide(figures(p95_change=0.2))
+    assert state == "rolled_back" and "p95 +20.0% > +10.0%" in why
+    state, why = c.decide(figures(j_per_token_change=0.01))
+    assert state == "rolled_back" and "J/token +1.0% > +0.0%" in why
+    state, why = c.decide(figures(pairs=12))
+    assert (state, why) == ("inconclusive", "inconclusive: 12 shadowed pairs, need 50; rolled back")
+    thin = CanarySide(precision="q4_k_m", requests=3, tokens=30, busy_s=0.3)
+    state, why = c.decide(figures(candidate=thin))
+    assert state == "inconclusive" and "3 answered requests on q4_k_m" in why
+    # The round robin gives the candidate its share of live requests, evenly spread.
+    picks = [c.takes_next() for _ in range(100)]
+    assert sum(picks) == 10 and not any(picks[i] and picks[i + 1] for i in range(99))
+
+
+def test_shadow_requests_are_greedy_short_and_single() -> None:
+    body = {"model": "tiny", "messages": [], "stream": True, "temperature": 0.9, "n": 2,
+            "max_tokens": 500, "logprobs": True}  # fmt: skip
+    shadow = shadow_body(body)
+    assert shadow["temperature"] == 0.0 and shadow["max_tokens"] == 48
+    assert "stream" not in shadow and "n" not in shadow and "logprobs" not in shadow
+    assert shadow_body({"model": "tiny", "max_tokens": 5})["max_tokens"] == 5
