@@ -3,8 +3,7 @@
 from __future__ import annotations
 
 import asyncio
-import secrets
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from typing import Annotated, Any
 
 from fastapi import Depends, FastAPI, Query, Request
@@ -27,6 +26,7 @@ from wattops.agents.gateway import GATEWAY_PATHS
 from wattops.agents.metrics import registry_for
 from wattops.agents.node import AGENT_VERSION, NodeAgent
 from wattops.agents.supervisor import ControlError, Deployment
+from wattops.vocabulary.access import AccessDenied, Caller, Role, WhoAmI
 
 #: Minimum gap between two snapshot events on one stream: changes in between are coalesced.
 EVENT_MIN_INTERVAL_S = 0.25
@@ -77,26 +77,29 @@ def get_deployment(name: str, agent: AgentDep) -> Deployment:
     return found
 
 
-def require_operator(request: Request, agent: AgentDep) -> None:
-    """Control endpoints: 401 without a bearer token, 403 with the wrong one."""
-    token = agent.config.agent.token
-    if token is None:
-        return
-    header = request.headers.get("authorization", "")
-    scheme, _, given = header.partition(" ")
-    if scheme.lower() != "bearer" or not given:
-        raise APIError(
-            401,
-            "unauthorized",
-            "control endpoints need 'Authorization: Bearer <token>'",
-            headers={"WWW-Authenticate": "Bearer"},
-        )
-    if not secrets.compare_digest(given.strip().encode(), token.encode()):
-        raise APIError(403, "forbidden", "the bearer token is not this agent's token")
+def _require(role: Role, what: str, reads: bool = False) -> Callable[..., Caller]:
+    """A dependency: the caller, if its token's role allows `what` (vocabulary/access.py);
+    401 without a token, 403 naming the role needed and the one held. `reads`: only when the
+    agent's `reads = "viewer"` (otherwise reads stay open)."""
+
+    def check(request: Request, agent: AgentDep) -> Caller:
+        if reads and agent.config.agent.reads == "open":
+            return ANONYMOUS_VIEWER
+        try:
+            caller = agent.access.check(request.headers.get("authorization"), role, what)
+        except AccessDenied as exc:
+            headers = {"WWW-Authenticate": "Bearer"} if exc.status == 401 else None
+            raise APIError(exc.status, exc.code, str(exc), headers=headers) from None
+        request.state.caller = caller
+        return caller
+
+    return check
 
 
+ANONYMOUS_VIEWER = Caller("anonymous", "viewer")
 DeploymentDep = Annotated[Deployment, Depends(get_deployment)]
-OperatorAuth = Depends(require_operator)
+OperatorAuth = Depends(_require("operator", "control endpoints"))
+ReadAuth = Depends(_require("viewer", "reading the node", reads=True))
 
 
 class AgentASGI:
@@ -177,12 +180,30 @@ def create_app(agent: NodeAgent) -> FastAPI:
         """Liveness: the agent's event loop answers."""
         return {"status": "ok"}
 
-    @app.get("/v1/node", response_model=NodeSnapshot, tags=["node"])
+    @app.get("/v1/whoami", response_model=WhoAmI, tags=["node"],
+             responses={403: {"model": ErrorBody}})  # fmt: skip
+    async def whoami(request: Request, agent: AgentDep) -> WhoAmI:
+        """Who the bearer token (if any) names, and what its role allows here: the console
+        and the CLI disable what it does not."""
+        access = agent.access
+        try:
+            caller = access.identify(request.headers.get("authorization"))
+        except AccessDenied as exc:
+            raise APIError(exc.status, exc.code, str(exc)) from None
+        if access.open:
+            caller = Caller("anonymous", "admin")
+        return WhoAmI(name=caller.name if caller else None, role=caller.role if caller else None,
+                      open=access.open, reads=agent.config.agent.reads,
+                      may_control=caller is not None and caller.may("operator"))  # fmt: skip
+
+    @app.get("/v1/node", response_model=NodeSnapshot, tags=["node"],
+             dependencies=[ReadAuth])  # fmt: skip
     async def node(agent: AgentDep) -> Response:
         """The node snapshot: every deployment's desired and actual state and counters."""
         return Response(agent.snapshot().model_dump_json(), media_type="application/json")
 
-    @app.get("/v1/events", tags=["node"], response_class=EventSourceResponse)
+    @app.get("/v1/events", tags=["node"], response_class=EventSourceResponse,
+             dependencies=[ReadAuth])  # fmt: skip
     async def events(agent: AgentDep) -> EventSourceResponse:
         """The node snapshot as server-sent events (`event: snapshot`), sent on change."""
 
@@ -198,7 +219,7 @@ def create_app(agent: NodeAgent) -> FastAPI:
 
         return EventSourceResponse(stream(), ping=15)
 
-    @app.get("/v1/history", response_model=History, tags=["node"])
+    @app.get("/v1/history", response_model=History, tags=["node"], dependencies=[ReadAuth])
     async def history(
         agent: AgentDep,
         seconds: Annotated[int, Query(ge=1, le=3600, description="how far back")] = 300,
@@ -211,7 +232,8 @@ def create_app(agent: NodeAgent) -> FastAPI:
 
     metrics_registry = registry_for(agent.snapshot)
 
-    @app.get("/metrics", tags=["node"], response_class=PlainTextResponse)
+    @app.get("/metrics", tags=["node"], response_class=PlainTextResponse,
+             dependencies=[ReadAuth])  # fmt: skip
     async def metrics() -> Response:
         """Prometheus text exposition of power, energy, cost, carbon, tokens and replicas."""
         return Response(generate_latest(metrics_registry), media_type=CONTENT_TYPE_LATEST)

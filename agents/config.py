@@ -9,6 +9,7 @@ import os
 import socket
 import tomllib
 from pathlib import Path
+from typing import Literal
 
 from pydantic import (
     BaseModel,
@@ -24,6 +25,7 @@ from wattops.agents.sensors.registry import sensor_names
 from wattops.engines.base import EngineSettings
 from wattops.engines.registry import ENGINES, engine_type
 from wattops.vocabulary import PRECISIONS
+from wattops.vocabulary.access import TokenEntry, load_tokens, unique_names
 from wattops.vocabulary.net import split_listen
 from wattops.vocabulary.plugins import UnknownPlugin
 
@@ -50,9 +52,16 @@ class AgentSection(_Section):
     state_dir: Path = Field(Path("state"), description="desired state, counters, model variants")
     token: str | None = Field(
         default_factory=lambda: os.environ.get("WATTOPS_TOKEN") or None,
-        description="bearer token required by control endpoints; default: $WATTOPS_TOKEN "
-        "(a Kubernetes Secret), else none",
+        description="an admin bearer token (named `token`), beside the [[tokens]]; default: "
+        "$WATTOPS_TOKEN (a Kubernetes Secret), else none",
     )
+    tokens_file: Path | None = Field(
+        None, description="a TOML file of [[tokens]] (name, role, hash), read at start"
+    )
+    reads: Literal["open", "viewer"] = Field(
+        "open", description="open: snapshots, events, history and metrics need no token; "
+        "viewer: they need one of any role (then give Prometheus and the router one)",
+    )  # fmt: skip
     wake_timeout_s: float = Field(
         120.0, gt=0, description="how long a request waits for a parked deployment to wake"
     )
@@ -308,6 +317,10 @@ class AgentConfig(_Section):
     accounting: AccountingSection = Field(default_factory=AccountingSection)
     kubernetes: KubernetesSection = Field(default_factory=KubernetesSection)
     deployments: list[DeploymentConfig] = Field(default_factory=list)
+    tokens: list[TokenEntry] = Field(
+        default_factory=list, description="[[tokens]]: bearer tokens by name with their role "
+        "(viewer, operator, admin) and hash; no token at all: control is open",
+    )  # fmt: skip
     _source: str = PrivateAttr("<config>")
 
     @property
@@ -317,6 +330,7 @@ class AgentConfig(_Section):
 
     @model_validator(mode="after")
     def _unique_names(self) -> AgentConfig:
+        unique_names(self.tokens)
         seen: set[str] = set()
         for dep in self.deployments:
             if dep.name in seen:
@@ -376,4 +390,11 @@ def load_config(path: Path) -> AgentConfig:
         config.kubernetes.kubeconfig = (base / config.kubernetes.kubeconfig).resolve()
     for dep in config.deployments:
         dep.settings.resolve_paths(base)
+    if config.agent.tokens_file is not None:
+        config.agent.tokens_file = (base / config.agent.tokens_file).resolve()
+        try:
+            config.tokens = [*config.tokens, *load_tokens(config.agent.tokens_file)]
+            unique_names(config.tokens)
+        except ValueError as exc:
+            raise ConfigError(f"{path}: agent.{exc}") from None
     return config

@@ -42,6 +42,7 @@ from wattops.engines.base import EngineAdapter, EngineContext, EngineError
 from wattops.engines.registry import engine_type
 from wattops.engines.variants import VariantStore
 from wattops.profiles import HardwareProfile, ProfileError, hardware_profile, site_profile
+from wattops.vocabulary.access import Access
 
 log = logging.getLogger("wattops.agent")
 
@@ -57,6 +58,8 @@ class NodeAgent:
 
     def __init__(self, config: AgentConfig) -> None:
         self.config = config
+        #: Who may do what: the [[tokens]] and the older single `token` (an admin).
+        self.access = Access(config.tokens, config.agent.token, "agent")
         self.state_dir = config.agent.state_dir.resolve()
         self.store = StateStore(self.state_dir)
         self.started_at = time.time()

@@ -23,6 +23,7 @@ from wattops.agents.config import (
     SiteSection,
 )
 from wattops.engines.registry import ENGINES
+from wattops.vocabulary.access import TokenEntry
 
 #: The table, its model, and what the section is for (the model's docstring says the rest).
 SECTIONS: tuple[tuple[str, type[BaseModel]], ...] = (
@@ -32,6 +33,7 @@ SECTIONS: tuple[tuple[str, type[BaseModel]], ...] = (
     ("[site]", SiteSection),
     ("[kubernetes]", KubernetesSection),
     ("[[deployments]]", DeploymentConfig),
+    ("[[tokens]]", TokenEntry),
 )
 
 #: Defaults computed at start, said in words rather than as this machine's value.

@@ -49,7 +49,7 @@ class WattopsConsole(App[None]):
     ) -> None:
         super().__init__()
         self.router = RouterClient(router, token) if router else None
-        self.fleet = FleetState(urls)
+        self.fleet = FleetState(urls, token=token)
         #: False: do not open the agents' streams (snapshot tests fill the fleet themselves).
         self.connect = connect
         self.read_only = read_only

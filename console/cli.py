@@ -283,7 +283,7 @@ def _add_action_options(parser: argparse.ArgumentParser) -> None:
 def _console(args: argparse.Namespace) -> int:
     from wattops.console.app import make_app
 
-    token = None if args.read_only else _token()
+    token = _token()  # for reads too; --read-only sends no action whatever the token
     kube = None
     if args.kube:
         from wattops.fleet.kube import KubeError
@@ -466,9 +466,11 @@ def build_parser() -> argparse.ArgumentParser:
     quality.set_defaults(func=_quality)
     from wattops.console.keys import add_commands
     from wattops.console.report import add_command
+    from wattops.console.tokens import add_command as add_token_command
 
     add_commands(commands)
     add_command(commands)
+    add_token_command(commands)
     return parser
 
 

@@ -10,6 +10,7 @@ from typing import Any
 import aiohttp
 
 from wattops.agents.api import Accepted, CanaryRequest, NodeSnapshot
+from wattops.vocabulary.access import WhoAmI
 
 
 def agent_url(text: str) -> str:
@@ -79,8 +80,8 @@ class AgentClient:
         await self.close()
 
     async def _call(self, method: str, path: str, body: dict[str, Any] | None = None) -> Any:
-        control = method != "GET"  # the operator token goes with control calls only
-        headers = {"Authorization": f"Bearer {self.token}"} if self.token and control else {}
+        # Reads too: an agent whose `reads = "viewer"` wants a token for them.
+        headers = {"Authorization": f"Bearer {self.token}"} if self.token else {}
         try:
             async with self.http.request(
                 method, self.url + path, json=body, headers=headers
@@ -107,6 +108,10 @@ class AgentClient:
     async def node(self) -> NodeSnapshot:
         """GET /v1/node."""
         return NodeSnapshot.model_validate(await self._call("GET", "/v1/node"))
+
+    async def whoami(self) -> WhoAmI:
+        """GET /v1/whoami: what this client's token may do on the agent."""
+        return WhoAmI.model_validate(await self._call("GET", "/v1/whoami"))
 
     async def scale(self, deployment: str, replicas: int) -> Accepted:
         """POST /v1/deployments/{deployment}/scale."""

@@ -164,8 +164,10 @@ class AgentLink:
 class FleetState:
     """All links, and the fleet-wide figures the header shows."""
 
-    def __init__(self, urls: Iterable[str]) -> None:
+    def __init__(self, urls: Iterable[str], token: str | None = None) -> None:
         self.links = {url: AgentLink(url) for url in dict.fromkeys(urls)}
+        #: Sent as a bearer token on every read (agents whose `reads = "viewer"` need one).
+        self.token = token
         self._tasks: list[asyncio.Task[None]] = []
         self._http: aiohttp.ClientSession | None = None
         self._rows: dict[str, tuple[tuple[int, Link], list[FleetRow]]] = {}
@@ -180,7 +182,9 @@ class FleetState:
         """Start one stream task per agent on the running loop."""
         # No read timeout: the stream is long-lived; the agents ping every 15 s.
         timeout = aiohttp.ClientTimeout(total=None, sock_connect=5.0, sock_read=None)
-        self._http = aiohttp.ClientSession(timeout=timeout, connector=aiohttp.TCPConnector(limit=0))
+        headers = {"Authorization": f"Bearer {self.token}"} if self.token else None
+        self._http = aiohttp.ClientSession(timeout=timeout, headers=headers,
+                                           connector=aiohttp.TCPConnector(limit=0))  # fmt: skip
         self._tasks = [
             asyncio.create_task(link.run(self._http, self._on_change), name=f"link {url}")
             for url, link in self.links.items()

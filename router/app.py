@@ -1,12 +1,12 @@
 """The router's ASGI app: the OpenAI paths go straight to the proxy (`proxy.py`); the rest is
 a small FastAPI app, OpenAPI-documented at /docs: `GET /v1/router` (routes, their split and
-savings), `PATCH /v1/routes/{name}` (change a route's policy or bounds; operator token),
-`/v1/keys` and `/v1/budgets` (API keys and budgets; the router's token), `/metrics` and
-`/healthz`."""
+savings), `PATCH /v1/routes/{name}` (change a route's policy or bounds; an operator),
+`/v1/keys` and `/v1/budgets` (API keys and budgets; an admin, a viewer to read budgets and
+the report), `/v1/whoami`, `/metrics` and `/healthz`. Roles: vocabulary/access.py."""
 
 from __future__ import annotations
 
-import secrets
+from collections.abc import Callable
 from typing import Literal
 
 from fastapi import Depends, FastAPI, HTTPException, Query, Request, status
@@ -34,6 +34,7 @@ from wattops.router.core import Router
 from wattops.router.keys import KeyRecord
 from wattops.router.proxy import OPENAI_PATHS, RouterGateway, store_unavailable
 from wattops.router.report import build_report
+from wattops.vocabulary.access import AccessDenied, Caller, Role, WhoAmI
 from wattops.vocabulary.openai import error_body
 
 __all__ = ["RouterASGI", "create_app"]
@@ -54,16 +55,34 @@ def create_app(router: Router) -> FastAPI:
         "meets its route's quality and latency bounds at the lowest cost, energy or carbon.",
     )
 
-    def require_operator(request: Request) -> None:
-        token = router.config.router.token
-        if token is None:
-            return
-        scheme, _, given = request.headers.get("authorization", "").partition(" ")
-        if scheme.lower() != "bearer" or not given:
-            raise HTTPException(401, "control endpoints need 'Authorization: Bearer <token>'",
-                                headers={"WWW-Authenticate": "Bearer"})  # fmt: skip
-        if not secrets.compare_digest(given.strip().encode(), token.encode()):
-            raise HTTPException(403, "the bearer token is not this router's token")
+    access = router.access
+
+    def require(role: Role, what: str, reads: bool = False,
+                never_open: bool = False) -> Callable[[Request], Caller]:  # fmt: skip
+        """A dependency: the caller, if its token's role allows `what` (vocabulary/access.py).
+        `reads`: only when `reads = "viewer"`; `never_open`: refused when no token is
+        configured at all (keys and budgets decide who may spend what)."""
+
+        def check(request: Request) -> Caller:
+            if never_open and access.open:
+                raise HTTPException(
+                    403, f"{what} needs a token: add [[tokens]] (or set [router] token or "
+                    "$WATTOPS_TOKEN) and send it as a bearer token",
+                )  # fmt: skip
+            if reads and router.config.router.reads == "open":
+                return Caller("anonymous", "viewer")
+            try:
+                caller = access.check(request.headers.get("authorization"), role, what)
+            except AccessDenied as exc:
+                headers = {"WWW-Authenticate": "Bearer"} if exc.status == 401 else None
+                raise HTTPException(exc.status, str(exc), headers=headers) from None
+            request.state.caller = caller
+            return caller
+
+        return check
+
+    reader = [Depends(require("viewer", "reading the router", reads=True))]
+    operator = [Depends(require("operator", "changing a route"))]
 
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
@@ -90,14 +109,27 @@ def create_app(router: Router) -> FastAPI:
         """Liveness: the router's event loop answers."""
         return {"status": "ok"}
 
-    @app.get("/v1/router", response_model=RouterView, tags=["router"])
+    @app.get("/v1/whoami", response_model=WhoAmI, tags=["router"])
+    async def whoami(request: Request) -> WhoAmI:
+        """Who the bearer token (if any) names, and what its role allows here."""
+        try:
+            caller = access.identify(request.headers.get("authorization"))
+        except AccessDenied as exc:
+            raise HTTPException(exc.status, str(exc)) from None
+        if access.open:
+            caller = Caller("anonymous", "admin")
+        return WhoAmI(name=caller.name if caller else None, role=caller.role if caller else None,
+                      open=access.open, reads=router.config.router.reads,
+                      may_control=caller is not None and caller.may("operator"))  # fmt: skip
+
+    @app.get("/v1/router", response_model=RouterView, tags=["router"], dependencies=reader)
     async def view() -> Response:
         """Per route: the bounds, each candidate's figures and share of the traffic, the
         estimated cost and energy against the reference's counterfactual, the last decisions."""
         return Response(router.view().model_dump_json(), media_type="application/json")
 
     @app.patch("/v1/routes/{name}", response_model=Bounds, tags=["router"],
-               dependencies=[Depends(require_operator)])  # fmt: skip
+               dependencies=operator)  # fmt: skip
     async def patch(name: str, change: RoutePatch) -> Bounds:
         """Change a route's policy or bounds now; kept across restarts (state_dir)."""
         if name not in router.routes:
@@ -109,18 +141,10 @@ def create_app(router: Router) -> FastAPI:
 
     charging = router.charging
 
-    def require_admin(request: Request) -> None:
-        # Keys and budgets decide who may spend what: never open, even on a router whose
-        # other control endpoints are (no token configured).
-        if router.config.router.token is None:
-            raise HTTPException(
-                403,
-                "keys and budgets need the router's token: set [router] "
-                "token (or $WATTOPS_TOKEN) and send it as a bearer token",
-            )
-        require_operator(request)
-
-    admin = [Depends(require_admin)]
+    # Keys and budgets decide who may spend what: never open, even on a router whose other
+    # control endpoints are (no token configured). Reading budgets and the report: a viewer.
+    admin = [Depends(require("admin", "keys and budgets", never_open=True))]
+    budget_reader = [Depends(require("viewer", "budgets and reports", never_open=True))]
 
     def known_key(key_id: str) -> KeyRecord:
         found = charging.key_record(key_id)
@@ -164,7 +188,7 @@ def create_app(router: Router) -> FastAPI:
         return found
 
     @app.get("/v1/budgets", response_model=list[BudgetView], tags=["budgets"],
-             dependencies=admin)  # fmt: skip
+             dependencies=budget_reader)  # fmt: skip
     async def list_budgets() -> list[BudgetView]:
         """Every budget and where it stands in its current window."""
         return charging.budget_views()
@@ -198,7 +222,7 @@ def create_app(router: Router) -> FastAPI:
         charging.book.delete(name)
         return Response(status_code=204)
 
-    @app.get("/v1/report", response_model=Report, tags=["budgets"], dependencies=admin)
+    @app.get("/v1/report", response_model=Report, tags=["budgets"], dependencies=budget_reader)
     async def report(
         by: Literal["key", "team", "route"] = "team",
         since: float = Query(description="unix time the period begins"),
@@ -208,7 +232,7 @@ def create_app(router: Router) -> FastAPI:
         and what no request was charged (router/report.py), and each budget's forecast."""
         return build_report(charging.book, by, since, until)
 
-    @app.get("/metrics", tags=["router"])
+    @app.get("/metrics", tags=["router"], dependencies=reader)
     async def metrics() -> Response:
         """Prometheus metrics (`wattops_route_*`)."""
         return Response(generate_latest(router.registry), media_type=CONTENT_TYPE_LATEST)

@@ -36,6 +36,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from wattops.fleet.client import agent_url
 from wattops.fleet.inventory import InventoryError, load_inventory
 from wattops.router.api import Budget
+from wattops.vocabulary.access import TokenEntry, load_tokens, unique_names
 from wattops.vocabulary.net import split_listen
 
 __all__ = [
@@ -70,8 +71,21 @@ class RouterSection(_Section):
     )
     token: str | None = Field(
         default_factory=lambda: os.environ.get("WATTOPS_TOKEN") or None,
-        description="bearer token required by control endpoints; default: $WATTOPS_TOKEN",
+        description="an admin bearer token (named `token`), beside the [[tokens]]; default: "
+        "$WATTOPS_TOKEN",
     )
+    tokens_file: Path | None = Field(
+        None, description="a TOML file of [[tokens]] (name, role, hash), read at start"
+    )
+    agent_token: str | None = Field(
+        default_factory=lambda: os.environ.get("WATTOPS_AGENT_TOKEN") or None,
+        description="bearer token sent to the agents (a viewer's is enough: needed when their "
+        "reads = viewer); default: $WATTOPS_AGENT_TOKEN",
+    )  # fmt: skip
+    reads: Literal["open", "viewer"] = Field(
+        "open", description="open: /v1/router and /metrics need no token; viewer: they need "
+        "one of any role",
+    )  # fmt: skip
     inventory: Path | None = Field(None, description="fleet.toml listing the agents")
     models_dir: Path | None = Field(
         None, description="where the agents' model files are found by name (same machine or a "
@@ -257,6 +271,10 @@ class RouterConfig(_Section):
         default_factory=list, description="budgets made on the first start (then kept in the "
         "ledger and changed through /v1/budgets)",
     )  # fmt: skip
+    tokens: list[TokenEntry] = Field(
+        default_factory=list, description="[[tokens]]: bearer tokens by name with their role "
+        "(viewer, operator, admin) and hash",
+    )  # fmt: skip
     _source: str = "<config>"
     _inventory_urls: list[str] = []
 
@@ -270,6 +288,7 @@ class RouterConfig(_Section):
         twice = sorted({n for n in budgets if budgets.count(n) > 1})
         if twice:
             raise ValueError(f"budget names must be unique; repeated: {', '.join(twice)}")
+        unique_names(self.tokens)
         return self
 
     @property
@@ -315,6 +334,13 @@ def load_config(path: Path) -> RouterConfig:
     config.router.state_dir = (base / config.router.state_dir).resolve()
     if config.router.models_dir is not None:
         config.router.models_dir = (base / config.router.models_dir).resolve()
+    if config.router.tokens_file is not None:
+        config.router.tokens_file = (base / config.router.tokens_file).resolve()
+        try:
+            config.tokens = [*config.tokens, *load_tokens(config.router.tokens_file)]
+            unique_names(config.tokens)
+        except ValueError as exc:
+            raise ConfigError(f"{path}: router.{exc}") from None
     if config.router.inventory is not None:
         config.router.inventory = (base / config.router.inventory).resolve()
         try:

@@ -45,6 +45,7 @@ from wattops.router.notify import Notifier
 from wattops.router.quality import QualityBook
 from wattops.router.store import open_charging
 from wattops.vocabulary import atomic_write
+from wattops.vocabulary.access import Access
 
 __all__ = ["BadRequestHeader", "Router", "Usage"]
 
@@ -120,7 +121,8 @@ class Router:
 
     def __init__(self, config: RouterConfig, urls: list[str] | None = None) -> None:
         self.config = config
-        self.fleet = FleetState(urls if urls is not None else config.agent_urls())
+        self.fleet = FleetState(urls if urls is not None else config.agent_urls(),
+                                token=config.router.agent_token)  # fmt: skip
         self.state_dir = config.router.state_dir
         self.routes: dict[str, RouteConfig] = {r.name: r for r in config.routes}
         self.overrides: dict[str, dict[str, Any]] = self._read("routes.json")
@@ -179,6 +181,8 @@ class Router:
             ["budget", "threshold"], registry=self.registry,
         )  # fmt: skip
         self.charging = open_charging(config.router, config.budgets)
+        #: Who may do what: the [[tokens]] and the older single `token` (an admin).
+        self.access = Access(config.tokens, config.router.token, "router")
         self.charging.book.on_warning = self._warned
         self.registry.register(_BudgetGauges(self.charging))
         self._last_save = time.monotonic()

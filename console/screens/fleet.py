@@ -29,6 +29,7 @@ from wattops.console.screens.node import NodeScreen
 from wattops.console.widgets.alerts_panel import AlertsPanel, PanelItem
 from wattops.console.widgets.fleet_table import COLUMNS, SORTABLE, FleetTable
 from wattops.fleet.advice import precision_advice
+from wattops.fleet.client import AgentClient, AgentError
 from wattops.fleet.kube import KubeDeployment, KubeError, KubeFleet
 from wattops.fleet.rollout import Action
 from wattops.fleet.rows import FleetRow, kube_rows, rows_for
@@ -183,6 +184,9 @@ class FleetScreen(Screen[None]):
         self._order_state: tuple[str, str | None, bool] = ("", None, False)
         self._panel_cache: dict[str, tuple[tuple[object, ...], list[PanelItem]]] = {}
         self._control_http: aiohttp.ClientSession | None = None
+        #: Per agent URL, why this console's token may not act there (a viewer's token).
+        self.denied: dict[str, str] = {}
+        self._asked_whoami: set[str] = set()
 
     # -- layout ----------------------------------------------------------------------------
 
@@ -216,7 +220,38 @@ class FleetScreen(Screen[None]):
 
     def check_action(self, action: str, parameters: tuple[object, ...]) -> bool | None:
         # Read-only: the actions are neither shown nor run, and no control call is made.
-        return not (self.read_only and action in CONTROL_ACTIONS)
+        if action not in CONTROL_ACTIONS:
+            return True
+        if self.read_only:
+            return False
+        # A token that may act on no agent (a viewer's): shown, disabled; the reason is in the
+        # title, and `send` refuses (with it) anything that reaches it.
+        links = [u for u, link in self.fleet.links.items() if link.connected]
+        if links and all(u in self.denied for u in links):
+            return None
+        return True
+
+    def _ask_whoami(self, link: AgentLink) -> None:
+        """Once per agent: what this console's token may do there (`GET /v1/whoami`)."""
+        if self.kube is not None or link.url in self._asked_whoami or not link.connected:
+            return
+        self._asked_whoami.add(link.url)
+        self.run_worker(self._whoami(link.url), group=f"whoami {link.url}",
+                        exit_on_error=False)  # fmt: skip
+
+    async def _whoami(self, url: str) -> None:
+        try:
+            async with AgentClient(url, token=self.token, http=self._control_http) as client:
+                who = await client.whoami()
+        except AgentError:
+            return  # an older agent without roles: its refusals will say what is wrong
+        if who.may_control:
+            self.denied.pop(url, None)
+        else:
+            held = f"token {who.name!r} is a {who.role}" if who.name else "no token given"
+            self.denied[url] = f"actions need an operator token ({held})"
+            self.sub_title = f"{self.denied[url]}: actions disabled"
+        self.refresh_bindings()
 
     @work(thread=True, group="kube-poll", exclusive=True, exit_on_error=False)
     def _poll_kube(self) -> None:
@@ -236,6 +271,7 @@ class FleetScreen(Screen[None]):
     # -- refresh ---------------------------------------------------------------------------
 
     def _link_changed(self, link: AgentLink) -> None:
+        self._ask_whoami(link)
         # An operator waiting on an action sees its effect at once, not at the next redraw:
         # that node's rows are redrawn on their own, without a pass over the whole fleet.
         if any(k.startswith(link.url + "|") for k in self.pending):
@@ -472,6 +508,10 @@ class FleetScreen(Screen[None]):
         outcome is known. A newer action on the same deployment replaces an older one."""
         if self.read_only:  # belt and braces: check_action already hides these
             self.notify("read-only console: no action is sent", severity="warning")
+            return
+        reason = self.denied.get(getattr(target, "url", ""))
+        if reason is not None:
+            self.notify(f"{target.label}: {reason}; nothing was sent", severity="warning")
             return
         self.pending[target.key] = Pending(action, value)
         self.run_worker(self._carry_out(target, action, value), group=f"act {target.key}",
