@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Annotated, Any
 
 from fastapi import Depends, FastAPI, Query, Request
@@ -27,6 +27,7 @@ from wattops.agents.metrics import registry_for
 from wattops.agents.node import AGENT_VERSION, NodeAgent
 from wattops.agents.supervisor import ControlError, Deployment
 from wattops.vocabulary.access import AccessDenied, Caller, Role, WhoAmI
+from wattops.vocabulary.audit import AuditMiddleware, AuditPage
 
 #: Minimum gap between two snapshot events on one stream: changes in between are coalesced.
 EVENT_MIN_INTERVAL_S = 0.25
@@ -109,7 +110,8 @@ class AgentASGI:
     dependency resolution (measured: about a third of the gateway's CPU per request).
     """
 
-    def __init__(self, agent: NodeAgent, api: FastAPI) -> None:
+    def __init__(self, agent: NodeAgent, api: Callable[[Scope, Receive, Send], Awaitable[None]]
+                 ) -> None:  # fmt: skip
         self.agent = agent
         self.api = api
 
@@ -123,8 +125,27 @@ class AgentASGI:
 
 
 def create_asgi(agent: NodeAgent) -> AgentASGI:
-    """The ASGI app that `wattops-agent` serves."""
-    return AgentASGI(agent, create_app(agent))
+    """The ASGI app that `wattops-agent` serves: the gateway, then the API behind its audit
+    log (every control call, allowed or refused)."""
+
+    def figures(path: str) -> dict[str, Any] | None:
+        parts = path.strip("/").split("/")
+        dep = (
+            agent.deployments.get(parts[2])
+            if len(parts) > 2 and parts[1] == "deployments"
+            else None
+        )
+        if dep is None:
+            return None
+        usd = agent.accounting.deployment_usd_per_hour(dep.name) if agent.accounting else None
+        return {"deployment": dep.name, "precision": dep.precision,
+                "desired_precision": dep.desired.precision, "ready_replicas": len(dep.ready),
+                "desired_replicas": dep.desired.replicas, "usd_per_hour": usd}  # fmt: skip
+
+    api = AuditMiddleware(create_app(agent), agent.audit, "agent",
+                          lambda scope, auth: agent.access.name_of(scope.get("state"), auth),
+                          figures)  # fmt: skip
+    return AgentASGI(agent, api)
 
 
 def create_app(agent: NodeAgent) -> FastAPI:
@@ -301,6 +322,17 @@ def create_app(agent: NodeAgent) -> FastAPI:
         except ControlError as exc:
             raise APIError(exc.status, exc.code, str(exc), exc.allowed) from None
         return _accepted(deployment, "canary")
+
+    @app.get("/v1/audit", response_model=AuditPage, tags=["control"],
+             dependencies=[OperatorAuth])  # fmt: skip
+    async def audit(
+        agent: AgentDep,
+        since: Annotated[float, Query(ge=0, description="unix time: entries from then on")] = 0.0,
+        limit: Annotated[int, Query(ge=1, le=10000, description="the last N entries")] = 1000,
+    ) -> AuditPage:
+        """The audit log: every control call, allowed or refused (operators and admins)."""
+        entries, torn = agent.audit.read(since, limit)
+        return AuditPage(entries=entries, torn_lines=torn)
 
     _document_gateway_routes(app)
     return app

@@ -43,6 +43,7 @@ from wattops.engines.registry import engine_type
 from wattops.engines.variants import VariantStore
 from wattops.profiles import HardwareProfile, ProfileError, hardware_profile, site_profile
 from wattops.vocabulary.access import Access
+from wattops.vocabulary.audit import AuditLog
 
 log = logging.getLogger("wattops.agent")
 
@@ -60,6 +61,8 @@ class NodeAgent:
         self.config = config
         #: Who may do what: the [[tokens]] and the older single `token` (an admin).
         self.access = Access(config.tokens, config.agent.token, "agent")
+        #: Every control call, allowed or refused (vocabulary/audit.py).
+        self.audit = AuditLog(config.agent.state_dir / "audit.jsonl")
         self.state_dir = config.agent.state_dir.resolve()
         self.store = StateStore(self.state_dir)
         self.started_at = time.time()

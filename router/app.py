@@ -35,6 +35,7 @@ from wattops.router.keys import KeyRecord
 from wattops.router.proxy import OPENAI_PATHS, RouterGateway, store_unavailable
 from wattops.router.report import build_report
 from wattops.vocabulary.access import AccessDenied, Caller, Role, WhoAmI
+from wattops.vocabulary.audit import AuditMiddleware, AuditPage
 from wattops.vocabulary.openai import error_body
 
 __all__ = ["RouterASGI", "create_app"]
@@ -232,6 +233,15 @@ def create_app(router: Router) -> FastAPI:
         and what no request was charged (router/report.py), and each budget's forecast."""
         return build_report(charging.book, by, since, until)
 
+    @app.get("/v1/audit", response_model=AuditPage, tags=["router"], dependencies=operator)
+    async def audit(
+        since: float = Query(0.0, ge=0, description="unix time: entries from then on"),
+        limit: int = Query(1000, ge=1, le=10000, description="the last N entries"),
+    ) -> AuditPage:
+        """The audit log: every control call, allowed or refused (operators and admins)."""
+        entries, torn = router.audit.read(since, limit)
+        return AuditPage(entries=entries, torn_lines=torn)
+
     @app.get("/metrics", tags=["router"], dependencies=reader)
     async def metrics() -> Response:
         """Prometheus metrics (`wattops_route_*`)."""
@@ -245,7 +255,11 @@ class RouterASGI:
 
     def __init__(self, gateway: RouterGateway, api: FastAPI) -> None:
         self.gateway = gateway
-        self.api = api
+        router = gateway.router
+        # Every control call, allowed or refused, in the router's audit log (reads are not).
+        self.api = AuditMiddleware(api, router.audit, "router",
+                                   lambda scope, auth: router.access.name_of(scope.get("state"),
+                                                                             auth))  # fmt: skip
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "http" and scope["path"] in OPENAI_PATHS:

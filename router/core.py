@@ -46,6 +46,7 @@ from wattops.router.quality import QualityBook
 from wattops.router.store import open_charging
 from wattops.vocabulary import atomic_write
 from wattops.vocabulary.access import Access
+from wattops.vocabulary.audit import AuditLog
 
 __all__ = ["BadRequestHeader", "Router", "Usage"]
 
@@ -183,6 +184,8 @@ class Router:
         self.charging = open_charging(config.router, config.budgets)
         #: Who may do what: the [[tokens]] and the older single `token` (an admin).
         self.access = Access(config.tokens, config.router.token, "router")
+        #: Every control call, allowed or refused (vocabulary/audit.py).
+        self.audit = AuditLog(self.state_dir / "audit.jsonl")
         self.charging.book.on_warning = self._warned
         self.registry.register(_BudgetGauges(self.charging))
         self._last_save = time.monotonic()

@@ -29,7 +29,7 @@ import tomllib
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
@@ -195,6 +195,20 @@ class Access:
             raise AccessDenied(403, "forbidden", f"the bearer token is not one of this "
                                f"{self.what}'s tokens")  # fmt: skip
         return found
+
+    def name_of(self, state: Any, authorization: str | None) -> str:
+        """Who sent a request, for the audit log: the caller the app accepted (in the
+        scope's `state`), else whatever its token says (`no token`, `unknown token`)."""
+        caller = state.get("caller") if isinstance(state, dict) else None
+        if isinstance(caller, Caller):
+            return caller.name
+        if self.open:
+            return "anonymous"
+        try:
+            found = self.identify(authorization)
+        except AccessDenied:
+            return "unknown token"
+        return found.name if found is not None else "no token"
 
     def check(self, authorization: str | None, role: Role, what: str) -> Caller:
         """The caller, if it may do `what` (which needs `role`); AccessDenied otherwise."""
