@@ -38,9 +38,10 @@ def _load_prctl() -> Callable[..., int] | None:
 _PRCTL = _load_prctl()
 
 
-def _die_with_parent() -> None:
-    # Linux only: the kernel sends SIGTERM to the replica when the agent dies, kill -9
-    # included, so an agent crash does not leave engines holding memory and cores.
+def die_with_parent() -> None:
+    """For `preexec_fn`: the child gets SIGTERM when its parent dies, kill -9 included.
+    Linux only (elsewhere nothing): an agent crash does not leave engines holding memory and
+    cores, nor a killed `wattops demo` its agents."""
     if _PRCTL is not None:
         _PRCTL(_PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
 
@@ -77,7 +78,7 @@ async def spawn(
             stdout=asyncio.subprocess.PIPE if capture_stdout else log,
             stderr=log,
             env=full_env,
-            preexec_fn=_die_with_parent,
+            preexec_fn=die_with_parent,
             start_new_session=True,
         )
 

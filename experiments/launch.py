@@ -16,6 +16,8 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+from wattops.engines.process import die_with_parent
+
 __all__ = ["Launched", "agent_argv", "free_port", "launch", "stop_all", "stop_on_hangup"]
 
 
@@ -44,9 +46,10 @@ def launch(name: str, argv: list[str], log: Path) -> Launched:
     log.parent.mkdir(parents=True, exist_ok=True)
     with log.open("ab") as out:
         # Its own session: a Ctrl-C in the terminal reaches the launcher, which then stops
-        # each child in order, rather than every child at once.
+        # each child in order, rather than every child at once. And tied to the launcher's
+        # life: killed with SIGKILL (no chance to stop them), it still takes them along.
         proc = subprocess.Popen(argv, stdout=out, stderr=out, stdin=subprocess.DEVNULL,
-                                start_new_session=True)  # fmt: skip
+                                start_new_session=True, preexec_fn=die_with_parent)  # fmt: skip
     return Launched(name, proc)
 
 

@@ -56,3 +56,51 @@ def test_the_demo_fleet_serves_smollm2_and_answers_in_english(tmp_path: Path) ->
         table = render_table(fleet_rows(asyncio.run(fetch_snapshots(urls))))
         for node, profile, _ in DEMO_NODES:
             assert node in table and profile in table
+
+
+def test_a_launcher_killed_with_sigkill_takes_its_children_along(tmp_path: Path) -> None:
+    """What `wattops demo` and `wattops bench` start (agents, load generators, the router)
+    goes with them even when they are killed with SIGKILL and cannot stop anything: a script
+    launches two long-running children the way they do, then is killed."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    pids = tmp_path / "pids"
+    script = (
+        "import sys, time\n"
+        "from pathlib import Path\n"
+        "from wattops.experiments.launch import launch\n"
+        "started = [launch(f'child {n}', [sys.executable, '-c', 'import time; time.sleep(600)'],"
+        f" Path({str(tmp_path)!r}) / f'child{{n}}.log') for n in range(2)]\n"
+        f"Path({str(pids)!r}).write_text(' '.join(str(s.process.pid) for s in started))\n"
+        "time.sleep(600)\n"
+    )
+    launcher = subprocess.Popen([sys.executable, "-c", script])
+    deadline = time.monotonic() + 30
+    while not pids.exists() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    children = [int(p) for p in pids.read_text().split()]
+    assert all(_alive(pid) for pid in children)
+    launcher.send_signal(signal.SIGKILL)
+    launcher.wait(10)
+    deadline = time.monotonic() + 10
+    while any(_alive(pid) for pid in children) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not any(_alive(pid) for pid in children), "children outlived a SIGKILLed launcher"
+
+
+def _alive(pid: int) -> bool:
+    import os
+
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    # A zombie (exited, not yet reaped by init) is not alive either.
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().split(")")[-1].split()[0]
+    except FileNotFoundError:
+        return False
+    return state != "Z"
