@@ -28,6 +28,7 @@ from wattops.vocabulary import PRECISIONS
 from wattops.vocabulary.access import TokenEntry, load_tokens, unique_names
 from wattops.vocabulary.net import split_listen
 from wattops.vocabulary.plugins import UnknownPlugin
+from wattops.vocabulary.tls import tls_pair_problem
 
 NAME_PATTERN = r"^[a-z0-9]([a-z0-9._-]{0,62}[a-z0-9])?$"
 
@@ -62,6 +63,13 @@ class AgentSection(_Section):
         "open", description="open: snapshots, events, history and metrics need no token; "
         "viewer: they need one of any role (then give Prometheus and the router one)",
     )  # fmt: skip
+    tls_cert: Path | None = Field(
+        None, description="serve HTTPS with this certificate (PEM; reloaded on SIGHUP)"
+    )
+    tls_key: Path | None = Field(None, description="its private key (PEM)")
+    tls_client_ca: Path | None = Field(
+        None, description="require client certificates signed by this CA (mutual TLS)"
+    )
     wake_timeout_s: float = Field(
         120.0, gt=0, description="how long a request waits for a parked deployment to wake"
     )
@@ -92,6 +100,13 @@ class AgentSection(_Section):
     def _check_listen(cls, value: str) -> str:
         split_listen(value)
         return value
+
+    @model_validator(mode="after")
+    def _tls_pair(self) -> AgentSection:
+        problem = tls_pair_problem(self.tls_cert, self.tls_key, self.tls_client_ca)
+        if problem is not None:
+            raise ValueError(problem)
+        return self
 
     @field_validator("sensor")
     @classmethod
@@ -390,6 +405,10 @@ def load_config(path: Path) -> AgentConfig:
         config.kubernetes.kubeconfig = (base / config.kubernetes.kubeconfig).resolve()
     for dep in config.deployments:
         dep.settings.resolve_paths(base)
+    for name in ("tls_cert", "tls_key", "tls_client_ca"):
+        given = getattr(config.agent, name)
+        if given is not None:
+            setattr(config.agent, name, (base / given).resolve())
     if config.agent.tokens_file is not None:
         config.agent.tokens_file = (base / config.agent.tokens_file).resolve()
         try:

@@ -16,6 +16,7 @@ from wattops.agents.app import create_asgi
 from wattops.agents.config import AgentConfig, ConfigError, load_config
 from wattops.agents.node import AGENT_VERSION, NodeAgent
 from wattops.vocabulary.net import bind_listener
+from wattops.vocabulary.tls import server_tls
 
 log = logging.getLogger("wattops.agent")
 
@@ -32,6 +33,11 @@ def bind(config: AgentConfig) -> socket.socket:
 
 async def serve(config: AgentConfig) -> None:
     """Start the agent, serve its API until SIGINT/SIGTERM, then stop every replica."""
+    a = config.agent
+    try:
+        tls = server_tls(a.tls_cert, a.tls_key, a.tls_client_ca, f"{config.source}: agent")
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
     listener = bind(config)
     agent = NodeAgent(config)
     try:
@@ -52,8 +58,12 @@ async def serve(config: AgentConfig) -> None:
                 access_log=False,
                 log_level="warning",
                 timeout_graceful_shutdown=10,
+                ssl_context_factory=tls.factory if tls is not None else None,
             )
         )
+        if tls is not None:
+            # A renewed certificate is read again on SIGHUP, without dropping a connection.
+            signal.signal(signal.SIGHUP, lambda signum, frame: tls.reload())
 
         # uvicorn handles SIGINT/SIGTERM while it serves, then raises the signal again with
         # the handlers that were in place before it started. With Python's defaults that
@@ -65,9 +75,10 @@ async def serve(config: AgentConfig) -> None:
         for signum in (signal.SIGINT, signal.SIGTERM):
             signal.signal(signum, request_exit)
         log.info(
-            "wattops-agent %s serving node %s on http://%s",
+            "wattops-agent %s serving node %s on %s://%s",
             AGENT_VERSION,
             config.agent.node,
+            "https" if tls is not None else "http",
             config.agent.listen,
         )
         await server.serve(sockets=[listener])

@@ -5,6 +5,7 @@ model. Each command's work lives in the fleet core (wattops.fleet), the experime
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 from pathlib import Path
@@ -332,6 +333,11 @@ def _quality(args: argparse.Namespace) -> int:
 def build_parser() -> argparse.ArgumentParser:
     """The whole `wattops` argument parser."""
     parser = argparse.ArgumentParser(prog="wattops", description="wattops operator CLI")
+    parser.add_argument(
+        "--ca", type=Path, metavar="FILE",
+        help="CA bundle that signed the agents' and routers' HTTPS certificates (default: "
+        "$WATTOPS_CA, else the system's); $WATTOPS_CLIENT_CERT/_KEY present a client certificate",
+    )  # fmt: skip
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     model = commands.add_parser("model", help="generate and quantize GGUF models")
@@ -479,6 +485,11 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> None:
     """Entry point of `wattops`."""
     args = build_parser().parse_args(argv)
+    if args.ca is not None:
+        if not args.ca.is_file():
+            print(f"wattops: --ca {args.ca}: no such file", file=sys.stderr)
+            sys.exit(2)
+        os.environ["WATTOPS_CA"] = str(args.ca)  # read by every client this command makes
     sys.exit(args.func(args))
 
 

@@ -11,6 +11,7 @@ import aiohttp
 
 from wattops.agents.api import Accepted, CanaryRequest, NodeSnapshot
 from wattops.vocabulary.access import WhoAmI
+from wattops.vocabulary.tls import client_ssl
 
 
 def agent_url(text: str) -> str:
@@ -66,7 +67,10 @@ class AgentClient:
         self.url = url.rstrip("/")
         self.token = token
         self._own = http is None
-        self.http = http or aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=timeout_s))
+        self.http = http or aiohttp.ClientSession(
+            timeout=aiohttp.ClientTimeout(total=timeout_s),
+            connector=aiohttp.TCPConnector(ssl=client_ssl()),
+        )
 
     async def close(self) -> None:
         """Close the connection pool if this client made it."""
@@ -148,7 +152,8 @@ async def fetch_snapshots(
 ) -> list[tuple[str, NodeSnapshot | None, str | None]]:
     """Every agent's snapshot once, concurrently: (url, snapshot or None, error or None)."""
     timeout = aiohttp.ClientTimeout(total=timeout_s)
-    async with aiohttp.ClientSession(timeout=timeout) as http:
+    connector = aiohttp.TCPConnector(ssl=client_ssl())
+    async with aiohttp.ClientSession(timeout=timeout, connector=connector) as http:
 
         async def one(url: str) -> tuple[str, NodeSnapshot | None, str | None]:
             try:

@@ -19,6 +19,7 @@ from wattops.router.api import (
     Report,
     RouterView,
 )
+from wattops.vocabulary.tls import client_ssl
 
 __all__ = ["RouterClient", "RouterError"]
 
@@ -53,7 +54,10 @@ class RouterClient:
 
     async def _call(self, method: str, path: str, body: dict[str, Any] | None = None) -> bytes:
         if self._session is None:
-            self._session = aiohttp.ClientSession(headers=self.headers, timeout=self.timeout)
+            self._session = aiohttp.ClientSession(
+                headers=self.headers, timeout=self.timeout,
+                connector=aiohttp.TCPConnector(ssl=client_ssl()),
+            )  # fmt: skip
         try:
             async with self._session.request(method, self.url + path, json=body) as response:
                 data = await response.read()

@@ -38,6 +38,7 @@ from wattops.fleet.inventory import InventoryError, load_inventory
 from wattops.router.api import Budget
 from wattops.vocabulary.access import TokenEntry, load_tokens, unique_names
 from wattops.vocabulary.net import split_listen
+from wattops.vocabulary.tls import tls_pair_problem
 
 __all__ = [
     "POLICIES",
@@ -76,6 +77,13 @@ class RouterSection(_Section):
     )
     tokens_file: Path | None = Field(
         None, description="a TOML file of [[tokens]] (name, role, hash), read at start"
+    )
+    tls_cert: Path | None = Field(
+        None, description="serve HTTPS with this certificate (PEM; reloaded on SIGHUP)"
+    )
+    tls_key: Path | None = Field(None, description="its private key (PEM)")
+    tls_client_ca: Path | None = Field(
+        None, description="require client certificates signed by this CA (mutual TLS)"
     )
     agent_token: str | None = Field(
         default_factory=lambda: os.environ.get("WATTOPS_AGENT_TOKEN") or None,
@@ -155,6 +163,13 @@ class RouterSection(_Section):
     def _check_listen(cls, value: str) -> str:
         split_listen(value)
         return value
+
+    @model_validator(mode="after")
+    def _tls_pair(self) -> RouterSection:
+        problem = tls_pair_problem(self.tls_cert, self.tls_key, self.tls_client_ca)
+        if problem is not None:
+            raise ValueError(problem)
+        return self
 
     @field_validator("store")
     @classmethod
@@ -334,6 +349,10 @@ def load_config(path: Path) -> RouterConfig:
     config.router.state_dir = (base / config.router.state_dir).resolve()
     if config.router.models_dir is not None:
         config.router.models_dir = (base / config.router.models_dir).resolve()
+    for name in ("tls_cert", "tls_key", "tls_client_ca"):
+        given = getattr(config.router, name)
+        if given is not None:
+            setattr(config.router, name, (base / given).resolve())
     if config.router.tokens_file is not None:
         config.router.tokens_file = (base / config.router.tokens_file).resolve()
         try:

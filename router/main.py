@@ -19,6 +19,7 @@ from wattops.router.config import ConfigError, RouterConfig, load_config
 from wattops.router.core import Router
 from wattops.router.proxy import RouterGateway
 from wattops.vocabulary.net import bind_listener
+from wattops.vocabulary.tls import client_ssl, server_tls
 
 log = logging.getLogger("wattops.router")
 
@@ -51,6 +52,11 @@ async def _keep_discovering(config: RouterConfig, kube: Any, router: Router) -> 
 
 
 async def serve(config: RouterConfig) -> None:
+    r = config.router
+    try:
+        tls = server_tls(r.tls_cert, r.tls_key, r.tls_client_ca, f"{config.source}: router")
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
     where = f"{config.source}: router.listen = {config.router.listen}"
     try:
         listener = bind_listener(config.router.listen, where)
@@ -74,7 +80,7 @@ async def serve(config: RouterConfig) -> None:
         listener.close()
         raise ConfigError(f"{config.source}: router.{exc}") from None
     router.fleet.start()
-    connector = aiohttp.TCPConnector(limit=0, ttl_dns_cache=300)
+    connector = aiohttp.TCPConnector(limit=0, ttl_dns_cache=300, ssl=client_ssl())
     session = aiohttp.ClientSession(connector=connector)
     if config.router.budget_webhooks:
         from wattops.router.notify import Notifier
@@ -85,7 +91,11 @@ async def serve(config: RouterConfig) -> None:
         RouterASGI(RouterGateway(router, session), create_app(router)),
         host=host.strip("[]"), port=int(port), http="httptools", lifespan="off",
         proxy_headers=False, access_log=False, log_level="warning", timeout_graceful_shutdown=10,
+        ssl_context_factory=tls.factory if tls is not None else None,
     ))  # fmt: skip
+    if tls is not None:
+        # A renewed certificate is read again on SIGHUP, without dropping a connection.
+        signal.signal(signal.SIGHUP, lambda signum, frame: tls.reload())
 
     def request_exit(signum: int, frame: object) -> None:
         server.should_exit = True
@@ -104,8 +114,8 @@ async def serve(config: RouterConfig) -> None:
     tasks = [asyncio.create_task(keep_learned())]
     if kube is not None:
         tasks.append(asyncio.create_task(_keep_discovering(config, kube, router)))
-    log.info("wattops-router %s serving %d routes on http://%s", ROUTER_VERSION,
-             len(router.routes), config.router.listen)  # fmt: skip
+    log.info("wattops-router %s serving %d routes on %s://%s", ROUTER_VERSION,
+             len(router.routes), "https" if tls else "http", config.router.listen)  # fmt: skip
     try:
         await server.serve(sockets=[listener])
     finally:

@@ -35,6 +35,7 @@ from wattops.fleet.rollout import Action
 from wattops.fleet.rows import FleetRow, kube_rows, rows_for
 from wattops.fleet.state import AgentLink, FleetState
 from wattops.fleet.target import ActionRefused, AgentTarget, FleetTarget, KubeTarget
+from wattops.vocabulary.tls import client_ssl
 
 #: Screens under which the fleet view does not redraw.
 _MODALS = (PrecisionModal, ScaleModal, ConfirmModal, DetailModal)
@@ -206,7 +207,10 @@ class FleetScreen(Screen[None]):
         self.query_one("#filter", Input).display = False
         self.fleet.on_change = self._link_changed
         # One pool for control calls: a new connection per key press costs tens of ms.
-        self._control_http = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=10.0))
+        self._control_http = aiohttp.ClientSession(
+            timeout=aiohttp.ClientTimeout(total=10.0),
+            connector=aiohttp.TCPConnector(ssl=client_ssl()),
+        )
         if self.kube is not None:
             self._poll_kube()
             self.set_interval(KUBE_POLL_S, self._poll_kube)
