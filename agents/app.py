@@ -28,6 +28,7 @@ from wattops.agents.node import AGENT_VERSION, NodeAgent
 from wattops.agents.supervisor import ControlError, Deployment
 from wattops.vocabulary.access import AccessDenied, Caller, Role, WhoAmI
 from wattops.vocabulary.audit import AuditMiddleware, AuditPage
+from wattops.vocabulary.hardening import Guard
 
 #: Minimum gap between two snapshot events on one stream: changes in between are coalesced.
 EVENT_MIN_INTERVAL_S = 0.25
@@ -145,7 +146,7 @@ def create_asgi(agent: NodeAgent) -> AgentASGI:
     api = AuditMiddleware(create_app(agent), agent.audit, "agent",
                           lambda scope, auth: agent.access.name_of(scope.get("state"), auth),
                           figures)  # fmt: skip
-    return AgentASGI(agent, api)
+    return AgentASGI(agent, Guard(api))  # header, body, slow-client and stream limits
 
 
 def create_app(agent: NodeAgent) -> FastAPI:

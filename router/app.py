@@ -9,6 +9,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Literal
 
+import orjson
 from fastapi import Depends, FastAPI, HTTPException, Query, Request, status
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
@@ -36,6 +37,7 @@ from wattops.router.proxy import OPENAI_PATHS, RouterGateway, store_unavailable
 from wattops.router.report import build_report
 from wattops.vocabulary.access import AccessDenied, Caller, Role, WhoAmI
 from wattops.vocabulary.audit import AuditMiddleware, AuditPage
+from wattops.vocabulary.hardening import Guard
 from wattops.vocabulary.openai import error_body
 
 __all__ = ["RouterASGI", "create_app"]
@@ -257,9 +259,12 @@ class RouterASGI:
         self.gateway = gateway
         router = gateway.router
         # Every control call, allowed or refused, in the router's audit log (reads are not).
-        self.api = AuditMiddleware(api, router.audit, "router",
-                                   lambda scope, auth: router.access.name_of(scope.get("state"),
-                                                                             auth))  # fmt: skip
+        audited = AuditMiddleware(api, router.audit, "router",
+                                  lambda scope, auth: router.access.name_of(scope.get("state"),
+                                                                            auth))  # fmt: skip
+        # Header, body and slow-client limits (vocabulary/hardening.py), in OpenAI's shape.
+        self.api = Guard(audited, error=lambda status, code, message: orjson.dumps(
+            error_body(status, message, code)))  # fmt: skip
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "http" and scope["path"] in OPENAI_PATHS:
