@@ -35,8 +35,17 @@ NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,127}$"
 TEAM_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$"
 
 
+#: The most requests or tokens per minute a key may be given (a store keeps 64-bit integers).
+RATE_MAX = 10**12
+
+
 class _Model(BaseModel):
     model_config = ConfigDict(extra="forbid")
+
+
+class _Request(_Model):
+    # Strict: a control call says exactly what it means (false is not 0.0, "2" is not 2).
+    model_config = ConfigDict(extra="forbid", strict=True)
 
 
 class Bounds(_Model):
@@ -49,7 +58,7 @@ class Bounds(_Model):
     max_usd_per_1m_tokens: float | None = None
 
 
-class RoutePatch(_Model):
+class RoutePatch(_Request):
     """What an operator may change on a route at run time (kept across router restarts).
     Fields left out stay as they are; null clears a bound."""
 
@@ -145,7 +154,7 @@ class RouterView(_Model):
 # -- budgets and keys (router/budgets.py, router/keys.py) -------------------------------
 
 
-class Budget(_Model):
+class Budget(_Request):
     """One budget. `subject` names what it covers: a key's id, a team, a route; none for the
     fleet."""
 
@@ -199,7 +208,7 @@ class Budget(_Model):
         return f"{who}, {UNIT_LABELS[self.unit]} per {self.window}"
 
 
-class BudgetPatch(_Model):
+class BudgetPatch(_Request):
     """`PATCH /v1/budgets/{name}`: the fields to change (what it covers stays)."""
 
     limit: float | None = Field(None, gt=0)
@@ -221,13 +230,14 @@ class BudgetView(_Model):
     state: Literal["ok", "warning", "degrading", "over"]
 
 
-class KeyCreate(_Model):
+class KeyCreate(_Request):
     """`POST /v1/keys`: the key's owner, its limits, and budgets made for it."""
 
     team: str = Field(pattern=TEAM_PATTERN, description="the team it is charged to")
     name: str | None = Field(None, max_length=128, description="what it is for")
-    rpm: int | None = Field(None, ge=1, description="requests per minute")
-    tpm: int | None = Field(None, ge=1, description="tokens per minute (prompt + completion)")
+    rpm: int | None = Field(None, ge=1, le=RATE_MAX, description="requests per minute")
+    tpm: int | None = Field(None, ge=1, le=RATE_MAX,
+                            description="tokens per minute (prompt + completion)")  # fmt: skip
     budget_usd_day: float | None = Field(None, gt=0)
     budget_usd_month: float | None = Field(None, gt=0)
     budget_kwh_month: float | None = Field(None, gt=0)
@@ -244,12 +254,12 @@ class KeyCreate(_Model):
         return [(unit, window, limit) for unit, window, limit in asked if limit is not None]
 
 
-class KeyPatch(_Model):
+class KeyPatch(_Request):
     """`PATCH /v1/keys/{id}`: what to change (fields left out stay)."""
 
     name: str | None = Field(None, max_length=128)
-    rpm: int | None = Field(None, ge=1)
-    tpm: int | None = Field(None, ge=1)
+    rpm: int | None = Field(None, ge=1, le=RATE_MAX)
+    tpm: int | None = Field(None, ge=1, le=RATE_MAX)
 
 
 class KeyView(_Model):

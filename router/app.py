@@ -7,15 +7,17 @@ the report), `/v1/whoami`, `/metrics` and `/healthz`. Roles: vocabulary/access.p
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Literal
+from typing import Any, Literal
 
 import orjson
 from fastapi import Depends, FastAPI, HTTPException, Query, Request, status
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, PlainTextResponse
+from fastapi.routing import APIRoute
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.responses import Response
+from starlette.routing import Match
 from starlette.types import Receive, Scope, Send
 
 from wattops.router.api import (
@@ -50,12 +52,32 @@ def _error(status: int, code: str, message: str, headers: dict[str, str] | None 
     return JSONResponse(error_body(status, message, code), status_code=status, headers=headers)
 
 
+#: What any endpoint may answer besides its success (OpenAI's error shape), documented once.
+_ERRORS: dict[int | str, dict[str, Any]] = {
+    status: {"description": why} for status, why in (
+        (400, "a bad header or body value, named"),
+        (401, "no bearer token, and the endpoint needs one"),
+        (403, "the token's role is below the one needed, or the token is unknown"),
+        (404, "no such route, key or budget"),
+        (405, "method not allowed (see `Allow`)"),
+        (408, "the body did not arrive in time"),
+        (409, "it exists already"),
+        (413, "the body is too large"),
+        (422, "a field is missing, of the wrong type or out of range"),
+        (429, "too many event streams from this client"),
+        (431, "the headers are too large"),
+        (503, "the store (keys, budgets, ledger) cannot be reached"),
+    )
+}  # fmt: skip
+
+
 def create_app(router: Router) -> FastAPI:
     app = FastAPI(
         title="wattops-router",
         version=ROUTER_VERSION,
         description="One OpenAI endpoint for the fleet: each request to the deployment that "
         "meets its route's quality and latency bounds at the lowest cost, energy or carbon.",
+        responses=_ERRORS,
     )
 
     access = router.access
@@ -91,7 +113,14 @@ def create_app(router: Router) -> FastAPI:
     async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
         code = {401: "unauthorized", 403: "forbidden", 404: "not_found",
                 405: "method_not_allowed"}.get(exc.status_code, "http_error")  # fmt: skip
-        return _error(exc.status_code, code, str(exc.detail), dict(exc.headers or {}))
+        headers = dict(exc.headers or {})
+        if exc.status_code == 405:
+            # Every method of the path (Starlette names only the first route's).
+            allowed = sorted({m for r in app.routes if isinstance(r, APIRoute)
+                              and r.matches(request.scope)[0] is not Match.NONE
+                              for m in r.methods or ()})  # fmt: skip
+            headers["Allow"] = ", ".join(allowed)
+        return _error(exc.status_code, code, str(exc.detail), headers)
 
     for error in router.charging.store_errors:
 
@@ -244,7 +273,7 @@ def create_app(router: Router) -> FastAPI:
         entries, torn = router.audit.read(since, limit)
         return AuditPage(entries=entries, torn_lines=torn)
 
-    @app.get("/metrics", tags=["router"], dependencies=reader)
+    @app.get("/metrics", tags=["router"], dependencies=reader, response_class=PlainTextResponse)
     async def metrics() -> Response:
         """Prometheus metrics (`wattops_route_*`)."""
         return Response(generate_latest(router.registry), media_type=CONTENT_TYPE_LATEST)
