@@ -144,7 +144,9 @@ class AgentClient:
             return await self.scale(deployment, int(target))
         if action == "precision":
             return await self.precision(deployment, str(target))
-        raise ValueError(f"unknown action {action!r}; allowed: scale, precision")
+        if action == "canary":  # the defaults: 10% of traffic for 5 min, the default guards
+            return await self.precision(deployment, str(target), CanaryRequest())
+        raise ValueError(f"unknown action {action!r}; allowed: scale, precision, canary")
 
 
 async def fetch_snapshots(

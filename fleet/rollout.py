@@ -9,8 +9,9 @@ from dataclasses import dataclass
 from typing import Literal
 
 from wattops.agents.api import DeploymentStatus, NodeSnapshot
+from wattops.fleet.rows import canary_summary
 
-Action = Literal["scale", "precision"]
+Action = Literal["scale", "precision", "canary"]
 
 
 @dataclass(frozen=True)
@@ -24,6 +25,17 @@ class Outcome:
 def judge(dep: DeploymentStatus, action: Action, target: str | int) -> Outcome:
     """Is `action` to `target` finished, failed, or still going, from one snapshot?"""
     settled = dep.state.value in ("serving", "parked")
+    if action == "canary":
+        c = dep.canary
+        if c is None or c.precision != target:
+            return Outcome(None, f"{dep.name}: starting a canary of {target}")
+        if c.verdict is None or c.state == "promoting":
+            return Outcome(None, f"{dep.name}: {canary_summary(c)}")
+        if c.state == "promoted":
+            if dep.precision == target and settled:
+                return Outcome(True, f"{dep.name}: {c.verdict}")
+            return Outcome(None, f"{dep.name}: promoted, switching to {target}")
+        return Outcome(False, f"{dep.name}: {c.verdict}")
     if action == "precision":
         if dep.desired_precision != target:
             reason = dep.last_error or "another change replaced it"

@@ -221,6 +221,12 @@ class KubeTarget(FleetTarget):
     async def act(self, action: Action, target: str | int) -> str:
         assert self.kube is not None
         kube, ns = self.kube, self.namespace
+        if action == "canary":
+            raise ActionRefused(
+                f"{self.label}: canaries are not built for Kubernetes Deployments yet; "
+                "switch directly, or use the agent",
+                exit_code=2,
+            )
         try:
             if action == "scale":
                 await asyncio.to_thread(kube.scale, self.deployment, int(target), ns)

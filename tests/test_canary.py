@@ -224,3 +224,31 @@ def test_shadow_requests_are_greedy_short_and_single() -> None:
     assert shadow["temperature"] == 0.0 and shadow["max_tokens"] == 48
     assert "stream" not in shadow and "n" not in shadow and "logprobs" not in shadow
     assert shadow_body({"model": "tiny", "max_tokens": 5})["max_tokens"] == 5
+
+
+async def test_the_console_offers_a_canary_from_the_precision_key(agent: Agent) -> None:
+    from tests.test_console import SIZE, row, serving, until
+    from wattops.console.app import make_app
+    from wattops.console.screens.modals import ConfirmModal, PrecisionModal
+
+    app = make_app([agent.url], refresh_s=0.1)
+    async with app.run_test(size=SIZE) as pilot:
+        await until(pilot, lambda: serving(app), 30, "the first snapshot")
+        await pilot.press("p")
+        modal = await until(pilot, lambda: isinstance(app.screen, PrecisionModal) and app.screen,
+                            5, "the precision modal")  # fmt: skip
+        options = modal.query_one("#precisions")
+        labels = [str(options.get_option_at_index(i).prompt)
+                  for i in range(options.option_count)]  # fmt: skip
+        steps = labels.index("q4_k_m") - labels.index("q8_0  ← current")
+        await pilot.press(*["down" if steps > 0 else "up"] * abs(steps), "c")
+        confirm = await until(pilot, lambda: isinstance(app.screen, ConfirmModal) and app.screen,
+                              5, "the confirmation")  # fmt: skip
+        assert "Try q4_k_m on 10% of tiny's traffic" in str(confirm.query_one(".title").render())
+        await pilot.press("y")
+        await until(pilot, lambda: row(app).state == "canary", 60, "the canary's row")
+        c = agent.deployment()["canary"]
+        assert c["precision"] == "q4_k_m" and c["share"] == 0.1 and c["duration_s"] == 300
+        assert agent.client.delete("/v1/deployments/tiny/canary").status_code == 202
+        await until(pilot, lambda: row(app).state == "serving", 60, "the rollback")
+    assert agent.deployment()["canary"]["verdict"] == "rolled back: aborted by the operator"

@@ -435,6 +435,20 @@ class FleetScreen(Screen[None]):
         def picked(precision: str | None) -> None:
             if precision is None or precision == target.precision:
                 return
+            if precision.startswith("canary:"):
+                trial = precision.removeprefix("canary:")
+                if trial == target.precision:
+                    return
+                question = (
+                    f"Try {trial} on 10% of {target.deployment}'s traffic on {target.where} for "
+                    f"5 min first? Promoted if its answers agree with {target.precision}'s on "
+                    "90% of shadowed requests, p95 is at most 10% worse and J/token not worse; "
+                    "rolled back otherwise (clients see no change)."
+                )
+                self.app.push_screen(
+                    ConfirmModal(question), partial(self._confirmed, target, "canary", trial)
+                )
+                return
             question = (
                 f"Switch {target.deployment} on {target.where} from {target.precision} to "
                 f"{precision}?\n{target.switch_note()}"

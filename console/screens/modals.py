@@ -12,9 +12,13 @@ from textual.widgets.option_list import Option
 
 
 class PrecisionModal(ModalScreen[str | None]):
-    """A list of the deployment's available precisions, the current one marked."""
+    """A list of the deployment's available precisions, the current one marked: enter
+    switches to the chosen one, `c` tries it first as a canary (`canary:<precision>`)."""
 
-    BINDINGS = [Binding("escape", "dismiss(None)", "Cancel", id="modal.cancel")]
+    BINDINGS = [
+        Binding("escape", "dismiss(None)", "Cancel", id="modal.cancel"),
+        Binding("c", "canary", "Canary", id="modal.canary"),
+    ]
 
     def __init__(self, deployment: str, node: str, current: str, available: list[str]) -> None:
         super().__init__()
@@ -30,7 +34,8 @@ class PrecisionModal(ModalScreen[str | None]):
                 Option(f"{p}  ← current" if p == self.current else p, id=p) for p in self.available
             ]
             yield OptionList(*options, id="precisions")
-            yield Static("enter: choose   esc: cancel", classes="hint")
+            yield Static("enter: switch   c: canary first (10% for 5 min)   esc: cancel",
+                         classes="hint")  # fmt: skip
 
     def on_mount(self) -> None:
         option_list = self.query_one(OptionList)
@@ -41,6 +46,11 @@ class PrecisionModal(ModalScreen[str | None]):
     @on(OptionList.OptionSelected)
     def _chosen(self, event: OptionList.OptionSelected) -> None:
         self.dismiss(event.option.id)
+
+    def action_canary(self) -> None:
+        option_list = self.query_one(OptionList)
+        if option_list.highlighted is not None:
+            self.dismiss(f"canary:{self.available[option_list.highlighted]}")
 
 
 class ScaleModal(ModalScreen[int | None]):
