@@ -304,6 +304,37 @@ class Alert(_Model):
     saves_usd_per_hour: float | None = None
 
 
+class PolicyStep(_Model):
+    """One step a policy plans (advise) or takes (act), with its reason and arithmetic."""
+
+    deployment: str
+    action: Literal["park", "scale", "canary"]
+    target: int | str = Field(description="replicas (park, scale) or the precision (canary)")
+    reason: str
+    saves_usd_per_hour: float | None = Field(
+        None, description="what it should save; none: measured by the canary"
+    )
+
+
+class PolicyAction(PolicyStep):
+    """A step the policy took."""
+
+    time: float = Field(description="unix time")
+    outcome: str = Field(description="accepted, or why it was refused")
+
+
+class PolicyStatus(_Model):
+    """The node's policy: its limits, where the node stands, the plan, what it did."""
+
+    mode: Literal["advise", "act"]
+    paused: bool
+    max_usd_per_hour: float | None
+    max_watts: float | None
+    over: list[str] = Field(description="the limits passed now, in words; empty: within them")
+    plan: list[PolicyStep] = Field(description="what it would do now (advise) or is doing (act)")
+    actions: list[PolicyAction] = Field(description="the last steps taken, oldest first")
+
+
 class DeploymentStatus(_Model):
     """A deployment as the agent sees it: desired and actual state, counters, last error."""
 
@@ -353,6 +384,9 @@ class NodeSnapshot(_Model):
     totals: Totals = Totals()
     figures: Figures | None = None
     alerts: list[Alert] = []
+    policy: PolicyStatus | None = Field(
+        None, description="the node's policy ([policy] in its file)"
+    )
 
 
 class DeploymentHistory(_Model):
@@ -395,6 +429,12 @@ class History(_Model):
 class _Request(_Model):
     # Strict: a control call says exactly what it means ("2" is not 2 replicas).
     model_config = ConfigDict(extra="forbid", strict=True)
+
+
+class PolicyRequest(_Request):
+    """Body of POST /v1/policy."""
+
+    paused: bool = Field(description="true: plan and say, never act; false: act again")
 
 
 class ScaleRequest(_Request):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Annotated, Any
 
@@ -19,6 +20,8 @@ from wattops.agents.api import (
     ErrorBody,
     History,
     NodeSnapshot,
+    PolicyRequest,
+    PolicyStatus,
     PrecisionRequest,
     ScaleRequest,
 )
@@ -29,6 +32,8 @@ from wattops.agents.supervisor import ControlError, Deployment
 from wattops.vocabulary.access import AccessDenied, Caller, Role, WhoAmI
 from wattops.vocabulary.audit import AuditMiddleware, AuditPage
 from wattops.vocabulary.hardening import Guard
+
+log = logging.getLogger("wattops.agent")
 
 #: Minimum gap between two snapshot events on one stream: changes in between are coalesced.
 EVENT_MIN_INTERVAL_S = 0.25
@@ -323,6 +328,29 @@ def create_app(agent: NodeAgent) -> FastAPI:
         except ControlError as exc:
             raise APIError(exc.status, exc.code, str(exc), exc.allowed) from None
         return _accepted(deployment, "canary")
+
+    @app.post(
+        "/v1/policy",
+        response_model=PolicyStatus,
+        dependencies=[OperatorAuth],
+        tags=["control"],
+        responses={
+            401: {"model": ErrorBody},
+            403: {"model": ErrorBody},
+            409: {"model": ErrorBody},
+        },
+    )
+    async def policy(body: PolicyRequest, agent: AgentDep) -> PolicyStatus:
+        """Pause the node's policy (it keeps planning and saying, and acts on nothing) or let
+        it act again."""
+        if agent.config.policy.mode == "off":
+            raise APIError(409, "no_policy", "this node has no [policy] (mode = off)")
+        agent.policy_paused = body.paused
+        log.info("policy %s by the operator", "paused" if body.paused else "resumed")
+        agent.mark_changed()
+        status = agent.policy_status()
+        assert status is not None
+        return status
 
     @app.get("/v1/audit", response_model=AuditPage, tags=["control"],
              dependencies=[OperatorAuth])  # fmt: skip

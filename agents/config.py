@@ -138,6 +138,33 @@ class SiteSection(BaseModel):
         return dict(self.model_extra or {})
 
 
+class PolicySection(_Section):
+    """`[policy]`: limits the node keeps to, and whether it only says how (agents/policy.py)."""
+
+    mode: Literal["off", "advise", "act"] = Field(
+        "off", description="advise: plan and say, change nothing; act: carry the plan out"
+    )
+    max_usd_per_hour: float | None = Field(
+        None, gt=0, description="the node's burn (full price + electricity) to stay under"
+    )
+    max_watts: float | None = Field(None, gt=0, description="the node's power to stay under")
+    hysteresis: float = Field(
+        0.05, ge=0, le=1, description="act only past a limit by more than this fraction"
+    )
+    park_idle_s: float = Field(600.0, gt=0, description="idle this long: may be parked")
+    dwell_s: float = Field(
+        300.0, ge=0, description="seconds a deployment is left alone after the policy acted on it"
+    )
+    switch_precision: bool = Field(
+        True, description="may try a smaller precision (as a canary) when parking and scaling "
+        "do not cover the excess",
+    )  # fmt: skip
+    quality_floor: float = Field(
+        0.9, ge=0, le=1, description="the canary's agreement guard for those switches"
+    )
+    interval_s: float = Field(10.0, gt=0, description="seconds between two looks")
+
+
 class AccountingSection(_Section):
     """`[accounting]`: how cost and energy are turned into per-token figures and advice."""
 
@@ -330,6 +357,7 @@ class AgentConfig(_Section):
     )
     site: SiteSection = Field(default_factory=SiteSection)
     accounting: AccountingSection = Field(default_factory=AccountingSection)
+    policy: PolicySection = Field(default_factory=PolicySection)
     kubernetes: KubernetesSection = Field(default_factory=KubernetesSection)
     deployments: list[DeploymentConfig] = Field(default_factory=list)
     tokens: list[TokenEntry] = Field(

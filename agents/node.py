@@ -7,6 +7,7 @@ import asyncio
 import logging
 import os
 import time
+from collections import deque
 from collections.abc import Callable
 from pathlib import Path
 
@@ -16,6 +17,8 @@ from wattops.agents import alerts, downtime
 from wattops.agents.accounting import Accounting, CostModel
 from wattops.agents.api import (
     Alert,
+    CanaryGuards,
+    CanaryRequest,
     DeploymentAccounting,
     DeploymentCounters,
     DeploymentState,
@@ -24,19 +27,23 @@ from wattops.agents.api import (
     NodeCost,
     NodePower,
     NodeSnapshot,
+    PolicyAction,
+    PolicyStatus,
+    PolicyStep,
     Totals,
 )
 from wattops.agents.cluster import ClusterDeployment
 from wattops.agents.config import AgentConfig, ConfigError, DeploymentConfig
 from wattops.agents.gateway import Gateway
 from wattops.agents.pods import ClusterError, EnginePod, PodLister
+from wattops.agents.policy import DeploymentView, plan
 from wattops.agents.power import PowerMeter
 from wattops.agents.response_cache import ResponseCache
 from wattops.agents.sensors.base import Sensor, SensorContext, SensorError
 from wattops.agents.sensors.detect import detect_sensor
 from wattops.agents.sensors.estimate import EstimateSensor, HostCpuUtilisation
 from wattops.agents.state import AgentState, DesiredState, Meter, StateStore, StoredDeployment
-from wattops.agents.supervisor import Deployment
+from wattops.agents.supervisor import ControlError, Deployment
 from wattops.engines import process
 from wattops.engines.base import EngineAdapter, EngineContext, EngineError
 from wattops.engines.registry import engine_type
@@ -44,6 +51,7 @@ from wattops.engines.variants import VariantStore
 from wattops.profiles import HardwareProfile, ProfileError, hardware_profile, site_profile
 from wattops.vocabulary.access import Access
 from wattops.vocabulary.audit import AuditLog
+from wattops.vocabulary.precisions import PRECISIONS
 
 log = logging.getLogger("wattops.agent")
 
@@ -63,6 +71,13 @@ class NodeAgent:
         self.access = Access(config.tokens, config.agent.token, "agent")
         #: Every control call, allowed or refused (vocabulary/audit.py).
         self.audit = AuditLog(config.agent.state_dir / "audit.jsonl")
+        #: The policy's view: limits passed, its plan, the steps it took (agents/policy.py).
+        self.policy_over: list[str] = []
+        self.policy_plan: list[PolicyStep] = []
+        self.policy_actions: deque[PolicyAction] = deque(maxlen=50)
+        self.policy_paused = False
+        self._policy_acted: dict[str, float] = {}
+        self._policy_busy: dict[str, tuple[float, float]] = {}
         self.state_dir = config.agent.state_dir.resolve()
         self.store = StateStore(self.state_dir)
         self.started_at = time.time()
@@ -162,6 +177,8 @@ class NodeAgent:
         ]
         if self.pods is not None:
             self._tasks.append(asyncio.create_task(self._cluster_loop(), name="cluster"))
+        if self.config.policy.mode != "off":
+            self._tasks.append(asyncio.create_task(self._policy_loop(), name="policy"))
 
     def _profile_error(self, section: str, exc: ProfileError) -> str:
         """A profile that does not validate: when the config overrides it, say so first, with
@@ -498,6 +515,100 @@ class NodeAgent:
 
     # -- reporting -----------------------------------------------------------------------
 
+    # -- policy (agents/policy.py) -----------------------------------------------------------
+
+    def _policy_views(self, now: float) -> list[DeploymentView]:
+        assert self.accounting is not None
+        views = []
+        for name, dep in self.deployments.items():
+            busy = sum(r.busy_seconds(now) for r in dep.replicas)
+            before = self._policy_busy.get(name)
+            self._policy_busy[name] = (now, busy)
+            utilisation = None
+            if before is not None and now > before[0] and dep.ready:
+                span = (now - before[0]) * len(dep.ready)
+                utilisation = min(1.0, max(0.0, (busy - before[1]) / span))
+            available = dep.engine.available_precisions() if dep.engine.switches_precision else []
+            order = {p: i for i, p in enumerate(PRECISIONS)}
+            here = order.get(dep.precision, -1)
+            smaller = tuple(sorted((p for p in available if order.get(p, -1) > here),
+                                   key=lambda p: order[p]))  # fmt: skip
+            acted = self._policy_acted.get(name)
+            slo = dep.config.latency_slo_p95_ms
+            views.append(DeploymentView(
+                name=name, replicas=dep.desired.replicas, idle_s=now - dep.last_request,
+                utilisation=utilisation, p95_s=_latency_p95(dep),
+                slo_p95_s=slo / 1000 if slo is not None else None,
+                usd_per_hour=self.accounting.deployment_usd_per_hour(name),
+                precision=dep.precision, smaller=smaller,
+                busy=dep.switching or dep.desired.precision != dep.precision
+                or (dep.canary is not None and not dep.canary.ended)
+                or dep.state() not in (DeploymentState.SERVING, DeploymentState.PARKED),
+                since_action_s=now - acted if acted is not None else None,
+            ))  # fmt: skip
+        return views
+
+    async def _policy_loop(self) -> None:
+        cfg = self.config.policy
+        while True:
+            await asyncio.sleep(cfg.interval_s)
+            try:
+                self._policy_step()
+            except Exception:  # the loop must outlive any one bad look
+                log.exception("policy step failed")
+
+    def _policy_step(self) -> None:
+        assert self.accounting is not None
+        cfg = self.config.policy
+        now = time.monotonic()
+        watts = self.meter.latest.watts if self.meter and self.meter.latest else None
+        over, steps = plan(self._policy_views(now), self._burn(), watts, cfg.max_usd_per_hour,
+                           cfg.max_watts, cfg.hysteresis, cfg.park_idle_s, cfg.dwell_s,
+                           cfg.switch_precision)  # fmt: skip
+        self.policy_over, self.policy_plan = over, steps
+        if cfg.mode == "act" and not self.policy_paused:
+            for step in steps:
+                self._policy_act(step, now)
+        self.mark_changed()
+
+    def _policy_act(self, step: PolicyStep, now: float) -> None:
+        dep = self.deployments[step.deployment]
+        try:
+            if step.action == "canary":
+                guards = CanaryGuards(min_agreement=self.config.policy.quality_floor)
+                assert self.session is not None
+                cost = self.accounting.cost if self.accounting is not None else None
+                dep.start_canary(str(step.target), CanaryRequest(guards=guards), self.session,
+                                 cost)  # fmt: skip
+            else:
+                dep.set_replicas(int(step.target))
+            outcome = "accepted"
+        except ControlError as exc:
+            outcome = f"refused: {exc}"
+        self._policy_acted[step.deployment] = now
+        done = PolicyAction(**step.model_dump(), time=time.time(), outcome=outcome)
+        self.policy_actions.append(done)
+        log.info("policy: %s %s -> %s (%s): %s", step.action, step.deployment, step.target,
+                 step.reason, outcome)  # fmt: skip
+        try:
+            self.audit.write({"time": round(done.time, 3), "daemon": "agent", "who": "policy",
+                              "from": None, "method": "POLICY", "path": step.deployment,
+                              "body": {"action": step.action, "target": step.target},
+                              "status": 202 if outcome == "accepted" else 409,
+                              "outcome": "allowed" if outcome == "accepted" else "refused",
+                              "message": step.reason})  # fmt: skip
+        except OSError as exc:
+            log.error("audit log: cannot write the policy's step: %s", exc)
+
+    def policy_status(self) -> PolicyStatus | None:
+        cfg = self.config.policy
+        if cfg.mode == "off":
+            return None
+        return PolicyStatus(mode=cfg.mode, paused=self.policy_paused,
+                            max_usd_per_hour=cfg.max_usd_per_hour, max_watts=cfg.max_watts,
+                            over=self.policy_over, plan=self.policy_plan,
+                            actions=list(self.policy_actions))  # fmt: skip
+
     def _burn(self) -> float:
         """The node's burn $/h over the accounting window."""
         assert self.accounting is not None
@@ -615,7 +726,13 @@ class NodeAgent:
             totals=self.accounting.node.model_copy() if self.accounting else Totals(),
             figures=self.accounting.node_figures if self.accounting else None,
             alerts=list(self.alert_book.active),
+            policy=self.policy_status(),
         )
 
 
 __all__ = ["AgentState", "NodeAgent"]
+
+
+def _latency_p95(dep: Deployment) -> float | None:
+    lat = sorted(dep.latencies)
+    return lat[min(len(lat) - 1, int(0.95 * len(lat)))] if lat else None

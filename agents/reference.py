@@ -20,6 +20,7 @@ from wattops.agents.config import (
     CacheSection,
     DeploymentConfig,
     KubernetesSection,
+    PolicySection,
     SiteSection,
 )
 from wattops.engines.registry import ENGINES
@@ -30,6 +31,7 @@ SECTIONS: tuple[tuple[str, type[BaseModel]], ...] = (
     ("[agent]", AgentSection),
     ("[cache]", CacheSection),
     ("[accounting]", AccountingSection),
+    ("[policy]", PolicySection),
     ("[site]", SiteSection),
     ("[kubernetes]", KubernetesSection),
     ("[[deployments]]", DeploymentConfig),

@@ -180,6 +180,22 @@ def act(
     return asyncio.run(run())
 
 
+def policy_lines(snap: NodeSnapshot) -> list[str]:
+    """A node's policy in a few lines: where it stands, what it would do or did last."""
+    p = snap.policy
+    if p is None:
+        return []
+    mode = p.mode + (", paused" if p.paused else "")
+    lines = [f"policy ({mode}) on {snap.node}: "
+             + ("; ".join(p.over) if p.over else "within its limits")]  # fmt: skip
+    verb = "would" if p.mode == "advise" or p.paused else "will"
+    lines += [f"  {verb} {s.action} {s.deployment} -> {s.target}: {s.reason}" for s in p.plan]
+    if p.actions:
+        a = p.actions[-1]
+        lines.append(f"  last: {a.action} {a.deployment} -> {a.target} ({a.outcome}): {a.reason}")
+    return lines
+
+
 def canary(
     urls: Sequence[str],
     node: str | None,
@@ -283,6 +299,8 @@ def status(urls: Sequence[str], as_json: bool, kube: KubeFleet | None = None) ->
         for snap in (s for _, s, _ in fleet if s is not None):
             for alert in snap.alerts:
                 print(f"! {snap.node}: {alert.message}")
+            for line in policy_lines(snap):
+                print(line)
         if kube is not None:
             print()
             print(render_kube_table(deployments) if deployments else "no wattops Deployments found")

@@ -1,0 +1,51 @@
+"""`wattops policy pause|resume --agent URL`: stop a node's policy from acting (it keeps
+planning and saying what it would do), or let it act again (agents/policy.py)."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import Any
+
+import httpx
+
+__all__ = ["add_command"]
+
+
+def _set(args: argparse.Namespace) -> int:
+    from wattops.fleet.credentials import CredentialsError, load_token
+
+    try:
+        token = load_token()
+    except CredentialsError as exc:
+        print(f"wattops policy: {exc}", file=sys.stderr)
+        return 2
+    headers = {"Authorization": f"Bearer {token}"} if token else {}
+    paused = args.policy_command == "pause"
+    try:
+        resp = httpx.post(f"{args.agent.rstrip('/')}/v1/policy", json={"paused": paused},
+                          headers=headers, timeout=10)  # fmt: skip
+    except httpx.HTTPError as exc:
+        print(f"wattops policy: {args.agent}: {exc}", file=sys.stderr)
+        return 1
+    if resp.status_code != 200:
+        try:
+            said = resp.json().get("message", resp.text)
+        except ValueError:
+            said = resp.text[:200]
+        print(f"wattops policy: {args.agent} answered {resp.status_code}: {said}", file=sys.stderr)
+        return 1
+    state = resp.json()
+    print(f"policy ({state['mode']}) {'paused' if state['paused'] else 'acting'}; "
+          f"{len(state['plan'])} step(s) planned now")  # fmt: skip
+    return 0
+
+
+def add_command(commands: Any) -> None:
+    policy = commands.add_parser("policy", help="pause or resume a node's policy")
+    actions = policy.add_subparsers(dest="policy_command", required=True, metavar="ACTION")
+    for name, said in (("pause", "stop acting (it still plans and says)"),
+                       ("resume", "act again")):  # fmt: skip
+        sub = actions.add_parser(name, help=said)
+        sub.add_argument("--agent", required=True, help="the agent's URL")
+        sub.set_defaults(func=_set)
