@@ -56,8 +56,9 @@ from wattops.vocabulary.precisions import PRECISIONS
 log = logging.getLogger("wattops.agent")
 
 AGENT_VERSION = "0.1.0"
-#: How often counters are written to disk between shutdowns.
-PERSIST_INTERVAL_S = 5.0
+#: How often counters are written to disk between shutdowns: what a kill -9 can lose (the
+#: fault soak measured 5 s losing a tenth of a busy agent's counts; docs/benchmarks.md).
+PERSIST_INTERVAL_S = 1.0
 #: How long the note on the downtime before this start stays among the alerts.
 DOWNTIME_ALERT_S = 3600.0
 

@@ -276,7 +276,7 @@ def test_a_hung_replica_is_killed_and_replaced(agent: Agent) -> None:
 def test_sigterm_stops_replicas_and_saves_the_last_counters(agent: Agent) -> None:
     assert agent.chat("count me before the shutdown").status_code == 200
     counters = agent.deployment()["counters"]
-    agent.stop()  # SIGTERM at once: sooner than the periodic save (every 5 s)
+    agent.stop()  # SIGTERM at once: often sooner than the periodic save (every second)
     assert agent.proc is not None and agent.proc.returncode == 0, agent.log_tail()
     saved = json.loads((agent.state_dir / "state.json").read_text())
     assert saved["deployments"]["tiny"]["counters"]["requests_total"] == counters["requests_total"]
