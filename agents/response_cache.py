@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import logging
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -75,13 +76,24 @@ class ResponseCache:
         if directory is not None and disk_bytes > 0:
             import diskcache
 
+            # The write-ahead log is SQLite's, outside diskcache's size accounting: it grew to
+            # 25 MB for a 256 KiB cap when writes came from several threads at once (the fault
+            # soak, docs/benchmarks.md), each connection's snapshot starving the checkpoints.
+            # One writer thread, early checkpoints and a log truncated to an eighth of the cap
+            # keep the folder within about 1.15 x disk_bytes.
+            wal = max(64 * 1024, disk_bytes // 8)
             self.disk = diskcache.Cache(
                 str(directory),
                 size_limit=disk_bytes,
                 eviction_policy="least-recently-stored",  # reads then never write to SQLite
                 cull_limit=16,
+                sqlite_journal_size_limit=wal,
+                sqlite_wal_autocheckpoint=max(16, wal // 4096),
             )
-        self._pending: set[asyncio.Task[None]] = set()
+        self._pending: set[asyncio.Future[None]] = set()
+        #: One thread writes the disk tier: SQLite serialises writers anyway, and a single
+        #: connection lets the write-ahead log be checkpointed and truncated.
+        self._writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="response-cache")
 
     def get(self, key: str) -> CachedAnswer | None:
         """The stored answer for `key`, promoting disk hits to memory."""
@@ -102,8 +114,8 @@ class ResponseCache:
         """Store an answer; the disk write happens off the event loop."""
         self._remember(key, answer)
         if self.disk is not None:
-            task = asyncio.get_running_loop().create_task(
-                asyncio.to_thread(self._write_disk, key, answer)
+            task = asyncio.get_running_loop().run_in_executor(
+                self._writer, self._write_disk, key, answer
             )
             self._pending.add(task)
             task.add_done_callback(self._pending.discard)
@@ -122,5 +134,6 @@ class ResponseCache:
         """Finish pending disk writes and close the database."""
         if self._pending:
             await asyncio.gather(*self._pending, return_exceptions=True)
+        self._writer.shutdown(wait=True)
         if self.disk is not None:
             self.disk.close()

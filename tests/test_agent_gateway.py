@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 import httpx
 
@@ -257,3 +258,25 @@ def test_the_first_answer_after_a_wake_carries_its_estimates(
     woken = agent.chat("wake up", temperature=0.5)
     assert woken.status_code == 200
     assert float(woken.headers["x-wattops-est-energy-j"]) > 0
+
+
+async def test_the_disk_tier_stays_within_its_cap_written_from_many_threads(tmp_path: Path) -> None:
+    """The fault soak found the folder at 1.8 MB for a 256 KiB cap (and a fill from the thread
+    pool, as the gateway writes, reached 25 MB): SQLite's write-ahead log is outside diskcache's
+    size accounting. Filled far past its cap, the whole folder now stays within ~1.15x."""
+    import asyncio
+
+    from wattops.agents.response_cache import CachedAnswer, ResponseCache
+
+    cap = 256 * 1024
+    cache = ResponseCache(tmp_path / "cache", 0, cap)
+    for i in range(3000):  # ~1 MB of answers, each written off the event loop as the gateway does
+        cache.put(f"k{i}", CachedAnswer("application/json", b"x" * 300))
+        if i % 50 == 0:
+            await asyncio.sleep(0)
+    await cache.close()
+    total = sum(p.stat().st_size for p in (tmp_path / "cache").rglob("*") if p.is_file())
+    assert total <= cap * 1.15 + 64 * 1024, total
+    again = ResponseCache(tmp_path / "cache", 0, cap)
+    assert again.get("k2999") is not None  # the newest answers are kept
+    await again.close()
