@@ -193,8 +193,8 @@ class CacheSection(_Section):
     memory_bytes: int = Field(64 * 2**20, ge=0, description="byte cap of the in-memory LRU tier")
     disk_bytes: int = Field(
         1 * 2**30, ge=0, description="byte cap of the on-disk SQLite tier (its write-ahead log "
-        "adds at most an eighth, 64 KiB at least); 0 disables it"
-    )
+        "adds at most an eighth, 64 KiB at least); 0 disables it",
+    )  # fmt: skip
 
 
 class KubernetesSection(_Section):
