@@ -107,9 +107,12 @@ async def serve(config: RouterConfig) -> None:
         every = min(5.0, config.router.fleet_sample_s)
         while True:
             await asyncio.sleep(every)
-            router.maybe_save_learned()
-            router.maybe_sample_fleet(config.router.fleet_sample_s)
-            router.charging.book.heartbeat()  # a shared store's: this router is alive
+            try:
+                router.maybe_save_learned()
+                router.maybe_sample_fleet(config.router.fleet_sample_s)
+                router.charging.book.heartbeat()  # a shared store's: this router is alive
+            except Exception as exc:  # a store down for a while: try again at the next beat
+                log.error("keeping state: %s", exc)
 
     tasks = [asyncio.create_task(keep_learned())]
     if kube is not None:
