@@ -27,6 +27,8 @@ from typing import Any
 
 from pydantic import BaseModel, Field
 
+from wattops.vocabulary.openai import BodyTooLarge, read_body, replay
+
 __all__ = ["AuditLog", "AuditMiddleware", "AuditPage", "redact"]
 
 log = logging.getLogger("wattops")
@@ -149,21 +151,13 @@ class AuditMiddleware:
         if scope["type"] != "http" or scope["method"] in ("GET", "HEAD", "OPTIONS"):
             await self.app(scope, receive, send)
             return
-        chunks: list[bytes] = []
-        more = True
-        while more:
-            message = await receive()
-            chunks.append(message.get("body", b""))
-            more = message.get("more_body", False)
-        body = b"".join(chunks)
-        replayed = False
-
-        async def replay() -> Message:
-            nonlocal replayed
-            if not replayed:
-                replayed = True
-                return {"type": "http.request", "body": body, "more_body": False}
-            return await receive()
+        try:
+            body = await read_body(receive)  # already held to the API's limit by the guard
+        except BodyTooLarge:
+            body = None
+        if body is None:
+            await self.app(scope, receive, send)  # gone, or too large: the app answers as it does
+            return
 
         # The answer is held until its record is on disk: a client that saw it can count on
         # the audit log having it (control answers are small JSON bodies).
@@ -173,7 +167,7 @@ class AuditMiddleware:
             held.append(message)
 
         try:
-            await self.app(scope, replay, hold)
+            await self.app(scope, replay(body, receive), hold)
         finally:
             start = next((m for m in held if m["type"] == "http.response.start"), None)
             status = int(start["status"]) if start is not None else 500

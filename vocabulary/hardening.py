@@ -20,6 +20,8 @@ from collections import Counter
 from collections.abc import Awaitable, Callable, MutableMapping
 from typing import Any
 
+from wattops.vocabulary.openai import BodyTooLarge, read_body, replay
+
 __all__ = [
     "BODY_TIMEOUT_S",
     "MAX_BODY_BYTES",
@@ -83,40 +85,18 @@ class Guard:
             await self.app(scope, receive, send)
             return
         try:
-            body = await asyncio.wait_for(self._body(receive), self.body_timeout_s)
+            body = await asyncio.wait_for(read_body(receive, MAX_BODY_BYTES), self.body_timeout_s)
         except TimeoutError:
             message = f"the body did not arrive within {self.body_timeout_s:g} s"
             await _refuse(send, self.error(408, "request_timeout", message), 408)
             return
-        if body is None:
+        except BodyTooLarge:
             message = f"a control call's body is at most {MAX_BODY_BYTES} bytes"
             await _refuse(send, self.error(413, "body_too_large", message), 413)
             return
-        sent = False
-
-        async def replay() -> Message:
-            nonlocal sent
-            if not sent:
-                sent = True
-                return {"type": "http.request", "body": body, "more_body": False}
-            return await receive()
-
-        await self.app(scope, replay, send)
-
-    async def _body(self, receive: Receive) -> bytes | None:
-        chunks: list[bytes] = []
-        size = 0
-        while True:
-            message = await receive()
-            if message["type"] == "http.disconnect":
-                return b"".join(chunks)
-            chunk = message.get("body", b"")
-            size += len(chunk)
-            if size > MAX_BODY_BYTES:
-                return None
-            chunks.append(chunk)
-            if not message.get("more_body", False):
-                return b"".join(chunks)
+        if body is None:
+            return  # the client went away: nobody to answer
+        await self.app(scope, replay(body, receive), send)
 
     async def _stream(self, scope: Scope, receive: Receive, send: Send) -> None:
         client = scope.get("client")

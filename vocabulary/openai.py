@@ -7,7 +7,7 @@ from __future__ import annotations
 from collections.abc import Awaitable, Callable, MutableMapping
 from typing import Any
 
-__all__ = ["MAX_BODY_BYTES", "BodyTooLarge", "error_body", "read_body"]
+__all__ = ["MAX_BODY_BYTES", "BodyTooLarge", "error_body", "read_body", "replay"]
 
 #: Largest request body accepted (a long prompt is well under this).
 MAX_BODY_BYTES = 16 * 2**20
@@ -29,8 +29,12 @@ class BodyTooLarge(Exception):
     """The request body is over MAX_BODY_BYTES."""
 
 
-async def read_body(receive: Callable[[], Awaitable[MutableMapping[str, Any]]]) -> bytes | None:
-    """An ASGI request's whole body; None when the client went away first."""
+Receive = Callable[[], Awaitable[MutableMapping[str, Any]]]
+
+
+async def read_body(receive: Receive, limit: int = MAX_BODY_BYTES) -> bytes | None:
+    """An ASGI request's whole body; None when the client went away first; BodyTooLarge past
+    `limit` bytes."""
     chunks: list[bytes] = []
     size = 0
     while True:
@@ -39,8 +43,23 @@ async def read_body(receive: Callable[[], Awaitable[MutableMapping[str, Any]]]) 
             return None
         chunk = message.get("body", b"")
         size += len(chunk)
-        if size > MAX_BODY_BYTES:
+        if size > limit:
             raise BodyTooLarge
         chunks.append(chunk)
         if not message.get("more_body", False):
             return b"".join(chunks)
+
+
+def replay(body: bytes, receive: Receive) -> Receive:
+    """A `receive` that hands the app `body` (already read by a middleware) first, then
+    whatever the client sends next (its disconnect)."""
+    sent = False
+
+    async def again() -> MutableMapping[str, Any]:
+        nonlocal sent
+        if not sent:
+            sent = True
+            return {"type": "http.request", "body": body, "more_body": False}
+        return await receive()
+
+    return again
