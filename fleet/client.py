@@ -11,6 +11,7 @@ import aiohttp
 
 from wattops.agents.api import Accepted, CanaryRequest, NodeSnapshot
 from wattops.vocabulary.access import WhoAmI
+from wattops.vocabulary.audit import AuditPage
 from wattops.vocabulary.tls import client_ssl
 
 
@@ -112,6 +113,11 @@ class AgentClient:
     async def node(self) -> NodeSnapshot:
         """GET /v1/node."""
         return NodeSnapshot.model_validate(await self._call("GET", "/v1/node"))
+
+    async def audit(self, since: float = 0.0, limit: int = 1000) -> AuditPage:
+        """GET /v1/audit: the agent's audit log (an operator's or admin's token)."""
+        data = await self._call("GET", f"/v1/audit?since={since}&limit={limit}")
+        return AuditPage.model_validate(data)
 
     async def whoami(self) -> WhoAmI:
         """GET /v1/whoami: what this client's token may do on the agent."""

@@ -130,3 +130,29 @@ def test_router_control_calls_are_audited(make_router: Callable[..., RouterProc]
     # The key is in the answer only: never in the audit log.
     text = (router.folder / "state" / "audit.jsonl").read_text()
     assert made.json()["key"] not in text and "router-admin-token-1234" not in text
+
+
+async def test_the_console_node_view_shows_the_audit_log(
+    make_agent: Callable[..., Agent], tmp_path: Path
+) -> None:
+    from tests.test_console import serving, until
+    from wattops.console.app import make_app
+    from wattops.console.screens.node import NodeScreen
+
+    agent = make_agent(agent_extra={"tokens_file": str(tokens_file(tmp_path))})
+    scaled = agent.client.post("/v1/deployments/tiny/scale", json={"replicas": 1},
+                               headers=auth("operator"))  # fmt: skip
+    assert scaled.status_code == 202
+
+    async def panel(held: str, shown: str) -> None:
+        app = make_app([agent.url], token=SECRETS[held], refresh_s=0.1)
+        async with app.run_test(size=(200, 60)) as pilot:
+            await until(pilot, lambda: serving(app), 30, "the first snapshot")
+            await pilot.press("enter")
+            screen = await until(pilot, lambda: isinstance(app.screen, NodeScreen) and app.screen,
+                                 5, "the node view")  # fmt: skip
+            await until(pilot, lambda: shown in str(screen.query_one("#audit").render()), 10,
+                        f"the audit panel for a {held}")  # fmt: skip
+
+    await panel("operator", "operator-bot@127.0.0.1")
+    await panel("viewer", "needs an operator's token")

@@ -574,7 +574,7 @@ class FleetScreen(Screen[None]):
             return
         link = self.fleet.links.get(key.partition("|")[0])
         if link is not None:
-            self.app.push_screen(NodeScreen(link, self.prometheus))
+            self.app.push_screen(NodeScreen(link, self.prometheus, self.token))
 
     @on(FleetTable.RowSelected, "#fleet")
     def _row_selected(self) -> None:

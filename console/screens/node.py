@@ -6,6 +6,7 @@ from datetime import datetime, timedelta
 from typing import Any
 
 import httpx
+from rich.markup import escape
 from textual import work
 from textual.app import ComposeResult
 from textual.binding import Binding
@@ -15,6 +16,9 @@ from textual.widgets import DataTable, Footer, Label, Sparkline, Static
 
 from wattops.agents.api import History, NodeSnapshot
 from wattops.console import formats as fmt
+from wattops.console.audit import line
+from wattops.console.commands import policy_lines
+from wattops.fleet.client import AgentClient, AgentError
 from wattops.fleet.rows import canary_summary
 from wattops.fleet.state import AgentLink
 
@@ -39,10 +43,13 @@ class NodeScreen(Screen[None]):
         ),
     ]
 
-    def __init__(self, link: AgentLink, prometheus: str | None = None) -> None:
+    def __init__(self, link: AgentLink, prometheus: str | None = None,
+                 token: str | None = None) -> None:  # fmt: skip
         super().__init__()
         self.link = link
         self.prometheus = prometheus
+        #: The console's token: the audit log needs an operator's.
+        self.token = token
         self._seen_version = -1
 
     def compose(self) -> ComposeResult:
@@ -63,6 +70,8 @@ class NodeScreen(Screen[None]):
                 yield Static("", id="history-note")
             yield Label("Alerts", classes="section")
             yield Static(id="alerts")
+            yield Label("Audit log (who did what, last 15)", classes="section")
+            yield Static("loading...", id="audit")
         yield Footer()
 
     def on_mount(self) -> None:
@@ -75,6 +84,21 @@ class NodeScreen(Screen[None]):
         self.refresh_view()
         self.set_interval(1.0, self.refresh_view)
         self.action_reload_history()
+        self.load_audit()
+        self.set_interval(5.0, self.load_audit)
+
+    @work(exclusive=True, group="audit", exit_on_error=False)
+    async def load_audit(self) -> None:
+        """The agent's last audit lines (vocabulary/audit.py), or why they cannot be shown."""
+        try:
+            async with AgentClient(self.link.url, token=self.token) as client:
+                page = await client.audit(limit=15)
+            text = "\n".join(escape(line(e)) for e in page.entries) or "no control call yet"
+        except AgentError as exc:
+            text = (f"needs an operator's token ({exc.message})"
+                    if exc.status in (401, 403) else f"unavailable: {exc.message}")  # fmt: skip
+        if self.is_attached:
+            self.query_one("#audit", Static).update(text)
 
     def refresh_view(self) -> None:
         """Redraw from the link's latest snapshot (only when it changed)."""
@@ -128,6 +152,7 @@ class NodeScreen(Screen[None]):
             lines.append(
                 f"batching {dep.name}: {b.slots} of {b.parallel} slots per replica ({how}){why}"
             )
+        lines += [escape(x) for x in policy_lines(snap)]
         summary.update("\n".join(lines))
         devices = self.query_one("#devices", DataTable)
         devices.clear()
