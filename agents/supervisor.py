@@ -229,6 +229,13 @@ class Deployment:
                 "not_scalable",
                 f"{self.name} is attached to a running server at one URL; it has 0 or 1 replicas",
             )
+        if replicas == 0 and self.canary is not None and not self.canary.ended:
+            raise ControlError(
+                409,
+                "canary_running",
+                f"{self.name}: a canary of {self.canary.target} measures live traffic: abort it "
+                f"(DELETE /v1/deployments/{self.name}/canary) before parking",
+            )
         self.desired.replicas = replicas
         self._desired_changed()
 

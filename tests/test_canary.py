@@ -166,6 +166,8 @@ def test_canary_requests_are_checked_and_a_canary_can_be_aborted(agent: Agent) -
     assert again.status_code == 409 and "a canary of q4_k_m is running" in again.text
     switch = agent.control("/v1/deployments/tiny/precision", {"precision": "q4_0"})
     assert switch.status_code == 409 and "canary" in switch.text
+    park = agent.control("/v1/deployments/tiny/scale", {"replicas": 0})
+    assert park.status_code == 409 and "before parking" in park.text
     wait_for(lambda: agent.deployment()["canary"]["state"] == "running", 60, "the canary")
     headers = {"Authorization": f"Bearer {agent.token}"} if agent.token else {}
     assert agent.client.delete("/v1/deployments/tiny/canary", headers=headers).status_code == 202
