@@ -112,6 +112,7 @@ class NodeAgent:
     async def start(self) -> None:
         """Clean up after a killed predecessor, restore desired state, start reconciling."""
         self._check_state_dir()
+        self.audit.open()
         if not self.config.deployments and not self.config.kubernetes.enabled:
             log.warning(
                 "%s configures no [[deployments]] (and cluster mode is off): this agent serves "

@@ -186,6 +186,7 @@ class Router:
         self.access = Access(config.tokens, config.router.token, "router")
         #: Every control call, allowed or refused (vocabulary/audit.py).
         self.audit = AuditLog(self.state_dir / "audit.jsonl")
+        self.audit.open()
         self.charging.book.on_warning = self._warned
         self.registry.register(_BudgetGauges(self.charging))
         self._last_save = time.monotonic()

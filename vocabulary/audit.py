@@ -69,6 +69,15 @@ class AuditLog:
         self.max_bytes = max_bytes
         self.keep = keep
         self._lock = threading.Lock()
+        self._opened = False
+
+    def open(self) -> None:
+        """Make its folder and mend a torn last line; the daemon calls it once its state
+        folder has been checked (a bad one is a config error, named, not a traceback here)."""
+        if self._opened:
+            return
+        self._opened = True
+        path = self.path
         path.parent.mkdir(parents=True, exist_ok=True)
         try:
             with path.open("rb") as f:
@@ -87,6 +96,7 @@ class AuditLog:
 
     def write(self, entry: dict[str, Any]) -> None:
         line = (json.dumps(entry, separators=(",", ":"), default=str) + "\n").encode()
+        self.open()
         with self._lock:
             if self.path.exists() and self.path.stat().st_size + len(line) > self.max_bytes:
                 self._rotate()
@@ -106,6 +116,7 @@ class AuditLog:
 
     def read(self, since: float = 0.0, limit: int = 1000) -> tuple[list[dict[str, Any]], int]:
         """(the last `limit` entries at or after `since`, oldest first; torn lines skipped)."""
+        self.open()
         files = [self.path.with_name(f"{self.path.name}.{n}") for n in range(self.keep, 0, -1)]
         entries: list[dict[str, Any]] = []
         torn = 0
