@@ -111,7 +111,7 @@ def _status(args: argparse.Namespace) -> int:
 
     if args.kube:
         return status([], args.json, kube=_kube(args))
-    return status(_agent_urls(args), args.json)
+    return status(_agent_urls(args), args.json, token=_token())
 
 
 def _act(args: argparse.Namespace, action: Action, value: str | int) -> int:

@@ -99,7 +99,7 @@ async def _agent_target(
     urls: Sequence[str], node: str | None, deployment: str, action: Action, token: str | None
 ) -> AgentTarget | int:
     """The agent deployment to act on, or the exit code after saying why there is none."""
-    fleet = await fetch_snapshots(urls)
+    fleet = await fetch_snapshots(urls, token=token)
     holders = [
         (url, snap, dep)
         for url, snap, _ in fleet
@@ -272,7 +272,8 @@ def render_kube_table(deployments: Sequence[KubeDeployment]) -> str:
     )  # fmt: skip
 
 
-def status(urls: Sequence[str], as_json: bool, kube: KubeFleet | None = None) -> int:
+def status(urls: Sequence[str], as_json: bool, kube: KubeFleet | None = None,
+           token: str | None = None) -> int:  # fmt: skip
     """`wattops status`: print the fleet once (with `kube`: the agents found through the API,
     then the engine Deployments); exit 1 when any node is unreachable."""
     deployments: list[KubeDeployment] = []
@@ -283,7 +284,7 @@ def status(urls: Sequence[str], as_json: bool, kube: KubeFleet | None = None) ->
         except KubeError as exc:
             print(f"wattops status: {exc}", file=sys.stderr)
             return 2
-    fleet = asyncio.run(fetch_snapshots(urls)) if urls else []
+    fleet = asyncio.run(fetch_snapshots(urls, token=token)) if urls else []
     unreachable = [(url, err) for url, snap, err in fleet if snap is None]
     if as_json:
         agents = _agents_json(fleet)

@@ -156,16 +156,17 @@ class AgentClient:
 
 
 async def fetch_snapshots(
-    urls: Sequence[str], timeout_s: float = 5.0
+    urls: Sequence[str], timeout_s: float = 5.0, token: str | None = None
 ) -> list[tuple[str, NodeSnapshot | None, str | None]]:
-    """Every agent's snapshot once, concurrently: (url, snapshot or None, error or None)."""
+    """Every agent's snapshot once, concurrently: (url, snapshot or None, error or None);
+    `token` for agents whose reads need one (`reads = "viewer"`)."""
     timeout = aiohttp.ClientTimeout(total=timeout_s)
     connector = aiohttp.TCPConnector(ssl=client_ssl())
     async with aiohttp.ClientSession(timeout=timeout, connector=connector) as http:
 
         async def one(url: str) -> tuple[str, NodeSnapshot | None, str | None]:
             try:
-                return url, await AgentClient(url, http=http).node(), None
+                return url, await AgentClient(url, token=token, http=http).node(), None
             except AgentError as exc:
                 return url, None, exc.message
 

@@ -124,6 +124,14 @@ def test_each_role_on_every_agent_endpoint(guarded: Agent) -> None:
         assert who["may_control"] == (held in ("operator", "admin"))
     # Inference stays as it was: open on the agent.
     assert guarded.chat("still open", temperature=0.5).status_code == 200
+    # The CLI reads with its token too.
+    for held, code in (("viewer", 0), ("none", 1)):
+        env = {k: v for k, v in os.environ.items() if k != "WATTOPS_TOKEN"}
+        if held != "none":
+            env["WATTOPS_TOKEN"] = SECRETS[held]
+        shown = subprocess.run([str(WATTOPS), "status", "--agent", guarded.url],
+                               capture_output=True, text=True, timeout=60, env=env)  # fmt: skip
+        assert shown.returncode == code, (held, shown.stdout, shown.stderr)
 
 
 def test_the_older_single_token_is_an_admin_and_reads_stay_open(
