@@ -4,6 +4,7 @@ and publishes the node snapshot."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import time
@@ -12,6 +13,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import aiohttp
+from pydantic import BaseModel
 
 from wattops.agents import alerts, downtime
 from wattops.agents.accounting import Accounting, CostModel
@@ -42,7 +44,15 @@ from wattops.agents.response_cache import ResponseCache
 from wattops.agents.sensors.base import Sensor, SensorContext, SensorError
 from wattops.agents.sensors.detect import detect_sensor
 from wattops.agents.sensors.estimate import EstimateSensor, HostCpuUtilisation
-from wattops.agents.state import AgentState, DesiredState, Meter, StateStore, StoredDeployment
+from wattops.agents.state import (
+    AgentState,
+    DesiredState,
+    JournalCounters,
+    JournalLine,
+    Meter,
+    StateStore,
+    StoredDeployment,
+)
 from wattops.agents.supervisor import ControlError, Deployment
 from wattops.engines import process
 from wattops.engines.base import EngineAdapter, EngineContext, EngineError
@@ -56,8 +66,9 @@ from wattops.vocabulary.precisions import PRECISIONS
 log = logging.getLogger("wattops.agent")
 
 AGENT_VERSION = "0.1.0"
-#: How often counters are written to disk between shutdowns: what a kill -9 can lose (the
-#: fault soak measured 5 s losing a tenth of a busy agent's counts; docs/benchmarks.md).
+#: How often the whole state is saved (fsynced) between shutdowns. What happens between saves
+#: goes to the counter journal (agents/state.py), so a kill -9 loses no counts; a power cut
+#: can lose up to this much.
 PERSIST_INTERVAL_S = 1.0
 #: How long the note on the downtime before this start stays among the alerts.
 DOWNTIME_ALERT_S = 3600.0
@@ -85,6 +96,10 @@ class NodeAgent:
         self.version = 0
         self._changed = asyncio.Event()
         self._dirty = False
+        #: A journal line is due (agents/state.py): written before the loop goes on.
+        self._journal_due = False
+        #: The values each deployment (and the node, under "") had at its last journal line.
+        self._journaled: dict[str, tuple[float, ...]] = {}
         self.deployments: dict[str, Deployment] = {}
         self.session: aiohttp.ClientSession | None = None
         self.cache: ResponseCache | None = None
@@ -125,6 +140,7 @@ class NodeAgent:
                 "stopped %d replica process(es) left by a previous agent: %s", len(killed), killed
             )
         saved = self.store.load()
+        self.store.journal.open()
         connector = aiohttp.TCPConnector(limit=0, ttl_dns_cache=None, keepalive_timeout=30)
         self.session = aiohttp.ClientSession(connector=connector, auto_decompress=False)
         variants = VariantStore(self.state_dir / "variants")
@@ -424,6 +440,7 @@ class NodeAgent:
             self.meter.close()
         await asyncio.gather(*(d.stop() for d in self.deployments.values()))
         self.save()
+        self.store.journal.close()
         await self.close()
 
     def _engine(self, dep: DeploymentConfig, variants: VariantStore) -> EngineAdapter:
@@ -471,6 +488,44 @@ class NodeAgent:
         self.version += 1
         self._dirty = True
         self._changed.set()
+        if not self._journal_due:
+            self._journal_due = True
+            # Without a running loop (tests of the parts) the next save covers it.
+            with contextlib.suppress(RuntimeError):
+                asyncio.get_running_loop().call_soon(self.journal_counters)
+
+    def journal_counters(self) -> None:
+        """Append the counters that changed since the last line to the journal: called before
+        the event loop runs anything else after a change, and by every reader of the counters
+        first, so no value is shown that a kill -9 could take back."""
+        self._journal_due = False
+        if not self.store.journal.is_open:
+            return
+        changed: dict[str, JournalCounters] = {}
+        for name, dep in self.deployments.items():
+            values = _values(dep.counters) + _values(dep.totals)
+            if self._journaled.get(name) != values:
+                self._journaled[name] = values
+                changed[name] = JournalCounters(counters=dep.counters, totals=dep.totals)
+        node = meter = None
+        if self.accounting is not None:
+            values = _values(self.accounting.node)
+            if self._journaled.get("") != values:
+                self._journaled[""] = values
+                node, meter = self.accounting.node, self._meter_reading()
+        if not changed and node is None:
+            return
+        line = JournalLine(
+            seq=self.store.journal.next_seq(),
+            at=time.time(),
+            deployments=changed,
+            node=node,
+            meter=meter,
+        )
+        try:
+            self.store.journal.append(line)
+        except OSError:  # the next save of the state file still covers it
+            log.exception("could not append to %s", self.store.journal.path)
 
     async def wait_changed(self, since: int) -> int:
         """Wait until the snapshot version is past `since`; returns the new version."""
@@ -495,16 +550,21 @@ class NodeAgent:
             | {name: stored for name, stored in self._departed.items()},
             node=self.accounting.node if self.accounting else Totals(),
             saved_at=time.time(),
-            meter=Meter(
-                source=self.meter.sensor.source,
-                boot_id=self._boot_id,
-                counters=self.meter.sensor.counters(),
-            )
-            if self.meter is not None
-            else None,
+            meter=self._meter_reading(),
+            journal_seq=self.store.journal.seq,
         )
         self.store.save(state)
+        self.store.journal.empty()
         self._dirty = False
+
+    def _meter_reading(self) -> Meter | None:
+        if self.meter is None:
+            return None
+        return Meter(
+            source=self.meter.sensor.source,
+            boot_id=self._boot_id,
+            counters=self.meter.sensor.counters(),
+        )
 
     async def _persist_loop(self) -> None:
         while True:
@@ -716,6 +776,7 @@ class NodeAgent:
 
     def snapshot(self) -> NodeSnapshot:
         """The node as it is now."""
+        self.journal_counters()
         return NodeSnapshot(
             node=self.config.agent.node,
             agent_version=AGENT_VERSION,
@@ -738,3 +799,8 @@ __all__ = ["AgentState", "NodeAgent"]
 def _latency_p95(dep: Deployment) -> float | None:
     lat = sorted(dep.latencies)
     return lat[min(len(lat) - 1, int(0.95 * len(lat)))] if lat else None
+
+
+def _values(model: BaseModel) -> tuple[float, ...]:
+    """A model's field values, to tell cheaply whether it changed."""
+    return tuple(model.__dict__.values())
