@@ -32,6 +32,7 @@ from wattops.agents.supervisor import ControlError, Deployment
 from wattops.vocabulary.access import AccessDenied, Caller, Role, WhoAmI
 from wattops.vocabulary.audit import AuditMiddleware, AuditPage
 from wattops.vocabulary.hardening import Guard
+from wattops.vocabulary.tls import peer_of
 
 log = logging.getLogger("wattops.agent")
 
@@ -93,7 +94,8 @@ def _require(role: Role, what: str, reads: bool = False) -> Callable[..., Caller
         if reads and agent.config.agent.reads == "open":
             return ANONYMOUS_VIEWER
         try:
-            caller = agent.access.check(request.headers.get("authorization"), role, what)
+            caller = agent.access.check(request.headers.get("authorization"), role, what,
+                                        peer_of(request.scope))  # fmt: skip
         except AccessDenied as exc:
             headers = {"WWW-Authenticate": "Bearer"} if exc.status == 401 else None
             raise APIError(exc.status, exc.code, str(exc), headers=headers) from None
@@ -149,7 +151,7 @@ def create_asgi(agent: NodeAgent) -> AgentASGI:
                 "desired_replicas": dep.desired.replicas, "usd_per_hour": usd}  # fmt: skip
 
     api = AuditMiddleware(create_app(agent), agent.audit, "agent",
-                          lambda scope, auth: agent.access.name_of(scope.get("state"), auth),
+                          lambda scope, auth: agent.access.name_of(scope, auth),
                           figures)  # fmt: skip
     return AgentASGI(agent, Guard(api))  # header, body, slow-client and stream limits
 
@@ -214,12 +216,13 @@ def create_app(agent: NodeAgent) -> FastAPI:
         and the CLI disable what it does not."""
         access = agent.access
         try:
-            caller = access.identify(request.headers.get("authorization"))
+            caller = access.identify(request.headers.get("authorization"), peer_of(request.scope))
         except AccessDenied as exc:
             raise APIError(exc.status, exc.code, str(exc)) from None
         if access.open:
             caller = Caller("anonymous", "admin")
         return WhoAmI(name=caller.name if caller else None, role=caller.role if caller else None,
+                      via=caller.via if caller and not access.open else None,
                       open=access.open, reads=agent.config.agent.reads,
                       may_control=caller is not None and caller.may("operator"))  # fmt: skip
 

@@ -16,7 +16,7 @@ from wattops.agents.app import create_asgi
 from wattops.agents.config import AgentConfig, ConfigError, load_config
 from wattops.agents.node import AGENT_VERSION, NodeAgent
 from wattops.vocabulary.net import bind_listener
-from wattops.vocabulary.tls import server_tls
+from wattops.vocabulary.tls import TLSHttpToolsProtocol, server_tls
 
 log = logging.getLogger("wattops.agent")
 
@@ -52,7 +52,7 @@ async def serve(config: AgentConfig) -> None:
                 create_asgi(agent),
                 host=config.agent.host,
                 port=config.agent.port,
-                http="httptools",
+                http=TLSHttpToolsProtocol if tls is not None else "httptools",
                 lifespan="off",
                 proxy_headers=False,
                 access_log=False,

@@ -80,7 +80,8 @@ class NodeAgent:
     def __init__(self, config: AgentConfig) -> None:
         self.config = config
         #: Who may do what: the [[tokens]] and the older single `token` (an admin).
-        self.access = Access(config.tokens, config.agent.token, "agent")
+        self.access = Access(config.tokens, config.agent.token, "agent",
+                             certificates=config.agent.tls_client_ca is not None)  # fmt: skip
         #: Every control call, allowed or refused (vocabulary/audit.py).
         self.audit = AuditLog(config.agent.state_dir / "audit.jsonl")
         #: The policy's view: limits passed, its plan, the steps it took (agents/policy.py).

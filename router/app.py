@@ -41,6 +41,7 @@ from wattops.vocabulary.access import AccessDenied, Caller, Role, WhoAmI
 from wattops.vocabulary.audit import AuditMiddleware, AuditPage
 from wattops.vocabulary.hardening import Guard
 from wattops.vocabulary.openai import error_body
+from wattops.vocabulary.tls import peer_of
 
 __all__ = ["RouterASGI", "create_app"]
 
@@ -97,7 +98,8 @@ def create_app(router: Router) -> FastAPI:
             if reads and router.config.router.reads == "open":
                 return Caller("anonymous", "viewer")
             try:
-                caller = access.check(request.headers.get("authorization"), role, what)
+                caller = access.check(request.headers.get("authorization"), role, what,
+                                      peer_of(request.scope))  # fmt: skip
             except AccessDenied as exc:
                 headers = {"WWW-Authenticate": "Bearer"} if exc.status == 401 else None
                 raise HTTPException(exc.status, str(exc), headers=headers) from None
@@ -145,12 +147,13 @@ def create_app(router: Router) -> FastAPI:
     async def whoami(request: Request) -> WhoAmI:
         """Who the bearer token (if any) names, and what its role allows here."""
         try:
-            caller = access.identify(request.headers.get("authorization"))
+            caller = access.identify(request.headers.get("authorization"), peer_of(request.scope))
         except AccessDenied as exc:
             raise HTTPException(exc.status, str(exc)) from None
         if access.open:
             caller = Caller("anonymous", "admin")
         return WhoAmI(name=caller.name if caller else None, role=caller.role if caller else None,
+                      via=caller.via if caller and not access.open else None,
                       open=access.open, reads=router.config.router.reads,
                       may_control=caller is not None and caller.may("operator"))  # fmt: skip
 
@@ -288,9 +291,9 @@ class RouterASGI:
         self.gateway = gateway
         router = gateway.router
         # Every control call, allowed or refused, in the router's audit log (reads are not).
-        audited = AuditMiddleware(api, router.audit, "router",
-                                  lambda scope, auth: router.access.name_of(scope.get("state"),
-                                                                            auth))  # fmt: skip
+        audited = AuditMiddleware(
+            api, router.audit, "router", lambda scope, auth: router.access.name_of(scope, auth)
+        )
         # Header, body and slow-client limits (vocabulary/hardening.py), in OpenAI's shape.
         self.api = Guard(audited, error=lambda status, code, message: orjson.dumps(
             error_body(status, message, code)))  # fmt: skip

@@ -183,7 +183,8 @@ class Router:
         )  # fmt: skip
         self.charging = open_charging(config.router, config.budgets)
         #: Who may do what: the [[tokens]] and the older single `token` (an admin).
-        self.access = Access(config.tokens, config.router.token, "router")
+        self.access = Access(config.tokens, config.router.token, "router",
+                             certificates=config.router.tls_client_ca is not None)  # fmt: skip
         #: Every control call, allowed or refused (vocabulary/audit.py).
         self.audit = AuditLog(self.state_dir / "audit.jsonl")
         self.audit.open()

@@ -19,7 +19,7 @@ from wattops.router.config import ConfigError, RouterConfig, load_config
 from wattops.router.core import Router
 from wattops.router.proxy import RouterGateway
 from wattops.vocabulary.net import bind_listener
-from wattops.vocabulary.tls import client_ssl, server_tls
+from wattops.vocabulary.tls import TLSHttpToolsProtocol, client_ssl, server_tls
 
 log = logging.getLogger("wattops.router")
 
@@ -89,7 +89,8 @@ async def serve(config: RouterConfig) -> None:
     host, _, port = config.router.listen.rpartition(":")
     server = uvicorn.Server(uvicorn.Config(
         RouterASGI(RouterGateway(router, session), create_app(router)),
-        host=host.strip("[]"), port=int(port), http="httptools", lifespan="off",
+        host=host.strip("[]"), port=int(port),
+        http=TLSHttpToolsProtocol if tls is not None else "httptools", lifespan="off",
         proxy_headers=False, access_log=False, log_level="warning", timeout_graceful_shutdown=10,
         ssl_context_factory=tls.factory if tls is not None else None,
     ))  # fmt: skip

@@ -44,6 +44,15 @@ class Certs:
         client.cert_chain_pems[0].write_to_path(self.client_cert)
         client.private_key_pem.write_to_path(self.client_key)
 
+    def client(self, name: str, role: str | None) -> tuple[Path, Path]:
+        """A client certificate for `name` (its CN), carrying `role` as O=wattops:<role>."""
+        org = f"wattops:{role}" if role else "Example"
+        leaf = self.ca.issue_cert(f"{name}@example.org", common_name=name, organization_name=org)
+        cert, key = self.folder / f"{name}.pem", self.folder / f"{name}.key"
+        leaf.cert_chain_pems[0].write_to_path(cert)
+        leaf.private_key_pem.write_to_path(key)
+        return cert, key
+
     def issue_server(self) -> None:
         server = self.ca.issue_cert("127.0.0.1", "localhost")
         server.cert_chain_pems[0].write_to_path(self.cert)
@@ -192,6 +201,91 @@ def test_a_router_serves_https_and_follows_an_https_agent(
             url = f"https://127.0.0.1:{port}/v1/router"
             wait_for(lambda: c.get(url).json()["agents_live"] == 1, 60,
                      "the router to follow the agent over HTTPS")  # fmt: skip
+    finally:
+        proc.terminate()
+        proc.wait(30)
+
+
+def test_a_client_certificate_names_the_caller_and_carries_its_role(certs: Certs) -> None:
+    """With `tls_client_ca` the certificate is a credential: O=wattops:<role> gives the role
+    (table below), one without a role needs a bearer token, and a token sent with any
+    certificate decides instead. The audit log names the certificate's holder."""
+    extra = (f'tls_cert = "{certs.cert}"\ntls_key = "{certs.key}"\n'
+             f'tls_client_ca = "{certs.ca_file}"\n\n'
+             '[[tokens]]\nname = "pager"\nrole = "operator"\n'
+             'token = "pager-token-0123456789abcdef"\n')  # fmt: skip
+    proc, url = start_agent(certs.folder, extra)
+    holders = (("vera", "viewer"), ("otto", "operator"), ("ada", "admin"), ("nora", None))
+    clients = {role: certs.client(name, role) for name, role in holders}
+    pager = {"Authorization": "Bearer pager-token-0123456789abcdef"}
+
+    def client(role: str | None) -> httpx.Client:
+        cert, key = clients[role]
+        return httpx.Client(verify=trusting(certs.ca_file, cert, key), timeout=5, base_url=url)
+
+    try:
+        with client("admin") as admin:
+            wait_for(lambda: admin.get("/healthz").status_code == 200, 60, "mTLS agent")
+            assert admin.get("/v1/whoami").json() | {"reads": None} == {
+                "name": "ada", "role": "admin", "via": "certificate", "open": False,
+                "reads": None, "may_control": True}  # fmt: skip
+        scale = "/v1/deployments/none/scale"
+        table = {"viewer": 403, "operator": 404, "admin": 404, None: 401}  # 404: past the check
+        for role, status in table.items():
+            with client(role) as c:
+                resp = c.post(scale, json={"replicas": 1})
+                assert resp.status_code == status, (role, resp.text)
+                if role == "viewer":
+                    assert "certificate 'vera' is a viewer" in resp.text
+                if role is None:
+                    assert "certificate 'nora' carries no role" in resp.text
+                    assert "O=wattops:operator" in resp.text
+        with client(None) as nora:  # a token decides for a certificate without a role
+            resp = nora.post(scale, json={"replicas": 1}, headers=pager)
+            assert resp.status_code == 404, resp.text
+        with client("viewer") as vera:  # and a token decides over a certificate's role
+            resp = vera.post(scale, json={"replicas": 1}, headers=pager)
+            assert resp.status_code == 404, resp.text
+        with client("admin") as admin:
+            lines = admin.get("/v1/audit").json()["entries"]
+        who = [(line["who"], line["status"]) for line in lines if line["path"] == scale]
+        assert who == [("vera", 403), ("otto", 404), ("ada", 404), ("certificate nora", 401),
+                       ("pager", 404), ("pager", 404)]  # fmt: skip
+    finally:
+        proc.terminate()
+        proc.wait(30)
+
+
+def test_a_router_takes_roles_from_client_certificates(certs: Certs) -> None:
+    from tests.routers import ROUTER_BIN
+
+    port = free_port()
+    config = certs.folder / "router.toml"
+    config.write_text(
+        f'[router]\nlisten = "127.0.0.1:{port}"\nstate_dir = "{certs.folder}/router-state"\n'
+        f'tls_cert = "{certs.cert}"\ntls_key = "{certs.key}"\n'
+        f'tls_client_ca = "{certs.ca_file}"\n\n'
+        '[[agents]]\nurl = "http://127.0.0.1:9"\n\n'
+        '[[routes]]\nname = "chat"\ncandidates = ["*/tiny"]\nreference = "n/tiny"\n'
+    )
+    log = (certs.folder / "router.log").open("ab")
+    proc = subprocess.Popen([str(ROUTER_BIN), "--config", str(config)], stdout=log, stderr=log)
+    base = f"https://127.0.0.1:{port}"
+    try:
+        viewer, operator = certs.client("vera", "viewer"), certs.client("otto", "operator")
+        with httpx.Client(verify=trusting(certs.ca_file, *viewer), base_url=base,
+                          timeout=5) as vera:  # fmt: skip
+            wait_for(lambda: vera.get("/healthz").status_code == 200, 60, "the mTLS router")
+            assert vera.get("/v1/whoami").json()["name"] == "vera"
+            assert vera.get("/v1/router").status_code == 200
+            refused = vera.patch("/v1/routes/chat", json={"policy": "greenest"})
+            assert refused.status_code == 403, refused.text
+            assert "certificate 'vera' is a viewer" in refused.text
+        with httpx.Client(verify=trusting(certs.ca_file, *operator), base_url=base,
+                          timeout=5) as otto:  # fmt: skip
+            changed = otto.patch("/v1/routes/chat", json={"policy": "greenest"})
+            assert changed.status_code == 200, changed.text
+            assert changed.json()["policy"] == "greenest"
     finally:
         proc.terminate()
         proc.wait(30)

@@ -13,10 +13,15 @@ daemon's file or in a file it names (`tokens_file`), several per daemon. The has
 `token = "..."` in a table is accepted with a warning at start. The daemon's older single
 `token` (and `$WATTOPS_TOKEN`) keeps working as one admin token named `token`.
 
-A request without a bearer token is 401; an unknown token is 403; a known token whose role is
-below the one needed is 403 naming both ("needs operator; token 'grafana' is a viewer").
-Tokens are compared in constant time, by their hash, and never logged: a caller is named by
-its token's name.
+A daemon that requires client certificates (`tls_client_ca`, vocabulary/tls.py) also takes a
+certificate as a credential: its CN (or first subjectAltName) names the caller, and an
+`O=wattops:<role>` in its subject gives the role. A bearer token, when sent, decides instead
+of the certificate. Such a daemon is never open: a certificate without a role needs a token.
+
+A request without a credential is 401; an unknown token is 403; a known token (or
+certificate) whose role is below the one needed is 403 naming both ("needs operator; token
+'grafana' is a viewer"). Tokens are compared in constant time, by their hash, and never
+logged: a caller is named by its token's or certificate's name.
 """
 
 from __future__ import annotations
@@ -32,6 +37,8 @@ from pathlib import Path
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from wattops.vocabulary.tls import PeerCertificate, peer_of
 
 __all__ = [
     "ROLES",
@@ -129,8 +136,12 @@ def unique_names(entries: Iterable[TokenEntry]) -> None:
 class WhoAmI(BaseModel):
     """`GET /v1/whoami`: who the bearer token names and what it may do here."""
 
-    name: str | None = Field(description="the token's name; none without a token")
-    role: Role | None = Field(description="its role; none without a token")
+    name: str | None = Field(description="the token's (or client certificate's) name; none "
+                             "without either")  # fmt: skip
+    role: Role | None = Field(description="its role; none without a credential")
+    via: Literal["token", "certificate"] | None = Field(
+        None, description="what named the caller: a bearer token or a client certificate"
+    )
     open: bool = Field(description="no token configured here: everything is allowed")
     reads: Literal["open", "viewer"] = Field(description="whether reads need a token")
     may_control: bool = Field(description="operator actions (scale, precision) are allowed")
@@ -138,10 +149,12 @@ class WhoAmI(BaseModel):
 
 @dataclass(frozen=True)
 class Caller:
-    """Who sent a request: a token's name and role (`anonymous`: no token was needed)."""
+    """Who sent a request: a token's (or client certificate's) name and role (`anonymous`: no
+    credential was needed)."""
 
     name: str
     role: Role
+    via: Literal["token", "certificate"] = "token"
 
     def may(self, role: Role) -> bool:
         return ROLES.index(self.role) >= ROLES.index(role)
@@ -163,8 +176,10 @@ class Access:
     """A daemon's tokens; `check` answers who a request's caller is, or why not."""
 
     def __init__(self, entries: Iterable[TokenEntry], legacy_token: str | None = None,
-                 what: str = "daemon") -> None:  # fmt: skip
+                 what: str = "daemon", certificates: bool = False) -> None:  # fmt: skip
         self.what = what
+        #: Client certificates are required (`tls_client_ca`): they are credentials too.
+        self.certificates = certificates
         self._tokens: list[tuple[str, str, Role]] = []
         for e in entries:
             if e.token is not None:
@@ -176,16 +191,19 @@ class Access:
 
     @property
     def open(self) -> bool:
-        """No token configured: everything is allowed, as before roles existed."""
-        return not self._tokens
+        """No token configured and no client certificate required: everything is allowed, as
+        before roles existed."""
+        return not self._tokens and not self.certificates
 
-    def identify(self, authorization: str | None) -> Caller | None:
-        """The caller a bearer token names; None without one. AccessDenied(403) if unknown."""
-        if not authorization:
-            return None
-        scheme, _, given = authorization.partition(" ")
+    def identify(self, authorization: str | None,
+                 peer: PeerCertificate | None = None) -> Caller | None:  # fmt: skip
+        """The caller a bearer token names, else the one a client certificate with a role
+        names; None without either. AccessDenied(403) if the token is unknown."""
+        scheme, _, given = (authorization or "").partition(" ")
         given = given.strip()
         if scheme.lower() != "bearer" or not given:
+            if self.certificates and peer is not None and peer.role in ROLES:
+                return Caller(peer.name, peer.role, "certificate")
             return None
         found = None
         for stored, name, role in self._tokens:  # every one compared: no early exit to time
@@ -196,31 +214,41 @@ class Access:
                                f"{self.what}'s tokens")  # fmt: skip
         return found
 
-    def name_of(self, state: Any, authorization: str | None) -> str:
-        """Who sent a request, for the audit log: the caller the app accepted (in the
-        scope's `state`), else whatever its token says (`no token`, `unknown token`)."""
+    def name_of(self, scope: Any, authorization: str | None) -> str:
+        """Who sent a request, for the audit log: the caller the app accepted (in the ASGI
+        scope's `state`), else whatever its credentials say (`no token`, `unknown token`, or
+        the client certificate's name)."""
+        state = scope.get("state")
         caller = state.get("caller") if isinstance(state, dict) else None
         if isinstance(caller, Caller):
             return caller.name
         if self.open:
             return "anonymous"
+        peer = peer_of(scope)
         try:
-            found = self.identify(authorization)
+            found = self.identify(authorization, peer)
         except AccessDenied:
             return "unknown token"
-        return found.name if found is not None else "no token"
+        if found is not None:
+            return found.name
+        return f"certificate {peer.name}" if peer is not None else "no token"
 
-    def check(self, authorization: str | None, role: Role, what: str) -> Caller:
+    def check(self, authorization: str | None, role: Role, what: str,
+              peer: PeerCertificate | None = None) -> Caller:  # fmt: skip
         """The caller, if it may do `what` (which needs `role`); AccessDenied otherwise."""
         if self.open:
             return ANONYMOUS_ADMIN
-        caller = self.identify(authorization)
+        caller = self.identify(authorization, peer)
         if caller is None:
+            also = (f" or a client certificate carrying O=wattops:{role}"
+                    if self.certificates else "")  # fmt: skip
+            held = (f"; certificate {peer.name!r} carries no role"
+                    if self.certificates and peer is not None else "")  # fmt: skip
             raise AccessDenied(401, "unauthorized",
                                f"{what} needs 'Authorization: Bearer <token>' of a {role} "
-                               f"(or higher role)")  # fmt: skip
+                               f"(or higher role){also}{held}")  # fmt: skip
         if not caller.may(role):
             raise AccessDenied(403, "forbidden",
-                               f"{what} needs the {role} role; token {caller.name!r} is a "
-                               f"{caller.role}")  # fmt: skip
+                               f"{what} needs the {role} role; {caller.via} {caller.name!r} is "
+                               f"a {caller.role}")  # fmt: skip
         return caller

@@ -3,7 +3,12 @@
 Server side (`tls_cert`, `tls_key`, optional `tls_client_ca` in `[agent]` or `[router]`): the
 daemon serves HTTPS with that certificate, TLS 1.2 at least. With `tls_client_ca`, every client
 must present a certificate signed by that CA (mutual TLS): a connection without one is refused
-during the handshake, before any HTTP; the bearer token still decides the role. On SIGHUP the
+during the handshake, before any HTTP. The certificate names the caller (its subject's CN, else
+its first subjectAltName) and may carry a role, as Kubernetes carries groups: an `O=wattops:<role>`
+in its subject (`wattops:viewer`, `wattops:operator`, `wattops:admin`; the highest one given
+counts). A bearer token, when sent, decides instead (vocabulary/access.py). The peer's
+certificate reaches the app as the ASGI TLS extension's `client_cert_name` plus
+`wattops_peer` (a `PeerCertificate`), added by `TLSHttpToolsProtocol`. On SIGHUP the
 daemon reads the certificate and key again: new connections get the new certificate, open ones
 keep theirs (nothing is dropped), and a pair that does not load is refused with a log line while
 the old one stays in service.
@@ -16,16 +21,96 @@ the router take them from `$WATTOPS_CA`, `$WATTOPS_CLIENT_CERT` and `$WATTOPS_CL
 
 from __future__ import annotations
 
+import asyncio
 import functools
 import logging
 import os
 import ssl
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-__all__ = ["ServerTLS", "client_context", "client_ssl", "server_tls", "tls_pair_problem"]
+from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+
+__all__ = [
+    "PeerCertificate",
+    "ServerTLS",
+    "TLSHttpToolsProtocol",
+    "client_context",
+    "client_ssl",
+    "peer_certificate",
+    "peer_of",
+    "server_tls",
+    "tls_pair_problem",
+]
 
 log = logging.getLogger("wattops")
+
+#: `O=wattops:<role>` in a client certificate's subject carries that role.
+ROLE_PREFIX = "wattops:"
+_ROLE_ORDER = ("viewer", "operator", "admin")
+
+
+@dataclass(frozen=True)
+class PeerCertificate:
+    """What a verified client certificate says about its holder."""
+
+    #: The subject's commonName, else the first subjectAltName (DNS, email or URI).
+    name: str
+    #: From `O=wattops:<role>`; None when it carries none (a bearer token must then decide).
+    role: str | None
+    #: The subject as RFC 4514 writes it (`CN=alice,O=wattops:operator`), for the ASGI scope.
+    subject: str
+
+
+def peer_certificate(cert: dict[str, Any] | None) -> PeerCertificate | None:
+    """From `SSLObject.getpeercert()` of a verified peer; None without a certificate."""
+    if not cert:
+        return None
+    pairs = [pair for rdn in cert.get("subject", ()) for pair in rdn]
+    common = [value for key, value in pairs if key == "commonName"]
+    sans = [value for _, value in cert.get("subjectAltName", ())]
+    roles = [value.removeprefix(ROLE_PREFIX) for key, value in pairs
+             if key == "organizationName" and value.removeprefix(ROLE_PREFIX) in _ROLE_ORDER
+             and value.startswith(ROLE_PREFIX)]  # fmt: skip
+    names = {"commonName": "CN", "organizationName": "O", "organizationalUnitName": "OU",
+             "countryName": "C", "localityName": "L", "stateOrProvinceName": "ST"}  # fmt: skip
+    subject = ",".join(f"{names.get(k, k)}={v}" for k, v in reversed(pairs))
+    name = (common or sans or [subject or "unnamed certificate"])[0]
+    role = max(roles, key=_ROLE_ORDER.index) if roles else None
+    return PeerCertificate(name=name, role=role, subject=subject)
+
+
+class TLSHttpToolsProtocol(HttpToolsProtocol):
+    """uvicorn's httptools protocol, adding the client's verified certificate to each
+    request's scope as the ASGI TLS extension does (uvicorn itself does not)."""
+
+    _tls_extension: dict[str, Any] | None = None
+
+    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+        super().connection_made(transport)
+        ssl_object = transport.get_extra_info("ssl_object")
+        if ssl_object is None:
+            return
+        peer = peer_certificate(ssl_object.getpeercert())
+        self._tls_extension = {
+            "client_cert_name": peer.subject if peer else None,
+            "client_cert_error": None,
+            "wattops_peer": peer,
+        }
+
+    def on_message_begin(self) -> None:
+        super().on_message_begin()
+        if self._tls_extension is not None:
+            scope: dict[str, Any] = self.scope  # type: ignore[assignment]
+            scope["extensions"] = {"tls": self._tls_extension}
+
+
+def peer_of(scope: Any) -> PeerCertificate | None:
+    """The verified client certificate of a request's ASGI scope, if any."""
+    tls = (scope.get("extensions") or {}).get("tls") or {}
+    peer = tls.get("wattops_peer")
+    return peer if isinstance(peer, PeerCertificate) else None
 
 
 class ServerTLS:
