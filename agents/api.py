@@ -307,12 +307,17 @@ class Alert(_Model):
 class PolicyStep(_Model):
     """One step a policy plans (advise) or takes (act), with its reason and arithmetic."""
 
-    deployment: str
-    action: Literal["park", "scale", "canary"]
-    target: int | str = Field(description="replicas (park, scale) or the precision (canary)")
+    deployment: str = Field(description="the deployment acted on; `*`: the whole node "
+                            "(power_limit, power_restore)")  # fmt: skip
+    action: Literal["park", "scale", "canary", "power_limit", "power_restore"]
+    target: int | str = Field(description="replicas (park, scale), the precision (canary), or "
+                              "the GPUs' summed power limit in watts (power_*)")  # fmt: skip
     reason: str
     saves_usd_per_hour: float | None = Field(
-        None, description="what it should save; none: measured by the canary"
+        None, description="what it should save; none: measured by the canary, or not money"
+    )
+    limits: dict[str, float] | None = Field(
+        None, description="power_*: the limit each GPU gets, in watts (gpu0: 300)"
     )
 
 

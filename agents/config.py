@@ -162,6 +162,10 @@ class PolicySection(_Section):
     quality_floor: float = Field(
         0.9, ge=0, le=1, description="the canary's agreement guard for those switches"
     )
+    power_limit: bool = Field(
+        True, description="may lower GPU power limits (NVML nodes, within each card's bounds; "
+        "restored after) to meet max_watts; needs root or CAP_SYS_ADMIN",
+    )  # fmt: skip
     interval_s: float = Field(10.0, gt=0, description="seconds between two looks")
 
 

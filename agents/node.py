@@ -40,6 +40,7 @@ from wattops.agents.gateway import Gateway
 from wattops.agents.pods import ClusterError, EnginePod, PodLister
 from wattops.agents.policy import DeploymentView, plan
 from wattops.agents.power import PowerMeter
+from wattops.agents.power_cap import PowerCap
 from wattops.agents.response_cache import ResponseCache
 from wattops.agents.sensors.base import Sensor, SensorContext, SensorError
 from wattops.agents.sensors.detect import detect_sensor
@@ -109,6 +110,7 @@ class NodeAgent:
         self.cost: CostModel | None = None
         self.meter: PowerMeter | None = None
         self.accounting: Accounting | None = None
+        self.power_cap: PowerCap | None = None
         self.sensor_notes: list[str] = []
         self.estimate_basis = ""
         self.alert_book = alerts.AlertBook()
@@ -288,6 +290,9 @@ class NodeAgent:
         )
         fallback = estimate()
         self.meter = PowerMeter(sensor, None if sensor is fallback else fallback, cfg.sample_hz)
+        # The GPU power-limit lever (NVML nodes): limits a killed agent left lowered go back.
+        self.power_cap = PowerCap(sensor, self.state_dir / "power-limits.json")
+        self.power_cap.restore_left_over()
 
     def _fit_profile(self, hardware: HardwareProfile, sensor: Sensor) -> HardwareProfile:
         """The profile scaled to the accelerators the sensor measures: NVML sums every GPU it
@@ -437,6 +442,10 @@ class NodeAgent:
             task.cancel()
         # Collected, not raised: a task that died of an error must not stop the shutdown.
         await asyncio.gather(*self._tasks, return_exceptions=True)
+        if self.power_cap is not None:
+            restored = self.power_cap.restore()
+            if restored:
+                log.info("GPU power limits restored at exit: %s", ", ".join(restored))
         if self.meter:
             self.meter.close()
         await asyncio.gather(*(d.stop() for d in self.deployments.values()))
@@ -624,10 +633,15 @@ class NodeAgent:
         assert self.accounting is not None
         cfg = self.config.policy
         now = time.monotonic()
-        watts = self.meter.latest.watts if self.meter and self.meter.latest else None
+        latest = self.meter.latest if self.meter else None
+        watts = latest.watts if latest else None
+        power = None
+        if cfg.power_limit and self.power_cap is not None and latest is not None:
+            draws = {d.name.split(" ", 1)[0]: d.watts for d in latest.devices}
+            power = self.power_cap.view(draws)
         over, steps = plan(self._policy_views(now), self._burn(), watts, cfg.max_usd_per_hour,
                            cfg.max_watts, cfg.hysteresis, cfg.park_idle_s, cfg.dwell_s,
-                           cfg.switch_precision)  # fmt: skip
+                           cfg.switch_precision, power)  # fmt: skip
         self.policy_over, self.policy_plan = over, steps
         if cfg.mode == "act" and not self.policy_paused:
             for step in steps:
@@ -635,18 +649,24 @@ class NodeAgent:
         self.mark_changed()
 
     def _policy_act(self, step: PolicyStep, now: float) -> None:
-        dep = self.deployments[step.deployment]
         try:
-            if step.action == "canary":
+            if step.action in ("power_limit", "power_restore"):
+                assert self.power_cap is not None
+                if step.action == "power_limit":
+                    self.power_cap.apply(step.limits or {})
+                else:
+                    self.power_cap.restore()
+            elif step.action == "canary":
+                dep = self.deployments[step.deployment]
                 guards = CanaryGuards(min_agreement=self.config.policy.quality_floor)
                 assert self.session is not None
                 cost = self.accounting.cost if self.accounting is not None else None
                 dep.start_canary(str(step.target), CanaryRequest(guards=guards), self.session,
                                  cost)  # fmt: skip
             else:
-                dep.set_replicas(int(step.target))
+                self.deployments[step.deployment].set_replicas(int(step.target))
             outcome = "accepted"
-        except ControlError as exc:
+        except (ControlError, SensorError) as exc:
             outcome = f"refused: {exc}"
         self._policy_acted[step.deployment] = now
         done = PolicyAction(**step.model_dump(), time=time.time(), outcome=outcome)

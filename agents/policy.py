@@ -18,9 +18,16 @@ acted on is left alone for `dwell_s` (300 s): no flapping, and time for the chan
 the figures. Nothing is planned while the node is within its limits. `mode = "advise"` shows
 the plan (snapshot `policy`, `wattops status`, alerts) and changes nothing; `"act"` carries it
 out, each step logged, in the audit log as `policy`, and in the snapshot with its reason and
-arithmetic; `POST /v1/policy {"paused": true}` stops acting at once (and resumes). Power: on a
-node without a power-limit lever (NVML) a `max_watts` excess is met with the same steps, which
-lower power only as much as they lower load; the GPU power-limit lever is not built yet.
+arithmetic; `POST /v1/policy {"paused": true}` stops acting at once (and resumes).
+
+Power: a `max_watts` excess is met first by parking the idle, then, on a node with a GPU
+power-limit lever (NVML, agents/power_cap.py; `power_limit = true`), by lowering the GPUs'
+limits, each by its share of the draw, within its bounds: a GPU capped serves more slowly
+but refuses nothing. Only when the limits are at their minimum are replicas scaled and
+precisions tried. The cap is lifted (`power_restore`, the limits found before it) once the
+node is back under `max_watts` by the hysteresis with no GPU held back by its cap (each
+drawing under 90% of it), after the dwell time. A node without the lever meets the excess
+with the other steps, which lower power only as much as they lower load.
 """
 
 from __future__ import annotations
@@ -29,6 +36,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 
 from wattops.agents.api import PolicyStep
+from wattops.agents.power_cap import BINDING, PowerView
 
 __all__ = ["DeploymentView", "plan"]
 
@@ -64,6 +72,7 @@ def plan(
     park_idle_s: float,
     dwell_s: float,
     switch_precision: bool,
+    power: PowerView | None = None,
 ) -> tuple[list[str], list[PolicyStep]]:
     """(the limits passed, in words; the steps that bring the node back inside them)."""
     over: list[str] = []
@@ -72,18 +81,25 @@ def plan(
         excess_usd = burn_usd_per_hour - max_usd_per_hour
         over.append(f"burn ${burn_usd_per_hour:.4f}/h > max_usd_per_hour ${max_usd_per_hour:.4f}/h "
                     f"(+{burn_usd_per_hour / max_usd_per_hour - 1:.0%})")  # fmt: skip
+    excess_watts = 0.0
     if max_watts is not None and watts is not None and watts > max_watts * (1 + hysteresis):
+        excess_watts = watts - max_watts
         over.append(f"power {watts:.0f} W > max_watts {max_watts:.0f} W")
     if not over:
-        return over, []
+        lift = _lift_cap(power, watts, max_watts, hysteresis, dwell_s)
+        return over, [lift] if lift is not None else []
     free = [v for v in views if not v.busy and (v.since_action_s is None
                                                  or v.since_action_s >= dwell_s)]  # fmt: skip
     steps: list[PolicyStep] = []
     saved = 0.0
 
+    capped = 0.0  # watts the power-limit step takes off
+
     def covered() -> bool:
         # (a small tolerance: 1.3 - 1.0 is 0.30000000000000004 in floating point)
-        return excess_usd > 0 and saved >= excess_usd - 1e-9 and max_watts is None
+        money = excess_usd <= 0 or saved >= excess_usd - 1e-9
+        power_met = excess_watts <= 0 or (capped > 0 and capped >= excess_watts - 1e-9)
+        return money and power_met and (excess_usd > 0 or capped > 0)
 
     for v in sorted(free, key=lambda v: -v.idle_s):  # 1. park the idle
         if covered():
@@ -96,6 +112,11 @@ def plan(
                 f"frees its ${v.usd_per_hour:.4f}/h; a request wakes it",
             ))  # fmt: skip
     parked = {s.deployment for s in steps}
+    if excess_watts > 0:  # 1b. the GPUs' power limits, where the node has the lever
+        cap = _lower_cap(power, watts or 0.0, excess_watts, max_watts or 0.0, dwell_s)
+        if cap is not None:
+            capped = _cut(cap, power)
+            steps.append(cap)
     for v in free:  # 2. one replica fewer where the rest would still be at most half busy
         if covered():
             break
@@ -127,3 +148,65 @@ def plan(
             ))  # fmt: skip
             break
     return over, steps
+
+
+def _cut(step: PolicyStep, power: PowerView | None) -> float:
+    """Watts a power_limit step takes off the GPUs' draw."""
+    assert power is not None and step.limits is not None
+    now = {limit.device: limit.watts for limit in power.limits}
+    return sum(min(now[d], power.draws.get(d, 0.0)) - w for d, w in step.limits.items())
+
+
+def _lower_cap(power: PowerView | None, watts: float, excess: float, max_watts: float,
+               dwell_s: float) -> PolicyStep | None:  # fmt: skip
+    """Lower each GPU's limit by its share of the draw, within its bounds (None: no lever,
+    all at their minimum, or moved less than the dwell time ago)."""
+    if power is None or (power.since_change_s is not None and power.since_change_s < dwell_s):
+        return None
+    drawn = {lim.device: min(lim.watts, power.draws.get(lim.device, 0.0)) for lim in power.limits}
+    total = sum(drawn.values())
+    if total <= 0:
+        return None
+    targets = {}
+    for lim in power.limits:
+        share = drawn[lim.device] / total
+        targets[lim.device] = float(max(lim.min_watts, int(drawn[lim.device] - excess * share)))
+    cut = sum(drawn[d] - w for d, w in targets.items())
+    if cut <= 0.5:
+        return None
+    parts = ", ".join(f"{lim.device} {lim.watts:.0f} -> {targets[lim.device]:.0f} W (draws "
+                      f"{drawn[lim.device]:.0f} W, allowed {lim.min_watts:.0f}-{lim.max_watts:.0f})"
+                      for lim in power.limits)  # fmt: skip
+    short = "" if cut >= excess - 1e-9 else f"; {excess - cut:.0f} W short at the minimum"
+    return PolicyStep(
+        deployment="*", action="power_limit", target=int(sum(targets.values())),
+        limits=targets,
+        reason=f"power {watts:.0f} W, {excess:.0f} W over max_watts {max_watts:.0f} W: GPU power "
+        f"limits {parts}; takes off {cut:.0f} W{short}; served more slowly, nothing refused; "
+        "restored when the node is back under",
+    )  # fmt: skip
+
+
+def _lift_cap(power: PowerView | None, watts: float | None, max_watts: float | None,
+              hysteresis: float, dwell_s: float) -> PolicyStep | None:  # fmt: skip
+    """Put the original limits back once the node is under its limit with no GPU held back
+    by its cap (otherwise lifting it would put the node over again at once)."""
+    if power is None or not power.originals or watts is None:
+        return None
+    if power.since_change_s is not None and power.since_change_s < dwell_s:
+        return None
+    if max_watts is not None and watts > max_watts * (1 - hysteresis):
+        return None
+    held = [lim.device for lim in power.limits if lim.device in power.originals
+            and power.draws.get(lim.device, 0.0) >= BINDING * lim.watts]  # fmt: skip
+    if held:
+        return None
+    back = ", ".join(f"{d} -> {w:.0f} W" for d, w in power.originals.items())
+    under = f"power {watts:.0f} W under max_watts {max_watts:.0f} W" if max_watts else (
+        "no max_watts any more")  # fmt: skip
+    return PolicyStep(
+        deployment="*", action="power_restore", target=int(sum(power.originals.values())),
+        limits=dict(power.originals),
+        reason=f"{under} by {hysteresis:.0%} and no GPU held back by its cap (each under "
+        f"{BINDING:.0%} of it): limits back to {back}",
+    )  # fmt: skip

@@ -11,7 +11,7 @@ from collections.abc import Sequence
 from dataclasses import asdict
 from typing import Any
 
-from wattops.agents.api import CanaryRequest, NodeSnapshot
+from wattops.agents.api import CanaryRequest, NodeSnapshot, PolicyStep
 from wattops.console import formats as fmt
 from wattops.fleet.client import AgentClient, AgentError, fetch_snapshots
 from wattops.fleet.kube import KubeDeployment, KubeError, KubeFleet
@@ -189,11 +189,17 @@ def policy_lines(snap: NodeSnapshot) -> list[str]:
     lines = [f"policy ({mode}) on {snap.node}: "
              + ("; ".join(p.over) if p.over else "within its limits")]  # fmt: skip
     verb = "would" if p.mode == "advise" or p.paused else "will"
-    lines += [f"  {verb} {s.action} {s.deployment} -> {s.target}: {s.reason}" for s in p.plan]
+    lines += [f"  {verb} {_step(s)}: {s.reason}" for s in p.plan]
     if p.actions:
         a = p.actions[-1]
-        lines.append(f"  last: {a.action} {a.deployment} -> {a.target} ({a.outcome}): {a.reason}")
+        lines.append(f"  last: {_step(a)} ({a.outcome}): {a.reason}")
     return lines
+
+
+def _step(step: PolicyStep) -> str:
+    if step.action.startswith("power_"):
+        return f"{step.action} GPUs -> {step.target} W"
+    return f"{step.action} {step.deployment} -> {step.target}"
 
 
 def canary(

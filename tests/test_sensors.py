@@ -54,6 +54,11 @@ class FakeGpu:
     memory_used: int = 20 * GIB
     memory_total: int = 80 * GIB
     limit_mw: int = 400_000
+    min_limit_mw: int = 100_000
+    max_limit_mw: int = 400_000
+    default_limit_mw: int = 400_000
+    #: NVML lets only root (CAP_SYS_ADMIN) set a power limit: NoPermission otherwise.
+    root: bool = True
     lost: bool = False
 
     def check(self) -> None:
@@ -148,6 +153,28 @@ class FakeNvml:
     def nvmlDeviceGetEnforcedPowerLimit(self, gpu: FakeGpu) -> int:
         gpu.check()
         return gpu.limit_mw
+
+    def nvmlDeviceGetPowerManagementLimit(self, gpu: FakeGpu) -> int:
+        gpu.check()
+        return gpu.limit_mw
+
+    def nvmlDeviceGetPowerManagementDefaultLimit(self, gpu: FakeGpu) -> int:
+        gpu.check()
+        return gpu.default_limit_mw
+
+    def nvmlDeviceGetPowerManagementLimitConstraints(self, gpu: FakeGpu) -> list[int]:
+        gpu.check()
+        return [gpu.min_limit_mw, gpu.max_limit_mw]
+
+    def nvmlDeviceSetPowerManagementLimit(self, gpu: FakeGpu, limit: int) -> None:
+        """As the driver: root only, within the card's constraints, milliwatts."""
+        self._require_init()
+        gpu.check()
+        if not gpu.root:
+            raise pynvml.NVMLError(pynvml.NVML_ERROR_NO_PERMISSION)
+        if not gpu.min_limit_mw <= limit <= gpu.max_limit_mw:
+            raise pynvml.NVMLError(pynvml.NVML_ERROR_INVALID_ARGUMENT)
+        gpu.limit_mw = int(limit)
 
 
 @pytest.fixture

@@ -50,6 +50,21 @@ class SensorContext:
     nvml: Any = None
 
 
+@dataclass(frozen=True)
+class PowerLimit:
+    """One device's settable power limit (a GPU's, through NVML), in watts."""
+
+    #: The device's key in counters() and the lever: "gpu0".
+    device: str
+    #: As in its readings: "gpu0 NVIDIA A100-SXM4-80GB".
+    name: str
+    min_watts: float
+    max_watts: float
+    default_watts: float
+    #: The limit set now.
+    watts: float
+
+
 class Sensor(ABC):
     """A power sensor. `read()` is called from the agent's sampling thread, ~10 times a second,
     so it must be cheap and must not block for long.
@@ -89,8 +104,24 @@ class Sensor(ABC):
         The agent scales a profile that describes fewer to this many."""
         return None
 
+    def power_limits(self) -> list[PowerLimit]:
+        """The devices whose power limit the agent may set (the policy's power-limit lever,
+        agents/power_cap.py), with their bounds; empty: this sensor has no such lever."""
+        return []
+
+    def set_power_limit(self, device: str, watts: float) -> None:
+        """Set one device's power limit (within its bounds). SensorError saying why not."""
+        raise SensorError(f"{self.source}: no power-limit lever on this sensor")
+
     def close(self) -> None:  # noqa: B027 - optional: most sensors hold nothing open
         """Release what the sensor holds (NVML handles, open files)."""
 
 
-__all__ = ["DeviceReading", "PowerSample", "PowerSource", "Sensor", "SensorError"]
+__all__ = [
+    "DeviceReading",
+    "PowerLimit",
+    "PowerSample",
+    "PowerSource",
+    "Sensor",
+    "SensorError",
+]

@@ -12,6 +12,7 @@ from typing import Any, ClassVar
 
 from wattops.agents.sensors.base import (
     DeviceReading,
+    PowerLimit,
     PowerSample,
     PowerSource,
     Sensor,
@@ -176,6 +177,48 @@ class NvmlSensor(Sensor):
             memory_total_bytes=int(memory.total) if memory is not None else None,
             power_limit_watts=limit_mw / 1000.0 if limit_mw is not None else None,
         )
+
+    def power_limits(self) -> list[PowerLimit]:
+        """Every GPU whose limit NVML can report with its bounds (GPUs that cannot, or that
+        are lost, are left out of the lever)."""
+        nvml = self._nvml
+        limits = []
+        for gpu in self._gpus:
+            try:
+                low, high = nvml.nvmlDeviceGetPowerManagementLimitConstraints(gpu.handle)
+                now = nvml.nvmlDeviceGetPowerManagementLimit(gpu.handle)
+                default = nvml.nvmlDeviceGetPowerManagementDefaultLimit(gpu.handle)
+            except nvml.NVMLError:
+                continue
+            limits.append(PowerLimit(
+                device=f"gpu{gpu.index}", name=f"gpu{gpu.index} {gpu.name}",
+                min_watts=low / 1000.0, max_watts=high / 1000.0,
+                default_watts=default / 1000.0, watts=now / 1000.0,
+            ))  # fmt: skip
+        return limits
+
+    def set_power_limit(self, device: str, watts: float) -> None:
+        """nvmlDeviceSetPowerManagementLimit, as `nvidia-smi -pl` does (root or CAP_SYS_ADMIN;
+        not kept across a driver reload)."""
+        nvml = self._nvml
+        gpu = next((g for g in self._gpus if f"gpu{g.index}" == device), None)
+        if gpu is None:
+            raise SensorError(f"nvml: no {device} on this node")
+        try:
+            nvml.nvmlDeviceSetPowerManagementLimit(gpu.handle, round(watts * 1000))
+        except nvml.NVMLError as err:
+            code = _code(err)
+            if code == nvml.NVML_ERROR_NO_PERMISSION:
+                why = ("needs root (or CAP_SYS_ADMIN) on the agent's process; run it so, or "
+                       "leave the lever off with [policy] power_limit = false")  # fmt: skip
+            elif code == nvml.NVML_ERROR_NOT_SUPPORTED:
+                why = "this GPU does not allow its power limit to be set"
+            elif code == nvml.NVML_ERROR_INVALID_ARGUMENT:
+                why = "outside the GPU's allowed range (nvidia-smi -q -d POWER shows it)"
+            else:
+                why = str(err)
+            raise SensorError(f"nvml: setting {device}'s power limit to {watts:.0f} W: {why} "
+                              f"(nvmlDeviceSetPowerManagementLimit: {err})") from err  # fmt: skip
 
     def _optional(self, call: Callable[[Any], Any], handle: Any) -> Any:
         """A figure some GPUs do not have: None when NVML says not supported."""
