@@ -9,7 +9,7 @@ from typing import Any
 
 import aiohttp
 
-from wattops.agents.api import Accepted, CanaryRequest, NodeSnapshot
+from wattops.agents.api import Accepted, CanaryRequest, NodeSnapshot, PolicyStatus
 from wattops.vocabulary.access import WhoAmI
 from wattops.vocabulary.audit import AuditPage
 from wattops.vocabulary.tls import client_ssl
@@ -143,6 +143,11 @@ class AgentClient:
         """DELETE /v1/deployments/{deployment}/canary."""
         data = await self._call("DELETE", f"/v1/deployments/{deployment}/canary")
         return Accepted.model_validate(data)
+
+    async def policy(self, paused: bool) -> PolicyStatus:
+        """POST /v1/policy: pause the node's policy (it keeps planning) or let it act again."""
+        return PolicyStatus.model_validate(await self._call("POST", "/v1/policy",
+                                                            {"paused": paused}))  # fmt: skip
 
     async def act(self, deployment: str, action: str, target: str | int) -> Accepted:
         """`scale` to a replica count or switch `precision`: the two control actions."""

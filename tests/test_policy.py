@@ -152,3 +152,35 @@ def test_steady_load_gets_one_step_not_a_flap(make_agent: Callable[..., Agent]) 
     assert [(a["action"], a["target"]) for a in actions] == [("scale", 1)]
     assert "would be" in actions[0]["reason"] and "at most 50%" in actions[0]["reason"]
     assert agent.deployment()["desired_replicas"] == 1
+
+
+async def test_the_console_pauses_and_resumes_a_policy(make_agent: Callable[..., Agent]) -> None:
+    """`x` in the node view pauses the node's policy and resumes it; a read-only console does
+    not offer the key and sends nothing."""
+    from tests.test_console import SIZE, serving, until
+    from wattops.console.app import make_app
+    from wattops.console.screens.node import NodeScreen
+
+    agent = policy_agent(make_agent, "advise", max_usd_per_hour=1000.0)  # advise: changes nothing
+
+    def paused() -> bool:
+        return bool(agent.node()["policy"]["paused"])
+
+    for read_only in (True, False):
+        app = make_app([agent.url], read_only=read_only, refresh_s=0.1)
+        async with app.run_test(size=SIZE) as pilot:
+            await until(pilot, lambda: serving(app), 30, "the first snapshot")
+            await pilot.press("enter")
+            await until(pilot, lambda: isinstance(app.screen, NodeScreen), 10, "the node view")
+            offered = app.screen.check_action("toggle_policy", ())
+            await pilot.press("x")
+            await pilot.pause(1.0)
+            if read_only:
+                assert offered is False and not paused()
+                continue
+            assert offered is True
+            await until(pilot, paused, 10, "the policy paused")
+            audit = (agent.state_dir / "audit.jsonl").read_text()
+            assert '"path":"/v1/policy"' in audit and '"paused":true' in audit
+            await pilot.press("x")
+            await until(pilot, lambda: not paused(), 10, "the policy acting again")

@@ -574,7 +574,8 @@ class FleetScreen(Screen[None]):
             return
         link = self.fleet.links.get(key.partition("|")[0])
         if link is not None:
-            self.app.push_screen(NodeScreen(link, self.prometheus, self.token))
+            self.app.push_screen(NodeScreen(link, self.prometheus, self.token, self.read_only,
+                                            self.denied.get(link.url)))  # fmt: skip
 
     @on(FleetTable.RowSelected, "#fleet")
     def _row_selected(self) -> None:

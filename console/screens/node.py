@@ -41,16 +41,56 @@ class NodeScreen(Screen[None]):
             id="node.reload",
             tooltip="Fetch the last hour again",
         ),
+        Binding(
+            "x",
+            "toggle_policy",
+            "Pause/resume policy",
+            id="node.policy",
+            tooltip="Stop the node's policy acting (it keeps saying what it would do), or let "
+            "it act again",
+        ),
     ]
 
     def __init__(self, link: AgentLink, prometheus: str | None = None,
-                 token: str | None = None) -> None:  # fmt: skip
+                 token: str | None = None, read_only: bool = False,
+                 denied: str | None = None) -> None:  # fmt: skip
         super().__init__()
         self.link = link
         self.prometheus = prometheus
-        #: The console's token: the audit log needs an operator's.
+        #: The console's token: the audit log and the policy key need an operator's.
         self.token = token
+        self.read_only = read_only
+        #: Why this console's token may not act on this agent (a viewer's), if so.
+        self.denied = denied
         self._seen_version = -1
+        self._policy_shown: tuple[str, bool] | None = None
+
+    def check_action(self, action: str, parameters: tuple[object, ...]) -> bool | None:
+        if action != "toggle_policy":
+            return True
+        snap = self.link.snapshot
+        if snap is None or snap.policy is None or self.read_only:
+            return False  # no policy on this node, or a read-only console: not offered
+        return None if self.denied else True  # a viewer's token: shown, disabled
+
+    def action_toggle_policy(self) -> None:
+        """Pause an acting policy, or resume a paused one (POST /v1/policy)."""
+        snap = self.link.snapshot
+        if snap is None or snap.policy is None or self.read_only or self.denied:
+            return
+        self.set_policy(not snap.policy.paused)
+
+    @work(exclusive=True, group="policy", exit_on_error=False)
+    async def set_policy(self, paused: bool) -> None:
+        try:
+            async with AgentClient(self.link.url, token=self.token) as client:
+                status = await client.policy(paused)
+        except AgentError as exc:
+            self.notify(f"policy: {exc.message}", title="failed", severity="error", timeout=15)
+            return
+        state = "paused: it acts on nothing, and says what it would do" if status.paused else (
+            "acting again")  # fmt: skip
+        self.notify(f"{self.link.url}: policy ({status.mode}) {state}", title="sent")
 
     def compose(self) -> ComposeResult:
         with VerticalScroll():
@@ -155,6 +195,10 @@ class NodeScreen(Screen[None]):
             )
         lines += [escape(x) for x in policy_lines(snap)]
         summary.update("\n".join(lines))
+        shown = (snap.policy.mode, snap.policy.paused) if snap.policy else None
+        if shown != self._policy_shown:  # the footer offers the key only with a policy
+            self._policy_shown = shown
+            self.refresh_bindings()
         devices = self.query_one("#devices", DataTable)
         devices.clear()
         for d in snap.power.devices if snap.power else []:
