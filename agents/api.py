@@ -61,6 +61,26 @@ class LatencySummary(_Model):
     window: int = Field(0, description="number of answers the percentiles are computed over")
 
 
+class ForecastStatus(_Model):
+    """Predictive scaling (agents/forecast.py): what the seasonal forecast says now."""
+
+    season_s: float
+    bucket_s: float
+    ready: bool = Field(description="a whole season seen: the forecast is used")
+    phases_seen: int = Field(description="buckets of the season seen so far")
+    phases: int
+    rate_now: float | None = Field(None, description="forecast requests/s now")
+    peak_ahead: float | None = Field(
+        None, description="the highest forecast requests/s over the lead time ahead"
+    )
+    level: float = Field(description="today's traffic over the profile (1: as usual)")
+    lead_s: float = Field(description="how far ahead replicas are started: cold start + bucket")
+    cold_start_s: float | None = Field(None, description="measured: spawn to healthy, mean")
+    service_s: float | None = Field(None, description="measured mean seconds per request")
+    replicas: int | None = Field(None, description="what the forecast alone would run")
+    reason: str | None = Field(None, description="the last scaling decision and why")
+
+
 class BatchingStatus(_Model):
     """Slots of an engine that decodes several requests together (llamacpp-server)."""
 
@@ -369,6 +389,9 @@ class DeploymentStatus(_Model):
     counters: DeploymentCounters = DeploymentCounters()
     latency: LatencySummary = LatencySummary()
     batching: BatchingStatus | None = None
+    forecast: ForecastStatus | None = Field(
+        None, description="predictive scaling (autoscale_predictive), when configured"
+    )
     canary: CanaryStatus | None = Field(
         None, description="a canary precision switch running, or the last one and its verdict"
     )

@@ -272,6 +272,16 @@ class DeploymentConfig(BaseModel):
     autoscale_stabilization_s: float = Field(
         30.0, ge=0, description="scale down to the highest recommendation of this window"
     )
+    autoscale_predictive: bool = Field(
+        False, description="also start replicas ahead of the rises a seasonal forecast of the "
+        "request rate predicts (agents/forecast.py), by the measured cold-start time",
+    )  # fmt: skip
+    autoscale_season_s: float = Field(
+        86400.0, gt=0, description="the forecast's season: the traffic's shape repeats this often"
+    )
+    autoscale_season_bucket_s: float = Field(
+        300.0, gt=0, description="the forecast's resolution: arrivals are counted per bucket"
+    )
     latency_slo_p95_ms: float | None = Field(
         None,
         gt=0,
@@ -337,6 +347,16 @@ class DeploymentConfig(BaseModel):
             raise ValueError(
                 f"autoscale_min_replicas ({self.autoscale_min_replicas}) exceeds max_replicas "
                 f"({self.max_replicas})"
+            )
+        if self.autoscale_predictive and self.autoscale_target_in_flight is None:
+            raise ValueError("autoscale_predictive needs autoscale_target_in_flight (the load "
+                             "each replica is meant to carry)")  # fmt: skip
+        if self.autoscale_predictive and (
+            self.autoscale_season_s < 2 * self.autoscale_season_bucket_s
+        ):
+            raise ValueError(
+                f"autoscale_season_s ({self.autoscale_season_s:g}) must be at least two "
+                f"autoscale_season_bucket_s ({self.autoscale_season_bucket_s:g})"
             )
         adapter = engine_type(self.engine)
         try:

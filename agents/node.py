@@ -163,6 +163,9 @@ class NodeAgent:
                 self.mark_changed,
                 self.save,
             )
+            forecast = self.deployments[dep.name].forecast
+            if stored is not None and forecast is not None:
+                forecast.restore(stored.forecast)  # what it learned before a restart
         cache_cfg = self.config.cache
         if cache_cfg.enabled:
             self.cache = ResponseCache(
@@ -554,6 +557,7 @@ class NodeAgent:
                     counters=d.counters,
                     totals=d.totals,
                     share=shares.get(name, 0.0),
+                    forecast=d.forecast.to_dict() if d.forecast is not None else None,
                 )
                 for name, d in self.deployments.items()
             }

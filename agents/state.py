@@ -47,6 +47,8 @@ class StoredDeployment(BaseModel):
     #: The share of the node it held when saved: what it goes on paying for while the agent
     #: is down (a rented node keeps billing).
     share: float = 0.0
+    #: Predictive scaling's learned profile (agents/forecast.py), kept across restarts.
+    forecast: dict[str, Any] | None = None
 
 
 class Meter(BaseModel):

@@ -25,6 +25,7 @@ from wattops.agents.api import (
     DeploymentCounters,
     DeploymentState,
     DeploymentStatus,
+    ForecastStatus,
     LatencySummary,
     ReplicaState,
     ReplicaStatus,
@@ -35,6 +36,7 @@ from wattops.agents.batching import SlotTuner, Window
 from wattops.agents.canary import Canary, answer_text, shadow_body
 from wattops.agents.canary import State as CanaryState
 from wattops.agents.config import AgentSection, DeploymentConfig
+from wattops.agents.forecast import SeasonalForecast, replicas_for
 from wattops.agents.state import DesiredState
 from wattops.engines.base import EngineAdapter, EngineError, Replica
 from wattops.engines.metrics import EngineUsage
@@ -48,6 +50,8 @@ log = logging.getLogger("wattops.agent")
 HUNG_AFTER_FAILURES = 3
 #: Restart backoff after a crash or a failed start: doubles up to the cap.
 BACKOFF_START_S = 1.0
+#: The forecast's cold-start time until a replica start has been measured.
+COLD_START_GUESS_S = 10.0
 BACKOFF_CAP_S = 30.0
 #: A replica that stayed up this long resets the backoff.
 STABLE_AFTER_S = 30.0
@@ -177,6 +181,17 @@ class Deployment:
         #: Time spent in engine.prepare (building precision variants), and since when now.
         self._prepare_s = 0.0
         self._preparing_since: float | None = None
+        #: Predictive scaling: the seasonal forecast of arrivals (agents/forecast.py).
+        self.forecast = (
+            SeasonalForecast(config.autoscale_season_s, config.autoscale_season_bucket_s)
+            if config.autoscale_predictive and config.autoscale_target_in_flight is not None
+            else None
+        )
+        #: Seconds from spawn to healthy of the last replica starts (the forecast's lead).
+        self.cold_starts: deque[float] = deque(maxlen=5)
+        self._forecast_replicas: int | None = None
+        self._forecast_reason = ""
+        self.scaling_reason: str | None = None
         self.autoscaler = (
             Autoscaler(
                 config.autoscale_target_in_flight,
@@ -350,6 +365,8 @@ class Deployment:
     async def acquire(self, timeout_s: float, exclude: LiveReplica | None = None) -> LiveReplica:
         """A ready replica, waking a parked deployment and waiting for it if needed."""
         self.last_request = time.monotonic()
+        if self.forecast is not None and exclude is None:  # an arrival (not a retry)
+            self.forecast.add(time.time())
         replica = self.pick(exclude)
         if replica is not None:
             return replica
@@ -555,6 +572,7 @@ class Deployment:
             except BaseException:
                 await self._stop_replica(live, 1.0)
                 raise
+            self.cold_starts.append(time.monotonic() - live.starting_since)
             if replica.process is None:
                 # An attached server: its counters so far are the baseline. Read them before
                 # it takes traffic, or the first answers would count as part of the baseline.
@@ -608,11 +626,10 @@ class Deployment:
             self._ready_changed.notify_all()
 
     def _scale_down(self, count: int) -> None:
-        # Retire the least busy replicas first: they drain soonest.
-        victims = sorted(
-            self._active(), key=lambda r: (r.state is ReplicaState.READY, r.in_flight)
-        )[:count]
-        self._retire(victims)
+        # Retire the least busy replicas first: they drain soonest. A replica still loading is
+        # never stopped (it may be the one a forecast started for the rise ahead).
+        ready = [r for r in self._active() if r.state is ReplicaState.READY]
+        self._retire(sorted(ready, key=lambda r: r.in_flight)[:count])
 
     def _retire(self, victims: list[LiveReplica]) -> None:
         for live in victims:
@@ -887,10 +904,66 @@ class Deployment:
         if self.switching:
             return
         desired = self.autoscaler.recommend(time.monotonic(), current)
+        reason = f"requests in flight: {desired} replica(s) at {self.autoscaler.target:g} each"
+        predicted = self._forecast_needs()
+        if predicted is not None and predicted > desired:
+            desired = min(self.config.max_replicas, predicted)
+            reason = f"forecast: {self._forecast_reason}"
         if desired != current:
-            log.info("%s: autoscaling %d -> %d replicas", self.name, current, desired)
+            log.info("%s: autoscaling %d -> %d replicas (%s)", self.name, current, desired,
+                     reason)  # fmt: skip
+            self.scaling_reason = f"{current} -> {desired}: {reason}"
             self.desired.replicas = desired
             self._desired_changed()
+
+    def lead_s(self) -> float:
+        """How far ahead the forecast is read: a replica's cold start plus one bucket."""
+        assert self.forecast is not None
+        cold = (sum(self.cold_starts) / len(self.cold_starts) if self.cold_starts
+                else COLD_START_GUESS_S)  # fmt: skip
+        return cold + self.forecast.bucket_s
+
+    def service_s(self) -> float | None:
+        """Mean seconds per answered request, recently."""
+        recent = list(self.latencies)[-200:]
+        return sum(recent) / len(recent) if recent else None
+
+    def _forecast_needs(self) -> int | None:
+        """The replicas the forecast's peak over the lead time needs; None: no forecast."""
+        self._forecast_replicas = None
+        if self.forecast is None or self.autoscaler is None:
+            return None
+        service = self.service_s()
+        lead = self.lead_s()
+        peak = self.forecast.peak(time.time(), lead)
+        if peak is None or service is None:
+            return None
+        wanted = replicas_for(peak, service, self.autoscaler.target)
+        needs = min(self.config.max_replicas, max(self.autoscaler.min_replicas, wanted))
+        self._forecast_replicas = needs
+        capped = f" ({wanted}; max_replicas {needs})" if wanted > needs else ""
+        self._forecast_reason = (
+            f"{peak:.2f} req/s expected within {lead:.0f} s (cold start + one bucket) x "
+            f"{service:.2f} s each = {peak * service:.1f} in flight / {self.autoscaler.target:g} "
+            f"per replica = {needs} replica(s){capped}, started ahead"
+        )
+        return needs
+
+    def forecast_status(self) -> ForecastStatus | None:
+        f = self.forecast
+        if f is None:
+            return None
+        now = time.time()
+        return ForecastStatus(
+            season_s=f.season_s, bucket_s=f.bucket_s, ready=f.ready,
+            phases_seen=sum(r is not None for r in f.profile), phases=f.phases,
+            rate_now=f.rate(now), peak_ahead=f.peak(now, self.lead_s()), level=f.level(),
+            lead_s=self.lead_s(),
+            cold_start_s=(sum(self.cold_starts) / len(self.cold_starts)
+                          if self.cold_starts else None),
+            service_s=self.service_s(), replicas=self._forecast_replicas,
+            reason=self.scaling_reason,
+        )  # fmt: skip
 
     def _tune_slots(self) -> None:
         """Close a tuning window when one has passed and let the tuner adapt the slots."""
@@ -986,6 +1059,7 @@ class Deployment:
             counters=self.counters.model_copy(),
             latency=_latency(self.latencies),
             batching=self.batching(),
+            forecast=self.forecast_status(),
             canary=(
                 self.canary.status(self.ready, self.totals.active_energy_j_total)
                 if self.canary is not None

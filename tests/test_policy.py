@@ -169,9 +169,10 @@ async def test_the_console_pauses_and_resumes_a_policy(make_agent: Callable[...,
     for read_only in (True, False):
         app = make_app([agent.url], read_only=read_only, refresh_s=0.1)
         async with app.run_test(size=SIZE) as pilot:
-            await until(pilot, lambda: serving(app), 30, "the first snapshot")
+            await until(pilot, lambda app=app: serving(app), 30, "the first snapshot")
             await pilot.press("enter")
-            await until(pilot, lambda: isinstance(app.screen, NodeScreen), 10, "the node view")
+            await until(pilot, lambda app=app: isinstance(app.screen, NodeScreen), 10,
+                        "the node view")  # fmt: skip
             offered = app.screen.check_action("toggle_policy", ())
             await pilot.press("x")
             await pilot.pause(1.0)
