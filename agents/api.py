@@ -114,6 +114,11 @@ class CanarySide(_Model):
     )
     latency_p50_s: float | None = None
     latency_p95_s: float | None = None
+    ttft_p50_s: float | None = Field(
+        None, description="time to first token of its streamed live requests (none: no stream)"
+    )
+    ttft_p95_s: float | None = None
+    streamed: int = Field(0, description="streamed live requests, which the TTFT figures are of")
 
 
 class CanaryGuards(_Model):
@@ -164,6 +169,12 @@ class CanaryStatus(_Model):
     pairs: int = Field(0, description="requests shadowed to both precisions with greedy decoding")
     agreement: float | None = Field(None, description="exact-match share of the pairs")
     chrf: float | None = Field(None, description="chrF of the candidate's answers, 0..100")
+    kl_mean: float | None = Field(
+        None, description="teacher-forced KL(serving || candidate) per token, nats: over each "
+        "pair's shared greedy prefix (the same context on both sides, up to and including the "
+        "first differing token), from the top-10 alternatives each side gives",
+    )  # fmt: skip
+    kl_tokens: int = Field(0, description="token positions the KL is the mean of")
     j_per_token_change: float | None = Field(None, description="candidate vs serving, a fraction")
     p95_change: float | None = Field(None, description="candidate vs serving, a fraction")
     verdict: str | None = Field(None, description="the decision and why, once made")

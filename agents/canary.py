@@ -35,6 +35,7 @@ against the evaluation prompts).
 from __future__ import annotations
 
 import logging
+import math
 import statistics
 import time
 from collections.abc import Iterable, Mapping
@@ -62,6 +63,8 @@ log = logging.getLogger("wattops.agent")
 
 #: The longest shadow answer (tokens): enough to see two answers part, cheap to repeat.
 SHADOW_MAX_TOKENS = 48
+#: Alternatives per token the shadow asks for: each side's distribution for the KL.
+KL_ALTERNATIVES = 10
 #: Live requests each side needs before its latency is compared.
 MIN_SIDE_REQUESTS = 10
 #: A candidate failing more than this share of its requests (after 5) is rolled back at once.
@@ -70,14 +73,59 @@ MAX_ERROR_RATE = 0.2
 State = Literal["starting", "running", "promoting", "promoted", "rolled_back", "inconclusive"]
 
 
-def shadow_body(body: Mapping[str, Any]) -> dict[str, Any]:
-    """The request to shadow: the same prompt, greedy, short, not streamed, one answer."""
+def shadow_body(body: Mapping[str, Any], chat: bool = True) -> dict[str, Any]:
+    """The request to shadow: the same prompt, greedy, short, not streamed, one answer, with
+    the top alternatives at each token (for the teacher-forced KL)."""
     out = {k: v for k, v in body.items() if k not in ("stream", "stream_options", "logprobs",
                                                        "top_logprobs", "n", "seed")}  # fmt: skip
     asked = body.get("max_completion_tokens", body.get("max_tokens"))
     limit = SHADOW_MAX_TOKENS if not isinstance(asked, int) else min(asked, SHADOW_MAX_TOKENS)
     out.pop("max_completion_tokens", None)
     out.update(temperature=0.0, max_tokens=max(1, limit))
+    if chat:
+        out.update(logprobs=True, top_logprobs=KL_ALTERNATIVES)
+    else:
+        out["logprobs"] = min(KL_ALTERNATIVES, 5)  # the completions API's own limit
+    return out
+
+
+def answer_tokens(data: Mapping[str, Any]) -> list[tuple[str, dict[str, float]]]:
+    """Each generated token of an answer's first choice with its top alternatives
+    ({token: logprob}); empty when the engine gave no logprobs."""
+    choice = (data.get("choices") or [{}])[0]
+    lp = choice.get("logprobs") or {}
+    out: list[tuple[str, dict[str, float]]] = []
+    if isinstance(lp.get("content"), list):  # chat
+        for item in lp["content"]:
+            top = {t["token"]: float(t["logprob"]) for t in item.get("top_logprobs") or []}
+            out.append((str(item.get("token")), top))
+    elif isinstance(lp.get("tokens"), list):  # completions
+        tops = lp.get("top_logprobs") or [{}] * len(lp["tokens"])
+        for token, top in zip(lp["tokens"], tops, strict=False):
+            out.append((str(token), {k: float(v) for k, v in (top or {}).items()}))
+    return out
+
+
+def shared_prefix_kl(serving: list[tuple[str, dict[str, float]]],
+                     candidate: list[tuple[str, dict[str, float]]]) -> list[float]:  # fmt: skip
+    """KL(serving || candidate) at each position where both sides saw the same context: the
+    shared greedy prefix, up to and including the first token where they part. Each side's
+    top alternatives are its distribution there; a token one side lists and the other does
+    not gets the other's smallest listed probability (what its top-k cannot rule out), and
+    both are renormalised over the union."""
+    out = []
+    for (s_token, s_top), (c_token, c_top) in zip(serving, candidate, strict=False):
+        if not s_top or not c_top:
+            break
+        support = set(s_top) | set(c_top)
+        s_floor, c_floor = min(s_top.values()), min(c_top.values())
+        p = {t: math.exp(s_top.get(t, s_floor)) for t in support}
+        q = {t: math.exp(c_top.get(t, c_floor)) for t in support}
+        zp, zq = sum(p.values()), sum(q.values())
+        out.append(max(0.0, sum(p[t] / zp * math.log((p[t] / zp) / (q[t] / zq))
+                                for t in support if p[t] > 0)))  # fmt: skip
+        if s_token != c_token:
+            break
     return out
 
 
@@ -97,13 +145,16 @@ class _Tally:
     requests: int = 0
     errors: int = 0
     latencies: list[float] = field(default_factory=list)
+    first_tokens: list[float] = field(default_factory=list)
 
-    def count(self, latency_s: float | None, error: bool) -> None:
+    def count(self, latency_s: float | None, error: bool, ttft_s: float | None = None) -> None:
         self.requests += 1
         if error:
             self.errors += 1
         elif latency_s is not None:
             self.latencies.append(latency_s)
+        if ttft_s is not None and not error:
+            self.first_tokens.append(ttft_s)
 
 
 def _tokens(live: LiveReplica) -> int:
@@ -136,6 +187,8 @@ class Canary:
         self.serving = _Tally()
         self.candidate = _Tally()
         self.pairs: list[tuple[str, str]] = []
+        #: KL per token position over the pairs' shared greedy prefixes (shared_prefix_kl).
+        self.kl: list[float] = []
         self.shadowing = False
         self._credit = 0.0
         self._shadow_credit = 0.0
@@ -177,10 +230,11 @@ class Canary:
             return True
         return False
 
-    def count(self, live: LiveReplica, latency_s: float | None, error: bool) -> None:
-        """A live request ended on `live`."""
+    def count(self, live: LiveReplica, latency_s: float | None, error: bool,
+              ttft_s: float | None = None) -> None:  # fmt: skip
+        """A live request ended on `live` (`ttft_s`: its first chunk, when streamed)."""
         side = self.candidate if live in self.replicas else self.serving
-        side.count(latency_s, error)
+        side.count(latency_s, error, ttft_s)
 
     def failing(self) -> str | None:
         """Why the candidate must go now, or None."""
@@ -201,8 +255,10 @@ class Canary:
             return True
         return False
 
-    def add_pair(self, serving_answer: str, candidate_answer: str) -> None:
+    def add_pair(self, serving_answer: str, candidate_answer: str,
+                 kl: list[float] | None = None) -> None:  # fmt: skip
         self.pairs.append((serving_answer, candidate_answer))
+        self.kl.extend(kl or ())
 
     def due(self) -> bool:
         return self.running and time.monotonic() - self.started >= self.spec.duration_s
@@ -226,12 +282,16 @@ class Canary:
                 seconds = now - self.started
                 usd = self.cost.usd(seconds, min(1.0, held), joules) / tokens * 1e6
         lat = sorted(tally.latencies)
+        first = sorted(tally.first_tokens)
         side = CanarySide(
             precision=precision, replicas=len(replicas), requests=tally.requests,
             errors=tally.errors, tokens=int(tokens), busy_s=busy, j_per_token=j_per_token,
             usd_per_1m_tokens=usd,
             latency_p50_s=statistics.median(lat) if lat else None,
             latency_p95_s=lat[min(len(lat) - 1, int(0.95 * len(lat)))] if lat else None,
+            ttft_p50_s=statistics.median(first) if first else None,
+            ttft_p95_s=first[min(len(first) - 1, int(0.95 * len(first)))] if first else None,
+            streamed=len(first),
         )  # fmt: skip
         return side, busy, int(tokens)
 
@@ -258,6 +318,7 @@ class Canary:
             guards=self.spec.guards, state=self.state, serving=s_side, candidate=c_side,
             pairs=len(self.pairs), agreement=found.exact_match if found else None,
             chrf=found.chrf if found else None,
+            kl_mean=statistics.fmean(self.kl) if self.kl else None, kl_tokens=len(self.kl),
             j_per_token_change=_change(c_side.j_per_token, s_side.j_per_token),
             p95_change=_change(c_side.latency_p95_s, s_side.latency_p95_s),
             verdict=self.verdict, ended_at=self.ended_wall,
@@ -316,6 +377,8 @@ class Canary:
             parts.append(f"p95 {figures.p95_change:+.1%}")
         if figures.j_per_token_change is not None:
             parts.append(f"J/token {figures.j_per_token_change:+.1%}")
+        if figures.kl_mean is not None:
+            parts.append(f"KL {figures.kl_mean:.4f} nats/token ({figures.kl_tokens} tokens)")
         return "promoted", "promoted: " + ", ".join(parts)
 
     def end(self, state: State, verdict: str, figures: CanaryStatus) -> None:

@@ -216,10 +216,14 @@ class _Relay:
         self.kept: list[bytes] | None = [] if key is not None else None
         self.complete = False
         self.finished = False
+        #: Seconds to the first chunk (the time to first token a streaming client sees).
+        self.ttft_s: float | None = None
 
     async def chunks(self) -> AsyncIterator[bytes]:
         """The upstream's chunks as they come."""
         async for chunk in self.upstream.content.iter_any():
+            if self.ttft_s is None:
+                self.ttft_s = time.perf_counter() - self.started
             if self.kept is not None:
                 self.kept.append(chunk)
             yield chunk
@@ -235,8 +239,9 @@ class _Relay:
         self.finished = True
         self.upstream.release()
         self.deployment.release(
-            self.replica, time.perf_counter() - self.started, error=not self.complete
-        )
+            self.replica, time.perf_counter() - self.started, error=not self.complete,
+            ttft_s=self.ttft_s,
+        )  # fmt: skip
         if self.complete and self.deployment.canary is not None:
             self.deployment.shadow(self.endpoint, self.body)
 

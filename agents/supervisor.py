@@ -33,7 +33,13 @@ from wattops.agents.api import (
 )
 from wattops.agents.autoscale import Autoscaler
 from wattops.agents.batching import SlotTuner, Window
-from wattops.agents.canary import Canary, answer_text, shadow_body
+from wattops.agents.canary import (
+    Canary,
+    answer_text,
+    answer_tokens,
+    shadow_body,
+    shared_prefix_kl,
+)
 from wattops.agents.canary import State as CanaryState
 from wattops.agents.config import AgentSection, DeploymentConfig
 from wattops.agents.forecast import SeasonalForecast, replicas_for
@@ -398,8 +404,10 @@ class Deployment:
         finally:
             self._waiting -= 1
 
-    def release(self, replica: LiveReplica, latency_s: float | None, error: bool) -> None:
-        """Count a finished request and free its slot on `replica`."""
+    def release(self, replica: LiveReplica, latency_s: float | None, error: bool,
+                ttft_s: float | None = None) -> None:  # fmt: skip
+        """Count a finished request and free its slot on `replica` (`ttft_s`: the time to its
+        first chunk, for a streamed one)."""
         replica.give_back()
         if self._waiting and self.tuner is not None:
             # A request may be waiting for exactly this slot.
@@ -408,7 +416,7 @@ class Deployment:
             self.autoscaler.add(time.monotonic(), -1)
         self.last_request = time.monotonic()
         if self.canary is not None and self.canary.running:
-            self.canary.count(replica, latency_s, error)
+            self.canary.count(replica, latency_s, error, ttft_s)
         self.counters.requests_total += 1
         if error:
             self.counters.errors_total += 1
@@ -743,8 +751,9 @@ class Deployment:
             return
         serving = min(self.ready, key=lambda r: r.in_flight)
         canary.shadowing = True
+        chat = endpoint.endswith("/chat/completions")
         task = asyncio.get_running_loop().create_task(
-            self._shadow(canary, endpoint, shadow_body(body), serving, trial)
+            self._shadow(canary, endpoint, shadow_body(body, chat), serving, trial)
         )
         self._drains.add(task)
         task.add_done_callback(self._drains.discard)
@@ -754,21 +763,23 @@ class Deployment:
         assert self._session is not None
         session = self._session
 
-        async def ask(live: LiveReplica) -> str:
+        async def ask(live: LiveReplica) -> dict[str, Any]:
             live.take()
             try:
                 async with session.post(
                     live.replica.url + endpoint, json=body, timeout=aiohttp.ClientTimeout(total=120)
                 ) as resp:
                     resp.raise_for_status()
-                    return answer_text(await resp.json())
+                    data: dict[str, Any] = await resp.json()
+                    return data
             finally:
                 live.give_back()
 
         try:
-            answers = await asyncio.gather(ask(serving), ask(trial))
+            first, second = await asyncio.gather(ask(serving), ask(trial))
             if canary.running:
-                canary.add_pair(answers[0], answers[1])
+                kl = shared_prefix_kl(answer_tokens(first), answer_tokens(second))
+                canary.add_pair(answer_text(first), answer_text(second), kl)
                 self._changed()
         except (aiohttp.ClientError, TimeoutError, ValueError) as exc:
             log.debug("%s: a shadow request failed: %s", self.name, exc)

@@ -7,7 +7,8 @@ Usage: .venv/bin/python benchmarks/canary.py [--model models/smollm2-135m-instru
 A fresh wattops-agent serves the model at `--serving` with one replica on one thread (the
 candidate gets one more replica on one thread: the two cores of this machine). `--clients`
 closed-loop clients send the project's built-in questions (sampled at temperature 0.7 with a
-seed per request, response cache off). Once the deployment serves, the canary is started with
+seed per request, response cache off; every other client streams, for the time to first
+token). Once the deployment serves, the canary is started with
 the default guards (agreement >= 0.9, p95 at most 10% worse, J/token not worse, 50 pairs)
 unless `--guard` says otherwise, and the script waits for its verdict, then prints the
 deployment's `canary` status as JSON: both sides' requests, tokens, busy seconds, J/token,
@@ -99,7 +100,7 @@ def main() -> None:
                 seed = n * 1_000_000 + i
                 i += 1
                 ask = [{"role": "user", "content": question(SeededDraw(seed))}]
-                body = {"model": "chat", "temperature": 0.7, "seed": seed,
+                body = {"model": "chat", "temperature": 0.7, "seed": seed, "stream": n % 2 == 0,
                         "max_tokens": args.max_tokens, "messages": ask}  # fmt: skip
                 try:
                     resp = c.post("/v1/chat/completions", json=body)

@@ -26,8 +26,8 @@ LOOSE = {"min_agreement": 0.0, "max_p95_change": None, "max_j_per_token_change":
 
 @contextmanager
 def load(agent: Agent, clients: int = 3) -> Iterator[tuple[list[int], list[str]]]:
-    """`clients` threads sending sampled (never cached) chat requests until the block ends:
-    (status codes, failures)."""
+    """`clients` threads sending sampled (never cached) chat requests until the block ends,
+    the first client streamed: (status codes, failures)."""
     stop = threading.Event()
     codes: list[int] = []
     failures: list[str] = []
@@ -38,7 +38,8 @@ def load(agent: Agent, clients: int = 3) -> Iterator[tuple[list[int], list[str]]
             while not stop.is_set():
                 i += 1
                 ask = [{"role": "user", "content": f"client {n} question {i}"}]
-                body = {"model": "tiny", "max_tokens": 6, "temperature": 0.8, "messages": ask}
+                body = {"model": "tiny", "max_tokens": 6, "temperature": 0.8, "messages": ask,
+                        "stream": n == 0}  # fmt: skip
                 try:
                     resp = c.post("/v1/chat/completions", json=body)
                     codes.append(resp.status_code)
@@ -90,6 +91,12 @@ def test_a_canary_under_load_is_promoted_with_its_figures(agent: Agent) -> None:
         assert side["requests"] > 0 and side["tokens"] > 0 and side["busy_s"] > 0
         assert side["j_per_token"] > 0 and side["usd_per_1m_tokens"] > 0
         assert side["latency_p95_s"] >= side["latency_p50_s"] > 0
+        if side["streamed"]:  # time to first token, from the streamed live requests
+            assert side["ttft_p95_s"] >= side["ttft_p50_s"] > 0
+    assert c["serving"]["streamed"] + c["candidate"]["streamed"] > 0
+    # Teacher-forced KL over the shadowed pairs' shared greedy prefixes: q4_k_m is not q8_0.
+    assert c["kl_tokens"] >= c["pairs"] and c["kl_mean"] > 0
+    assert "KL " in c["verdict"] and "nats/token" in c["verdict"]
     assert (c["serving"]["precision"], c["candidate"]["precision"]) == ("q8_0", "q4_k_m")
     # About the share asked: 30% of live requests (the shadows are not live requests), and
     # about a quarter of the answered requests shadowed (the default `shadow_share`).
@@ -224,8 +231,33 @@ def test_shadow_requests_are_greedy_short_and_single() -> None:
             "max_tokens": 500, "logprobs": True}  # fmt: skip
     shadow = shadow_body(body)
     assert shadow["temperature"] == 0.0 and shadow["max_tokens"] == 48
-    assert "stream" not in shadow and "n" not in shadow and "logprobs" not in shadow
+    assert "stream" not in shadow and "n" not in shadow
+    assert (shadow["logprobs"], shadow["top_logprobs"]) == (True, 10)  # for the KL
     assert shadow_body({"model": "tiny", "max_tokens": 5})["max_tokens"] == 5
+    assert shadow_body({"model": "tiny", "prompt": "x"}, chat=False)["logprobs"] == 5
+
+
+def test_kl_is_taken_where_both_sides_saw_the_same_context() -> None:
+    import math
+
+    from wattops.agents.canary import shared_prefix_kl
+
+    same = {"a": math.log(0.7), "b": math.log(0.2), "c": math.log(0.1)}
+    other = {"a": math.log(0.5), "b": math.log(0.4), "c": math.log(0.1)}
+    # Identical distributions: 0 at every shared position.
+    assert shared_prefix_kl([("a", same)] * 3, [("a", same)] * 3) == [0.0, 0.0, 0.0]
+    # The answers part at the second token: that position counts (same context), none after.
+    kl = shared_prefix_kl([("a", same), ("a", same), ("a", same)],
+                          [("a", same), ("b", other), ("a", same)])  # fmt: skip
+    expected = 0.7 * math.log(0.7 / 0.5) + 0.2 * math.log(0.2 / 0.4)
+    assert kl == [0.0, pytest.approx(expected)]
+    # A token one side does not list gets that side's smallest listed probability.
+    only = shared_prefix_kl([("a", {"a": math.log(0.9), "z": math.log(0.05)})],
+                            [("a", {"a": math.log(0.6), "y": math.log(0.3)})])  # fmt: skip
+    p = {"a": 0.9 / 1.0, "z": 0.05 / 1.0, "y": 0.05 / 1.0}  # y at P's floor, 0.05
+    q = {"a": 0.6 / 1.2, "y": 0.3 / 1.2, "z": 0.3 / 1.2}  # z at Q's floor, 0.3
+    assert only == [pytest.approx(sum(p[t] * math.log(p[t] / q[t]) for t in p))]
+    assert shared_prefix_kl([("a", {})], [("a", same)]) == []  # no logprobs: nothing to say
 
 
 async def test_the_console_offers_a_canary_from_the_precision_key(agent: Agent) -> None:
