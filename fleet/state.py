@@ -144,9 +144,12 @@ class AgentLink:
                 self.error = "the agent closed the stream"
             self._lost(on_change)
 
+        # max_connect_retry 0: a refused first connect is raised at once, so the row says
+        # "cannot connect" now (the library's own 5 retries took 15 s to say anything) and
+        # the backoff above is the only one.
         source = EventSource(
             self.url + "/v1/events", session=http, on_error=ended,
-            reconnection_time=timedelta(seconds=0.25),
+            reconnection_time=timedelta(seconds=0.25), max_connect_retry=0,
         )  # fmt: skip
         async with source:
             self.connected, self.error, self.attempts = True, None, 0

@@ -149,7 +149,7 @@ async def test_a_refused_connection_is_not_called_a_closed_stream() -> None:
     fleet.start()
     try:
         link = fleet.links[url]
-        for _ in range(300):  # the first retry names the failure
+        for _ in range(300):  # named at once, not after the SSE library's own retries
             if link.error:
                 break
             await asyncio.sleep(0.1)
