@@ -9,7 +9,7 @@ import os
 import sys
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from wattops.vocabulary import PRECISIONS
 
@@ -134,10 +134,6 @@ def _precision(args: argparse.Namespace) -> int:
             print("wattops precision: --guard goes with --canary", file=sys.stderr)
             return 2
         return _act(args, "precision", args.precision)
-    if args.kube:
-        print("wattops precision: --canary is not built for --kube yet (agents only)",
-              file=sys.stderr)  # fmt: skip
-        return 2
     from pydantic import ValidationError
 
     from wattops.agents.api import CanaryRequest
@@ -151,8 +147,43 @@ def _precision(args: argparse.Namespace) -> int:
         problems = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())
         print(f"wattops precision: {problems}", file=sys.stderr)
         return 2
+    if args.kube:
+        return _kube_canary(args, spec)
     return canary(_agent_urls(args), args.node, args.deployment, args.precision.lower(), spec,
                   _token(), not args.no_wait, args.timeout)  # fmt: skip
+
+
+def _kube_canary(args: argparse.Namespace, spec: Any) -> int:
+    """`--canary ... --kube`: this process is the canary's controller (fleet/kube_canary.py),
+    so it stays until the verdict: exit 0 promoted, 1 rolled back or inconclusive, 2 refused."""
+    from wattops.fleet.kube import KubeError
+    from wattops.fleet.kube_canary import KubeCanary
+
+    if args.no_wait:
+        print("wattops precision: --no-wait does not go with --canary --kube: this command is "
+              "the canary's controller on Kubernetes and must stay to judge it",
+              file=sys.stderr)  # fmt: skip
+        return 2
+    trial = KubeCanary(_kube(args), args.deployment, args.precision.lower(), spec.share,
+                       spec.duration_s, spec.guards, args.namespace)  # fmt: skip
+    try:
+        made = trial.start()
+    except KubeError as exc:
+        print(f"wattops precision: {exc}", file=sys.stderr)
+        return 2
+    print(f"{made.namespace}/{made.name}: {made.desired} pod(s) at {args.precision} beside "
+          f"{args.deployment}'s for {spec.duration_s:.0f} s (about {spec.share:.0%} of its "
+          "Service's traffic); answer agreement and p95 are not measured on Kubernetes",
+          flush=True)  # fmt: skip
+    try:
+        state, verdict = trial.run(lambda line: print(f"  {line}", flush=True))
+    except KubeError as exc:
+        print(f"wattops precision: {exc}; {trial.canary} may be left: delete it with kubectl",
+              file=sys.stderr)  # fmt: skip
+        return 1
+    print(f"canary {args.precision}: {verdict}", file=sys.stdout if state == "promoted"
+          else sys.stderr)  # fmt: skip
+    return 0 if state == "promoted" else 1
 
 
 def _share(text: str) -> float:

@@ -198,7 +198,8 @@ class KubeFleet:
             if exc.status == 403:
                 raise KubeError(
                     f"RBAC refused: you may not {verb} {resource} {where} ({detail}). "
-                    "Ask for the wattops-operator ClusterRole (writes) or wattops-viewer (reads)."
+                    "Ask for the wattops-operator ClusterRole (writes), wattops-viewer (reads), "
+                    "or wattops-canary (canaries: create and delete of Deployments)."
                 ) from None
             if exc.status == 404 and name:
                 raise KubeError(f"deployment {name!r} not found {where}") from None
@@ -365,6 +366,59 @@ class KubeFleet:
             )
 
         return self._with_retry(name, write, namespace)
+
+    def create_canary(self, name: str, precision: str, replicas: int, label: str,
+                      namespace: str | None = None) -> KubeDeployment:  # fmt: skip
+        """`<name>-canary`: a copy of the Deployment at `precision` with `replicas` pods, its
+        labels (and selector, and pod labels) plus `label: <name>`, so a Service selecting the
+        first sends the canary's pods their share of the traffic (fleet/kube_canary.py)."""
+        if precision not in PRECISIONS:
+            raise KubeError(f"unknown precision {precision!r}; allowed: {', '.join(PRECISIONS)}")
+        from kubernetes.client.exceptions import ApiException
+
+        current = self.get(name, namespace)
+        ns = current.metadata.namespace
+        body: dict[str, Any] = self.api_client.sanitize_for_serialization(current)
+        canary = f"{name}-canary"
+        meta = body["metadata"]
+        labels = {**(meta.get("labels") or {}), label: name}
+        body["metadata"] = {"name": canary, "namespace": ns, "labels": labels,
+                            "annotations": {"wattops.io/canary-of": name}}  # fmt: skip
+        body.pop("status", None)
+        spec = body["spec"]
+        spec["replicas"] = replicas
+        spec["selector"].setdefault("matchLabels", {})[label] = name
+        template_meta = spec["template"].setdefault("metadata", {})
+        template_meta["labels"] = {**(template_meta.get("labels") or {}), label: name}
+        containers = spec["template"]["spec"].get("containers") or []
+        if not containers:
+            raise KubeError(f"deployment {name!r} has no containers")
+        env = [e for e in containers[0].get("env") or [] if e.get("name") != PRECISION_ENV]
+        containers[0]["env"] = [*env, {"name": PRECISION_ENV, "value": precision}]
+        try:
+            self._call("create", "deployments", ns, None,
+                       self.apps.create_namespaced_deployment, ns, body)  # fmt: skip
+        except ApiException as exc:  # 409: AlreadyExists
+            raise KubeError(f"{canary} already exists in namespace {ns}: a canary of {name} is "
+                            f"running (or was left); wait for its verdict or delete it with "
+                            f"`kubectl delete deployment {canary} -n {ns}`") from exc  # fmt: skip
+        return self.deployment(canary, ns)
+
+    def delete(self, name: str, namespace: str | None = None) -> bool:
+        """Delete a Deployment (its pods go after it); False if it was not there."""
+        from kubernetes.client.exceptions import ApiException
+
+        ns = namespace or self._namespace_of(name)
+        try:
+            self._call("delete", "deployments", ns, None,
+                       self.apps.delete_namespaced_deployment, name, ns)  # fmt: skip
+        except KubeError as exc:
+            if "not found" in str(exc) or "(404)" in str(exc):
+                return False
+            raise
+        except ApiException:  # 409 on a delete: gone already in between
+            return False
+        return True
 
     # -- following a rollout ---------------------------------------------------------------
 

@@ -66,8 +66,14 @@ and the code named below (kubernetes/kubernetes).
   (waiting reason CrashLoopBackOff, restartCount rising every `ready_after_s`, where the
   kubelet backs off 10 s, 20 s, ... up to 5 min). Scale-down deletes unready pods first.
 
-Not copied: ReplicaSets are not served; pods and deployments cannot be created or deleted
-through the API (405), only with the helpers; pods end at once instead of Terminating;
+- Create and delete of Deployments (handlers/create.go, handlers/delete.go): a POST to the
+  collection is a 201 with the stored object (AlreadyExists 409 `deployments.apps "NAME"
+  already exists`; a body naming another namespace is a 400); a DELETE answers the Success
+  Status with the object's uid in its details, as the default (background) propagation does,
+  and the garbage collector then removes its ReplicaSets' pods.
+
+Not copied: ReplicaSets are not served; pods cannot be created or deleted through the API
+(405), only with the helpers; pods end at once instead of Terminating;
 minReadySeconds, paused deployments, proportional scaling during a rollout, history cleanup,
 server-side apply (415), `$setElementOrder`/`$retainKeys` and primitive-list merges, list
 pagination, bookmarks, and 410 Gone for a watch from a compacted version.
@@ -165,7 +171,9 @@ _KINDS = {"pods": _Kind("Pod", "v1", ""), "deployments": _Kind("Deployment", "ap
 # What this stand-in serves, by (group, version, resource, subresource): the verbs.
 _SERVED_VERBS: dict[tuple[str, str, str, str], frozenset[str]] = {
     ("", "v1", "pods", ""): frozenset({"get", "list", "watch"}),
-    ("apps", "v1", "deployments", ""): frozenset({"get", "list", "watch", "patch", "update"}),
+    ("apps", "v1", "deployments", ""): frozenset(
+        {"get", "list", "watch", "patch", "update", "create", "delete"}
+    ),
     ("apps", "v1", "deployments", "scale"): frozenset({"get", "patch", "update"}),
 }
 
@@ -1428,7 +1436,9 @@ class KubeApiServer:
             body = await request.read()
             with self._lock:
                 result = self._serve(info, request.query, request.content_type, body)
-            return web.json_response(result, dumps=_dumps)
+            return web.json_response(
+                result, status=201 if info.verb == "create" else 200, dumps=_dumps
+            )
         except StatusError as error:
             return web.json_response(error.status(), status=error.code, dumps=_dumps)
 
@@ -1477,6 +1487,10 @@ class KubeApiServer:
         """Answer a non-watch request that passed authorization; the lock is held."""
         if info.verb == "list":
             return self._list(info, query)
+        if info.verb == "create":
+            return self._create_deployment(info.namespace, _decode_object(body))
+        if info.verb == "delete":
+            return self._delete_deployment(info.namespace, info.name)
         current = copy.deepcopy(self._stored(info.resource, info.namespace, info.name))
         if info.subresource == "scale":
             scale = self._scale(current)
@@ -1496,6 +1510,42 @@ class KubeApiServer:
             else _decode_object(body)
         )
         return self._update_deployment(current, proposed)
+
+    def _create_deployment(self, namespace: str, obj: Json) -> Json:
+        """POST .../deployments: the object as given, with what the server sets."""
+        metadata = obj.setdefault("metadata", {})
+        name = metadata.get("name") or ""
+        if metadata.get("namespace") not in (None, namespace):
+            raise _bad_request("the namespace of the provided object does not match the "
+                               "namespace sent on the request")  # fmt: skip
+        if (namespace, name) in self._objects["deployments"]:
+            raise StatusError(409, "AlreadyExists",
+                              f"{_group_resource('apps', 'deployments')} {_quote(name)} already "
+                              "exists", _details("apps", "deployments", name))  # fmt: skip
+        metadata.update(namespace=namespace, uid=str(uuid.uuid4()), generation=1,
+                        creationTimestamp=_timestamp())  # fmt: skip
+        for key in ("resourceVersion", "deletionTimestamp"):
+            metadata.pop(key, None)
+        obj.update(apiVersion="apps/v1", kind="Deployment", status={})
+        _apply_deployment_defaults(obj)
+        if errors := _validate_deployment(obj, None):
+            raise _invalid("Deployment", "apps", name, errors)
+        return self._commit("deployments", obj, "ADDED")
+
+    def _delete_deployment(self, namespace: str, name: str) -> Json:
+        """DELETE .../deployments/NAME, background propagation: the Deployment goes now, the
+        garbage collector removes its ReplicaSets and their pods after it."""
+        stored = self._stored("deployments", namespace, name)
+        self._commit("deployments", copy.deepcopy(stored), "DELETED")
+        self._progress_marks.pop((namespace, name), None)
+        for replica_set in self._replica_sets.pop((namespace, name), []):
+            for pod in self._owned_pods(namespace, replica_set.name):
+                self._pod_lives.pop((namespace, pod["metadata"]["name"]), None)
+                self._commit("pods", copy.deepcopy(pod), "DELETED")
+        return {
+            "kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Success",
+            "details": {**_details("apps", "deployments", name), "uid": stored["metadata"]["uid"]},
+        }  # fmt: skip
 
     def _matcher(self, info: _RequestInfo, query: Mapping[str, str]) -> Matcher:
         """The objects a list or watch request selects; a named watch selects that one."""
