@@ -154,6 +154,41 @@ def test_steady_load_gets_one_step_not_a_flap(make_agent: Callable[..., Agent]) 
     assert agent.deployment()["desired_replicas"] == 1
 
 
+def test_act_switches_precision_through_a_canary_when_parking_and_scaling_cannot(
+    make_agent: Callable[..., Agent],
+) -> None:
+    """One busy replica, far over its limit: nothing to park or scale down, so the policy tries
+    the next smaller precision as a canary with the quality floor as its agreement guard."""
+    agent = policy_agent(make_agent, "act", park_idle_s=3600.0, switch_precision=True,
+                         quality_floor=0.75)  # fmt: skip
+    stop = threading.Event()
+
+    def client() -> None:
+        with httpx.Client(base_url=agent.url, timeout=60) as c:
+            while not stop.is_set():
+                body = {"model": "tiny", "max_tokens": 2, "temperature": 0.5,
+                        "messages": [{"role": "user", "content": "hi"}]}  # fmt: skip
+                c.post("/v1/chat/completions", json=body)
+                time.sleep(0.2)
+
+    worker = threading.Thread(target=client)
+    worker.start()
+    try:
+        canary = wait_for(lambda: agent.deployment()["canary"], 60, "the policy's canary")
+        actions = agent.node()["policy"]["actions"]
+        assert [(a["action"], a["outcome"]) for a in actions] == [("canary", "accepted")]
+        assert canary["precision"] == actions[0]["target"] != "q8_0"
+        assert canary["guards"]["min_agreement"] == 0.75  # the policy's quality floor
+        assert "as a canary" in actions[0]["reason"]
+        assert agent.client.delete("/v1/deployments/tiny/canary").status_code == 202
+        wait_for(lambda: agent.deployment()["canary"]["state"] == "rolled_back", 60,
+                 "the canary rolled back")  # fmt: skip
+    finally:
+        stop.set()
+        worker.join(60)
+    assert agent.deployment()["precision"] == "q8_0"
+
+
 async def test_the_console_pauses_and_resumes_a_policy(make_agent: Callable[..., Agent]) -> None:
     """`x` in the node view pauses the node's policy and resumes it; a read-only console does
     not offer the key and sends nothing."""
