@@ -51,6 +51,11 @@ class AgentSection(_Section):
     )
     listen: str = Field("127.0.0.1:8080", description="host:port the HTTP API binds to")
     state_dir: Path = Field(Path("state"), description="desired state, counters, model variants")
+    prometheus_url: str | None = Field(
+        None, pattern=r"^https?://", description="a Prometheus that scrapes this agent: "
+        "predictive scaling reads a season of request history from it at start when it has "
+        "none of its own (a new agent, a lost state folder)",
+    )  # fmt: skip
     token: str | None = Field(
         default_factory=lambda: os.environ.get("WATTOPS_TOKEN") or None,
         description="an admin bearer token (named `token`), beside the [[tokens]]; default: "

@@ -26,11 +26,12 @@ and the forecast's, so replicas go only when both the live load and the forecast
 
 from __future__ import annotations
 
+import itertools
 import math
 from collections import deque
 from typing import Any
 
-__all__ = ["SeasonalForecast", "replicas_for"]
+__all__ = ["SeasonalForecast", "history_from_prometheus", "replicas_for"]
 
 #: Weight of the newest season in the profile.
 ALPHA = 0.5
@@ -123,6 +124,11 @@ class SeasonalForecast:
     def to_dict(self) -> dict[str, Any]:
         return {"season_s": self.season_s, "bucket_s": self.bucket_s, "profile": self.profile}
 
+    def fill(self, history: list[tuple[float, int]]) -> None:
+        """Learn from past arrivals, (time, count) in time order (Prometheus' history)."""
+        for at, count in history:
+            self.add(at, count)
+
     def restore(self, saved: dict[str, Any] | None) -> None:
         """Take a saved profile back if it was learned with the same season and buckets."""
         if not saved or saved.get("season_s") != self.season_s:
@@ -138,3 +144,40 @@ def replicas_for(rate: float, service_s: float, target_in_flight: float) -> int:
     """Replicas that keep `target_in_flight` requests each at `rate` requests/s, each taking
     `service_s` seconds (Little's law: in flight = rate x time in the system)."""
     return math.ceil(rate * service_s / target_in_flight - 1e-9)
+
+
+def history_from_prometheus(url: str, node: str, deployment: str, season_s: float,
+                            bucket_s: float, now: float) -> list[tuple[float, int]]:  # fmt: skip
+    """(time, arrivals) per bucket over the last season, from the agent's own counter as a
+    Prometheus that scrapes it kept it (`wattops_deployment_requests_total`): the counter read
+    at each bucket's end, differenced (a reset counts from zero, as `increase()` does, without
+    its extrapolation; a stretch not scraped after the first sample counts as no arrivals).
+    Blocking: call it from a thread. Raises on any failure."""
+    from datetime import datetime
+
+    from prometheus_api_client import PrometheusConnect
+
+    prom = PrometheusConnect(url=url, disable_ssl=True)
+    query = (f'max(wattops_deployment_requests_total{{node="{node}",'
+             f'deployment="{deployment}"}})')  # fmt: skip
+    # One bucket more than a season: differences give every phase, the last one closed.
+    start = math.floor((now - season_s - bucket_s) / bucket_s) * bucket_s
+    found = prom.custom_query_range(
+        query, start_time=datetime.fromtimestamp(start), end_time=datetime.fromtimestamp(now),
+        step=f"{bucket_s:g}s",
+    )  # fmt: skip
+    if not found:
+        return []
+    values = {round(float(t) / bucket_s): float(v) for t, v in found[0]["values"]}
+    # From the first sample on, a step with no sample (the agent down, not scraped: the series
+    # went stale) served nothing: the counter holds. Before the first sample nothing is known,
+    # so those phases stay unseen.
+    grid = range(min(values), math.floor(now / bucket_s) + 1)
+    points, last = [], values[min(values)]
+    for step in grid:
+        last = values.get(step, last)
+        points.append((step * bucket_s, last))
+    out = []
+    for (_, before), (t, after) in itertools.pairwise(points):
+        out.append((t - bucket_s / 2, round(after - before if after >= before else after)))
+    return out

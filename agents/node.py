@@ -36,6 +36,7 @@ from wattops.agents.api import (
 )
 from wattops.agents.cluster import ClusterDeployment
 from wattops.agents.config import AgentConfig, ConfigError, DeploymentConfig
+from wattops.agents.forecast import history_from_prometheus
 from wattops.agents.gateway import Gateway
 from wattops.agents.pods import ClusterError, EnginePod, PodLister
 from wattops.agents.policy import DeploymentView, plan
@@ -178,6 +179,7 @@ class NodeAgent:
             wake_timeout_s=self.config.agent.wake_timeout_s,
             request_timeout_s=self.config.agent.request_timeout_s,
         )
+        await self._forecast_history()
         self._start_metering(saved.node)
         self._account_downtime(saved)
         if self.config.kubernetes.enabled:
@@ -203,6 +205,30 @@ class NodeAgent:
             self._tasks.append(asyncio.create_task(self._cluster_loop(), name="cluster"))
         if self.config.policy.mode != "off":
             self._tasks.append(asyncio.create_task(self._policy_loop(), name="policy"))
+
+    async def _forecast_history(self) -> None:
+        """Predictive scaling with nothing learned yet (a new agent, a lost state folder): a
+        season of request history from the Prometheus that scrapes this agent, if there is
+        one. Failing to read it is said and not fatal: the forecast learns from live traffic."""
+        url = self.config.agent.prometheus_url
+        if url is None:
+            return
+        for name, dep in self.deployments.items():
+            forecast = dep.forecast
+            if forecast is None or forecast.ready:
+                continue
+            try:
+                history = await asyncio.wait_for(asyncio.to_thread(
+                    history_from_prometheus, url, self.config.agent.node, name,
+                    forecast.season_s, forecast.bucket_s, time.time()), timeout=15)  # fmt: skip
+            except Exception as exc:  # any failure of an optional source: said, not fatal
+                log.warning("%s: predictive scaling could not read its history from Prometheus "
+                            "at %s (%s); it learns from live traffic", name, url, exc)  # fmt: skip
+                continue
+            forecast.fill(history)
+            whole = "ready" if forecast.ready else "not a whole season"
+            log.info("%s: predictive scaling took %d buckets of history from %s (%s)", name,
+                     len(history), url, whole)  # fmt: skip
 
     def _profile_error(self, section: str, exc: ProfileError) -> str:
         """A profile that does not validate: when the config overrides it, say so first, with

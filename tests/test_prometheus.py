@@ -90,3 +90,35 @@ def test_prometheus_scrapes_power_cost_and_tokens_from_a_real_agent(
     cost = samples("wattops_node_cost_usd_total")
     (t0, c0), (t1, c1) = cost[0], cost[-1]
     assert (c1 - c0) / (t1 - t0) * 3600 == pytest.approx(5.12, rel=0.1)
+
+
+def test_a_new_agent_takes_its_forecast_history_from_prometheus(
+    make_agent: Callable[..., Agent], prometheus: Callable[[int], str]
+) -> None:
+    """Predictive scaling on an agent with nothing learned (a lost state folder) reads a
+    season of its node's request counter from the Prometheus that scraped it before."""
+    import time
+
+    season, bucket = 12, 2
+    settings = dict(replicas=1, max_replicas=2, autoscale_target_in_flight=1.0,
+                    autoscale_predictive=True, autoscale_season_s=season,
+                    autoscale_season_bucket_s=bucket)  # fmt: skip
+    first = make_agent(**settings)
+    url = prometheus(first.port)
+    prom = PrometheusConnect(url=url, disable_ssl=True)
+    wait_for(lambda: prom.custom_query('wattops_deployment_requests_total{deployment="tiny"}'),
+             60, "the first scrape")  # fmt: skip
+    until = time.monotonic() + season + 2 * bucket
+    while time.monotonic() < until:  # about two requests a second, scraped every second
+        assert first.chat("again", temperature=0.6).status_code == 200
+        time.sleep(0.4)
+    learned = first.deployment()["forecast"]
+    first.stop()
+    second = make_agent(agent_extra={"node": "test-node-0", "prometheus_url": url}, **settings)
+    forecast = second.deployment()["forecast"]
+    assert forecast["ready"] and forecast["phases_seen"] == season // bucket, forecast
+    assert forecast["peak_ahead"] > 1.0, (forecast, learned)
+    assert "predictive scaling took" in second.log_tail()
+    # Without Prometheus it starts from nothing, and says so by its figures.
+    third = make_agent(agent_extra={"node": "test-node-0"}, **settings)
+    assert third.deployment()["forecast"]["ready"] is False
