@@ -130,3 +130,27 @@ def test_agent_scales_out_under_load_and_back_in(make_agent: Callable[..., Agent
     assert statuses and set(statuses) == {200}, sorted(set(statuses))
     wait_for(lambda: agent.deployment()["desired_replicas"] == 1, 60, "scale back in to 1")
     agent.wait_converged()
+
+
+def test_a_replica_still_loading_is_never_the_one_a_scale_down_stops(
+    make_agent: Callable[..., Agent],
+) -> None:
+    """Scaled to 2 and at once back to 1, while the second replica loads: it is not stopped
+    half-loaded; it comes up ready, and only then is one ready replica retired."""
+    agent = make_agent(replicas=1, max_replicas=2)
+    first = agent.deployment()["replicas"][0]["id"]
+    assert agent.control("/v1/deployments/tiny/scale", {"replicas": 2}).status_code == 202
+    assert agent.control("/v1/deployments/tiny/scale", {"replicas": 1}).status_code == 202
+    seen: set[tuple[str, str]] = set()
+
+    def settled() -> bool:
+        dep = agent.deployment()
+        seen.update((r["id"], r["state"]) for r in dep["replicas"])
+        return (
+            dep["desired_replicas"] == 1
+            and len(dep["replicas"]) == 1
+            and any(state == "ready" and rid != first for rid, state in seen)
+        )
+
+    wait_for(settled, 60, "the second replica up, then one replica")
+    assert agent.deployment()["replicas"][0]["state"] == "ready"
