@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+from agent_wait import deployment, wait_serving
 
 from wattops.experiments.launch import agent_argv, free_port, launch, stop_all
 from wattops.experiments.questions import SeededDraw, question
@@ -59,26 +60,6 @@ context = 1024
 {extra}"""
 
 
-def _deployment(url: str) -> dict[str, Any]:
-    node = httpx.get(url + "/v1/node", timeout=10).json()
-    return next(d for d in node["deployments"] if d["name"] == "bench")
-
-
-def _wait_serving(url: str, timeout_s: float = 300) -> None:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        try:
-            dep = _deployment(url)
-            if dep["state"] == "serving" and dep.get("accounting"):
-                return
-            if dep["state"] == "failed":
-                raise RuntimeError(dep["last_error"])
-        except (httpx.HTTPError, StopIteration, KeyError):
-            pass
-        time.sleep(0.5)
-    raise RuntimeError(f"{url} did not serve within {timeout_s:.0f}s")
-
-
 def _ask(url: str, n: int, max_tokens: int) -> dict[str, Any]:
     body = {
         "model": "bench",
@@ -93,7 +74,7 @@ def _ask(url: str, n: int, max_tokens: int) -> dict[str, Any]:
 
 
 def _totals(url: str) -> dict[str, float]:
-    dep = _deployment(url)
+    dep = deployment(url, "bench")
     totals = dep["accounting"]["totals"]
     counters = dep["counters"]
     return {
@@ -149,7 +130,7 @@ def run_config(engine: str, extra: str, args: argparse.Namespace, work: Path,
     started = [launch(engine, agent_argv(config), folder / "agent.log")]
     url = f"http://127.0.0.1:{port}"
     try:
-        _wait_serving(url)
+        wait_serving(url, "bench", 300, accounted=True)
         _ask(url, 0, 4)  # warm
         return [
             measure(url, n, args.requests_per_client, args.max_tokens, first=1000 * (i + 1))

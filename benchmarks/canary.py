@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+from agent_wait import deployment, wait_serving
 
 from wattops.experiments.launch import agent_argv, free_port, launch, stop_all
 from wattops.experiments.questions import SeededDraw, question
@@ -58,11 +59,6 @@ max_replicas = 2
 threads = 1
 context = 1024
 """
-
-
-def _deployment(url: str) -> dict[str, Any]:
-    node = httpx.get(url + "/v1/node", timeout=10).json()
-    return next(d for d in node["deployments"] if d["name"] == "chat")  # type: ignore[no-any-return]
 
 
 def _guard(text: str) -> tuple[str, float | int | None]:
@@ -116,14 +112,7 @@ def main() -> None:
         threads = [threading.Thread(target=client, args=(n,)) for n in range(args.clients)]
         try:
             started.append(launch("agent", agent_argv(config), Path(tmp) / "agent.log"))
-            deadline = time.monotonic() + 600
-            while time.monotonic() < deadline:
-                try:
-                    if _deployment(url)["state"] == "serving":
-                        break
-                except (httpx.HTTPError, StopIteration, KeyError):
-                    pass
-                time.sleep(0.5)
+            wait_serving(url, "chat")
             for t in threads:
                 t.start()
             time.sleep(10)  # the serving side warm before the window opens
@@ -133,13 +122,13 @@ def main() -> None:
             resp.raise_for_status()
             began = time.monotonic()
             while True:
-                canary = _deployment(url)["canary"]
+                canary = deployment(url, "chat")["canary"]
                 if canary and canary["verdict"] and canary["state"] != "promoting":
                     break
                 if time.monotonic() - began > args.duration + 600:
                     raise RuntimeError("no verdict")
                 time.sleep(2)
-            dep = _deployment(url)
+            dep = deployment(url, "chat")
         finally:
             stop.set()
             for t in threads:

@@ -35,6 +35,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+from agent_wait import deployment, wait_serving
 
 from wattops.experiments.launch import agent_argv, free_port, launch, stop_all
 from wattops.experiments.questions import SeededDraw, question
@@ -88,11 +89,6 @@ def arrivals(args: argparse.Namespace) -> list[float]:
             out.append(t)
 
 
-def _deployment(url: str) -> dict[str, Any]:
-    node = httpx.get(url + "/v1/node", timeout=10).json()
-    return next(d for d in node["deployments"] if d["name"] == "chat")  # type: ignore[no-any-return]
-
-
 def run(args: argparse.Namespace, predictive: bool, plan: list[float]) -> dict[str, Any]:
     port = free_port()
     url = f"http://127.0.0.1:{port}"
@@ -108,14 +104,7 @@ def run(args: argparse.Namespace, predictive: bool, plan: list[float]) -> dict[s
         ))  # fmt: skip
         started = [launch("agent", agent_argv(config), Path(tmp) / "agent.log")]
         try:
-            deadline = time.monotonic() + 600
-            while time.monotonic() < deadline:
-                try:
-                    if _deployment(url)["state"] == "serving":
-                        break
-                except (httpx.HTTPError, StopIteration, KeyError):
-                    pass
-                time.sleep(0.5)
+            wait_serving(url, "chat")
             # The season's phase is wall-clock time modulo its length (as for a real day):
             # start the stream at a season boundary so the shape lines up with the forecast.
             t0 = (time.time() // args.season + 1) * args.season
@@ -126,7 +115,7 @@ def run(args: argparse.Namespace, predictive: bool, plan: list[float]) -> dict[s
             def watch() -> None:
                 while not done.is_set():
                     try:
-                        d = _deployment(url)
+                        d = deployment(url, "chat")
                         samples.append((time.monotonic() - start_mono, d["desired_replicas"],
                                         d["ready_replicas"]))  # fmt: skip
                     except (httpx.HTTPError, StopIteration):

@@ -8,7 +8,8 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -75,6 +76,28 @@ def test_a_deployment_acted_on_is_left_alone_for_the_dwell_time() -> None:
     assert steps_of([slow], burn=2.0)[1] == []
 
 
+@contextmanager
+def steady(agent: Agent, pause_s: float) -> Iterator[None]:
+    """A light steady load while the block runs: one short request, a pause, again."""
+    stop = threading.Event()
+
+    def client() -> None:
+        with httpx.Client(base_url=agent.url, timeout=60) as c:
+            while not stop.is_set():
+                body = {"model": "tiny", "max_tokens": 2, "temperature": 0.5,
+                        "messages": [{"role": "user", "content": "hi"}]}  # fmt: skip
+                c.post("/v1/chat/completions", json=body)
+                time.sleep(pause_s)
+
+    worker = threading.Thread(target=client)
+    worker.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        worker.join(60)
+
+
 def policy_agent(make_agent: Callable[..., Agent], mode: str, **policy: Any) -> Agent:
     settings = {"mode": mode, "max_usd_per_hour": 1e-6, "park_idle_s": 1.0, "interval_s": 0.5,
                 "dwell_s": 2.0, "switch_precision": False, **policy}  # fmt: skip
@@ -130,25 +153,10 @@ def test_steady_load_gets_one_step_not_a_flap(make_agent: Callable[..., Agent]) 
     agent = policy_agent(make_agent, "act", park_idle_s=3600.0)
     assert agent.control("/v1/deployments/tiny/scale", {"replicas": 2}).status_code == 202
     wait_for(lambda: agent.deployment()["ready_replicas"] == 2, 60, "two replicas")
-    stop = threading.Event()
-
-    def client() -> None:  # a light steady load: one short request, a pause, again
-        with httpx.Client(base_url=agent.url, timeout=60) as c:
-            while not stop.is_set():
-                body = {"model": "tiny", "max_tokens": 2, "temperature": 0.5,
-                        "messages": [{"role": "user", "content": "hi"}]}  # fmt: skip
-                c.post("/v1/chat/completions", json=body)
-                time.sleep(0.3)
-
-    worker = threading.Thread(target=client)
-    worker.start()
-    try:
+    with steady(agent, 0.3):
         wait_for(lambda: agent.deployment()["desired_replicas"] == 1, 30, "one replica fewer")
         time.sleep(6.0)  # three dwell times, a dozen looks, the same steady load
         actions = agent.node()["policy"]["actions"]
-    finally:
-        stop.set()
-        worker.join(60)
     assert [(a["action"], a["target"]) for a in actions] == [("scale", 1)]
     assert "would be" in actions[0]["reason"] and "at most 50%" in actions[0]["reason"]
     assert agent.deployment()["desired_replicas"] == 1
@@ -161,19 +169,7 @@ def test_act_switches_precision_through_a_canary_when_parking_and_scaling_cannot
     the next smaller precision as a canary with the quality floor as its agreement guard."""
     agent = policy_agent(make_agent, "act", park_idle_s=3600.0, switch_precision=True,
                          quality_floor=0.75)  # fmt: skip
-    stop = threading.Event()
-
-    def client() -> None:
-        with httpx.Client(base_url=agent.url, timeout=60) as c:
-            while not stop.is_set():
-                body = {"model": "tiny", "max_tokens": 2, "temperature": 0.5,
-                        "messages": [{"role": "user", "content": "hi"}]}  # fmt: skip
-                c.post("/v1/chat/completions", json=body)
-                time.sleep(0.2)
-
-    worker = threading.Thread(target=client)
-    worker.start()
-    try:
+    with steady(agent, 0.2):
         canary = wait_for(lambda: agent.deployment()["canary"], 60, "the policy's canary")
         actions = agent.node()["policy"]["actions"]
         assert [(a["action"], a["outcome"]) for a in actions] == [("canary", "accepted")]
@@ -183,9 +179,6 @@ def test_act_switches_precision_through_a_canary_when_parking_and_scaling_cannot
         assert agent.client.delete("/v1/deployments/tiny/canary").status_code == 202
         wait_for(lambda: agent.deployment()["canary"]["state"] == "rolled_back", 60,
                  "the canary rolled back")  # fmt: skip
-    finally:
-        stop.set()
-        worker.join(60)
     assert agent.deployment()["precision"] == "q8_0"
 
 
