@@ -188,7 +188,7 @@ def test_counters_survive_kill_9_and_are_not_counted_twice(
     for i in range(3):
         assert agent.chat(f"count {i}", temperature=0.4).status_code == 200
     wait_for(lambda: agent.deployment()["counters"]["completion_tokens_total"] > 0, 10, "tokens")
-    time.sleep(20)  # far more energy counted than the node draws while it is down
+    time.sleep(8)  # far more energy counted than the node draws while it is down
     # One more answer just before the kill: between two saves of the state file, so only the
     # counter journal (agents/state.py) can bring it back.
     assert agent.chat("count last", temperature=0.4).status_code == 200
