@@ -16,8 +16,8 @@ Reported per mode, over the measured seasons: requests, p50/p95 latency overall 
 rise windows (the first fifth of each busy stretch), "cold-start waits" (requests that arrived
 while the deployment had asked for more replicas than were ready, i.e. waited on a replica
 still loading, sampled every 0.1 s from the agent's snapshot), replica-seconds held, and the
-cost the agent accounted over the same span (the node's, at the cpu-generic profile's price:
-a replica's share of it while it runs).
+cost the agent accounted to the deployment over the same span (at the cpu-generic profile's
+price, each one-thread replica holding an eighth of the node while it runs, plus electricity).
 """
 
 from __future__ import annotations
@@ -187,7 +187,13 @@ def summarise(args: argparse.Namespace, predictive: bool, results: list[tuple[fl
     for (t1, _, ready), (t2, _, _) in itertools.pairwise(samples):
         if t1 >= learn:
             held += ready * (t2 - t1)
-    cost = after["totals"]["cost_usd_total"] - before["totals"]["cost_usd_total"]
+    def held_usd(node: dict[str, Any]) -> float:
+        dep = next(d for d in node["deployments"] if d["name"] == "chat")
+        return float(dep["accounting"]["totals"]["cost_usd_total"])
+
+    # The deployment's own cost (the share of the node its replicas held, plus electricity):
+    # the node's total is billed whole whatever runs on it.
+    cost = held_usd(after) - held_usd(before)
     return {
         "mode": "predictive" if predictive else "reactive",
         "requests": len(measured),

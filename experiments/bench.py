@@ -26,6 +26,7 @@ import json
 import os
 import platform
 import shutil
+import subprocess
 import sys
 import time
 from collections.abc import Callable, Iterator
@@ -529,7 +530,23 @@ def machine() -> dict[str, Any]:
         "cores": os.cpu_count(),
         "platform": platform.platform(),
         "python": platform.python_version(),
+        "code": code_revision(),
     }
+
+
+def code_revision() -> str | None:
+    """The git commit of the wattops code this process runs (and the agents it starts with
+    the same environment), `+changes` when its tree differs; None outside a git checkout."""
+    where = Path(__file__).resolve().parent
+    try:
+        head = subprocess.run(["git", "-C", str(where), "rev-parse", "--short=12", "HEAD"],
+                              capture_output=True, text=True, timeout=10, check=True)  # fmt: skip
+        dirty = subprocess.run(["git", "-C", str(where), "status", "--porcelain", "--",
+                                str(where.parent)], capture_output=True, text=True,
+                               timeout=10)  # fmt: skip
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return head.stdout.strip() + ("+changes" if dirty.stdout.strip() else "")
 
 
 class Progress:
@@ -655,7 +672,9 @@ def _run_bench(settings: BenchSettings, out: Path, resume: bool, command: str,
             progress.stage(f"run {run + 1}/{settings.runs} {mode.key}")
             work = out / "work" / f"run{run}-{mode.key}"
             with running_agent(settings, mode, work, files) as setup:
-                runs.append(measure(settings, mode, run, setup, progress.advance))
+                measured = measure(settings, mode, run, setup, progress.advance)
+            # Which code each mode-run measured: a resumed experiment may span commits.
+            runs.append({**measured, "code": code_revision()})
             results["runs"] = runs
             results.update(summarise(runs, quality, settings.runs, [m.key for m in modes]))
             _write_json(results_path, results)
