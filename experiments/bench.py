@@ -541,7 +541,7 @@ def code_revision() -> str | None:
     try:
         head = subprocess.run(["git", "-C", str(where), "rev-parse", "--short=12", "HEAD"],
                               capture_output=True, text=True, timeout=10, check=True)  # fmt: skip
-        dirty = subprocess.run(["git", "-C", str(where), "status", "--porcelain", "--",
+        dirty = subprocess.run(["git", "-C", str(where), "status", "--porcelain", "-uno", "--",
                                 str(where.parent)], capture_output=True, text=True,
                                timeout=10)  # fmt: skip
     except (OSError, subprocess.SubprocessError):
