@@ -11,8 +11,10 @@ import time
 from collections import deque
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import aiohttp
+import orjson
 from pydantic import BaseModel
 
 from wattops.agents import alerts, downtime
@@ -49,8 +51,6 @@ from wattops.agents.sensors.estimate import EstimateSensor, HostCpuUtilisation
 from wattops.agents.state import (
     AgentState,
     DesiredState,
-    JournalCounters,
-    JournalLine,
     Meter,
     StateStore,
     StoredDeployment,
@@ -540,29 +540,27 @@ class NodeAgent:
         self._journal_due = False
         if not self.store.journal.is_open:
             return
-        changed: dict[str, JournalCounters] = {}
+        # Built as plain dicts and written with orjson (the shape of JournalLine, which reads
+        # it back): this runs once per event-loop turn under load, on the gateway's path.
+        changed: dict[str, dict[str, dict[str, Any]]] = {}
         for name, dep in self.deployments.items():
             values = _values(dep.counters) + _values(dep.totals)
             if self._journaled.get(name) != values:
                 self._journaled[name] = values
-                changed[name] = JournalCounters(counters=dep.counters, totals=dep.totals)
-        node = meter = None
+                changed[name] = {"counters": dep.counters.__dict__, "totals": dep.totals.__dict__}
+        line: dict[str, Any] = {"seq": 0, "at": time.time(), "deployments": changed}
         if self.accounting is not None:
             values = _values(self.accounting.node)
             if self._journaled.get("") != values:
                 self._journaled[""] = values
-                node, meter = self.accounting.node, self._meter_reading()
-        if not changed and node is None:
+                meter = self._meter_reading()
+                line["node"] = self.accounting.node.__dict__
+                line["meter"] = meter.model_dump() if meter is not None else None
+        if not changed and "node" not in line:
             return
-        line = JournalLine(
-            seq=self.store.journal.next_seq(),
-            at=time.time(),
-            deployments=changed,
-            node=node,
-            meter=meter,
-        )
+        line["seq"] = self.store.journal.next_seq()
         try:
-            self.store.journal.append(line)
+            self.store.journal.append(orjson.dumps(line) + b"\n")
         except OSError:  # the next save of the state file still covers it
             log.exception("could not append to %s", self.store.journal.path)
 

@@ -149,10 +149,11 @@ class CounterJournal:
     def open(self) -> None:
         self._fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
 
-    def append(self, line: JournalLine) -> None:
-        """One write() of one line: the kernel has it when this returns."""
+    def append(self, line: bytes) -> None:
+        """One write() of one JSON line (a JournalLine's shape, ending in a newline): the
+        kernel has it when this returns."""
         assert self._fd is not None, "open() the journal first"
-        os.write(self._fd, line.model_dump_json().encode() + b"\n")
+        os.write(self._fd, line)
 
     def next_seq(self) -> int:
         self.seq += 1
