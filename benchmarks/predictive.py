@@ -187,6 +187,7 @@ def summarise(args: argparse.Namespace, predictive: bool, results: list[tuple[fl
     for (t1, _, ready), (t2, _, _) in itertools.pairwise(samples):
         if t1 >= learn:
             held += ready * (t2 - t1)
+
     def held_usd(node: dict[str, Any]) -> float:
         dep = next(d for d in node["deployments"] if d["name"] == "chat")
         return float(dep["accounting"]["totals"]["cost_usd_total"])
