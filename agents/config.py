@@ -287,6 +287,10 @@ class DeploymentConfig(BaseModel):
     autoscale_season_bucket_s: float = Field(
         300.0, gt=0, description="the forecast's resolution: arrivals are counted per bucket"
     )
+    policy: bool = Field(
+        True, description="the node's [policy] may act on this deployment (park, scale, "
+        "canary); false: it is left alone, its cost still counts in the node's burn",
+    )  # fmt: skip
     latency_slo_p95_ms: float | None = Field(
         None,
         gt=0,

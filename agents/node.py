@@ -621,6 +621,8 @@ class NodeAgent:
         assert self.accounting is not None
         views = []
         for name, dep in self.deployments.items():
+            if not dep.config.policy:  # opted out: its cost counts, the plan leaves it alone
+                continue
             busy = sum(r.busy_seconds(now) for r in dep.replicas)
             before = self._policy_busy.get(name)
             self._policy_busy[name] = (now, busy)

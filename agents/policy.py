@@ -1,7 +1,8 @@
 """Policies that keep a node inside its limits: advise by default, act when told to.
 
 `[policy]` in the agent's file sets limits for the node (`max_usd_per_hour`, `max_watts`) and
-how far it may go to meet them. Every `interval_s` the agent looks at where the node stands
+how far it may go to meet them; a deployment with `policy = false` is left alone (its cost
+still counts in the node's burn). Every `interval_s` the agent looks at where the node stands
 and, only when a limit is passed by more than `hysteresis` (5% by default), plans the cheapest
 steps that bring it back, least harmful first:
 

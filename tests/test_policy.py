@@ -213,3 +213,21 @@ async def test_the_console_pauses_and_resumes_a_policy(make_agent: Callable[...,
             assert '"path":"/v1/policy"' in audit and '"paused":true' in audit
             await pilot.press("x")
             await until(pilot, lambda: not paused(), 10, "the policy acting again")
+
+
+def test_a_deployment_that_opts_out_is_left_alone(make_agent: Callable[..., Agent],
+                                                 test_model: Path) -> None:  # fmt: skip
+    """Two idle deployments far over the node's limit: only the one without `policy = false`
+    is parked; the other keeps running and its cost still counts in the burn."""
+    base = {"engine": "llamacpp", "model": str(test_model), "precision": "q8_0", "replicas": 1,
+            "max_replicas": 1, "threads": 1, "context": 512}  # fmt: skip
+    agent = make_agent(
+        deployments=[{**base, "name": "tiny"}, {**base, "name": "kept", "policy": False}],
+        tables={"policy": {"mode": "act", "max_usd_per_hour": 1e-6, "park_idle_s": 1.0,
+                           "interval_s": 0.5, "dwell_s": 2.0, "switch_precision": False}},
+    )  # fmt: skip
+    wait_for(lambda: agent.deployment("tiny")["state"] == "parked", 30, "tiny parked")
+    time.sleep(2.0)  # several more looks, still over the limit
+    assert agent.deployment("kept")["desired_replicas"] == 1
+    acted = {a["deployment"] for a in agent.node()["policy"]["actions"]}
+    assert acted == {"tiny"}
