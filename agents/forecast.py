@@ -21,7 +21,10 @@ requests in flight (Little's law: rate x the measured mean service time) over th
 the measured cold start of a replica (spawn to healthy, the mean of the last starts) plus one
 bucket, and the replicas its highest rate needs are started now: warm when the rise comes.
 Scaling down takes the higher of the reactive recommendation (with its stabilisation window)
-and the forecast's, so replicas go only when both the live load and the forecast agree.
+and the forecast's, so replicas go only when both the live load and the forecast agree. With
+`idle_scale_to_zero_s`, an idle deployment is parked only when the forecast expects less than
+one request within the lead time, and a deployment parked for idleness is woken when it
+expects one or more (one parked by an operator or a policy is left parked).
 """
 
 from __future__ import annotations
@@ -116,7 +119,8 @@ class SeasonalForecast:
             return None
         self._advance(now)
         steps = max(1, math.ceil(horizon_s / self.bucket_s))
-        rates = [self.rate(now + k * self.bucket_s) for k in range(steps + 1)]
+        times = [now + min(k * self.bucket_s, horizon_s) for k in range(steps + 1)]
+        rates = [self.rate(t) for t in times]
         return max(r for r in rates if r is not None)
 
     # -- kept across restarts --------------------------------------------------------------

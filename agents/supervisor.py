@@ -198,6 +198,8 @@ class Deployment:
         self._forecast_replicas: int | None = None
         self._forecast_reason = ""
         self.scaling_reason: str | None = None
+        #: Parked by idle_scale_to_zero_s (the only parking the forecast may undo).
+        self._idle_parked = False
         self.autoscaler = (
             Autoscaler(
                 config.autoscale_target_in_flight,
@@ -257,6 +259,7 @@ class Deployment:
                 f"{self.name}: a canary of {self.canary.target} measures live traffic: abort it "
                 f"(DELETE /v1/deployments/{self.name}/canary) before parking",
             )
+        self._idle_parked = False  # parked (or not) by someone: the forecast does not undo it
         self.desired.replicas = replicas
         self._desired_changed()
 
@@ -901,9 +904,22 @@ class Deployment:
         if any(r.in_flight for r in self.replicas):
             return
         if time.monotonic() - self.last_request >= idle_after:
+            expected = self._expected_arrivals()
+            if expected is not None and expected >= 1.0:
+                return  # the forecast expects traffic before a wake could finish: stay up
             log.info("%s: idle for %.0fs, parking", self.name, idle_after)
             self.desired.replicas = 0
+            self._idle_parked = True
             self._desired_changed()
+
+    def _expected_arrivals(self) -> float | None:
+        """Requests the forecast expects within the lead time (cold start + one bucket);
+        None without a forecast."""
+        if self.forecast is None:
+            return None
+        lead = self.lead_s()
+        peak = self.forecast.peak(time.time(), lead)
+        return None if peak is None else peak * lead
 
     def _autoscale(self) -> None:
         if self.autoscaler is None:
@@ -911,6 +927,23 @@ class Deployment:
         current = self.desired.replicas
         if current == 0:  # parked: the next wake starts from one replica and a clean slate
             self.autoscaler.reset()
+            expected = self._expected_arrivals()
+            if (
+                self._idle_parked
+                and expected is not None
+                and expected >= 1.0
+                and not (self.switching)
+            ):
+                # Parked for idleness (not by an operator or a policy): woken ahead of the
+                # traffic the forecast expects, as a request would wake it.
+                self._idle_parked = False
+                lead = self.lead_s()
+                self.scaling_reason = (f"0 -> 1: forecast: {expected:.1f} request(s) expected "
+                                       f"within {lead:.0f} s (cold start + one bucket), woken "
+                                       "ahead")  # fmt: skip
+                log.info("%s: %s", self.name, self.scaling_reason)
+                self.desired.replicas = 1
+                self._desired_changed()
             return
         if self.switching:
             return

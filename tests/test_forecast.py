@@ -129,3 +129,42 @@ def test_an_agent_starts_a_replica_ahead_of_the_rise_its_forecast_expects(
     assert "max_replicas 2), started ahead" in busy["forecast"]["reason"]
     assert quiet["desired_replicas"] == 1 and quiet["forecast"]["replicas"] == 1
     assert quiet["forecast"]["reason"] is None
+
+
+def test_idle_parking_waits_for_the_forecast_and_a_parked_deployment_is_woken_ahead(
+    make_agent: Callable[..., Agent],
+) -> None:
+    """With idle_scale_to_zero_s and a forecast: a deployment idle for longer than that is
+    parked only when the forecast expects no request within the lead time, and is woken before
+    the buckets where it expects some; parking by hand is never undone by the forecast."""
+    import time
+
+    season, bucket = 60.0, 5.0
+    first = int(time.time() // bucket)  # the bucket the test starts in
+    phase = first % 12
+    # Quiet now and for the next four buckets, busy from the fifth on.
+    profile = [0.0 if (p - phase) % 12 < 5 else 5.0 for p in range(12)]
+    agent = make_agent(start=False, replicas=1, max_replicas=2, idle_scale_to_zero_s=1.0,
+                       autoscale_target_in_flight=1.0, autoscale_predictive=True,
+                       autoscale_season_s=season, autoscale_season_bucket_s=bucket)  # fmt: skip
+    state = {"deployments": {"tiny": {
+        "desired": {"precision": "q8_0", "replicas": 1},
+        "forecast": {"season_s": season, "bucket_s": bucket, "profile": profile},
+    }}}  # fmt: skip
+    agent.state_dir.mkdir(parents=True, exist_ok=True)
+    (agent.state_dir / "state.json").write_text(json.dumps(state))
+    agent.start()
+    wait_for(lambda: agent.deployment()["desired_replicas"] == 0, 20,
+             "parked while the forecast is quiet")  # fmt: skip
+    woken = wait_for(lambda: (d := agent.deployment())["desired_replicas"] == 1 and d, 40,
+                     "woken ahead of the busy buckets")  # fmt: skip
+    assert time.time() < (first + 5) * bucket  # before the first busy bucket began
+    assert woken["forecast"]["reason"].startswith("0 -> 1: forecast: ")
+    assert "woken ahead" in woken["forecast"]["reason"]
+    # Busy now: idle for longer than idle_scale_to_zero_s, it is not parked again.
+    time.sleep(3.0)
+    assert agent.deployment()["desired_replicas"] >= 1
+    # Parked by hand, it stays parked whatever the forecast says.
+    assert agent.control("/v1/deployments/tiny/scale", {"replicas": 0}).status_code == 202
+    time.sleep(3.0)
+    assert agent.deployment()["desired_replicas"] == 0
