@@ -175,10 +175,20 @@ def _kube_canary(args: argparse.Namespace, spec: Any) -> int:
           f"{args.deployment}'s for {spec.duration_s:.0f} s (about {spec.share:.0%} of its "
           "Service's traffic); answer agreement and p95 are not measured on Kubernetes",
           flush=True)  # fmt: skip
+    import signal
+
+    def interrupt(signum: int, frame: object) -> None:  # SIGTERM rolls back, as Ctrl-C does
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, interrupt)
     try:
         state, verdict = trial.run(lambda line: print(f"  {line}", flush=True))
     except KubeError as exc:
         print(f"wattops precision: {exc}; {trial.canary} may be left: delete it with kubectl",
+              file=sys.stderr)  # fmt: skip
+        return 1
+    except KeyboardInterrupt:
+        print(f"wattops precision: interrupted; {trial.canary} deleted, nothing promoted",
               file=sys.stderr)  # fmt: skip
         return 1
     print(f"canary {args.precision}: {verdict}", file=sys.stdout if state == "promoted"

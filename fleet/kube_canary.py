@@ -149,7 +149,18 @@ class KubeCanary:
 
     def run(self, say: Callable[[str], None] = print, poll_s: float = 2.0,
             ready_timeout_s: float = 600.0) -> tuple[str, str]:  # fmt: skip
-        """Wait for the canary's pods, hold the window, decide, and promote or roll back."""
+        """Wait for the canary's pods, hold the window, decide, and promote or roll back. An
+        interruption (Ctrl-C, or SIGTERM where the caller maps it so) rolls back: the canary is
+        deleted before the exception goes on, so no Deployment is left holding a share."""
+        try:
+            return self._run(say, poll_s, ready_timeout_s)
+        except KeyboardInterrupt:
+            self.fleet.delete(self.canary, self.namespace)
+            say(f"interrupted: {self.canary} deleted (rolled back)")
+            raise
+
+    def _run(self, say: Callable[[str], None], poll_s: float,
+             ready_timeout_s: float) -> tuple[str, str]:  # fmt: skip
         ns = self.namespace
         healthy: str | None = None
         for rollout in self.fleet.follow(self.canary, ready_timeout_s, poll_s, ns):

@@ -160,3 +160,22 @@ def test_the_cli_runs_a_kube_canary_reading_the_real_agents(
     assert [d.metadata.name for d in apps.list_namespaced_deployment(NS).items] == ["chat"]
     assert _cli(["precision", "--kube", "chat", "q4_k_m", "--canary", "25%", "--no-wait"]) == 2
     assert "must stay to judge it" in capsys.readouterr().err
+
+
+def test_an_interrupted_canary_deletes_itself(api: KubeApiServer) -> None:
+    """Ctrl-C (or SIGTERM, which the CLI maps to it) during the window: the canary Deployment
+    is deleted before the interruption goes on, so nothing is left holding a share."""
+    trial = KubeCanary(fleet(api), "chat", "q4_k_m", 0.25, 60.0, OFF, snapshots=list)
+    trial.start()
+    said: list[str] = []
+
+    def say(line: str) -> None:
+        said.append(line)
+        if len(said) == 1:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        trial.run(say, poll_s=0.05)
+    apps = fleet(api).apps
+    assert [d.metadata.name for d in apps.list_namespaced_deployment(NS).items] == ["chat"]
+    assert said[-1] == "interrupted: chat-canary deleted (rolled back)"
