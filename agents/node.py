@@ -666,7 +666,9 @@ class NodeAgent:
         latest = self.meter.latest if self.meter else None
         watts = latest.watts if latest else None
         power = None
-        if cfg.power_limit and self.power_cap is not None and latest is not None:
+        # The lever is read only where it can matter: a watt limit, or a cap to lift.
+        capping = cfg.max_watts is not None or bool(self.power_cap and self.power_cap.originals)
+        if cfg.power_limit and capping and self.power_cap is not None and latest is not None:
             draws = {d.name.split(" ", 1)[0]: d.watts for d in latest.devices}
             power = self.power_cap.view(draws)
         over, steps = plan(self._policy_views(now), self._burn(), watts, cfg.max_usd_per_hour,

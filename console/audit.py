@@ -20,6 +20,7 @@ from typing import Any
 import httpx
 
 from wattops.console.report import parse_moment
+from wattops.vocabulary.tls import client_ssl
 
 __all__ = ["add_command", "line"]
 
@@ -51,7 +52,8 @@ def _audit(args: argparse.Namespace) -> int:
     url = (args.agent or args.router).rstrip("/")
     headers = {"Authorization": f"Bearer {token}"} if token else {}
     since = args.since
-    with httpx.Client(base_url=url, headers=headers, timeout=10) as client:
+    # Verified against $WATTOPS_CA (and with $WATTOPS_CLIENT_CERT), as every operator tool.
+    with httpx.Client(base_url=url, headers=headers, timeout=10, verify=client_ssl()) as client:
         while True:
             try:
                 resp = client.get("/v1/audit", params={"since": since, "limit": args.limit})

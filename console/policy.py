@@ -4,15 +4,15 @@ planning and saying what it would do), or let it act again (agents/policy.py).""
 from __future__ import annotations
 
 import argparse
+import asyncio
 import sys
 from typing import Any
-
-import httpx
 
 __all__ = ["add_command"]
 
 
 def _set(args: argparse.Namespace) -> int:
+    from wattops.fleet.client import AgentClient, AgentError
     from wattops.fleet.credentials import CredentialsError, load_token
 
     try:
@@ -20,24 +20,19 @@ def _set(args: argparse.Namespace) -> int:
     except CredentialsError as exc:
         print(f"wattops policy: {exc}", file=sys.stderr)
         return 2
-    headers = {"Authorization": f"Bearer {token}"} if token else {}
-    paused = args.policy_command == "pause"
+
+    async def call() -> Any:
+        async with AgentClient(args.agent, token=token) as client:
+            return await client.policy(args.policy_command == "pause")
+
     try:
-        resp = httpx.post(f"{args.agent.rstrip('/')}/v1/policy", json={"paused": paused},
-                          headers=headers, timeout=10)  # fmt: skip
-    except httpx.HTTPError as exc:
-        print(f"wattops policy: {args.agent}: {exc}", file=sys.stderr)
+        state = asyncio.run(call())
+    except AgentError as exc:
+        said = f"answered {exc.status}: " if exc.status else ""
+        print(f"wattops policy: {exc.url} {said}{exc.message}", file=sys.stderr)
         return 1
-    if resp.status_code != 200:
-        try:
-            said = resp.json().get("message", resp.text)
-        except ValueError:
-            said = resp.text[:200]
-        print(f"wattops policy: {args.agent} answered {resp.status_code}: {said}", file=sys.stderr)
-        return 1
-    state = resp.json()
-    print(f"policy ({state['mode']}) {'paused' if state['paused'] else 'acting'}; "
-          f"{len(state['plan'])} step(s) planned now")  # fmt: skip
+    print(f"policy ({state.mode}) {'paused' if state.paused else 'acting'}; "
+          f"{len(state.plan)} step(s) planned now")  # fmt: skip
     return 0
 
 

@@ -231,3 +231,13 @@ def test_a_deployment_that_opts_out_is_left_alone(make_agent: Callable[..., Agen
     assert agent.deployment("kept")["desired_replicas"] == 1
     acted = {a["deployment"] for a in agent.node()["policy"]["actions"]}
     assert acted == {"tiny"}
+
+
+def test_the_cli_says_why_a_node_without_a_policy_cannot_be_paused(
+    make_agent: Callable[..., Agent],
+) -> None:
+    agent = make_agent()  # no [policy]
+    refused = subprocess.run([str(WATTOPS), "policy", "pause", "--agent", agent.url],
+                             capture_output=True, text=True, timeout=60)  # fmt: skip
+    assert refused.returncode == 1
+    assert "answered 409: this node has no [policy] (mode = off)" in refused.stderr
