@@ -11,6 +11,7 @@ and dependency machinery entirely.
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import AsyncIterator, Callable, Mapping
 from typing import Any
@@ -24,6 +25,8 @@ from wattops.agents import openai_rules
 from wattops.agents.response_cache import CachedAnswer, ResponseCache, cache_key, is_cacheable
 from wattops.agents.supervisor import Deployment, LiveReplica, NoReplicaError
 from wattops.vocabulary.openai import MAX_BODY_BYTES, BodyTooLarge, error_body, read_body
+
+log = logging.getLogger("wattops.agent")
 
 _JSON = "application/json"
 _UPSTREAM_HEADERS = {"Content-Type": _JSON}
@@ -150,6 +153,11 @@ class Gateway:
                 # Retry elsewhere; with a single replica, on the same one (the error may have
                 # been the connection, not the replica) rather than wait for another.
                 failed = replica if len(deployment.ready) > 1 else None
+                log.warning(
+                    "%s: replica %s failed before answering (%s: %s); %s", deployment.name,
+                    replica.replica.id, type(exc).__name__, exc,
+                    "answered 502" if attempt == 2 else "trying again",
+                )  # fmt: skip
                 if attempt == 2:
                     deployment.count_failure()
                     return openai_error(
@@ -171,6 +179,10 @@ class Gateway:
                 data = await upstream.read()
             except (*_RETRYABLE, TimeoutError) as exc:
                 deployment.release(replica, None, error=True)
+                log.warning(
+                    "%s: replica %s broke off its answer (%s: %s); answered 502",
+                    deployment.name, replica.replica.id, type(exc).__name__, exc,
+                )  # fmt: skip
                 return openai_error(
                     502, f"replica {replica.replica.id} broke off: {exc}", "upstream_failed"
                 )

@@ -15,7 +15,7 @@ import uvicorn
 from wattops.agents.app import create_asgi
 from wattops.agents.config import AgentConfig, ConfigError, load_config
 from wattops.agents.node import AGENT_VERSION, NodeAgent
-from wattops.vocabulary.net import bind_listener
+from wattops.vocabulary.net import SERVER_KEEPALIVE_S, bind_listener
 from wattops.vocabulary.tls import TLSHttpToolsProtocol, server_tls
 
 log = logging.getLogger("wattops.agent")
@@ -58,6 +58,7 @@ async def serve(config: AgentConfig) -> None:
                 access_log=False,
                 log_level="warning",
                 timeout_graceful_shutdown=10,
+                timeout_keep_alive=int(SERVER_KEEPALIVE_S),
                 ssl_context_factory=tls.factory if tls is not None else None,
             )
         )

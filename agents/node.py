@@ -63,6 +63,7 @@ from wattops.engines.variants import VariantStore
 from wattops.profiles import HardwareProfile, ProfileError, hardware_profile, site_profile
 from wattops.vocabulary.access import Access
 from wattops.vocabulary.audit import AuditLog
+from wattops.vocabulary.net import http_connector
 from wattops.vocabulary.precisions import PRECISIONS
 
 log = logging.getLogger("wattops.agent")
@@ -145,7 +146,7 @@ class NodeAgent:
             )
         saved = self.store.load()
         self.store.journal.open()
-        connector = aiohttp.TCPConnector(limit=0, ttl_dns_cache=None, keepalive_timeout=30)
+        connector = http_connector(limit=0, ttl_dns_cache=None)
         self.session = aiohttp.ClientSession(connector=connector, auto_decompress=False)
         variants = VariantStore(self.state_dir / "variants")
         for dep in self.config.deployments:

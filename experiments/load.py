@@ -33,6 +33,7 @@ import numpy as np
 import orjson
 
 from wattops.experiments.questions import question
+from wattops.vocabulary.net import http_connector
 
 __all__ = [
     "DEFAULT_SYSTEM_PROMPT",
@@ -804,7 +805,7 @@ async def run_load(
 
     interrupted = False
     cancelled = 0
-    connector = aiohttp.TCPConnector(limit=concurrency_limit, limit_per_host=0)
+    connector = http_connector(limit=concurrency_limit, limit_per_host=0)
     timeout = aiohttp.ClientTimeout(total=timeout_s, sock_connect=min(timeout_s, 10))
     async with aiohttp.ClientSession(connector=connector, timeout=timeout) as session:
         scheduler = asyncio.ensure_future(schedule(session))

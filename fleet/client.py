@@ -12,6 +12,7 @@ import aiohttp
 from wattops.agents.api import Accepted, CanaryRequest, NodeSnapshot, PolicyStatus
 from wattops.vocabulary.access import WhoAmI
 from wattops.vocabulary.audit import AuditPage
+from wattops.vocabulary.net import http_connector
 from wattops.vocabulary.tls import client_ssl
 
 
@@ -70,7 +71,7 @@ class AgentClient:
         self._own = http is None
         self.http = http or aiohttp.ClientSession(
             timeout=aiohttp.ClientTimeout(total=timeout_s),
-            connector=aiohttp.TCPConnector(ssl=client_ssl()),
+            connector=http_connector(ssl=client_ssl()),
         )
 
     async def close(self) -> None:
@@ -166,7 +167,7 @@ async def fetch_snapshots(
     """Every agent's snapshot once, concurrently: (url, snapshot or None, error or None);
     `token` for agents whose reads need one (`reads = "viewer"`)."""
     timeout = aiohttp.ClientTimeout(total=timeout_s)
-    connector = aiohttp.TCPConnector(ssl=client_ssl())
+    connector = http_connector(ssl=client_ssl())
     async with aiohttp.ClientSession(timeout=timeout, connector=connector) as http:
 
         async def one(url: str) -> tuple[str, NodeSnapshot | None, str | None]:

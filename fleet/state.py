@@ -32,6 +32,7 @@ from tenacity import (
 from wattops.agents.api import DeploymentStatus, NodeSnapshot
 from wattops.fleet.client import AgentUnreachable, describe_error
 from wattops.fleet.rows import FleetRow, Link, rows_for
+from wattops.vocabulary.net import http_connector
 from wattops.vocabulary.tls import client_ssl
 
 log = logging.getLogger("wattops.fleet")
@@ -188,7 +189,7 @@ class FleetState:
         timeout = aiohttp.ClientTimeout(total=None, sock_connect=5.0, sock_read=None)
         headers = {"Authorization": f"Bearer {self.token}"} if self.token else None
         self._http = aiohttp.ClientSession(timeout=timeout, headers=headers,
-                                           connector=aiohttp.TCPConnector(
+                                           connector=http_connector(
                                                limit=0, ssl=client_ssl()))  # fmt: skip
         self._tasks = [
             asyncio.create_task(link.run(self._http, self._on_change), name=f"link {url}")

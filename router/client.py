@@ -19,6 +19,7 @@ from wattops.router.api import (
     Report,
     RouterView,
 )
+from wattops.vocabulary.net import http_connector
 from wattops.vocabulary.tls import client_ssl
 
 __all__ = ["RouterClient", "RouterError"]
@@ -56,7 +57,7 @@ class RouterClient:
         if self._session is None:
             self._session = aiohttp.ClientSession(
                 headers=self.headers, timeout=self.timeout,
-                connector=aiohttp.TCPConnector(ssl=client_ssl()),
+                connector=http_connector(ssl=client_ssl()),
             )  # fmt: skip
         try:
             async with self._session.request(method, self.url + path, json=body) as response:

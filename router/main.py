@@ -18,7 +18,7 @@ from wattops.router.app import ROUTER_VERSION, RouterASGI, create_app
 from wattops.router.config import ConfigError, RouterConfig, load_config
 from wattops.router.core import Router
 from wattops.router.proxy import RouterGateway
-from wattops.vocabulary.net import bind_listener
+from wattops.vocabulary.net import SERVER_KEEPALIVE_S, bind_listener, http_connector
 from wattops.vocabulary.tls import TLSHttpToolsProtocol, client_ssl, server_tls
 
 log = logging.getLogger("wattops.router")
@@ -80,7 +80,7 @@ async def serve(config: RouterConfig) -> None:
         listener.close()
         raise ConfigError(f"{config.source}: router.{exc}") from None
     router.fleet.start()
-    connector = aiohttp.TCPConnector(limit=0, ttl_dns_cache=300, ssl=client_ssl())
+    connector = http_connector(limit=0, ttl_dns_cache=300, ssl=client_ssl())
     session = aiohttp.ClientSession(connector=connector)
     if config.router.budget_webhooks:
         from wattops.router.notify import Notifier
@@ -92,6 +92,7 @@ async def serve(config: RouterConfig) -> None:
         host=host.strip("[]"), port=int(port),
         http=TLSHttpToolsProtocol if tls is not None else "httptools", lifespan="off",
         proxy_headers=False, access_log=False, log_level="warning", timeout_graceful_shutdown=10,
+        timeout_keep_alive=int(SERVER_KEEPALIVE_S),
         ssl_context_factory=tls.factory if tls is not None else None,
     ))  # fmt: skip
     if tls is not None:

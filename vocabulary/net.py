@@ -1,12 +1,49 @@
-"""Listening sockets for the daemons (agent, router): bound before anything starts, so an
-address in use or not on this host stops the daemon at once, naming it."""
+"""Sockets on both sides of the project's HTTP.
+
+- Listening sockets for the daemons (agent, router): bound before anything starts, so an
+  address in use or not on this host stops the daemon at once, naming it.
+- Client connection pools (`http_connector`): an idle pooled connection is given up before the
+  server on the other end closes it. A client that keeps one longer (aiohttp's default is 15 s)
+  sometimes sends its next request on a connection the server is closing at that very moment,
+  and the request fails with "Server disconnected" before any server saw it (aiohttp retries a
+  GET then, never a POST). Measured here (benchmarks/keepalive.py): of POSTs sent about 5 s
+  after the previous answer on the same connection, 6 of 50 to uvicorn and 3 of 30 to
+  llama-server failed that way with aiohttp's default pool, none with this one. The servers
+  the project talks to keep idle connections 5 s: uvicorn (the agent and the router,
+  `SERVER_KEEPALIVE_S`, set explicitly; vLLM too) and cpp-httplib (llama-server); the llama.cpp
+  worker (aiohttp's server) keeps them 75 s.
+"""
 
 from __future__ import annotations
 
 import errno
 import socket
+from typing import Any
 
-__all__ = ["bind_listener", "split_listen"]
+import aiohttp
+
+__all__ = [
+    "CLIENT_KEEPALIVE_S",
+    "SERVER_KEEPALIVE_S",
+    "bind_listener",
+    "http_connector",
+    "split_listen",
+]
+
+#: How long the daemons (uvicorn) keep an idle client connection open: uvicorn's default,
+#: and llama-server's (cpp-httplib's CPPHTTPLIB_KEEPALIVE_TIMEOUT_SECOND).
+SERVER_KEEPALIVE_S = 5.0
+#: How long the project's clients keep an idle pooled connection: a second under the servers',
+#: so the client always gives it up first (its timer starts when the answer has arrived, which
+#: is after the server's started).
+CLIENT_KEEPALIVE_S = SERVER_KEEPALIVE_S - 1.0
+
+
+def http_connector(**kwargs: Any) -> aiohttp.TCPConnector:
+    """An aiohttp connection pool whose idle connections end before the servers' do; `kwargs`
+    as for `aiohttp.TCPConnector` (`limit`, `ssl`, ...)."""
+    kwargs.setdefault("keepalive_timeout", CLIENT_KEEPALIVE_S)
+    return aiohttp.TCPConnector(**kwargs)
 
 
 def split_listen(listen: str) -> tuple[str, int]:

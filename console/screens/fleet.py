@@ -35,6 +35,7 @@ from wattops.fleet.rollout import Action
 from wattops.fleet.rows import FleetRow, kube_rows, rows_for
 from wattops.fleet.state import AgentLink, FleetState
 from wattops.fleet.target import ActionRefused, AgentTarget, FleetTarget, KubeTarget
+from wattops.vocabulary.net import http_connector
 from wattops.vocabulary.tls import client_ssl
 
 #: Screens under which the fleet view does not redraw.
@@ -209,7 +210,7 @@ class FleetScreen(Screen[None]):
         # One pool for control calls: a new connection per key press costs tens of ms.
         self._control_http = aiohttp.ClientSession(
             timeout=aiohttp.ClientTimeout(total=10.0),
-            connector=aiohttp.TCPConnector(ssl=client_ssl()),
+            connector=http_connector(ssl=client_ssl()),
         )
         if self.kube is not None:
             self._poll_kube()
