@@ -289,3 +289,34 @@ def test_a_router_takes_roles_from_client_certificates(certs: Certs) -> None:
     finally:
         proc.terminate()
         proc.wait(30)
+
+
+async def test_a_console_with_a_viewer_certificate_says_so_and_disables_actions(
+    certs: Certs, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The console names the credential the agent named the caller by: here a client
+    certificate with the viewer role, not a token."""
+    from tests.test_console import SIZE, until
+    from wattops.console.app import make_app
+
+    extra = (f'tls_cert = "{certs.cert}"\ntls_key = "{certs.key}"\n'
+             f'tls_client_ca = "{certs.ca_file}"\n')  # fmt: skip
+    proc, url = start_agent(certs.folder, extra)
+    cert, key = certs.client("vera", "viewer")
+    monkeypatch.setenv("WATTOPS_CA", str(certs.ca_file))
+    monkeypatch.setenv("WATTOPS_CLIENT_CERT", str(cert))
+    monkeypatch.setenv("WATTOPS_CLIENT_KEY", str(key))
+    try:
+        with httpx.Client(verify=trusting(certs.ca_file, cert, key), timeout=5) as c:
+            wait_for(lambda: c.get(url + "/healthz").status_code == 200, 60, "the mTLS agent")
+        app = make_app([url], refresh_s=0.1)
+        async with app.run_test(size=SIZE) as pilot:
+            screen = app.fleet_screen
+            await until(pilot, lambda: url in screen.denied, 30, "the agent's answer on roles")
+            assert screen.denied[url] == (
+                "actions need an operator certificate (certificate 'vera' is a viewer)"
+            )
+            assert screen.check_action("scale_up", ()) is None
+    finally:
+        proc.terminate()
+        proc.wait(30)

@@ -237,7 +237,8 @@ class FleetScreen(Screen[None]):
         return True
 
     def _ask_whoami(self, link: AgentLink) -> None:
-        """Once per agent: what this console's token may do there (`GET /v1/whoami`)."""
+        """Once per agent: what this console's token or client certificate may do there
+        (`GET /v1/whoami`)."""
         if self.kube is not None or link.url in self._asked_whoami or not link.connected:
             return
         self._asked_whoami.add(link.url)
@@ -253,8 +254,12 @@ class FleetScreen(Screen[None]):
         if who.may_control:
             self.denied.pop(url, None)
         else:
-            held = f"token {who.name!r} is a {who.role}" if who.name else "no token given"
-            self.denied[url] = f"actions need an operator token ({held})"
+            credential = who.via or "token"
+            held = (
+                f"{credential} {who.name!r} is a {who.role}" if who.name
+                else "no token or client certificate given"
+            )  # fmt: skip
+            self.denied[url] = f"actions need an operator {credential} ({held})"
             self.sub_title = f"{self.denied[url]}: actions disabled"
         self.refresh_bindings()
 
