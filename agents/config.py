@@ -90,6 +90,14 @@ class AgentSection(_Section):
         description="power sensor by name (nvml, jetson, rapl, estimate, or an installed one); "
         "auto tries the measured sensors (nvml, jetson, rapl), then the estimate",
     )
+    estimate_basis: Literal["host", "agent"] = Field(
+        "host",
+        description="what the estimate scales with on a CPU node with no power sensor: host: "
+        "all the host's CPU time (/proc/stat; a node that serves and does nothing else); "
+        "agent: the CPU time of the agent and the replicas it starts (/proc/PID/stat; a "
+        "shared host, whose other work would otherwise be charged to the deployments; an "
+        "attached server's processes are not its own and are left out too)",
+    )
     profile: str = Field("cpu-generic", description="hardware profile name (profiles/hardware)")
     sysfs_root: Path = Field(
         Path("/"), description="where the host's /sys is mounted (containers, tests)"

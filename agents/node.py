@@ -47,7 +47,11 @@ from wattops.agents.power_cap import PowerCap
 from wattops.agents.response_cache import ResponseCache
 from wattops.agents.sensors.base import Sensor, SensorContext, SensorError
 from wattops.agents.sensors.detect import detect_sensor
-from wattops.agents.sensors.estimate import EstimateSensor, HostCpuUtilisation
+from wattops.agents.sensors.estimate import (
+    EstimateSensor,
+    HostCpuUtilisation,
+    ProcessCpuUtilisation,
+)
 from wattops.agents.state import (
     AgentState,
     DesiredState,
@@ -260,6 +264,22 @@ class NodeAgent:
                 "the agent's user owns"
             ) from None
 
+    def _engine_utilisation(self) -> float:
+        return self.accounting.engine_utilisation() if self.accounting else 0.0
+
+    def _own_pids(self) -> list[int]:
+        """The agent's process and its replicas' that are running: the roots of what the
+        agent-basis estimate counts (their descendants are found from /proc). Called from the
+        power sampler's thread: copies, never iterates, the containers the event loop
+        changes."""
+        pids = [os.getpid()]
+        for deployment in list(self.deployments.values()):
+            for live in list(deployment.replicas):
+                process = live.replica.process
+                if process is not None and process.returncode is None:
+                    pids.append(process.pid)
+        return pids
+
     def _start_metering(self, node_totals: Totals) -> None:
         cfg = self.config.agent
         try:
@@ -270,21 +290,23 @@ class NodeAgent:
             site = site_profile(self.config.site.name, self.config.site.overrides())
         except ProfileError as exc:
             raise ConfigError(self._profile_error("site", exc)) from None
-        # What the estimate scales with: the host's CPU on a CPU node (measured from
-        # /proc/stat); the engines' busy time on accelerator nodes with no readable sensor.
-        # /proc/stat is host-wide even inside a container, so it is read at /, not sysfs_root.
+        # What the estimate scales with: on a CPU node the host's CPU (/proc/stat) or, with
+        # `estimate_basis = "agent"`, the agent's and its replicas' (/proc/<pid>/stat); the
+        # engines' busy time on accelerator nodes with no readable sensor. /proc is the host's
+        # (or the container's pid namespace's), so it is read at /, not sysfs_root.
         utilisation: Callable[[], float]
         try:
-            utilisation = (
-                HostCpuUtilisation(Path("/"))
-                if hardware.kind == "cpu"
-                else lambda: self.accounting.engine_utilisation() if self.accounting else 0.0
-            )
+            if hardware.kind != "cpu":
+                utilisation = self._engine_utilisation
+                self.estimate_basis = "engine busy time"
+            elif cfg.estimate_basis == "agent":
+                utilisation = ProcessCpuUtilisation(self._own_pids)
+                self.estimate_basis = "the agent's and its replicas' CPU time (/proc/PID/stat)"
+            else:
+                utilisation = HostCpuUtilisation(Path("/"))
+                self.estimate_basis = "host CPU time (/proc/stat)"
         except SensorError as exc:
             raise ConfigError(f"agent.profile = {cfg.profile!r} (a CPU node): {exc}") from None
-        self.estimate_basis = (
-            "host CPU time (/proc/stat)" if hardware.kind == "cpu" else "engine busy time"
-        )
         estimates: list[Sensor] = []
 
         def estimate() -> Sensor:

@@ -1,14 +1,17 @@
 """Power sampling overhead: CPU the agent spends reading its sensor and accounting the energy.
 
-Usage: .venv/bin/python benchmarks/sampling.py [--seconds 60] [--hz 10]
+Usage: .venv/bin/python benchmarks/sampling.py [--seconds 60] [--hz 10] [--sensors rapl,...]
 
 Runs the agent's own PowerMeter and Accounting (with three deployments of two replicas each)
 in an asyncio loop for `--seconds`, once per sensor: the RAPL sensor on a copy of the
 two-socket fixture tree whose counters advance as the kernel's would, the Jetson sensor on the
-AGX Orin fixture tree, and the profile estimate driven by /proc/stat. Reports the process CPU
-time used per second of wall time (percent of one core), minus a baseline run of the same loop
-with no meter, so only the sampling and accounting cost remains. On a real board each sysfs
-read also waits on the driver (an I2C transaction on Jetson); that is waiting, not CPU.
+AGX Orin fixture tree, and the profile estimate driven by /proc/stat (`estimate`) or by the
+`/proc/<pid>/stat` of this process and six sleeping child processes standing in for the
+replicas, found as the agent finds them (`estimate-agent`, `estimate_basis = "agent"`).
+Reports the process CPU time used per second of wall time (percent of one core), minus a
+baseline run of the same loop with no meter, so only the sampling and accounting cost
+remains. On a real board each sysfs read also waits on the driver (an I2C transaction on
+Jetson); that is waiting, not CPU.
 """
 
 from __future__ import annotations
@@ -19,6 +22,8 @@ import json
 import os
 import platform
 import shutil
+import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -29,7 +34,11 @@ from wattops.agents.api import DeploymentCounters, ReplicaState, Totals
 from wattops.agents.config import AgentSection, DeploymentConfig
 from wattops.agents.power import PowerMeter
 from wattops.agents.sensors.base import Sensor
-from wattops.agents.sensors.estimate import EstimateSensor, HostCpuUtilisation
+from wattops.agents.sensors.estimate import (
+    EstimateSensor,
+    HostCpuUtilisation,
+    ProcessCpuUtilisation,
+)
 from wattops.agents.sensors.jetson import JetsonSensor
 from wattops.agents.sensors.rapl import RaplSensor
 from wattops.agents.state import DesiredState
@@ -107,7 +116,10 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seconds", type=float, default=60.0)
     parser.add_argument("--hz", type=float, default=10.0)
+    parser.add_argument("--sensors", default="rapl,jetson,estimate,estimate-agent",
+                        help="which to measure, comma-separated (default: all)")  # fmt: skip
     args = parser.parse_args()
+    wanted = set(args.sensors.split(","))
     results: dict[str, Any] = {}
     with tempfile.TemporaryDirectory() as tmp:
         rapl_root = Path(tmp) / "rapl"
@@ -123,22 +135,39 @@ def main() -> None:
                 if kernel:
                     await kernel
 
-        baseline_kernel = asyncio.run(measure(None, True))
+        figures: dict[str, float] = {}
         baseline = asyncio.run(measure(None, False))
-        rapl = asyncio.run(measure(RaplSensor(rapl_root), True)) - baseline_kernel
-        jetson = asyncio.run(measure(JetsonSensor(FIXTURES / "agx-orin-jp5"), False)) - baseline
-        estimate = EstimateSensor(20, 100, HostCpuUtilisation(Path("/")), "bench")
-        est = asyncio.run(measure(estimate, False)) - baseline
+        if "rapl" in wanted:
+            baseline_kernel = asyncio.run(measure(None, True))
+            figures["rapl (2 sockets, 4 zones)"] = (
+                asyncio.run(measure(RaplSensor(rapl_root), True)) - baseline_kernel
+            )
+        if "jetson" in wanted:
+            figures["jetson (AGX Orin, 6 rails)"] = (
+                asyncio.run(measure(JetsonSensor(FIXTURES / "agx-orin-jp5"), False)) - baseline
+            )
+        if "estimate" in wanted:
+            estimate = EstimateSensor(20, 100, HostCpuUtilisation(Path("/")), "bench")
+            figures["estimate (/proc/stat)"] = asyncio.run(measure(estimate, False)) - baseline
+        if "estimate-agent" in wanted:
+            sleep = [sys.executable, "-c", "import time; time.sleep(3600)"]
+            replicas = [subprocess.Popen(sleep) for _ in range(6)]
+            roots = [os.getpid(), *(r.pid for r in replicas)]  # as the agent passes them
+            try:
+                estimate = EstimateSensor(20, 100, ProcessCpuUtilisation(lambda: roots), "bench")
+                figures["estimate, agent basis (this process and 6 children)"] = (
+                    asyncio.run(measure(estimate, False)) - baseline
+                )
+            finally:
+                for replica in replicas:
+                    replica.kill()
+                    replica.wait()
     results = {
         "machine": f"{platform.machine()}, {platform.processor() or 'cpu'}, "
         f"Python {platform.python_version()}",
         "seconds": args.seconds,
         "hz": args.hz,
-        "percent_of_one_core": {
-            "rapl (2 sockets, 4 zones)": round(rapl * 100, 3),
-            "jetson (AGX Orin, 6 rails)": round(jetson * 100, 3),
-            "estimate (/proc/stat)": round(est * 100, 3),
-        },
+        "percent_of_one_core": {name: round(f * 100, 3) for name, f in figures.items()},
         "baseline_loop_percent": round(baseline * 100, 3),
     }
     print(json.dumps(results, indent=2))

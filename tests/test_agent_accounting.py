@@ -7,6 +7,8 @@ import itertools
 import os
 import shutil
 import signal
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -114,6 +116,46 @@ def test_measured_rapl_power_carries_its_source_to_snapshot_and_metrics(
     rapl_host.replug(saved)
     wait_for(lambda: agent.node()["power"]["source"] == "rapl", 20, "the sensor to recover")
     wait_for(lambda: not agent.node()["alerts"], 10, "the alert to clear")
+
+
+def test_an_agent_basis_estimate_leaves_the_hosts_other_work_out(
+    make_agent: Callable[..., Agent],
+) -> None:
+    """Two idle agents on one host, one estimating from the host's CPU, one from its own
+    processes' (`estimate_basis = "agent"`); then a process neither started spins on one of
+    the host's cores: the host-basis agent's watts rise by about that core's share of the
+    profile's range, the agent-basis agent's do not."""
+    host = make_agent(agent_extra={"sensor": "estimate"})
+    own = make_agent(agent_extra={"sensor": "estimate", "estimate_basis": "agent"})
+    for agent in (host, own):
+        wait_for(lambda a=agent: a.deployment()["ready_replicas"] == 1, 120, "a replica")
+    assert "utilisation from host CPU time" in host.node()["power"]["sensor"]
+    assert "from the agent's and its replicas' CPU time" in own.node()["power"]["sensor"]
+
+    def watts() -> dict[str, float]:
+        """Mean watts of each over 2 s (the meter's readings are 0.1 s each)."""
+        seen: dict[str, list[float]] = {"host": [], "own": []}
+        for _ in range(10):
+            seen["host"].append(host.node()["power"]["watts"])
+            seen["own"].append(own.node()["power"]["watts"])
+            time.sleep(0.2)
+        return {k: sum(v) / len(v) for k, v in seen.items()}
+
+    before = watts()
+    spin = "import time\nend = time.time() + 60\nwhile time.time() < end: pass"
+    spinner = subprocess.Popen([sys.executable, "-c", spin])
+    try:
+        time.sleep(0.5)
+        during = watts()
+    finally:
+        spinner.kill()
+        spinner.wait()
+    rise = {k: during[k] - before[k] for k in before}
+    # cpu-generic: 7 W idle .. 30 W; one spinning core of the host's adds about
+    # 23 W / cores to the host basis, nothing to the agent basis.
+    one_core = 23.0 / (os.cpu_count() or 1)
+    assert rise["host"] > one_core / 2, (before, during)
+    assert rise["own"] < rise["host"] / 3, (before, during)
 
 
 def test_budget_and_parking_alerts_show_their_arithmetic(make_agent: Callable[..., Agent]) -> None:

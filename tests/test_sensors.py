@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import os
 import shutil
+import subprocess
 import sys
+import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,7 +24,11 @@ from wattops.agents.power import EnergyInterval, PowerMeter
 from wattops.agents.sensors import rapl
 from wattops.agents.sensors.base import PowerSample, Sensor, SensorContext, SensorError
 from wattops.agents.sensors.detect import detect_sensor
-from wattops.agents.sensors.estimate import EstimateSensor, HostCpuUtilisation
+from wattops.agents.sensors.estimate import (
+    EstimateSensor,
+    HostCpuUtilisation,
+    ProcessCpuUtilisation,
+)
 from wattops.agents.sensors.jetson import JetsonSensor
 from wattops.agents.sensors.nvml import NvmlSensor
 from wattops.agents.sensors.rapl import RaplSensor
@@ -517,6 +523,88 @@ def test_host_cpu_utilisation_from_two_proc_stat_snapshots(tmp_path: Path) -> No
 def test_host_cpu_utilisation_missing_proc_is_an_error(tmp_path: Path) -> None:
     with pytest.raises(SensorError, match=r"estimate: cannot read .*proc/stat"):
         HostCpuUtilisation(tmp_path)
+
+
+def _proc_stat(root: Path, pid: int, start: int, utime: int, stime: int,
+               comm: str = "llama-server") -> None:  # fmt: skip
+    """A /proc/<pid>/stat line in the kernel's layout (52 fields; the ones read: utime 14,
+    stime 15, starttime 22)."""
+    fields = [str(pid), f"({comm})", "S"] + ["0"] * 49
+    fields[13], fields[14], fields[21] = str(utime), str(stime), str(start)
+    path = root / "proc" / str(pid) / "stat"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(" ".join(fields) + "\n")
+
+
+def test_process_cpu_utilisation_counts_only_the_agents_processes(tmp_path: Path) -> None:
+    """Ticks of the roots and their descendants over (elapsed x CPUs): what runs already
+    counts from construction, a process found later from its start, a reused pid as a new
+    process, a process that ended not at all (and never negatively), a burst found at once
+    carried into the next calls."""
+    tick = os.sysconf("SC_CLK_TCK")
+    now = [0.0]
+    roots = [10, 11]
+    _proc_stat(tmp_path, 10, start=5, utime=4 * tick, stime=tick)  # the agent: 5 s so far
+    _proc_stat(tmp_path, 11, start=7, utime=2 * tick, stime=0, comm="a (b) c")
+    _proc_stat(tmp_path, 99, start=1, utime=0, stime=0)  # not ours: never read
+    share = ProcessCpuUtilisation(lambda: roots, tmp_path, cpus=2, clock=lambda: now[0])
+    now[0] = 10.0
+    _proc_stat(tmp_path, 10, start=5, utime=6 * tick, stime=2 * tick)  # +3 s
+    _proc_stat(tmp_path, 11, start=7, utime=4 * tick, stime=tick, comm="a (b) c")  # +3 s
+    _proc_stat(tmp_path, 99, start=1, utime=500 * tick, stime=0)  # busy, but not ours
+    assert share() == pytest.approx(6 / (10 * 2))
+    now[0] = 20.0
+    roots[:] = [10, 12, 11]  # a new replica, 4 s of CPU since it started (loading weights)
+    _proc_stat(tmp_path, 12, start=900, utime=3 * tick, stime=tick)
+    (tmp_path / "proc" / "11" / "stat").unlink()  # and one ended: its last seconds are lost
+    assert share() == pytest.approx(4 / 20)  # the agent used nothing more
+    now[0] = 30.0
+    _proc_stat(tmp_path, 12, start=950, utime=tick, stime=0)  # pid 12 reused by a new process
+    assert share() == pytest.approx(1 / 20)
+    assert share() == pytest.approx(1 / 20)  # no time since: the last figure again
+    # A child of the agent's (a quantization, say) is found through the kernel's list of
+    # children of each of its threads, with 30 s of CPU already: more than 10 s x 2 CPUs hold.
+    children = tmp_path / "proc" / "10" / "task" / "10" / "children"
+    children.parent.mkdir(parents=True)
+    children.write_text("13 ")
+    _proc_stat(tmp_path, 13, start=990, utime=30 * tick, stime=0, comm="llama-quantize")
+    now[0] = 40.0
+    assert share() == pytest.approx(1.0)  # 20 of the 30 s now ...
+    now[0] = 50.0
+    assert share() == pytest.approx(10 / 20)  # ... and the other 10 in the next call
+
+
+def test_process_cpu_utilisation_follows_real_processes_not_the_host(tmp_path: Path) -> None:
+    """Real processes: a busy one named as the agent's shows, a sleeping one does not, and a
+    busy process the agent did not start moves the host's figure but not the agent's."""
+    spin = [
+        sys.executable,
+        "-c",
+        "import time\nend = time.time() + 30\nwhile time.time() < end: pass",
+    ]
+    ours = subprocess.Popen(spin)
+    other = subprocess.Popen(spin)
+    idle = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"])
+    try:
+        busy_share = ProcessCpuUtilisation(lambda: [ours.pid])
+        idle_share = ProcessCpuUtilisation(lambda: [idle.pid])
+        host = HostCpuUtilisation(Path("/"))
+        time.sleep(1.5)
+        busy, quiet, everything = busy_share(), idle_share(), host()
+    finally:
+        for proc in (ours, other, idle):
+            proc.kill()
+            proc.wait()
+    assert busy > 0 and quiet < busy / 5
+    # Two spinning processes on the host, one of them ours: the host's figure is above ours.
+    assert everything > busy
+
+
+def test_process_cpu_utilisation_unreadable_stat_is_an_error(tmp_path: Path) -> None:
+    (tmp_path / "proc" / "10").mkdir(parents=True)
+    (tmp_path / "proc" / "10" / "stat").write_text("10 (x) S 1\n")
+    with pytest.raises(SensorError, match="not in the kernel's format"):
+        ProcessCpuUtilisation(lambda: [10], tmp_path)
 
 
 # -- detect_sensor ---------------------------------------------------------------------------
