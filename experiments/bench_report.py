@@ -12,7 +12,16 @@ import statistics
 from pathlib import Path
 from typing import Any
 
-__all__ = ["METRICS", "change_pct", "mean_std", "summarise", "write_chart", "write_table"]
+__all__ = [
+    "METRICS",
+    "TARGETS",
+    "change_pct",
+    "mean_std",
+    "summarise",
+    "targets",
+    "write_chart",
+    "write_table",
+]
 
 #: Per-run figures summarised per mode.
 METRICS = (
@@ -48,6 +57,13 @@ TITLES = {
 }
 #: The routed experiment's reference node (experiments/bench.py: FLEET).
 REFERENCE_NODE = "gpu-a100"
+#: Modes served on the demo fleet's profiles (A100, Jetson, CPU host), not on the baseline's
+#: hardware: a change against baseline would compare prices, not serving; they are compared
+#: with each other (`routed_vs_reference`).
+FLEET_MODES = frozenset({"reference", "routed"})
+#: The experiment's published targets: fully optimized against baseline (the studies), and
+#: the routed fleet against everything on the reference node (the router's issue).
+TARGETS = {"cost_saving_pct": 60.0, "energy_saving_pct": 30.0, "routed_saving_pct": 60.0}
 
 
 def mean_std(values: list[float]) -> tuple[float | None, float | None]:
@@ -106,6 +122,9 @@ def summarise(
     routed = routed_vs_reference(runs, quality)
     if routed is not None:
         result["routed_vs_reference"] = routed
+        if "routed" in summary:
+            # The fleet serves several precisions: its agreement is the token-weighted one.
+            summary["routed"]["top1_agreement"] = routed["top1_agreement"]
     return result
 
 
@@ -170,6 +189,104 @@ def routed_vs_reference(runs: list[dict[str, Any]], quality: dict[str, Any]
     return out
 
 
+def targets(results: dict[str, Any]) -> list[dict[str, Any]]:
+    """Each target of the experiment against what was measured: `target`, `measured` (text),
+    `met` (bool; None where a figure is missing), `margin` (past the target in `unit`, points
+    or s; negative when missed) and `runs_met` ("k of n": the runs that meet it on their own,
+    where it is judged per run)."""
+    modes: dict[str, Any] = results["modes"]
+    runs: list[dict[str, Any]] = results.get("runs", [])
+    floor = results["settings"].get("floor") or {}
+    rows: list[dict[str, Any]] = []
+
+    def per_run(mode: str, against: str, metric: str, ok: Any) -> str:
+        pairs = [(r, b) for r in runs if r["mode"] == mode for b in runs
+                 if b["mode"] == against and b["run"] == r["run"]]  # fmt: skip
+        met = sum(1 for r, b in pairs if ok(change_pct(r.get(metric), b.get(metric))))
+        return f"{met} of {len(pairs)}"
+
+    full, base = modes.get("fully_optimized"), modes.get("baseline")
+    if full and base:
+        change = full["change_vs_baseline_pct"]
+        for metric, key, label in (
+            ("cost_usd_per_1m_tokens", "cost_saving_pct", "cost per 1M tokens"),
+            ("energy_j_per_1m_tokens", "energy_saving_pct", "energy per 1M tokens"),
+        ):
+            goal = TARGETS[key]
+            if change.get(metric) is None:
+                rows.append(_missing(f"fully optimized: {label} at least {goal:.0f}% lower"))
+                continue
+            saving = -change[metric]
+            rows.append({
+                "target": f"fully optimized: {label} at least {goal:.0f}% lower than baseline",
+                "measured": f"{-saving:+.1f}% ({_num(base[metric])} → {_num(full[metric])})",
+                "met": saving >= goal, "margin": saving - goal, "unit": "points",
+                "runs_met": per_run("fully_optimized", "baseline", metric,
+                                    lambda c, g=goal: c is not None and -c >= g),
+            })  # fmt: skip
+        p50 = change.get("latency_p50_s")
+        if p50 is None:
+            rows.append(_missing("fully optimized: p50 latency no worse than baseline"))
+        else:
+            rows.append({
+                "target": "fully optimized: p50 latency no worse than baseline",
+                "measured": f"{p50:+.1f}% ({_num(base['latency_p50_s'])} s → "
+                            f"{_num(full['latency_p50_s'])} s)",
+                "met": p50 <= 0, "margin": -p50, "unit": "points",
+                "runs_met": per_run("fully_optimized", "baseline", "latency_p50_s",
+                                    lambda c: c is not None and c <= 0),
+            })  # fmt: skip
+        top1, drop = full.get("top1_agreement"), full.get("chrf_drop")
+        need_top1, need_drop = floor.get("top1_agreement"), floor.get("chrf_drop")
+        if top1 is not None and need_top1 is not None:
+            ok = top1 >= need_top1 and (drop is None or need_drop is None or drop <= need_drop)
+            rows.append({
+                "target": f"fully optimized: quality within the floor (top-1 ≥ "
+                          f"{need_top1:.0%}, chrF drop ≤ {_num(need_drop, 2)})",
+                "measured": f"{full['precision']}: top-1 {top1:.1%}, chrF drop "
+                            f"{_num(drop, 2)}",
+                "met": ok, "margin": None, "runs_met": None,
+            })  # fmt: skip
+    routed = results.get("routed_vs_reference")
+    if routed:
+        goal = TARGETS["routed_saving_pct"]
+        saving = routed.get("saving_pct")
+        target = f"routed: $/1M tokens at least {goal:.0f}% lower than all on the reference"
+        if saving is None:
+            rows.append(_missing(target))
+        else:
+            rows.append({
+                "target": target,
+                "measured": f"{-saving:+.1f}%; saved by price differences "
+                            f"{_num(routed['from_prices_pct'], 3)} points, by less compute "
+                            f"{_num(routed['from_less_compute_pct'], 3)} points",
+                "met": saving >= goal, "margin": saving - goal, "unit": "points",
+                "runs_met": None,
+            })  # fmt: skip
+        need_top1 = floor.get("top1_agreement")
+        if need_top1 is not None and routed.get("top1_agreement") is not None:
+            rows.append({
+                "target": f"routed: quality inside the route's floor (top-1 ≥ {need_top1:.0%})",
+                "measured": f"top-1 {routed['top1_agreement']:.1%}, token-weighted",
+                "met": routed["top1_agreement"] >= need_top1, "margin": None, "runs_met": None,
+            })  # fmt: skip
+        bound_ms = results["settings"].get("route_max_p95_ms")
+        if bound_ms and routed.get("latency_p95_s") is not None:
+            rows.append({
+                "target": f"routed: p95 inside the route's bound ({bound_ms / 1000:g} s)",
+                "measured": f"{_num(routed['latency_p95_s'])} s (reference "
+                            f"{_num(routed['reference_latency_p95_s'])} s)",
+                "met": routed["latency_p95_s"] * 1000 <= bound_ms,
+                "margin": bound_ms / 1000 - routed["latency_p95_s"], "unit": "s", "runs_met": None,
+            })  # fmt: skip
+    return rows
+
+
+def _missing(target: str) -> dict[str, Any]:
+    return {"target": target, "measured": "n/a (a figure is missing)", "met": None,
+            "margin": None, "runs_met": None}  # fmt: skip
+
+
 # -- table.md ------------------------------------------------------------------------------
 
 
@@ -197,6 +314,26 @@ def _pct(entry: dict[str, Any], metric: str) -> str:
     if value is None:
         return "—"
     return f"{value:+.1f}%"
+
+
+def _failed(runs: list[dict[str, Any]], mode: str) -> str:
+    """Requests of `mode` that failed (with their kinds where recorded) or were dropped (not
+    sent before the run's end), over its runs."""
+    mine = [r for r in runs if r["mode"] == mode]
+    total = sum(int(r.get("errors") or 0) for r in mine)
+    dropped = sum(int(r.get("dropped") or 0) for r in mine)
+    kinds: dict[str, int] = {}
+    for r in mine:
+        for kind, n in (r.get("error_kinds") or {}).items():
+            kinds[kind] = kinds.get(kind, 0) + n
+    sent = sum(int(r.get("requests") or 0) for r in mine)
+    detail = ", ".join(f"{k}: {n}" for k, n in sorted(kinds.items()))
+    unknown = total - sum(kinds.values())
+    if unknown > 0:
+        detail += (", " if detail else "") + f"kind not recorded: {unknown}"
+    if dropped:
+        detail += (", " if detail else "") + f"dropped: {dropped}"
+    return f"{total + dropped} of {sent:,}" + (f" ({detail})" if detail else "")
 
 
 def _rate(value: float | None) -> str:
@@ -243,7 +380,9 @@ def write_table(path: Path, results: dict[str, Any]) -> None:
         "| Latency p50 s | vs baseline | Top-1 agreement | chrF drop | Energy source |",
         "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
-    for entry in modes.values():
+    for key, entry in modes.items():
+        if key in FLEET_MODES:
+            entry = {**entry, "change_vs_baseline_pct": {}}  # "—": other hardware
         lines.append(
             f"| {entry['title']} | {entry['precision']} "
             f"| {_ms(entry, 'cost_usd_per_1m_tokens')} | {_pct(entry, 'cost_usd_per_1m_tokens')} "
@@ -256,10 +395,10 @@ def write_table(path: Path, results: dict[str, Any]) -> None:
         "",
         "| Mode | Cost $/1k req | Energy J/1k req | Latency p95 / p99 s | TTFT p50 / p95 / p99 s "
         "| Throughput tok/s | Response-cache hits | Prefix reuse | Mean KL | PPL ratio "
-        "| Exact-match answers |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        "| Exact-match answers | Failed or dropped (all runs) |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
-    for entry in modes.values():
+    for key, entry in modes.items():
         lines.append(
             f"| {entry['title']} | {_ms(entry, 'cost_usd_per_1k_requests')} "
             f"| {_ms(entry, 'energy_j_per_1k_requests')} "
@@ -268,8 +407,16 @@ def write_table(path: Path, results: dict[str, Any]) -> None:
             f"{_ms(entry, 'ttft_p99_s')} "
             f"| {_ms(entry, 'throughput_tokens_per_s')} | {_rate(entry['cache_hit_rate'])} "
             f"| {_rate(entry['prefix_cache_rate'])} | {_num(entry['mean_kl'], 3)} "
-            f"| {_num(entry['perplexity_ratio'], 4)} | {_rate(entry.get('exact_match'))} |"
+            f"| {_num(entry['perplexity_ratio'], 4)} | {_rate(entry.get('exact_match'))} "
+            f"| {_failed(results.get('runs', []), key)} |"
         )
+    if FLEET_MODES & modes.keys():
+        lines += [
+            "",
+            "Reference and routed are served on the demo fleet's hardware profiles, not the "
+            "baseline's, so they have no change against baseline (—); the routed table below "
+            "compares them.",
+        ]
     lines += [
         "",
         "Mean ± sample standard deviation over the runs. Cost and energy are what the agent "
@@ -300,6 +447,21 @@ def write_table(path: Path, results: dict[str, Any]) -> None:
             f"{_num(routed['reference_latency_p95_s'])} | {share} |",
             "",
         ]
+    rows = targets(results)
+    if rows:
+        lines += [
+            "Against the targets (means over the runs):",
+            "",
+            "| Target | Measured | Met | Runs meeting it alone |",
+            "|---|---|---|---|",
+        ]
+        for row in rows:
+            verdict = "n/a" if row["met"] is None else "met" if row["met"] else "**missed**"
+            if row["margin"] is not None and not row["met"]:
+                verdict += f" by {-row['margin']:.1f} {row['unit']}"
+            lines.append(f"| {row['target']} | {row['measured']} | {verdict} "
+                         f"| {row['runs_met'] or ''} |")  # fmt: skip
+        lines.append("")
     path.write_text("\n".join(lines))
 
 
@@ -322,7 +484,7 @@ def write_chart(path: Path, results: dict[str, Any]) -> None:
     )
     fig, axes = plt.subplots(1, len(panels), figsize=(14, 3.6))
     names = [m["title"] for m in modes]
-    colours = ["#7f7f7f", "#1f77b4", "#2ca02c"][: len(modes)]
+    colours = ["#7f7f7f", "#1f77b4", "#2ca02c", "#ff7f0e", "#9467bd", "#8c564b"][: len(modes)]
     for ax, (metric, title) in zip(axes, panels, strict=True):
         values = [m.get(metric) or 0.0 for m in modes]
         errors = [(m["std"].get(metric) or 0.0) if metric in m["std"] else 0.0 for m in modes]

@@ -22,7 +22,14 @@ from wattops.experiments.bench import (
     exclusive,
     run_bench,
 )
-from wattops.experiments.bench_report import _num, change_pct, mean_std, summarise
+from wattops.experiments.bench_report import (
+    _failed,
+    _num,
+    change_pct,
+    mean_std,
+    summarise,
+    targets,
+)
 from wattops.experiments.load import build_workload
 from wattops.quality import QualityFloor
 
@@ -145,6 +152,31 @@ def test_summary_means_over_runs_and_changes_of_means() -> None:
     assert summarise(runs[:3], quality, 2, ["baseline", "fully_optimized"])["complete"] is False
 
 
+def test_targets_say_which_are_met_by_how_much_and_in_how_many_runs() -> None:
+    runs = [
+        _run("baseline", 0, 10.0, 100.0, 1.0),
+        _run("baseline", 1, 10.0, 100.0, 1.0),
+        _run("fully_optimized", 0, 3.8, 60.0, 0.9),  # -62% cost on its own
+        _run("fully_optimized", 1, 4.6, 75.0, 1.1),  # -54%, and a slower p50
+    ]
+    quality = {"f16": {"top1_agreement": 1.0}, "q4_k_m": {"top1_agreement": 0.93,
+                                                          "chrf_drop": 2.0}}  # fmt: skip
+    results = summarise(runs, quality, 2, ["baseline", "fully_optimized"])
+    results |= {"runs": runs, "settings": {"floor": {"top1_agreement": 0.9, "chrf_drop": 1.5}}}
+    rows = {row["target"].split(": ")[1].split(" ")[0]: row for row in targets(results)}
+    assert rows["cost"]["met"] is False and rows["cost"]["margin"] == pytest.approx(-2.0)
+    assert rows["cost"]["runs_met"] == "1 of 2"
+    assert rows["energy"]["met"] is True  # -32.5% on the means
+    assert rows["energy"]["runs_met"] == "1 of 2"  # -40% and -25%
+    assert rows["p50"]["met"] is True and rows["p50"]["runs_met"] == "1 of 2"
+    assert rows["quality"]["met"] is False  # top-1 passes, the chrF drop does not
+    assert "top-1 93.0%, chrF drop 2" in rows["quality"]["measured"]
+    # A figure missing is neither met nor missed.
+    results["modes"]["fully_optimized"]["change_vs_baseline_pct"]["latency_p50_s"] = None
+    rows = {row["target"].split(": ")[1].split(" ")[0]: row for row in targets(results)}
+    assert rows["p50"]["met"] is None and rows["p50"]["measured"].startswith("n/a")
+
+
 # -- a small real run ----------------------------------------------------------------------
 
 
@@ -247,3 +279,15 @@ def test_routed_fleet_against_the_reference_node(test_model: Path, tmp_path: Pat
     )
     with pytest.raises(ValueError, match="add reference"):
         BenchSettings(model=test_model, modes=("routed",))
+
+
+def test_failed_requests_are_summed_with_their_kinds() -> None:
+    runs = [
+        {"mode": "batching", "requests": 1000, "errors": 2},  # before kinds were recorded
+        {"mode": "batching", "requests": 1000, "errors": 1, "error_kinds": {"502": 1}},
+        {"mode": "baseline", "requests": 1000, "errors": 0, "error_kinds": {}},
+    ]
+    assert _failed(runs, "batching") == "3 of 2,000 (502: 1, kind not recorded: 2)"
+    assert _failed(runs, "baseline") == "0 of 1,000"
+    runs.append({"mode": "baseline", "requests": 1000, "errors": 0, "dropped": 3})
+    assert _failed(runs, "baseline") == "3 of 2,000 (dropped: 3)"
