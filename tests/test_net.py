@@ -1,6 +1,6 @@
 """The project's client pools against the project's servers: an idle pooled connection is given
 up by the client before the server closes it, so no request is ever sent on a connection the
-server is closing (the race that cost the full bench 4 of its first 15,000 requests; the
+server is closing (the race that cost the full bench a request in a few thousand; the
 counts, with and without, are in benchmarks/keepalive.py and docs/benchmarks.md). A real
 uvicorn server configured as the agent and the router configure theirs; real aiohttp pools."""
 
