@@ -100,7 +100,9 @@ class AgentSection(_Section):
     )
     profile: str = Field("cpu-generic", description="hardware profile name (profiles/hardware)")
     sysfs_root: Path = Field(
-        Path("/"), description="where the host's /sys is mounted (containers, tests)"
+        Path("/"),
+        description="the folder that holds the host's sys/ (sensors read "
+        '<sysfs_root>/sys/...; "/host" in a container that mounts /sys at /host/sys)',
     )
     sample_hz: float = Field(10.0, gt=0, le=100, description="power samples per second")
     budget_usd_per_hour: float | None = Field(None, gt=0, description="alert above this burn")

@@ -287,7 +287,8 @@ class Router:
 
     def constraints(self, route: RouteConfig, headers: Mapping[str, str],
                     stream: bool = False) -> Constraints:  # fmt: skip
-        """The route's bounds, tightened (never loosened) by the request's headers. On the
+        """The route's bounds as the request's headers change them: a latency bound can only be
+        tightened; the policy is replaced; batch priority drops the latency bound. On the
         cascade policy a whole (unstreamed) answer is judged by its own confidence, so the
         quality floor does not leave the cheap candidates out; a streamed one cannot be taken
         back, so it goes to the cheapest candidate that meets the floor."""
