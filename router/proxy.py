@@ -2,9 +2,10 @@
 
 `POST /v1/chat/completions` and `/v1/completions` with `"model"` naming a route (or one
 deployment as `node/deployment`): the route's candidates are chosen (`choose.py`), then tried
-in order. A candidate that fails before its first byte — connection refused, no connection
-within `connect_timeout_s`, a 5xx from its agent (no replica, replica failed), or its circuit
-breaker open — is skipped for the next; a 4xx is the request's own fault and goes back to the
+in order. A candidate that fails before its answer reaches the client — connection refused,
+no connection within `connect_timeout_s`, a 5xx from its agent (no replica, replica failed),
+its circuit breaker open, or an unstreamed answer broken off after its headers — is skipped
+for the next; a 4xx is the request's own fault and goes back to the
 client as the agent said it. Streams pass through chunk by chunk. Every answer says where it
 went and why: `X-Wattops-Route`, `X-Wattops-Served-By` (`node/deployment@precision`),
 `X-Wattops-Decision`, and the agent's `X-Wattops-Est-*` and `X-Cache` headers.
@@ -331,9 +332,10 @@ class RouterGateway:
             try:
                 data = await upstream.read()
             except (aiohttp.ClientError, TimeoutError) as exc:
-                router.record(route, choice, c, reference, None, 502, fallbacks, reason, ticket)
-                return _error(502, f"{c.key} broke off its answer: {exc}", "upstream_failed",
-                              headers=out)  # fmt: skip
+                # Nothing of an unstreamed answer has reached the client yet: the next
+                # candidate answers it (an agent killed between its headers and its body).
+                fallbacks.append(f"{c.key} (broke off its answer: {exc or type(exc).__name__})")
+                continue
             finally:
                 upstream.release()
                 router.in_flight[c.key] -= 1
@@ -370,7 +372,9 @@ class RouterGateway:
                 data = _without_logprobs(data)
             router.record(route, choice, c, reference, None, 200, fallbacks, reason, ticket)
             return Response(data, status_code=200, headers=out, media_type=content_type)
-        message = "every candidate failed before answering: " + "; ".join(fallbacks)
+        message = "every candidate failed before its answer reached the client: " + "; ".join(
+            fallbacks
+        )
         router.record(route, choice, None, reference, None, 502, fallbacks, message, ticket)
         return _error(502, message, "all_candidates_failed", headers=headers)
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import signal
 import subprocess
+import threading
 import time
 from collections import Counter
 from collections.abc import Callable
@@ -19,6 +20,7 @@ import openai
 import pytest
 
 from tests.conftest import Agent, wait_for
+from tests.cutting_link import CuttingLink
 from tests.routers import CHAT, ROUTER_BIN, RouterProc
 
 
@@ -153,21 +155,81 @@ def test_the_openai_client_works_unchanged(
 def test_an_agent_killed_mid_load_loses_no_request_that_had_not_started(
     two_nodes: tuple[Agent, Agent], make_router: Callable[..., RouterProc]
 ) -> None:
+    """Unstreamed answers start only when they are whole, so a request in flight at an agent
+    killed with SIGKILL (decoding or queued there) has not started answering: the router must
+    retry it on the next candidate, and every one of them is answered."""
     edge, cloud = two_nodes
     router = make_router([edge, cloud], [CHAT])
     assert _served_by(router.ask()) == "edge/tiny"
     assert edge.proc is not None
-    edge.proc.kill()  # SIGKILL: no goodbye; connections are refused from now on
-    edge.proc.wait()
-    answers = [router.ask() for _ in range(6)]
-    assert [a.status_code for a in answers] == [200] * 6
-    assert {_served_by(a) for a in answers} == {"cloud/tiny"}
-    # The first ones after the kill found out by trying: the decision says what was skipped.
-    if router.route("chat")["fallbacks"]:
-        assert any("after edge/tiny" in a.headers["X-Wattops-Decision"] for a in answers)
+    body = {"model": "chat", "messages": [{"role": "user", "content": "tell me a story"}],
+            "max_tokens": 48, "temperature": 0.7}  # fmt: skip
+
+    stop = threading.Event()
+    answers: list[httpx.Response] = []
+    failed: list[str] = []
+
+    def client() -> None:
+        with httpx.Client(base_url=router.url, timeout=120) as http:
+            while not stop.is_set():
+                try:
+                    answers.append(http.post("/v1/chat/completions", json=body))
+                except httpx.HTTPError as exc:  # the router itself failed the request
+                    failed.append(repr(exc))
+
+    # Four clients in a loop, all to the edge (the cheapest): at any moment some of their
+    # requests are decoding or queued there.
+    clients = [threading.Thread(target=client) for _ in range(4)]
+    for t in clients:
+        t.start()
+    try:
+        wait_for(lambda: _candidate(router, "edge/tiny")["in_flight"] >= 2, 30,
+                 "requests in flight at the edge")  # fmt: skip
+        edge.proc.kill()  # SIGKILL: no goodbye; its connections are reset, new ones refused
+        edge.proc.wait()
+        wait_for(lambda: sum(_served_by(a) == "cloud/tiny" for a in answers if a.is_success) >= 8,
+                 60, "the load to go on at the cloud")  # fmt: skip
+    finally:
+        stop.set()
+        for t in clients:
+            t.join(120)
+    assert failed == [] and [a.text for a in answers if a.status_code != 200] == []
+    # (The edge may have finished none: the kill can come before its first answer.)
+    assert "cloud/tiny" in {_served_by(a) for a in answers}
+    # Those in flight at the edge were retried on the cloud: their decision says so.
+    retried = [a for a in answers if "after edge/tiny" in a.headers["X-Wattops-Decision"]]
+    assert retried, [a.headers["X-Wattops-Decision"] for a in answers]
+    assert all(_served_by(a) == "cloud/tiny" for a in retried)
+    assert router.route("chat")["fallbacks"] >= len(retried)
     wait_for(lambda: not _candidate(router, "edge/tiny")["live"], 20, "edge to be offline")
     wait_for(lambda: _candidate(router, "cloud/tiny")["p95_ms"], 30, "the cloud's latency")
-    assert "agent not live" in str(router.ask(headers={"X-Wattops-Max-Latency-Ms": "0.001"}).text)
+    # The 503 names why the edge is left out: offline, or its breaker opened by the failures.
+    refused = router.ask(headers={"X-Wattops-Max-Latency-Ms": "0.001"}).text
+    assert "edge/tiny: agent not live" in refused or "edge/tiny: circuit open" in refused, refused
+
+
+def test_an_answer_broken_off_after_its_headers_is_answered_by_the_next_candidate(
+    two_nodes: tuple[Agent, Agent], tmp_path: Path
+) -> None:
+    """An unstreamed answer whose headers came but whose body did not (the agent died
+    mid-write: a link that cuts the connection there stands in for the moment) has sent the
+    client nothing yet: the next candidate answers it."""
+    edge, cloud = two_nodes
+    link = CuttingLink(int(edge.url.rsplit(":", 1)[1])).start()
+    router = RouterProc(tmp_path, [link.url, cloud.url], [CHAT]).start()
+    try:
+        assert _served_by(router.ask()) == "edge/tiny"
+        link.cut_next = 1
+        answer = router.ask()
+        assert link.cut == 1
+        assert answer.status_code == 200, answer.text
+        assert _served_by(answer) == "cloud/tiny"
+        assert "after edge/tiny (broke off its answer" in answer.headers["X-Wattops-Decision"]
+        assert router.route("chat")["fallbacks"] == 1
+        assert _served_by(router.ask()) == "edge/tiny"  # the link is whole again
+    finally:
+        router.stop()
+        link.stop()
 
 
 def test_the_circuit_breaker_opens_after_failures_and_a_probe_closes_it(
