@@ -2,9 +2,10 @@
 
 Routes a request by its `model` (the deployment name) to the ready replica with the fewest
 requests in flight, answers deterministic requests from the response cache, streams SSE
-through chunk by chunk, and retries once on another replica when one fails before sending
-its first byte. Forwarding uses one aiohttp ClientSession: measured here, httpx's client was
-several times slower on this path (see docs/benchmarks.md). The gateway is a plain ASGI app
+through chunk by chunk, and retries once on another replica when one fails before its
+answer reaches the client (before its first byte, or mid-body for an unstreamed answer).
+Forwarding uses one aiohttp ClientSession: measured here, httpx's client was several times
+slower on this path (see docs/benchmarks.md). The gateway is a plain ASGI app
 that the agent mounts in front of FastAPI, so inference requests skip FastAPI's middleware
 and dependency machinery entirely.
 """
@@ -178,11 +179,22 @@ class Gateway:
             try:
                 data = await upstream.read()
             except (*_RETRYABLE, TimeoutError) as exc:
-                deployment.release(replica, None, error=True)
+                # Nothing of an unstreamed answer has reached the client yet: a replica that
+                # broke off its answer (died mid-write) is tried again as one that failed
+                # before answering; a timeout is not (the engine is slow, not gone).
+                again = attempt == 1 and not isinstance(exc, TimeoutError)
+                if again:
+                    deployment.replica_failed(replica)
+                    failed = replica if len(deployment.ready) > 1 else None
+                else:
+                    deployment.release(replica, None, error=True)
                 log.warning(
-                    "%s: replica %s broke off its answer (%s: %s); answered 502",
+                    "%s: replica %s broke off its answer (%s: %s); %s",
                     deployment.name, replica.replica.id, type(exc).__name__, exc,
+                    "trying again" if again else "answered 502",
                 )  # fmt: skip
+                if again:
+                    continue
                 return openai_error(
                     502, f"replica {replica.replica.id} broke off: {exc}", "upstream_failed"
                 )

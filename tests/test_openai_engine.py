@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import Agent, free_port, wait_for
+from tests.cutting_link import CuttingLink
 from wattops.engines.base import EngineError
 from wattops.engines.openai_server import OpenAIServerEngine
 
@@ -132,3 +133,31 @@ def test_command_template_is_filled_per_argument_never_through_a_shell(tmp_path:
     )
     with pytest.raises(EngineError, match="placeholders allowed"):
         bad.argv("f16", 1)
+
+
+def test_an_answer_broken_off_after_its_headers_is_asked_again(
+    make_agent: Callable[..., Agent], running_server: str
+) -> None:
+    """A replica that sends an unstreamed answer's headers and dies before its body (a link
+    that cuts the connection there stands in for the moment) has sent the client nothing: the
+    gateway asks again, as for a replica that failed before answering, and the client gets
+    the answer. A second break in the same request is answered 502."""
+    link = CuttingLink(int(running_server.rsplit(":", 1)[1])).start()
+    try:
+        attached = {"name": "remote", "engine": "openai", "url": link.url, "precision": "f16",
+                    "replicas": 1, "max_replicas": 1}  # fmt: skip
+        agent = make_agent(deployments=[attached])
+        body = {"model": "remote", "max_tokens": 4, "temperature": 0.4,
+                "messages": [{"role": "user", "content": "hello there"}]}  # fmt: skip
+        link.cut_next = 1
+        resp = agent.client.post("/v1/chat/completions", json=body)
+        assert link.cut == 1
+        assert resp.status_code == 200, resp.text
+        assert resp.json()["usage"]["completion_tokens"] == 4
+        link.cut_next = 2
+        resp = agent.client.post("/v1/chat/completions", json=body)
+        assert link.cut == 3
+        assert resp.status_code == 502 and "broke off" in resp.json()["error"]["message"]
+        assert agent.deployment("remote")["counters"]["errors_total"] == 1
+    finally:
+        link.stop()
