@@ -200,8 +200,26 @@ def test_precision_switch_under_load_drops_no_request(make_agent: Callable[..., 
     assert all(pid not in replica_pids(agent.state_dir) for pid in old_pids)
 
 
+def _tokens(usages: list[dict[str, Any]]) -> tuple[int, int]:
+    return sum(u["prompt_tokens"] for u in usages), sum(u["completion_tokens"] for u in usages)
+
+
+def _counted(agent: Agent, at_least: int) -> dict[str, Any]:
+    """The deployment's counters once they hold `at_least` completion tokens."""
+    return wait_for(  # type: ignore[no-any-return]
+        lambda: (c := agent.deployment()["counters"])["completion_tokens_total"] >= at_least and c,
+        15,
+        "the replica's counters in the snapshot",
+    )
+
+
 def test_kill_9_of_a_server_replica_is_healed(make_agent: Callable[..., Agent]) -> None:
+    """The replacement replica's llama-server counts from zero again; the deployment's
+    counters keep what the killed one served and add the new one's, nothing twice."""
     agent = make_agent(**SERVER)
+    before = _tokens([_ask(agent, n, max_tokens=5)["usage"] for n in range(3)])
+    counters = _counted(agent, before[1])
+    assert (counters["prompt_tokens_total"], counters["completion_tokens_total"]) == before
     pid = agent.deployment()["replicas"][0]["pid"]
     os.kill(pid, signal.SIGKILL)
     dep = wait_for(
@@ -215,7 +233,12 @@ def test_kill_9_of_a_server_replica_is_healed(make_agent: Callable[..., Agent]) 
     )
     assert dep["replicas"][0]["restarts"] == 1
     assert "exited" in dep["last_error"]
-    assert _ask(agent, 1, max_tokens=3)["usage"]["completion_tokens"] == 3
+    assert dep["counters"]["completion_tokens_total"] == before[1]  # not reset by the kill
+    after = _tokens([_ask(agent, 10 + n, max_tokens=3)["usage"] for n in range(2)])
+    assert after[1] == 6
+    counters = _counted(agent, before[1] + after[1])
+    assert counters["prompt_tokens_total"] == before[0] + after[0]
+    assert counters["completion_tokens_total"] == before[1] + after[1]
 
 
 def test_adaptive_slots_grow_while_requests_queue(make_agent: Callable[..., Agent]) -> None:
