@@ -1,7 +1,7 @@
 """Router overhead benchmark: what wattops-router adds in front of an agent.
 
 Usage: .venv/bin/python benchmarks/router.py [--requests 20000] [--keys] [--store redis]
-                                             [--out results.json]
+                                             [--litellm PATH] [--out results.json]
 
 Starts (each in its own process) the fast stand-in engine of benchmarks/gateway.py (answers
 every OpenAI chat request at once with a fixed body), a real wattops-agent attached to it, and
@@ -20,6 +20,13 @@ written to the SQLite ledger when it ends. Without, the ledger still gets its ro
 With `--store redis`, keys, budgets and the ledger are in a real redis-server started for the
 run on this machine (append-only file, fsync every second: the durability the docs advise),
 reached over loopback TCP: the shared store of several routers, here measured with one.
+
+With `--litellm PATH` (the `litellm` command of an environment that has `litellm[proxy]`: it
+is not one of wattops' dependencies), LiteLLM's proxy is measured in the same role and the
+same run: client -> LiteLLM proxy -> agent -> stand-in engine, one model `chat` whose
+deployment is the agent's OpenAI endpoint, a master key (it refuses to start without one; the
+check is a string compare), no database, no callbacks, its bundled model-cost map (no
+network), one worker process.
 """
 
 from __future__ import annotations
@@ -69,7 +76,12 @@ def main() -> None:
         default="sqlite",
         help="where keys, budgets and the ledger are kept (default: sqlite)",
     )
+    parser.add_argument("--litellm", type=Path, metavar="PATH",
+                        help="also measure LiteLLM's proxy (its `litellm` command)")  # fmt: skip
     args = parser.parse_args()
+    if args.litellm is not None and not os.access(args.litellm, os.X_OK):
+        parser.error(f"--litellm: {args.litellm} is not an executable (give the `litellm` "
+                     "command of a venv with litellm[proxy] installed)")  # fmt: skip
 
     engine_port, agent_port, router_port = free_port(), free_port(), free_port()
     procs: list[subprocess.Popen[bytes]] = []
@@ -131,6 +143,31 @@ reference = "bench/bench"
                 [str(bin_dir / "wattops-router"), "--config", str(router_config), *quiet]
             ))  # fmt: skip
             wait_http(f"http://127.0.0.1:{router_port}/healthz")
+            paths = ["agent", "router"]
+            if args.litellm is not None:
+                litellm_port = free_port()
+                litellm_config = Path(tmp) / "litellm.yaml"
+                litellm_config.write_text(f"""
+model_list:
+  - model_name: chat
+    litellm_params:
+      model: openai/bench
+      api_base: http://127.0.0.1:{agent_port}/v1
+      api_key: unused
+litellm_settings:
+  telemetry: false
+general_settings:
+  master_key: sk-wattops-bench
+""")
+                env = {**os.environ, "LITELLM_LOCAL_MODEL_COST_MAP": "True",
+                       "LITELLM_LOG": "ERROR"}  # fmt: skip
+                procs.append(subprocess.Popen(
+                    [str(args.litellm), "--config", str(litellm_config), "--host", "127.0.0.1",
+                     "--port", str(litellm_port), "--num_workers", "1"],
+                    env=env, stdout=subprocess.DEVNULL,
+                ))  # fmt: skip
+                wait_http(f"http://127.0.0.1:{litellm_port}/health/liveliness", timeout=120)
+                paths.append("litellm")
             time.sleep(2.0)  # the agent marks the attached server ready; the router sees it
             auth: dict[str, str] = {}
             if args.keys:
@@ -140,17 +177,20 @@ reference = "bench/bench"
                 return orjson.dumps({"model": model, "temperature": 0.7, "max_tokens": 1,
                                      "messages": [{"role": "user", "content": "hi"}]})  # fmt: skip
 
-            agent_url = f"http://127.0.0.1:{agent_port}/v1/chat/completions"
-            router_url = f"http://127.0.0.1:{router_port}/v1/chat/completions"
+            targets = {
+                "agent": (f"http://127.0.0.1:{agent_port}", body("bench"), {}),
+                "router": (f"http://127.0.0.1:{router_port}", body("chat"), auth),
+            }
+            if "litellm" in paths:
+                targets["litellm"] = (f"http://127.0.0.1:{litellm_port}", body("chat"),
+                                      {"Authorization": "Bearer sk-wattops-bench"})  # fmt: skip
             results: dict[str, dict[str, float]] = {}
             for concurrency in (1, 32):
                 n = args.requests if concurrency > 1 else max(2000, args.requests // 5)
                 # Alternated twice, so a slow spell of the shared machine hits both paths.
                 for rnd in (1, 2):
-                    for label, url, payload, headers in (
-                        ("agent", agent_url, body("bench"), {}),
-                        ("router", router_url, body("chat"), auth),
-                    ):
+                    for label, (base, payload, headers) in targets.items():
+                        url = base + "/v1/chat/completions"
                         lat, wall = asyncio.run(load(url, payload, concurrency, n // 2, headers))
                         key = f"{label}_c{concurrency}"
                         got = summarize(lat, wall)
@@ -159,13 +199,15 @@ reference = "bench/bench"
                         else:  # mean of the two rounds
                             results[key] = {k: (results[key][k] + v) / 2 for k, v in got.items()}
             for c in (1, 32):
-                results[f"added_c{c}"] = {
-                    q: results[f"router_c{c}"][q] - results[f"agent_c{c}"][q]
-                    for q in ("p50_ms", "p99_ms")
-                }
-                results[f"added_c{c}"]["throughput_ratio"] = (
-                    results[f"router_c{c}"]["req_per_s"] / results[f"agent_c{c}"]["req_per_s"]
-                )
+                for label in paths[1:]:  # "added_c1" is the router's, as before
+                    added = "added" if label == "router" else f"added_{label}"
+                    results[f"{added}_c{c}"] = {
+                        q: results[f"{label}_c{c}"][q] - results[f"agent_c{c}"][q]
+                        for q in ("p50_ms", "p99_ms")
+                    }
+                    results[f"{added}_c{c}"]["throughput_ratio"] = (
+                        results[f"{label}_c{c}"]["req_per_s"] / results[f"agent_c{c}"]["req_per_s"]
+                    )
         finally:
             for proc in reversed(procs):
                 proc.terminate()
