@@ -449,6 +449,9 @@ class Deployment:
         """The gateway could not reach `replica`: free the slot (the request will be retried,
         not counted twice) and check the replica now rather than at the next tick."""
         replica.give_back()
+        if self._waiting and self.tuner is not None:
+            # A request may be waiting for exactly this slot (the retry may go elsewhere).
+            asyncio.get_running_loop().create_task(self._wake_waiters())
         if self.autoscaler is not None:
             self.autoscaler.add(time.monotonic(), -1)
         replica.health_failures = HUNG_AFTER_FAILURES - 1

@@ -334,7 +334,8 @@ class RouterGateway:
             except (aiohttp.ClientError, TimeoutError) as exc:
                 # Nothing of an unstreamed answer has reached the client yet: the next
                 # candidate answers it (an agent killed between its headers and its body).
-                fallbacks.append(f"{c.key} (broke off its answer: {exc or type(exc).__name__})")
+                why = str(exc) or type(exc).__name__
+                fallbacks.append(f"{c.key} (broke off its answer: {why})")
                 continue
             finally:
                 upstream.release()
