@@ -119,6 +119,19 @@ def test_streaming_and_usage_as_the_other_engines(make_agent: Callable[..., Agen
     assert done.usage is not None and 0 < done.usage.completion_tokens <= 4
 
 
+def _tokens(usages: list[dict[str, Any]]) -> tuple[int, int]:
+    return sum(u["prompt_tokens"] for u in usages), sum(u["completion_tokens"] for u in usages)
+
+
+def _counted(agent: Agent, at_least: int) -> dict[str, Any]:
+    """The deployment's counters once they hold `at_least` completion tokens."""
+    return wait_for(  # type: ignore[no-any-return]
+        lambda: (c := agent.deployment()["counters"])["completion_tokens_total"] >= at_least and c,
+        15,
+        "the replica's counters in the snapshot",
+    )
+
+
 def test_tokens_and_prefix_reuse_are_accounted(make_agent: Callable[..., Agent]) -> None:
     agent = make_agent(**SERVER)
     prefix = "You are a terse assistant for an on-call engineer. " * 4
@@ -135,15 +148,9 @@ def test_tokens_and_prefix_reuse_are_accounted(make_agent: Callable[..., Agent])
         usages.append(resp.json()["usage"])
     # The slot keeps the previous prompt's KV: the shared system text is not evaluated again.
     assert usages[1]["prompt_tokens_details"]["cached_tokens"] > 20
-    prompt = sum(u["prompt_tokens"] for u in usages)
-    completion = sum(u["completion_tokens"] for u in usages)
+    prompt, completion = _tokens(usages)
     cached = sum(u["prompt_tokens_details"]["cached_tokens"] for u in usages)
-
-    def accounted() -> dict[str, Any] | None:
-        counters = agent.deployment()["counters"]
-        return counters if counters["completion_tokens_total"] >= completion else None
-
-    counters = wait_for(accounted, 15, "the replica's counters in the snapshot")
+    counters = _counted(agent, completion)
     # llama-server counts evaluated and reused prompt tokens apart; the agent adds them up.
     assert counters["prompt_tokens_total"] == prompt
     assert counters["completion_tokens_total"] == completion
@@ -198,19 +205,6 @@ def test_precision_switch_under_load_drops_no_request(make_agent: Callable[..., 
     assert errors == []
     assert {r["pid"] for r in dep["replicas"]}.isdisjoint(old_pids)
     assert all(pid not in replica_pids(agent.state_dir) for pid in old_pids)
-
-
-def _tokens(usages: list[dict[str, Any]]) -> tuple[int, int]:
-    return sum(u["prompt_tokens"] for u in usages), sum(u["completion_tokens"] for u in usages)
-
-
-def _counted(agent: Agent, at_least: int) -> dict[str, Any]:
-    """The deployment's counters once they hold `at_least` completion tokens."""
-    return wait_for(  # type: ignore[no-any-return]
-        lambda: (c := agent.deployment()["counters"])["completion_tokens_total"] >= at_least and c,
-        15,
-        "the replica's counters in the snapshot",
-    )
 
 
 def test_kill_9_of_a_server_replica_is_healed(make_agent: Callable[..., Agent]) -> None:
