@@ -6,11 +6,13 @@ last warnings fired; `+` and `-` raise or lower the selected budget's limit by 1
 from __future__ import annotations
 
 import datetime as dt
+from contextlib import suppress
 from functools import partial
 
 from textual import work
 from textual.app import ComposeResult
 from textual.binding import Binding
+from textual.css.query import NoMatches
 from textual.screen import Screen
 from textual.widgets import DataTable, Footer, Static
 
@@ -94,13 +96,16 @@ class BudgetsScreen(Screen[None]):
             views = await self.client.budgets()
             warnings = (await self.client.view()).budget_warnings
         except RouterError as exc:
-            if self.is_attached:
+            with suppress(NoMatches):  # the screen is being taken down
                 self.query_one("#budgets-summary", Static).update(f"[red]{exc}[/red]")
             return
+        # The screen may have gone, or be losing its widgets (popped, or the console quitting:
+        # Textual removes the children before the screen), while the router answered.
         if not self.is_attached:
-            return  # the screen went away while the router answered
+            return
         self.views = views
-        self.show(self.views, warnings)
+        with suppress(NoMatches):
+            self.show(self.views, warnings)
 
     def show(self, views: list[BudgetView], warnings: list[str]) -> None:
         states = [v.state for v in views]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from contextlib import suppress
 from datetime import datetime, timedelta
 from typing import Any
 
@@ -11,6 +12,7 @@ from textual import work
 from textual.app import ComposeResult
 from textual.binding import Binding
 from textual.containers import Horizontal, Vertical, VerticalScroll
+from textual.css.query import NoMatches
 from textual.screen import Screen
 from textual.widgets import DataTable, Footer, Label, Sparkline, Static
 
@@ -139,7 +141,8 @@ class NodeScreen(Screen[None]):
             text = (f"needs an operator's token ({exc.message})"
                     if exc.status in (401, 403) else f"unavailable: {exc.message}")  # fmt: skip
         if self.is_attached:
-            self.query_one("#audit", Static).update(text)
+            with suppress(NoMatches):  # the screen is losing its widgets (popped, or quitting)
+                self.query_one("#audit", Static).update(text)
 
     def refresh_view(self) -> None:
         """Redraw from the link's latest snapshot (only when it changed)."""

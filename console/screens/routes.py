@@ -5,12 +5,14 @@ once and keeps across restarts."""
 
 from __future__ import annotations
 
+from contextlib import suppress
 from functools import partial
 from typing import Any
 
 from textual import work
 from textual.app import ComposeResult
 from textual.binding import Binding
+from textual.css.query import NoMatches
 from textual.screen import Screen
 from textual.widgets import DataTable, Footer, Static
 
@@ -131,13 +133,16 @@ class RoutesScreen(Screen[None]):
         try:
             view = await self.client.view()
         except RouterError as exc:
-            if self.is_attached:
+            with suppress(NoMatches):  # the screen is being taken down
                 self.query_one("#routes-summary", Static).update(f"[red]{exc}[/red]")
             return
+        # The screen may have gone, or be losing its widgets (popped, or the console quitting:
+        # Textual removes the children before the screen), while the router answered.
         if not self.is_attached:
-            return  # the screen went away while the router answered
+            return
         self.view_now = view
-        self.show(view)
+        with suppress(NoMatches):
+            self.show(view)
 
     def show(self, view: RouterView) -> None:
         summary = [route_summary(r) for r in view.routes]
