@@ -305,7 +305,7 @@ class RouterGateway:
             body["model"] = c.deployment
             router.in_flight[c.key] += 1
             try:
-                upstream = await self._open(c, path, orjson.dumps(body))
+                upstream, data = await self._open(c, path, orjson.dumps(body), stream)
             except _Failed as failed:
                 router.in_flight[c.key] -= 1
                 fallbacks.append(f"{c.key} ({failed.why})")
@@ -323,23 +323,13 @@ class RouterGateway:
             for name in _PASSED_HEADERS:
                 if name in upstream.headers:
                     out[name] = upstream.headers[name]
-            if stream and upstream.status == 200:
+            if data is None:  # an event stream, relayed as it comes
                 relay = _Relay(self, route, choice, c, reference, upstream, fallbacks, reason,
                                ticket)  # fmt: skip
                 return _RelayResponse(relay.chunks(), relay.finish,
                                       media_type=upstream.content_type or "text/event-stream",
                                       headers={**out, "Cache-Control": "no-cache"})  # fmt: skip
-            try:
-                data = await upstream.read()
-            except (aiohttp.ClientError, TimeoutError) as exc:
-                # Nothing of an unstreamed answer has reached the client yet: the next
-                # candidate answers it (an agent killed between its headers and its body).
-                why = str(exc) or type(exc).__name__
-                fallbacks.append(f"{c.key} (broke off its answer: {why})")
-                continue
-            finally:
-                upstream.release()
-                router.in_flight[c.key] -= 1
+            router.in_flight[c.key] -= 1
             usage = _usage_of(data) if upstream.status == 200 else None
             if cascade is not None and upstream.status == 200:
                 confidence = _confidence(data)
@@ -379,9 +369,13 @@ class RouterGateway:
         router.record(route, choice, None, reference, None, 502, fallbacks, message, ticket)
         return _error(502, message, "all_candidates_failed", headers=headers)
 
-    async def _open(self, c: Candidate, path: str, raw: bytes) -> aiohttp.ClientResponse:
-        """The candidate's response, headers read; _Failed when it failed before answering
-        (which its circuit breaker counts)."""
+    async def _open(self, c: Candidate, path: str, raw: bytes,
+                    stream: bool) -> tuple[aiohttp.ClientResponse, bytes | None]:  # fmt: skip
+        """The candidate's response and, unless it is an event stream (`stream` and 200, left
+        to be relayed), its whole body, the connection released. _Failed when it failed before
+        anything could reach the client: refused, timed out, a 5xx, or an unstreamed answer
+        broken off after its headers (an agent killed mid-write). The circuit breaker counts
+        each of them."""
         breaker = await self.router.breaker(c.key)
         try:
             async with breaker:
@@ -391,12 +385,20 @@ class RouterGateway:
                         timeout=self.timeout,
                     )  # fmt: skip
                 except (aiohttp.ClientError, TimeoutError) as exc:
-                    raise _Failed(type(exc).__name__ if not str(exc) else str(exc)) from None
-                if upstream.status >= 500:
-                    text = (await upstream.read())[:300].decode("utf-8", "replace")
+                    raise _Failed(str(exc) or type(exc).__name__) from None
+                if stream and upstream.status == 200:
+                    return upstream, None
+                try:
+                    data = await upstream.read()
+                except (aiohttp.ClientError, TimeoutError) as exc:
+                    why = str(exc) or type(exc).__name__
+                    raise _Failed(f"broke off its answer: {why}") from None
+                finally:
                     upstream.release()
+                if upstream.status >= 500:
+                    text = data[:300].decode("utf-8", "replace")
                     raise _Failed(f"HTTP {upstream.status}: {text}")
-                return upstream
+                return upstream, data
         except OpenedState:
             raise _Failed("circuit open") from None
 

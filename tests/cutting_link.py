@@ -5,7 +5,8 @@ status line and headers and writing its body (a SIGKILL at that moment, a node l
 mid-write): the headers arrive, then the connection closes with the body missing. Everything
 else passes through unchanged, event streams included. Each request gets its own upstream
 connection (`Connection: close` is set on the way), so each answer can be cut or passed whole;
-`cut_next` says how many chat answers to break off, `cut` how many were.
+`cut_next` says how many chat answers to break off, `cut` how many were, `asked` how many chat
+requests came through at all.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ class CuttingLink:
         self.url = f"http://127.0.0.1:{self.port}"
         self.cut_next = 0
         self.cut = 0
+        self.asked = 0
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._loop.run_forever, daemon=True)
 
@@ -66,6 +68,7 @@ class CuttingLink:
             up_reader, upstream = await asyncio.open_connection("127.0.0.1", self.upstream_port)
             upstream.write(b"\r\n".join([*kept, b"Connection: close", b"", b""]) + body)
             await upstream.drain()
+            self.asked += lines[0].startswith(CHAT)
             if lines[0].startswith(CHAT) and self.cut_next > 0:
                 self.cut_next -= 1
                 writer.write(await up_reader.readuntil(b"\r\n\r\n"))  # the headers, no body

@@ -216,7 +216,8 @@ def test_an_answer_broken_off_after_its_headers_is_answered_by_the_next_candidat
     client nothing yet: the next candidate answers it."""
     edge, cloud = two_nodes
     link = CuttingLink(int(edge.url.rsplit(":", 1)[1])).start()
-    router = RouterProc(tmp_path, [link.url, cloud.url], [CHAT]).start()
+    router = RouterProc(tmp_path, [link.url, cloud.url], [CHAT],
+                        {"breaker_failures": 2, "breaker_open_s": 30.0}).start()  # fmt: skip
     try:
         assert _served_by(router.ask()) == "edge/tiny"
         link.cut_next = 1
@@ -227,6 +228,15 @@ def test_an_answer_broken_off_after_its_headers_is_answered_by_the_next_candidat
         assert "after edge/tiny (broke off its answer" in answer.headers["X-Wattops-Decision"]
         assert router.route("chat")["fallbacks"] == 1
         assert _served_by(router.ask()) == "edge/tiny"  # the link is whole again
+        # A broken-off answer is a failure to its circuit breaker like a refused connection:
+        # two in a row open it, and the edge is skipped without being asked.
+        link.cut_next = 2
+        assert _served_by(router.ask()) == "cloud/tiny"
+        assert _served_by(router.ask()) == "cloud/tiny"
+        assert link.cut == 3 and _candidate(router, "edge/tiny")["breaker"] == "opened"
+        asked = link.asked
+        assert _served_by(router.ask()) == "cloud/tiny"
+        assert link.cut == 3 and link.asked == asked  # not even asked: the breaker left it out
     finally:
         router.stop()
         link.stop()
