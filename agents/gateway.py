@@ -34,7 +34,8 @@ _UPSTREAM_HEADERS = {"Content-Type": _JSON}
 #: Paths the gateway serves; everything else goes to the FastAPI control/read API.
 CHAT_PATH = "/v1/chat/completions"
 GATEWAY_PATHS = frozenset({"/v1/models", CHAT_PATH, "/v1/completions"})
-# Failures that happen before the upstream sent anything: safe to retry elsewhere.
+# Failures before anything reached the client (an unstreamed body is read whole before it is
+# sent): safe to ask again elsewhere.
 _RETRYABLE = (aiohttp.ClientConnectionError, aiohttp.ClientPayloadError)
 
 
@@ -136,12 +137,15 @@ class Gateway:
     ) -> Response:
         started = time.perf_counter()
         failed: LiveReplica | None = None
+        streamed = bool(body.get("stream"))
         for attempt in (1, 2):
             try:
                 replica = await deployment.acquire(self.wake_timeout_s, exclude=failed)
             except NoReplicaError as exc:
                 deployment.count_failure()
                 return openai_error(503, str(exc), "no_replica")
+            data: bytes | None = None
+            what = "failed before answering"
             try:
                 upstream = await self.session.post(
                     replica.replica.url + endpoint,
@@ -149,26 +153,35 @@ class Gateway:
                     headers=_UPSTREAM_HEADERS,
                     timeout=self.timeout,
                 )
+                if not (streamed and upstream.status == 200):
+                    what = "broke off its answer"  # if the body does not come whole
+                    try:  # an unstreamed answer is read whole here: nothing is sent yet
+                        data = await upstream.read()
+                    finally:
+                        upstream.release()
             except _RETRYABLE as exc:
+                # Nothing reached the client: refused, reset, or an unstreamed answer broken
+                # off after its headers (a replica killed mid-write). Ask again elsewhere;
+                # with a single replica, on the same one (the error may have been the
+                # connection, not the replica) rather than wait for another.
                 deployment.replica_failed(replica)
-                # Retry elsewhere; with a single replica, on the same one (the error may have
-                # been the connection, not the replica) rather than wait for another.
                 failed = replica if len(deployment.ready) > 1 else None
                 log.warning(
-                    "%s: replica %s failed before answering (%s: %s); %s", deployment.name,
-                    replica.replica.id, type(exc).__name__, exc,
+                    "%s: replica %s %s (%s: %s); %s",
+                    deployment.name, replica.replica.id, what, type(exc).__name__, exc,
                     "answered 502" if attempt == 2 else "trying again",
                 )  # fmt: skip
                 if attempt == 2:
                     deployment.count_failure()
+                    why = str(exc) or type(exc).__name__
                     return openai_error(
-                        502, f"replica {replica.replica.id} failed: {exc}", "upstream_failed"
+                        502, f"replica {replica.replica.id} {what}: {why}", "upstream_failed"
                     )
                 continue
-            except TimeoutError:
+            except TimeoutError:  # the engine is slow, not gone: not asked again
                 deployment.release(replica, None, error=True)
                 return openai_error(504, "the engine did not answer in time", "upstream_timeout")
-            if body.get("stream") and upstream.status == 200:
+            if data is None:
                 relay = _Relay(self, deployment, replica, upstream, started, key, endpoint, body)
                 return _RelayResponse(
                     relay.chunks(),
@@ -176,30 +189,6 @@ class Gateway:
                     media_type=upstream.content_type or "text/event-stream",
                     headers={"X-Cache": "miss", "Cache-Control": "no-cache"},
                 )
-            try:
-                data = await upstream.read()
-            except (*_RETRYABLE, TimeoutError) as exc:
-                # Nothing of an unstreamed answer has reached the client yet: a replica that
-                # broke off its answer (died mid-write) is tried again as one that failed
-                # before answering; a timeout is not (the engine is slow, not gone).
-                again = attempt == 1 and not isinstance(exc, TimeoutError)
-                if again:
-                    deployment.replica_failed(replica)
-                    failed = replica if len(deployment.ready) > 1 else None
-                else:
-                    deployment.release(replica, None, error=True)
-                log.warning(
-                    "%s: replica %s broke off its answer (%s: %s); %s",
-                    deployment.name, replica.replica.id, type(exc).__name__, exc,
-                    "trying again" if again else "answered 502",
-                )  # fmt: skip
-                if again:
-                    continue
-                return openai_error(
-                    502, f"replica {replica.replica.id} broke off: {exc}", "upstream_failed"
-                )
-            finally:
-                upstream.release()
             ok = upstream.status == 200
             deployment.release(replica, time.perf_counter() - started, error=not ok)
             if ok and deployment.canary is not None:
