@@ -113,14 +113,23 @@ class Agent:
         self.client = httpx.Client(base_url=self.url, timeout=120)
 
     def start(self, wait_ready: bool = True) -> Agent:
+        return self.launch().ready(wait_ready)
+
+    def launch(self) -> Agent:
+        """Start the process and return at once (several agents start side by side: `ready`
+        waits for each)."""
         log = (self.state_dir.parent / "agent.log").open("ab")
         self.proc = subprocess.Popen(
             [*self.command, "--config", str(self.config_path), "--log-level", "info"],
             stdout=log,
             stderr=log,
         )
+        return self
+
+    def ready(self, converged: bool = True) -> Agent:
+        """Wait for /healthz, and for the deployments to converge unless `converged` is off."""
         wait_for(self._healthy, 60, "agent /healthz")
-        if wait_ready:
+        if converged:
             self.wait_converged()
         return self
 
@@ -184,9 +193,18 @@ class Agent:
         return self.client.post("/v1/chat/completions", json=body)
 
     def stop(self, sig: int = signal.SIGTERM) -> None:
-        if self.proc is None or self.proc.poll() is not None:
+        self.signal(sig)
+        self.wait_stopped()
+
+    def signal(self, sig: int = signal.SIGTERM) -> None:
+        """Send `sig` if the process still runs (several agents stop side by side:
+        `wait_stopped` waits for each)."""
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(sig)
+
+    def wait_stopped(self) -> None:
+        if self.proc is None:
             return
-        self.proc.send_signal(sig)
         try:
             self.proc.wait(30)
         except subprocess.TimeoutExpired:
@@ -283,8 +301,10 @@ def make_agent(tmp_path: Path, test_model: Path) -> Iterator[Callable[..., Agent
         return agent
 
     yield make
+    for agent in agents:  # all at once: each takes a moment to stop its replicas
+        agent.signal()
     for agent in agents:
-        agent.stop()
+        agent.wait_stopped()
         agent.client.close()
         # Nothing the agent started may outlive it.
         wait_for(lambda a=agent: not replica_pids(a.state_dir), 15, "replicas to exit")

@@ -126,10 +126,11 @@ def two_nodes(make_agent: Callable[..., Agent]) -> tuple[Agent, Agent]:
     # 5 s accounting windows: per-token figures follow a change within seconds.
     window = {"accounting": {"window_s": 5}}
     edge = make_agent(agent_extra={"node": "edge", "profile": "cpu-generic", "sensor": "estimate"},
-                      tables=window)  # fmt: skip
+                      tables=window, start=False)  # fmt: skip
     cloud = make_agent(agent_extra={"node": "cloud", "profile": "a100-80gb", "sensor": "estimate"},
-                       tables=window)  # fmt: skip
-    return edge, cloud
+                       tables=window, start=False)  # fmt: skip
+    edge.launch(), cloud.launch()  # side by side: each takes a couple of seconds to be ready
+    return edge.ready(), cloud.ready()
 
 
 CHAT = {"name": "chat", "candidates": ["*/tiny"], "reference": "cloud/tiny", "policy": "cheapest"}
