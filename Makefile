@@ -94,7 +94,12 @@ llama-server: $(BIN)/.installed
 
 pytest: $(BIN)/.installed models/test.gguf $(SMOLLM2) prometheus kubectl redis-server haproxy \
 		llama-server
-	$(BIN)/python -m pytest -q
+	@# First the modules that may share the machine, on two workers; then the rest alone
+	@# (tests/conftest.py: BESIDE_OTHERS). Both run whatever the first found.
+	status=0; \
+	$(BIN)/python -m pytest -q -m beside_others -n 2 --dist loadfile || status=$$?; \
+	$(BIN)/python -m pytest -q -m "not beside_others" || status=$$?; \
+	exit $$status
 
 test: lint layers typecheck pytest
 

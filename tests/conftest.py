@@ -328,8 +328,34 @@ if "WATTOPS_LLAMA_SERVER" not in os.environ:
     if cached_path().is_file():
         os.environ["WATTOPS_LLAMA_SERVER"] = str(cached_path())
 # Built variants and quality tables go to a folder of this run, not the user's ~/.cache/wattops
-# (agents, benches and `wattops quality` started by tests inherit it).
-if "WATTOPS_CACHE_DIR" not in os.environ:
+# (agents, benches and `wattops quality` started by tests inherit it). One folder per pytest
+# process: xdist's workers inherit the controller's environment, and two workers building the
+# same variant into one folder would race.
+if "WATTOPS_CACHE_DIR" not in os.environ or os.environ.get("_WATTOPS_TEST_CACHE"):
     _CACHE = tempfile.mkdtemp(prefix="wattops-cache-")
     os.environ["WATTOPS_CACHE_DIR"] = _CACHE
+    os.environ["_WATTOPS_TEST_CACHE"] = "1"  # ours: the next pytest process makes its own
     atexit.register(shutil.rmtree, _CACHE, ignore_errors=True)
+
+#: The test modules that may run beside another one. `make test` runs these on two
+#: pytest-xdist workers (a module's tests stay on one worker), then every other module alone.
+#: A module belongs here when nothing in it depends on how busy the machine is: it compares no
+#: two measured figures (throughput, latency, energy, J/token) and waits for no timer that a
+#: neighbour's load could stretch past its bound. Not named here, a module runs alone: the safe
+#: default for a new test.
+BESIDE_OTHERS = frozenset({
+    "test_accounting", "test_api_validation", "test_audit", "test_budgets", "test_cli_fleet",
+    "test_cluster_mode", "test_config", "test_console", "test_console_kube",
+    "test_console_routes", "test_console_snapshots", "test_downtime", "test_engine_metrics",
+    "test_engine_registry", "test_fleet_target", "test_fuzz", "test_grafana_dashboard",
+    "test_headless", "test_kube", "test_kube_apiserver", "test_kube_manifests", "test_logprobs",
+    "test_metrics", "test_openai_engine", "test_power_cap", "test_profiles", "test_quality",
+    "test_roles", "test_router_budgets", "test_router_choose", "test_smollm2", "test_state",
+    "test_tiny_model", "test_tls", "test_variants",
+})  # fmt: skip
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    for item in items:
+        if item.path.stem in BESIDE_OTHERS:
+            item.add_marker(pytest.mark.beside_others)
