@@ -124,7 +124,7 @@ class NodeScreen(Screen[None]):
             "DEPLOYMENT", "REPLICA", "PRECISION", "STATE", "PID", "IN FLIGHT", "RESTARTS"
         )
         self.refresh_view()
-        self.set_interval(1.0, self.refresh_view)
+        self.set_interval(1.0, self._refresh_on_timer)
         self.action_reload_history()
         if getattr(self.app, "connect", True):  # not for a console fed without agents
             self.load_audit()
@@ -141,8 +141,13 @@ class NodeScreen(Screen[None]):
             text = (f"needs an operator's token ({exc.message})"
                     if exc.status in (401, 403) else f"unavailable: {exc.message}")  # fmt: skip
         if self.is_attached:
-            with suppress(NoMatches):  # the screen is losing its widgets (popped, or quitting)
-                self.query_one("#audit", Static).update(text)
+            self.query_one("#audit", Static).update(text)
+
+    def _refresh_on_timer(self) -> None:
+        # Textual's timers run beside the screen's teardown, which removes the widgets before
+        # the screen: a tick then finds none, and must not take the console down with it.
+        with suppress(NoMatches):
+            self.refresh_view()
 
     def refresh_view(self) -> None:
         """Redraw from the link's latest snapshot (only when it changed)."""
