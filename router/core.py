@@ -11,6 +11,7 @@ own statistics.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import time
@@ -135,6 +136,8 @@ class Router:
         self.breakers = AsyncCircuitBreakerFactory(
             default_threshold=config.router.breaker_failures,
             default_ttl=config.router.breaker_open_s,
+            # A request cancelled (the router stopping) says nothing of the candidate.
+            exclude=[asyncio.CancelledError],
         )
         self._breakers: dict[str, AsyncCircuitBreaker] = {}
         self.stats: dict[str, RouteStats] = {name: RouteStats() for name in self.routes}

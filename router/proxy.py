@@ -310,6 +310,9 @@ class RouterGateway:
                 router.in_flight[c.key] -= 1
                 fallbacks.append(f"{c.key} ({failed.why})")
                 continue
+            except BaseException:  # cancelled (the router stopping): counted out all the same
+                router.in_flight[c.key] -= 1
+                raise
             reason = choice.reason
             if fallbacks:
                 reason += f"; after {', '.join(fallbacks)}"
