@@ -179,6 +179,8 @@ class Gateway:
                     )
                 continue
             except TimeoutError:  # the engine is slow, not gone: not asked again
+                log.warning("%s: replica %s did not answer in time; answered 504",
+                            deployment.name, replica.replica.id)  # fmt: skip
                 deployment.release(replica, None, error=True)
                 return openai_error(504, "the engine did not answer in time", "upstream_timeout")
             if data is None:
