@@ -329,8 +329,9 @@ if "WATTOPS_LLAMA_SERVER" not in os.environ:
         os.environ["WATTOPS_LLAMA_SERVER"] = str(cached_path())
 # Built variants and quality tables go to a folder of this run, not the user's ~/.cache/wattops
 # (agents, benches and `wattops quality` started by tests inherit it). One folder per pytest
-# process: xdist's workers inherit the controller's environment, and two workers building the
-# same variant into one folder would race.
+# process (xdist's workers inherit the controller's environment): the variant and quality
+# caches are safe to share (atomic writes, file locks), but a worker's tests then see only what
+# that worker built, as in a run in one process, and each folder goes when its process exits.
 if "WATTOPS_CACHE_DIR" not in os.environ or os.environ.get("_WATTOPS_TEST_CACHE"):
     _CACHE = tempfile.mkdtemp(prefix="wattops-cache-")
     os.environ["WATTOPS_CACHE_DIR"] = _CACHE
@@ -340,9 +341,10 @@ if "WATTOPS_CACHE_DIR" not in os.environ or os.environ.get("_WATTOPS_TEST_CACHE"
 #: The test modules that may run beside another one. `make test` runs these on two
 #: pytest-xdist workers (a module's tests stay on one worker), then every other module alone.
 #: A module belongs here when nothing in it depends on how busy the machine is: it compares no
-#: two measured figures (throughput, latency, energy, J/token) and waits for no timer that a
-#: neighbour's load could stretch past its bound. Not named here, a module runs alone: the safe
-#: default for a new test.
+#: two measured figures (throughput, latency, energy, J/token, a learned price) and waits for
+#: no timer that a neighbour's load could stretch past its bound. A test of such a module that
+#: does is marked `@pytest.mark.alone` and runs with the rest. Not named here, a module runs
+#: alone: the safe default for a new test.
 BESIDE_OTHERS = frozenset({
     "test_accounting", "test_api_validation", "test_audit", "test_budgets", "test_cli_fleet",
     "test_cluster_mode", "test_config", "test_console", "test_console_kube",
@@ -357,5 +359,5 @@ BESIDE_OTHERS = frozenset({
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     for item in items:
-        if item.path.stem in BESIDE_OTHERS:
+        if item.path.stem in BESIDE_OTHERS and item.get_closest_marker("alone") is None:
             item.add_marker(pytest.mark.beside_others)

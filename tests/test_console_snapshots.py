@@ -129,7 +129,16 @@ def test_node_view(snap_compare: Any) -> None:
     async def open_node(pilot: Pilot[Any]) -> None:
         await fill(pilot)
         await pilot.press("enter")
-        await pilot.pause(0.5)
+        # The hour of history is asked of an agent that is not there: wait for that answer
+        # (its note), not for a fixed time, so a busy machine draws the same screen.
+        for _ in range(200):
+            notes = pilot.app.screen.query("#history-note")
+            if notes and str(notes.first().render()):
+                break
+            await pilot.pause(0.05)
+        else:
+            raise AssertionError("the node view never said what became of its history")
+        await pilot.pause()
 
     assert snap_compare(fleet_app(), terminal_size=SIZE, run_before=open_node)
 
