@@ -325,7 +325,9 @@ def test_two_routers_on_one_redis_never_pass_a_budget_together(redis_url: str) -
 def test_a_dead_routers_reservations_are_released_by_the_others(redis_url: str) -> None:
     store = Store("redis", Path("."), redis_url)
     a = book(store, TEAM_DAY, clock=Clock(time.time()))
-    b = SharedBudgetBook(RedisLedger(redis_url), "router-b", stale_s=1.0)
+    # Redis's clock counts whole seconds: with a 1 s stale time a second boundary between
+    # router-a's last beat and router-b's first would already call router-a silent.
+    b = SharedBudgetBook(RedisLedger(redis_url), "router-b", stale_s=2.0)
     a.admit("in-flight", "k1", "ml", "chat", Amounts(usd=0.6))
     mine = b.admit("mine", "k1", "ml", "chat", Amounts(usd=0.3))
     last = b.admit("last", "k1", "ml", "chat", Amounts(usd=0.1))  # 0.9 < 1: let in
@@ -334,7 +336,7 @@ def test_a_dead_routers_reservations_are_released_by_the_others(redis_url: str) 
     # router-a is killed: no more heartbeats. router-b's next beat after it went silent for
     # stale_s frees what it held.
     assert b.heartbeat() == 0
-    time.sleep(2.1)  # Redis's clock counts whole seconds
+    time.sleep(3.1)  # stale_s, and a whole second more for Redis's clock
     assert b.heartbeat() == 1
     assert b.standing(TEAM_DAY).reserved == pytest.approx(0.3 + 0.1)  # its own stay
     b.release(mine)
