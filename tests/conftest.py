@@ -193,10 +193,10 @@ class Agent:
         return self.client.post("/v1/chat/completions", json=body)
 
     def stop(self, sig: int = signal.SIGTERM) -> None:
-        self.signal(sig)
+        self.send_signal(sig)
         self.wait_stopped()
 
-    def signal(self, sig: int = signal.SIGTERM) -> None:
+    def send_signal(self, sig: int = signal.SIGTERM) -> None:
         """Send `sig` if the process still runs (several agents stop side by side:
         `wait_stopped` waits for each)."""
         if self.proc is not None and self.proc.poll() is None:
@@ -302,7 +302,7 @@ def make_agent(tmp_path: Path, test_model: Path) -> Iterator[Callable[..., Agent
 
     yield make
     for agent in agents:  # all at once: each takes a moment to stop its replicas
-        agent.signal()
+        agent.send_signal()
     for agent in agents:
         agent.wait_stopped()
         agent.client.close()
