@@ -16,7 +16,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from wattops.router.admission import (
@@ -233,6 +233,8 @@ STEP = st.one_of(
     max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
 )
 @given(steps=st.lists(STEP, max_size=60))
+# Found by CI: a reservation of 1e-12 lost when an earlier one of 0 is released (the snap).
+@example(steps=[("admit", 0.0), ("admit", 1e-12), ("release", 0.0), ("admit", 5.96e-08)])
 def test_spend_passes_the_limit_by_at_most_what_was_in_flight(
     store: Store, steps: list[tuple[str, float]]
 ) -> None:
@@ -249,7 +251,9 @@ def test_spend_passes_the_limit_by_at_most_what_was_in_flight(
                 assert exc.standing.used >= TEAM_DAY.limit
                 continue
             flying.append((a, value))
-            assert b.standing(TEAM_DAY).reserved == pytest.approx(before + value)
+            # To 1e-9, as below: both books snap what is left reserved below 1e-12 of the unit
+            # to zero on a release (float residue), so a reservation that small may vanish.
+            assert b.standing(TEAM_DAY).reserved == pytest.approx(before + value, abs=1e-9)
         elif flying:
             a, worst = flying.pop(0)
             if op == "settle":
