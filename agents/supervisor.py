@@ -411,12 +411,7 @@ class Deployment:
                 ttft_s: float | None = None) -> None:  # fmt: skip
         """Count a finished request and free its slot on `replica` (`ttft_s`: the time to its
         first chunk, for a streamed one)."""
-        replica.give_back()
-        if self._waiting and self.tuner is not None:
-            # A request may be waiting for exactly this slot.
-            asyncio.get_running_loop().create_task(self._wake_waiters())
-        if self.autoscaler is not None:
-            self.autoscaler.add(time.monotonic(), -1)
+        self._free_slot(replica)
         self.last_request = time.monotonic()
         if self.canary is not None and self.canary.running:
             self.canary.count(replica, latency_s, error, ttft_s)
@@ -428,6 +423,15 @@ class Deployment:
             if self.tuner is not None:
                 self._window_latencies.append(latency_s)
         self._changed()
+
+    def _free_slot(self, replica: LiveReplica) -> None:
+        """Give `replica`'s slot back, whatever became of the request that held it."""
+        replica.give_back()
+        if self._waiting and self.tuner is not None:
+            # A request may be waiting for exactly this slot.
+            asyncio.get_running_loop().create_task(self._wake_waiters())
+        if self.autoscaler is not None:
+            self.autoscaler.add(time.monotonic(), -1)
 
     def count_failure(self) -> None:
         """A request that got no answer from any replica (503/502): an error, counted once."""
@@ -448,12 +452,7 @@ class Deployment:
     def replica_failed(self, replica: LiveReplica) -> None:
         """The gateway could not reach `replica`: free the slot (the request will be retried,
         not counted twice) and check the replica now rather than at the next tick."""
-        replica.give_back()
-        if self._waiting and self.tuner is not None:
-            # A request may be waiting for exactly this slot (the retry may go elsewhere).
-            asyncio.get_running_loop().create_task(self._wake_waiters())
-        if self.autoscaler is not None:
-            self.autoscaler.add(time.monotonic(), -1)
+        self._free_slot(replica)
         replica.health_failures = HUNG_AFTER_FAILURES - 1
         self._check_now.set()
 

@@ -382,22 +382,21 @@ class RouterGateway:
         breaker = await self.router.breaker(c.key)
         try:
             async with breaker:
+                what = ""
                 try:
                     upstream = await self.session.post(
                         c.url + path, data=raw, headers={"Content-Type": _JSON},
                         timeout=self.timeout,
                     )  # fmt: skip
+                    if stream and upstream.status == 200:
+                        return upstream, None
+                    what = "broke off its answer: "  # if the body does not come whole
+                    try:
+                        data = await upstream.read()
+                    finally:
+                        upstream.release()
                 except (aiohttp.ClientError, TimeoutError) as exc:
-                    raise _Failed(str(exc) or type(exc).__name__) from None
-                if stream and upstream.status == 200:
-                    return upstream, None
-                try:
-                    data = await upstream.read()
-                except (aiohttp.ClientError, TimeoutError) as exc:
-                    why = str(exc) or type(exc).__name__
-                    raise _Failed(f"broke off its answer: {why}") from None
-                finally:
-                    upstream.release()
+                    raise _Failed(what + (str(exc) or type(exc).__name__)) from None
                 if upstream.status >= 500:
                     text = data[:300].decode("utf-8", "replace")
                     raise _Failed(f"HTTP {upstream.status}: {text}")
