@@ -22,12 +22,16 @@ reservations when it starts (its id is kept in its state dir, so a restart finds
 once).
 
 Budget windows are computed by the router (calendar months are easier in Python) and passed
-to the scripts as the current hour's, day's and month's start and end.
+to the scripts as the current hour's, day's and month's start and end. The router's clock rules
+windows; Redis's clock only counts durations: a spend counter's TTL is set relative (`EXPIRE`,
+the window's end less the router's now, plus `KEEP_S`), never as an absolute time that Redis
+would read on its own clock, and the heartbeat's staleness is measured on Redis's `TIME` alone.
 """
 
 from __future__ import annotations
 
 import logging
+import math
 import time
 from collections import deque
 from collections.abc import Callable, Iterable, Mapping
@@ -158,10 +162,15 @@ return release(ARGV[2], ARGV[3])
 )
 
 # ARGV: ..., router id, the admission's request id ('' if none), the row's request id, time,
-# usd, kwh, kgco2e, the row as JSON, seen s, keep s.
+# usd, kwh, kgco2e, the row as JSON, seen s, keep s, the router's now.
 _SETTLE = (
     _PRELUDE
     + """
+-- How long to keep the spend counter of a window that ends at `stop`: seconds from the
+-- router's now (at least 1), plus how long a counter outlives its window.
+local function keep(stop)
+  return math.max(1, math.ceil(tonumber(stop) - tonumber(ARGV[21]))) + tonumber(ARGV[20])
+end
 release(ARGV[11], ARGV[12])
 if not redis.call('SET', P .. 'seen:' .. ARGV[13], '1', 'NX', 'EX', ARGV[19]) then
   return {'dup', {}}
@@ -184,7 +193,10 @@ for _, name in ipairs(covering(ARGV[2], ARGV[3], ARGV[4])) do
     if t >= tonumber(s.start) then
       local key = P .. 'spent:' .. name .. ':' .. s.start
       s.spent = tonumber(redis.call('INCRBYFLOAT', key, cost[s.b.unit]))
-      redis.call('EXPIREAT', key, tonumber(s.stop) + tonumber(ARGV[20]))
+      -- A TTL from the router's own now, not EXPIREAT: Redis would apply an end of window
+      -- reckoned on the router's clock against its own, and a clock behind Redis's would
+      -- see its counters deleted as they are written (README: Budgets, "Which clock rules").
+      redis.call('EXPIRE', key, keep(s.stop))
     end
     out[#out + 1] = row(name, s)
   end
@@ -326,7 +338,8 @@ class SharedBudgetBook:
             spent = self.ledger.spent(budget, start, last_id=last_id)
             if spent:
                 self.ledger.db.incrbyfloat(counter, spent)
-        self.ledger.db.expireat(counter, int(end + KEEP_S))
+        # A TTL from this router's now (not EXPIREAT, which Redis reads on its own clock).
+        self.ledger.db.expire(counter, max(1, math.ceil(end - now)) + KEEP_S)
 
     def delete(self, name: str) -> None:
         self._put(args=[self.prefix, name, "", "", ""])
@@ -403,7 +416,7 @@ class SharedBudgetBook:
         args = [*self._args(entry.key_id, entry.team, entry.route, now), self.router_id, held,
                 entry.request_id, repr(entry.time), repr(entry.cost_usd),
                 repr(entry.energy_kwh), repr(entry.carbon_kg), orjson.dumps(asdict(entry)),
-                SEEN_S, KEEP_S]  # fmt: skip
+                SEEN_S, KEEP_S, repr(now)]  # fmt: skip
         try:
             verdict, rows = self._settle(args=args)
         finally:

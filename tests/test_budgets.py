@@ -207,6 +207,32 @@ def test_kwh_and_carbon_budgets_count_their_own_unit(store: Store) -> None:
         b.admit("b", None, None, None, Amounts(kwh=0.0))
 
 
+@pytest.mark.parametrize("skew_days", [-1000, -45, 0, 45, 400])
+def test_the_routers_clock_rules_windows_whatever_redis_s_clock_says(
+    redis_url: str, skew_days: int
+) -> None:
+    """The router's clock (here `skew_days` off the real one, which Redis reads) decides the
+    windows; Redis only counts how long a spend counter outlives its window, from the router's
+    now. With EXPIREAT (an absolute end read on Redis's clock) a router behind Redis saw every
+    counter deleted as it was written, and one ahead kept them for as long as it was ahead."""
+    from wattops.router.shared_book import KEEP_S
+
+    clock = Clock(time.time() + skew_days * 86400)
+    store = Store("redis", Path("."), redis_url)
+    b = book(store, TEAM_DAY, clock=clock)
+    b.settle(None, entry(0.4, at=clock.now))
+    assert b.standing(TEAM_DAY).spent == pytest.approx(0.4)
+    moment = datetime.fromtimestamp(clock.now, UTC)
+    start, end = (f(TEAM_DAY.window, moment).timestamp() for f in (window_start, window_end))
+    db = RedisLedger(redis_url).db
+    ttl = db.ttl(f"{b.prefix}spent:{TEAM_DAY.name}:{int(start)}")
+    assert end - clock.now + KEEP_S - 5 <= ttl <= end - clock.now + KEEP_S + 1
+    # A budget put again recounts its window the same way.
+    b.put(TEAM_DAY.model_copy(update={"limit": 3.0}))
+    assert b.standing(TEAM_DAY).spent == pytest.approx(0.4)
+    assert db.ttl(f"{b.prefix}spent:{TEAM_DAY.name}:{int(start)}") > KEEP_S
+
+
 def test_bad_budgets_are_refused_naming_the_field() -> None:
     with pytest.raises(ValueError, match="needs a subject"):
         Budget(name="x", scope="team", unit="usd", window="day", limit=1)
