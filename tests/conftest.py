@@ -264,7 +264,8 @@ def render_toml(
 @pytest.fixture
 def make_agent(tmp_path: Path, test_model: Path) -> Iterator[Callable[..., Agent]]:
     """Factory: `make_agent(token=..., **deployment_overrides)` starts a real agent;
-    `tables` adds top-level tables such as `[kubernetes]`."""
+    `tables` adds top-level tables such as `[kubernetes]`. Its power is the profile's estimate
+    unless `agent_extra` names another sensor (or `"auto"`, to test detection)."""
     agents: list[Agent] = []
 
     def make(
@@ -286,6 +287,10 @@ def make_agent(tmp_path: Path, test_model: Path) -> Iterator[Callable[..., Agent
             "state_dir": str(state_dir),
             "health_interval_s": 0.5,
             "wake_timeout_s": 60,
+            # The profile's estimate, whatever this machine has: a runner with readable RAPL
+            # or an NVIDIA GPU would otherwise measure, and tests that mean the estimate would
+            # fail there. A test of detection or of a sensor names it (`agent_extra`).
+            "sensor": "estimate",
             **(agent_extra or {}),
         }
         if token:

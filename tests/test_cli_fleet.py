@@ -32,7 +32,7 @@ def test_status_prints_the_fleet_and_fails_for_an_unreachable_node(agent: Agent)
     header, line = ok.stdout.splitlines()[:2]
     assert header.split()[:5] == ["NODE", "DEPLOYMENT", "PRECISION", "REPLICAS", "STATE"]
     assert line.split()[:5] == ["test-node-0", "tiny", "q8_0", "1/1", "serving"]
-    assert "est." in line  # no sensor on this machine: the watts say they are estimated
+    assert "est." in line  # the agent is pinned to the estimate: its watts say so
     # Which hardware each node is (its profile), in a mixed fleet.
     assert header.split()[5] == "HARDWARE" and line.split()[5] == "cpu-generic"
     dead = f"http://127.0.0.1:{free_port()}"

@@ -70,7 +70,7 @@ def test_prometheus_scrapes_power_cost_and_tokens_from_a_real_agent(
     assert "precision" not in labels
     served = series('wattops_deployment_info{deployment="tiny"}')
     assert [r["metric"]["precision"] for r in served] == ["q8_0"]
-    # Every watt carries its source; on this machine it is the profile estimate.
+    # Every watt carries its source; this agent is pinned to the profile estimate.
     power = series("wattops_node_power_watts")
     assert power and power[0]["metric"]["source"] == "estimate"
     assert 60.0 <= float(power[0]["value"][1]) <= 400.0  # the a100-80gb profile's range
