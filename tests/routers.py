@@ -8,8 +8,10 @@ import json
 import signal
 import subprocess
 import sys
+import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +22,18 @@ import pytest
 from tests.conftest import Agent, free_port, wait_for
 
 ROUTER_BIN = Path(sys.executable).with_name("wattops-router")
+
+
+def clear_of_window_edge(window: str = "day", margin_s: float = 180.0) -> None:
+    """Wait for the next UTC `window` (hour, day, month) if the current one ends within
+    `margin_s`: a router subprocess runs on the real clock, so a test that counts spend in a
+    window would see it start again from zero at 00:00 UTC if its run crossed it."""
+    from wattops.router.budgets import window_end
+
+    now = time.time()
+    end = window_end(window, datetime.fromtimestamp(now, UTC)).timestamp()
+    if end - now < margin_s:
+        time.sleep(end - now + 1)
 
 
 def _toml_value(v: Any) -> str:

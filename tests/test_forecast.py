@@ -140,6 +140,9 @@ def test_idle_parking_waits_for_the_forecast_and_a_parked_deployment_is_woken_ah
     import time
 
     season, bucket = 60.0, 5.0
+    # Start at a bucket's beginning: the quiet span is then the whole four buckets ahead,
+    # not 0-5 s less by where in its bucket the test happened to start.
+    time.sleep(bucket - time.time() % bucket)
     first = int(time.time() // bucket)  # the bucket the test starts in
     phase = first % 12
     # Quiet now and for the next four buckets, busy from the fifth on.

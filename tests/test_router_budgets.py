@@ -22,7 +22,7 @@ import openai
 import pytest
 
 from tests.conftest import Agent, free_port, wait_for
-from tests.routers import CHAT, ROUTER_BIN, Balanced, RouterProc
+from tests.routers import CHAT, ROUTER_BIN, Balanced, RouterProc, clear_of_window_edge
 from wattops.router.ledger import Entry, Ledger
 from wattops.router.redis_ledger import RedisLedger
 
@@ -83,7 +83,10 @@ def _create_key(router: Routers, **asked: Any) -> dict[str, Any]:
 
 
 def _budget(router: Routers, **fields: Any) -> dict[str, Any]:
+    """Make a budget (a team's USD per day unless `fields` say otherwise), at least 3 minutes
+    before its window ends: a test that counts its spend never sees the window reset."""
     body = {"scope": "team", "subject": "ml", "unit": "usd", "window": "day", **fields}
+    clear_of_window_edge(body["window"])
     resp = router.client.post("/v1/budgets", json=body, headers=ADMIN_HEADERS)
     assert resp.status_code == 201, resp.text
     return resp.json()  # type: ignore[no-any-return]
