@@ -1,13 +1,16 @@
 """The generic OpenAI-compatible engine, launched from an argv template and attached by URL.
 
-No vLLM or llama-server can run here, so the server behind it is wattops's own llama.cpp
-worker, which speaks the same OpenAI HTTP API and exports llama-server's metric names.
+The server behind it is the real `llama-server` (the one `make llama-server` builds, found as
+the `llamacpp-server` engine finds it), started as a third-party server would be: by the
+engine's argv template, or by hand and attached by URL. It stands where vLLM or TGI would on
+a GPU node: the same OpenAI HTTP API, a `/health` path, token counters on `/metrics`. What is
+not covered here: vLLM's and TGI's own metric names (tests/test_engine_metrics.py parses
+their exposition text).
 """
 
 from __future__ import annotations
 
 import subprocess
-import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -15,41 +18,36 @@ import pytest
 
 from tests.conftest import Agent, free_port, wait_for
 from tests.cutting_link import CuttingLink
+from wattops.engines import server_binary
 from wattops.engines.base import EngineError
 from wattops.engines.openai_server import OpenAIServerEngine
 
 
-def worker_argv(model: str, port: str, name: str, precision: str) -> list[str]:
-    return [
-        sys.executable,
-        "-m",
-        "wattops.engines.llamacpp_worker",
-        "--model",
-        model,
-        "--port",
-        port,
-        "--name",
-        name,
-        "--precision",
-        precision,
-        "--ctx",
-        "512",
-    ]
+def server_argv(model: str, port: str, name: str) -> list[str]:
+    """How an operator would start llama-server for the engine: one slot, no web UI, the
+    chat template from the GGUF, Prometheus metrics on."""
+    return [str(server_binary.find()), "--model", model, "--host", "127.0.0.1", "--port", port,
+            "--alias", name, "--ctx-size", "512", "--threads", "1", "--parallel", "1",
+            "--metrics", "--no-webui", "--jinja", "--no-warmup"]  # fmt: skip
 
 
 @pytest.fixture
-def running_server(test_model: Path) -> Iterator[str]:
+def running_server(test_model: Path, tmp_path: Path) -> Iterator[str]:
     port = free_port()
-    proc = subprocess.Popen(
-        worker_argv(str(test_model), str(port), "attached", "f16"), stdout=subprocess.DEVNULL
-    )
+    with (tmp_path / "llama-server.log").open("wb") as log:
+        proc = subprocess.Popen(server_argv(str(test_model), str(port), "attached"),
+                                stdout=log, stderr=subprocess.STDOUT)  # fmt: skip
     import httpx
 
     url = f"http://127.0.0.1:{port}"
-    wait_for(lambda: httpx.get(url + "/health").status_code == 200, 60, "attached server")
-    yield url
-    proc.terminate()
-    proc.wait(10)
+    try:
+        wait_for(lambda: httpx.get(url + "/health").status_code == 200, 60, "attached server")
+        # llama.cpp's own server (its /props), not a stand-in of ours.
+        assert "build_info" in httpx.get(url + "/props").json()
+        yield url
+    finally:
+        proc.terminate()
+        proc.wait(10)
 
 
 def test_launched_and_attached_servers_serve_through_the_gateway(
@@ -60,7 +58,7 @@ def test_launched_and_attached_servers_serve_through_the_gateway(
         "engine": "openai",
         "model": str(test_model),
         "precision": "f16",
-        "command": worker_argv("{model}", "{port}", "gpu", "{precision}"),
+        "command": server_argv("{model}", "{port}", "gpu"),
         "replicas": 1,
         "max_replicas": 2,
     }
