@@ -164,7 +164,6 @@ def test_quantizes_to_q4_k_m(model_path: Path, tmp_path: Path) -> None:
         quantized.close()
 
 
-@pytest.mark.slow
 def test_demo_model_has_about_100m_parameters(tmp_path: Path) -> None:
     path = write_tiny_model(tmp_path / "demo.gguf", size="demo")
     n_params = sum(int(t.n_elements) for t in gguf.GGUFReader(path).tensors)
