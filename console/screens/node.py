@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from contextlib import suppress
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import httpx
@@ -289,7 +289,7 @@ class NodeScreen(Screen[None]):
         snap: NodeSnapshot | None = self.link.snapshot
         node = snap.node if snap else ""
         prom = PrometheusConnect(url=self.prometheus, disable_ssl=True)
-        end = datetime.now()
+        end = datetime.now(UTC)  # aware: an hour is an hour across a DST change
         start = end - timedelta(hours=1)
 
         def query(expr: str) -> list[float]:
