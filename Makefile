@@ -6,7 +6,7 @@ BIN    := $(VENV)/bin
 # pip caches the built wheel, so only the first install compiles (~8 min on 2 cores).
 export CMAKE_ARGS ?= -DGGML_NATIVE=OFF
 
-.PHONY: help install test lint layout layers typecheck pytest prometheus kubectl redis-server haproxy llama-server bench bench-quick demo models clean
+.PHONY: help install test lint layout layers typecheck pytest test-dates prometheus kubectl redis-server haproxy faketime llama-server bench bench-quick demo models clean
 
 help:
 	@echo "make demo   a three-node fleet on this machine, with load, in the console"
@@ -84,6 +84,10 @@ redis-server:
 haproxy:
 	$(call apt-tool,haproxy,haproxy)
 
+# libfaketime, for `make test-dates`.
+faketime:
+	$(call apt-tool,faketime,faketime)
+
 # llama-server for the `llamacpp-server` engine, built from the llama.cpp that the pinned
 # llama-cpp-python sdist vendors, once, into the user cache (keyed by version and CMake flags):
 # about 5 min on 2 cores the first time, nothing after (engines/server_binary.py).
@@ -101,7 +105,32 @@ pytest: $(BIN)/.installed models/test.gguf $(SMOLLM2) prometheus kubectl redis-s
 	$(BIN)/python -m pytest -q -m "not beside_others" || status=$$?; \
 	exit $$status
 
-test: lint layers typecheck pytest
+# Nothing may depend on today's date: the modules that count by date (budget windows and
+# both stores, the ledger and the report, the forecast's seasons, downtime and state across
+# restarts) run again with the clock 45 and 400 days ahead, under libfaketime (LD_PRELOAD: the
+# tests and the agents, routers and replicas they start; Redis and HAProxy keep the real clock,
+# as a shared store's would: tests/conftest.py's real_clock_env). The monotonic clock is left
+# alone: it measures durations. tests/faketime/sitecustomize.py says why time.sleep needs help.
+DATE_BOUND := tests/test_budgets.py tests/test_forecast.py tests/test_downtime.py \
+	tests/test_state.py tests/test_accounting.py \
+	tests/test_router_budgets.py::test_the_report_adds_up_to_the_ledger_and_the_fleet \
+	tests/test_router_budgets.py::test_a_spent_budget_is_refused_with_429_naming_it
+DAYS_AHEAD := 45 400
+
+test-dates: $(BIN)/.installed models/test.gguf $(SMOLLM2) faketime redis-server
+	status=0; \
+	export FAKETIME_DONT_FAKE_MONOTONIC=1 PYTHONPATH=$(CURDIR)/tests/faketime; \
+	for days in $(DAYS_AHEAD); do \
+	  seen=$$(faketime -f "+$${days}d" $(BIN)/python -c 'import time; print(int(time.time()))'); \
+	  test $$(( seen - $$(date +%s) )) -ge $$(( days * 86400 - 60 )) \
+	    || { echo "faketime did not move Python's clock $$days days ahead"; exit 1; }; \
+	  echo "== the clock $$days days ahead: $$(faketime -f "+$${days}d" date -u +%FT%TZ)"; \
+	  faketime -f "+$${days}d" $(BIN)/python -m pytest -q -p no:cacheprovider \
+	    $(DATE_BOUND) || status=$$?; \
+	done; \
+	exit $$status
+
+test: lint layers typecheck pytest test-dates
 
 demo: $(BIN)/.installed $(SMOLLM2) llama-server
 	$(BIN)/wattops demo

@@ -47,7 +47,7 @@ def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     proc = subprocess.Popen(
         [binary, "--port", str(port), "--bind", "127.0.0.1", "--dir", str(folder), "--save", "",
          "--appendonly", "no", "--protected-mode", "yes"],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=real_clock_env(),
     )  # fmt: skip
 
     def up() -> bool:
@@ -70,6 +70,15 @@ def redis_url(redis_server: str) -> str:
     with redis.Redis.from_url(redis_server) as db:
         db.flushall()
     return redis_server
+
+
+def real_clock_env() -> dict[str, str]:
+    """This environment without libfaketime (`make test-dates` runs the tests with the clock
+    days ahead): for the servers that stand on the other side of the clock boundary, Redis and
+    HAProxy, which keep the machine's real time as a shared store's would (redis-server also
+    cannot start under libfaketime: jemalloc's clock_gettime recursion)."""
+    faked = {"LD_PRELOAD", "FAKETIME", "FAKETIME_DONT_FAKE_MONOTONIC", "FAKETIME_NO_CACHE"}
+    return {k: v for k, v in os.environ.items() if k not in faked}
 
 
 def free_port() -> int:

@@ -19,7 +19,7 @@ import httpx
 import openai
 import pytest
 
-from tests.conftest import Agent, free_port, wait_for
+from tests.conftest import Agent, free_port, real_clock_env, wait_for
 
 ROUTER_BIN = Path(sys.executable).with_name("wattops-router")
 
@@ -173,7 +173,7 @@ class Balanced:
         )
         quiet = subprocess.DEVNULL
         self.lb = subprocess.Popen(["haproxy", "-db", "-f", str(config)], stdout=quiet,
-                                   stderr=quiet)  # fmt: skip
+                                   stderr=quiet, env=real_clock_env())  # fmt: skip
         self.client = httpx.Client(base_url=self.url, timeout=60)
         wait_for(lambda: self.client.get("/healthz").status_code == 200, 30, "HAProxy")
 

@@ -21,7 +21,7 @@ import httpx
 import openai
 import pytest
 
-from tests.conftest import Agent, free_port, wait_for
+from tests.conftest import Agent, free_port, real_clock_env, wait_for
 from tests.routers import CHAT, ROUTER_BIN, Balanced, RouterProc, clear_of_window_edge
 from wattops.router.ledger import Entry, Ledger
 from wattops.router.redis_ledger import RedisLedger
@@ -496,7 +496,7 @@ def test_an_unreachable_store_is_named_and_fails_closed(
     def redis_up() -> subprocess.Popen[bytes]:
         proc = subprocess.Popen(["redis-server", "--port", str(port), "--bind", "127.0.0.1",
                                  "--dir", str(tmp_path), "--save", "", "--appendonly", "no"],
-                                stdout=subprocess.DEVNULL)  # fmt: skip
+                                stdout=subprocess.DEVNULL, env=real_clock_env())  # fmt: skip
         ping = ["redis-cli", "-p", str(port), "ping"]
         wait_for(lambda: subprocess.run(ping, capture_output=True).returncode == 0, 20, "redis")
         return proc
