@@ -76,12 +76,16 @@ def test_concurrent_requests_are_decoded_together(make_agent: Callable[..., Agen
     _ask(agent, 0, max_tokens=4)  # warm: the first request pays for loading pages
     one = _tokens_per_s(agent, clients=1, requests=4, first=100)
     four = _tokens_per_s(agent, clients=4, requests=12, first=200)
-    # One replica on one thread: only decoding the sequences together can do this (a serial
-    # engine stays at 1x; measured here 1.67-2.09x over five runs, so 1.35 leaves room for a
-    # noisy neighbour). The replica's own count says the same directly.
-    assert four > 1.35 * one, f"4 clients {four:.1f} tokens/s vs 1 client {one:.1f}"
+    # One replica on one thread decodes the four sequences together: the replica's own count
+    # of sequences per decode step says so directly (a serial engine decodes one a step).
     metrics = _replica_metrics(agent)
-    assert metrics["llamacpp:n_busy_slots_per_decode"] > 1.5
+    busy = metrics["llamacpp:n_busy_slots_per_decode"]
+    assert busy > 1.5, f"{busy:.2f} sequences per decode step"
+    # What that buys in tokens/s depends on the processor: 1.67-2.09x where a decode step was
+    # bound by memory (the VMs of 2026-11), 1.09-1.28x on 2026-12-07's AMD EPYC with AVX-512,
+    # where one sequence already keeps the core busy. So only: never slower than one client
+    # (0.9 leaves room for a noisy neighbour). docs/benchmarks.md has the measured figures.
+    assert four > 0.9 * one, f"4 clients {four:.1f} tokens/s vs 1 client {one:.1f}"
 
 
 def test_streaming_and_usage_as_the_other_engines(make_agent: Callable[..., Agent]) -> None:
