@@ -13,12 +13,21 @@ __all__ = ["MAX_BODY_BYTES", "BodyTooLarge", "error_body", "read_body", "replay"
 MAX_BODY_BYTES = 16 * 2**20
 
 
+#: Error codes whose `type` is OpenAI's for a spent quota, not a bad request: what clients
+#: (the official SDKs' users, LiteLLM, LangChain) look for to stop retrying and tell the user.
+QUOTA_CODES = frozenset({"budget_exceeded"})
+
+
 def error_body(status: int, message: str, code: str, param: str | None = None) -> dict[str, Any]:
     """`{"error": {...}}` as OpenAI answers a request it refuses (4xx) or cannot serve (5xx)."""
+    if code in QUOTA_CODES:
+        kind = "insufficient_quota"
+    else:
+        kind = "invalid_request_error" if status < 500 else "server_error"
     return {
         "error": {
             "message": message,
-            "type": "invalid_request_error" if status < 500 else "server_error",
+            "type": kind,
             "param": param,
             "code": code,
         }
