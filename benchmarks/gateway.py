@@ -48,6 +48,34 @@ ANSWER = orjson.dumps(
 )
 
 
+#: A streamed answer, as llama.cpp's server sends it: a role chunk, one event per token
+#: (STREAM_TOKENS of them), the finish, the usage chunk when asked for, then [DONE].
+STREAM_TOKENS = 16
+
+
+def _event(delta: dict[str, str], finish: str | None = None) -> bytes:
+    chunk = {
+        "id": "chatcmpl-bench",
+        "object": "chat.completion.chunk",
+        "created": 0,
+        "model": "bench",
+        "choices": [{"index": 0, "delta": delta, "finish_reason": finish}],
+    }
+    return b"data: " + orjson.dumps(chunk) + b"\n\n"  # fmt: skip
+
+
+STREAM = [
+    _event({"role": "assistant", "content": ""}),
+    *(_event({"content": f" w{i}"}) for i in range(STREAM_TOKENS)),
+    _event({}, "length"),
+]
+USAGE_EVENT = b"data: " + orjson.dumps({
+    "id": "chatcmpl-bench", "object": "chat.completion.chunk", "created": 0, "model": "bench",
+    "choices": [], "usage": {"prompt_tokens": 8, "completion_tokens": STREAM_TOKENS,
+                             "total_tokens": 8 + STREAM_TOKENS},
+}) + b"\n\n"  # fmt: skip
+
+
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
@@ -55,12 +83,23 @@ def free_port() -> int:
 
 
 def run_stand_in(port: int) -> None:
-    """A minimal OpenAI-compatible engine: answers every request immediately."""
+    """A minimal OpenAI-compatible engine: answers every request immediately (streamed, in
+    STREAM_TOKENS events, when asked)."""
     from aiohttp import web
 
-    async def chat(request: web.Request) -> web.Response:
-        await request.read()
-        return web.Response(body=ANSWER, content_type="application/json")
+    async def chat(request: web.Request) -> web.StreamResponse:
+        body = orjson.loads(await request.read())
+        if not body.get("stream"):
+            return web.Response(body=ANSWER, content_type="application/json")
+        response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await response.prepare(request)
+        for event in STREAM:  # one write an event, as an engine sends tokens
+            await response.write(event)
+        if (body.get("stream_options") or {}).get("include_usage"):
+            await response.write(USAGE_EVENT)
+        await response.write(b"data: [DONE]\n\n")
+        await response.write_eof()
+        return response
 
     async def ok(request: web.Request) -> web.Response:
         return web.Response(text="ok")

@@ -1,7 +1,7 @@
 """Router overhead benchmark: what wattops-router adds in front of an agent.
 
 Usage: .venv/bin/python benchmarks/router.py [--requests 20000] [--keys] [--store redis]
-                                             [--litellm PATH] [--out results.json]
+                                             [--stream] [--litellm PATH] [--out results.json]
 
 Starts (each in its own process) the fast stand-in engine of benchmarks/gateway.py (answers
 every OpenAI chat request at once with a fixed body), a real wattops-agent attached to it, and
@@ -20,6 +20,10 @@ written to the SQLite ledger when it ends. Without, the ledger still gets its ro
 With `--store redis`, keys, budgets and the ledger are in a real redis-server started for the
 run on this machine (append-only file, fsync every second: the durability the docs advise),
 reached over loopback TCP: the shared store of several routers, here measured with one.
+
+With `--stream`, every request is streamed (the stand-in sends a role event, 16 token events,
+the finish and `[DONE]`, one write each) and read to its end: the router's event relay, which
+asks for and strips the usage chunk, on the path.
 
 With `--litellm PATH` (the `litellm` command of an environment that has `litellm[proxy]`: it
 is not one of wattops' dependencies), LiteLLM's proxy is measured in the same role and the
@@ -70,6 +74,8 @@ def main() -> None:
     parser.add_argument("--requests", type=int, default=20000, help="per measurement at c=32")
     parser.add_argument("--out", type=Path, help="write the figures as JSON here")
     parser.add_argument("--keys", action="store_true", help="a key and three budgets on the way")
+    parser.add_argument("--stream", action="store_true",
+                        help="streamed answers (16 token events each), read to [DONE]")  # fmt: skip
     parser.add_argument(
         "--store",
         choices=["sqlite", "redis"],
@@ -174,8 +180,11 @@ general_settings:
                 auth = _key_and_budgets(f"http://127.0.0.1:{router_port}")
 
             def body(model: str) -> bytes:
-                return orjson.dumps({"model": model, "temperature": 0.7, "max_tokens": 1,
-                                     "messages": [{"role": "user", "content": "hi"}]})  # fmt: skip
+                asked = {"model": model, "temperature": 0.7, "max_tokens": 1,
+                         "messages": [{"role": "user", "content": "hi"}]}  # fmt: skip
+                if args.stream:
+                    asked["stream"] = True
+                return orjson.dumps(asked)
 
             targets = {
                 "agent": (f"http://127.0.0.1:{agent_port}", body("bench"), {}),
@@ -217,6 +226,7 @@ general_settings:
         "requests": args.requests,
         "keys_and_budgets": args.keys,
         "store": args.store,
+        "stream": args.stream,
         "results": results,
     }
     print(json.dumps(report, indent=2))

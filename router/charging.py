@@ -265,16 +265,28 @@ class Charging:
         return degrading
 
     def admit(self, ticket: Ticket, body: Mapping[str, Any], candidates: list[Candidate],
-              every: Mapping[str, Candidate]) -> None:  # fmt: skip
-        """Reserve the request's worst case on every budget that covers it (Refusal 429)."""
+              every: Mapping[str, Candidate], cascade: bool = False) -> None:  # fmt: skip
+        """Reserve the request's worst case on every budget that covers it (Refusal 429).
+
+        One answer, at the highest rates among `candidates` (whichever serves it, falling back
+        costs nothing: a candidate that failed computed no answer); with `cascade`, every
+        candidate may compute an answer before a surer one is asked, and each is charged, so
+        the worst case is their sum."""
         c = ticket.caller
         if not self.book.may_cover(c.key_id, c.team, ticket.route):
             return
         prompt, completion = worst_tokens(body, self.default_max_tokens)
-        rates = self._highest_rates(candidates, every)
+        if cascade and len(candidates) > 1:
+            worst = Amounts()
+            for one in candidates:
+                cost = amounts(prompt, completion, self._highest_rates([one], every))
+                worst = Amounts(worst.usd + cost.usd, worst.kwh + cost.kwh,
+                                worst.kgco2e + cost.kgco2e)  # fmt: skip
+        else:
+            worst = amounts(prompt, completion, self._highest_rates(candidates, every))
         try:
             ticket.admission = self.book.admit(ticket.request_id, c.key_id, c.team, ticket.route,
-                                               amounts(prompt, completion, rates))  # fmt: skip
+                                               worst)  # fmt: skip
         except BudgetExceeded as exc:
             raise self._refusal(exc.standing) from None
 

@@ -99,6 +99,7 @@ class RouteStats:
 
     requests: int = 0
     errors: int = 0
+    client_errors: int = 0
     refusals: int = 0
     fallbacks: int = 0
     escalations: int = 0
@@ -400,9 +401,10 @@ class Router:
                cache_hit: bool = False) -> None:  # fmt: skip
         """One request's outcome, into the ledger (with `ticket`), the route's statistics and
         the metrics."""
-        if ticket is not None:
+        if ticket is not None:  # charged for what the server computed, whatever the status
+            charged = served if status < 400 or usage is not None else None
             self.charging.settle(
-                ticket, served if status < 400 else None, ticket.every,
+                ticket, charged, ticket.every,
                 usage.prompt_tokens if usage else 0, usage.completion_tokens if usage else 0,
                 status, cache_hit, reference,
             )  # fmt: skip
@@ -417,8 +419,10 @@ class Router:
         if status == 503 and served is None and choice is None:
             stats.refusals += 1
             self.m_refusals.labels(route).inc()
-        elif served is None or status >= 400:
+        elif served is None or status >= 500:
             stats.errors += 1
+        elif status >= 400:  # the client's own: a bad request, or a stream it broke off
+            stats.client_errors += 1
         else:
             stats.requests += 1
             stats.served[served.key] += 1
@@ -524,6 +528,7 @@ class Router:
             routes.append(RouteView(
                 name=name, reference=route.reference, bounds=self.bounds(route),
                 candidates=views, requests=stats.requests, errors=stats.errors,
+                client_errors=stats.client_errors,
                 refusals=stats.refusals, fallbacks=stats.fallbacks, tokens=stats.tokens,
                 escalations=stats.escalations, escalated_tokens=stats.escalated_tokens,
                 est_cost_usd=stats.est_cost_usd,

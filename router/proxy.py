@@ -28,7 +28,7 @@ from starlette.responses import Response, StreamingResponse
 from starlette.types import Receive, Scope, Send
 
 from wattops.router.candidates import Candidate
-from wattops.router.charging import Refusal, Ticket
+from wattops.router.charging import Refusal, Ticket, worst_tokens
 from wattops.router.choose import Choice, NoCandidate, choose
 from wattops.router.core import BadRequestHeader, Router, Usage
 from wattops.vocabulary.openai import MAX_BODY_BYTES, BodyTooLarge, error_body, read_body
@@ -41,6 +41,8 @@ _JSON = "application/json"
 CHAT_PATH = "/v1/chat/completions"
 OPENAI_PATHS = frozenset({"/v1/models", CHAT_PATH, "/v1/completions"})
 _PASSED_HEADERS = ("X-Cache", "X-Wattops-Est-Energy-J", "X-Wattops-Est-Cost-USD")
+#: A stream the client broke off before its end (nginx's status for a closed request).
+CLIENT_CLOSED = 499
 
 
 class _Failed(Exception):
@@ -73,13 +75,10 @@ def _usage_of(data: bytes) -> Usage | None:
         return None
 
 
-def _usage_in_sse(chunk: bytes) -> Usage | None:
-    for line in chunk.split(b"\n"):
-        if line.startswith(b"data: {") and b'"usage"' in line:
-            found = _usage_of(line[6:])
-            if found is not None and found.total:
-                return found
-    return None
+def _asked_usage(body: dict[str, Any]) -> bool:
+    """Whether a streamed request asked for the usage chunk itself (`stream_options`)."""
+    options = body.get("stream_options")
+    return isinstance(options, dict) and bool(options.get("include_usage"))
 
 
 def _confidence(data: bytes) -> float | None:
@@ -217,15 +216,15 @@ class RouterGateway:
             if degrading is not None:
                 choice = self._degraded(route.name, cands, bounds, choice, degrading, ticket)
                 out["X-Wattops-Degraded"] = ticket.degraded or ""
-            charging.admit(ticket, body, choice.ordered, every)
+            cascade = None
+            if bounds.policy == "cascade" and not body.get("stream"):
+                cascade = route.cascade_min_logprob
+            charging.admit(ticket, body, choice.ordered, every, cascade=cascade is not None)
         except Refusal as refused:
             self._refused(refused)
             return _error(refused.status, str(refused), refused.code,
                           headers={**out, **refused.headers})  # fmt: skip
         reference = every.get(route.reference)
-        cascade = None
-        if bounds.policy == "cascade" and not body.get("stream"):
-            cascade = route.cascade_min_logprob
         return await self._guarded(ticket, route.name, choice, reference, path, body, out,
                                    cascade)  # fmt: skip
 
@@ -301,6 +300,12 @@ class RouterGateway:
         asked_logprobs = body.get("logprobs")
         if cascade is not None:  # the answer's confidence is read from its log-probabilities
             body["logprobs"] = True if path == CHAT_PATH else (asked_logprobs or 0)
+        client_usage = True
+        if stream:  # every stream is charged: ask the engine for its usage, whatever the client
+            client_usage = _asked_usage(body)
+            if not client_usage:
+                body["stream_options"] = {**(body.get("stream_options") or {}),
+                                          "include_usage": True}  # fmt: skip
         for n, c in enumerate(choice.ordered):
             body["model"] = c.deployment
             router.in_flight[c.key] += 1
@@ -328,7 +333,7 @@ class RouterGateway:
                     out[name] = upstream.headers[name]
             if data is None:  # an event stream, relayed as it comes
                 relay = _Relay(self, route, choice, c, reference, upstream, fallbacks, reason,
-                               ticket)  # fmt: skip
+                               ticket, client_usage, body)  # fmt: skip
                 return _RelayResponse(relay.chunks(), relay.finish,
                                       media_type=upstream.content_type or "text/event-stream",
                                       headers={**out, "Cache-Control": "no-cache"})  # fmt: skip
@@ -406,25 +411,107 @@ class RouterGateway:
 
 
 class _Relay:
-    """One streamed answer on its way through; records it once, however it ends."""
+    """One streamed answer on its way through, read event by event; records (and charges) it
+    once, however it ends.
+
+    The router asked the engine for the usage chunk (OpenAI's `stream_options.include_usage`)
+    whether or not the client did: it is taken for the ledger and, unless the client asked for
+    it, left out of what the client gets. A stream that ended with `data: [DONE]` was answered
+    (200), whenever the client hung up after it. One the client broke off first (499, as
+    nginx logs a client that closed the request) is charged what was generated: the engine's
+    usage if it came, else its prompt's upper bound (what was reserved for it) and one token
+    per content event relayed (llama.cpp and vLLM send one token an event). One the engine
+    broke off (no `[DONE]`) is a 502, charged the same way.
+    """
 
     def __init__(self, gateway: RouterGateway, route: str | None, choice: Choice, c: Candidate,
                  reference: Candidate | None, upstream: aiohttp.ClientResponse,
-                 fallbacks: list[str], reason: str, ticket: Ticket | None) -> None:  # fmt: skip
+                 fallbacks: list[str], reason: str, ticket: Ticket | None,
+                 client_usage: bool = True, body: dict[str, Any] | None = None
+                 ) -> None:  # fmt: skip
         self.gateway, self.route, self.choice, self.c = gateway, route, choice, c
         self.ticket = ticket
         self.reference, self.upstream = reference, upstream
         self.fallbacks, self.reason = fallbacks, reason
+        self.client_usage, self.body = client_usage, body or {}
         self.usage: Usage | None = None
-        self.complete = False
+        #: Content events relayed (each one token, for the engines we know).
+        self.events = 0
+        self.done = False  # `data: [DONE]` relayed
+        self.broken = False  # the engine's stream ended or failed without it
         self.finished = False
 
     async def chunks(self) -> AsyncIterator[bytes]:
-        async for chunk in self.upstream.content.iter_any():
-            if b'"usage"' in chunk:
-                self.usage = _usage_in_sse(chunk) or self.usage
-            yield chunk
-        self.complete = True
+        pending = b""
+        try:
+            async for piece in self.upstream.content.iter_any():
+                pending += piece
+                cut = pending.rfind(b"\n\n")
+                if cut < 0:
+                    continue
+                events, pending = pending[: cut + 2], pending[cut + 2 :]
+                out = self._read(events)
+                if out:
+                    yield out
+            if pending:
+                out = self._read(pending)
+                if out:
+                    yield out
+        except (aiohttp.ClientError, TimeoutError):
+            self.broken = True
+            return
+        if not self.done:
+            self.broken = True
+
+    def _read(self, events: bytes) -> bytes:
+        """Note what `events` (whole SSE events) say, and return what the client gets."""
+        if b'"usage"' not in events and b"[DONE]" not in events:
+            self.events += events.count(b'"content":"') + events.count(b'"text":"')
+            return events
+        kept = []
+        for event in events.split(b"\n\n"):
+            if not event.strip():
+                continue
+            data = event[6:] if event.startswith(b"data: ") else b""
+            if data.strip() == b"[DONE]":
+                self.done = True
+            elif b'"usage"' in data:
+                event = self._usage_event(data, event)
+                if not event:
+                    continue
+            else:
+                self.events += event.count(b'"content":"') + event.count(b'"text":"')
+            kept.append(event)
+        return b"".join(e + b"\n\n" for e in kept)
+
+    def _usage_event(self, data: bytes, event: bytes) -> bytes:
+        """Take the usage from an event; the event as the client gets it (b"" for none)."""
+        try:
+            chunk = orjson.loads(data)
+        except orjson.JSONDecodeError:
+            return event
+        usage = _usage_of(data)
+        if usage is not None and usage.total:
+            self.usage = usage
+        if self.client_usage or not isinstance(chunk, dict):
+            return event
+        if not chunk.get("choices"):
+            return b""  # the usage chunk the router asked for: not the client's
+        chunk.pop("usage", None)  # an engine that puts it on a content chunk
+        self.events += sum(
+            1 for c in chunk["choices"]
+            if isinstance(c, dict) and ((c.get("delta") or {}).get("content") or c.get("text"))
+        )  # fmt: skip
+        return b"data: " + orjson.dumps(chunk)
+
+    def charged(self) -> Usage | None:
+        """What the answer is charged: the engine's usage, or what was relayed."""
+        if self.usage is not None:
+            return self.usage
+        if self.events:  # the prompt's upper bound, as its reservation counted it
+            cfg = self.gateway.router.config.router
+            return Usage(worst_tokens(self.body, cfg.default_max_tokens)[0], self.events)
+        return None
 
     def finish(self) -> None:
         if self.finished:
@@ -433,9 +520,9 @@ class _Relay:
         self.upstream.release()
         router = self.gateway.router
         router.in_flight[self.c.key] -= 1
-        status = 200 if self.complete else 502
+        status = 200 if self.done else 502 if self.broken else CLIENT_CLOSED
         hit = self.upstream.headers.get("X-Cache", "").lower() == "hit"
-        router.record(self.route, self.choice, self.c, self.reference, self.usage, status,
+        router.record(self.route, self.choice, self.c, self.reference, self.charged(), status,
                       self.fallbacks, self.reason, self.ticket, hit)  # fmt: skip
 
 
