@@ -175,7 +175,7 @@ def _budgets_create(args: argparse.Namespace) -> int:
         )  # fmt: skip
     except ValidationError as exc:
         raise _invalid("budgets create", exc) from None
-    view = call_router(args, lambda c: c.put_budget(budget))
+    view = call_router(args, lambda c: c.put_budget(budget, force=args.force))
     return _print(args, view.model_dump(), [_budget_line(view)])
 
 
@@ -246,6 +246,8 @@ def add_commands(commands: Any) -> None:
     make.add_argument("--limit", required=True, type=_positive_float)
     make.add_argument("--degrade-at", type=float, help="fraction of the limit (0..1)")
     make.add_argument("--degrade-min-quality", type=float, help="0..1")
+    make.add_argument("--force", action="store_true",
+                      help="make it though its key, team or route is not known yet")  # fmt: skip
     make.set_defaults(func=_budgets_create)
     change = actions.add_parser("set", help="raise or lower a budget now")
     change.add_argument("name")

@@ -12,6 +12,7 @@ import csv
 import datetime as dt
 import io
 import re
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -99,6 +100,11 @@ def render(report: Report, fmt: str) -> str:
             f"| unattributed (held, idle, or not through this router) | "
             f"{f.unattributed_cost_usd:.6f} | {f.unattributed_energy_kwh:.6f} | "
             f"{f.unattributed_carbon_kg:.6f} |",
+            *([f"| overcharged (the ledger's learned rates above the span's own cost) | "
+               f"-{f.overcharged_cost_usd:.6f} | -{f.overcharged_energy_kwh:.6f} | "
+               f"-{f.overcharged_carbon_kg:.6f} |"]
+              if f.overcharged_cost_usd or f.overcharged_energy_kwh or f.overcharged_carbon_kg
+              else []),
             f"| **fleet** | {f.cost_usd:.6f} | {f.energy_kwh:.6f} | {f.carbon_kg:.6f} |",
             "",
             f"Parking: {f.parking_saving_usd:.6f} USD of hardware the parked deployments did "
@@ -116,7 +122,12 @@ def render(report: Report, fmt: str) -> str:
         ]
         for fc in report.forecasts:
             unit = UNIT_LABELS[fc.unit]
-            out_at = _day(fc.runs_out_at) if fc.runs_out_at is not None else "not this window"
+            if fc.runs_out_at is None:
+                out_at = "not this window"
+            elif fc.spent >= fc.limit:
+                out_at = "spent"
+            else:
+                out_at = _day(fc.runs_out_at)
             lines.append(
                 f"| {fc.budget} | {fc.spent:.6g} {unit} | {fc.limit:.6g} | "
                 f"{fc.rate_per_day:.6g} | {fc.projected:.6g} | {out_at} | {_day(fc.resets_at)} |"
@@ -149,6 +160,10 @@ def _report(args: argparse.Namespace) -> int:
     from wattops.console.keys import call_router
 
     until = args.until
+    if until is not None and until <= args.since:
+        print(f"wattops report: --until ({_day(until)}) must be after --since "
+              f"({_day(args.since)})", file=sys.stderr)  # fmt: skip
+        return 2
     report = call_router(args, lambda c: c.report(args.by, args.since, until))
     print(render(report, args.format), end="")
     if args.chart:

@@ -111,7 +111,16 @@ class RouteView(_Model):
     bounds: Bounds
     candidates: list[CandidateView]
     requests: int = 0
-    errors: int = 0
+    errors: int = Field(
+        0,
+        description="answers that failed on the fleet's side: 5xx, 502 when "
+        "every candidate failed, streams the engine broke off",
+    )
+    client_errors: int = Field(
+        0,
+        description="the clients' own: 4xx from the engine (a bad "
+        "request), streams the client broke off (499)",
+    )
     refusals: int = Field(0, description="answered 503: no candidate met the bounds")
     fallbacks: int = Field(0, description="candidates skipped after failing before answering")
     escalations: int = Field(0, description="cascade answers set aside for a surer candidate")
@@ -316,11 +325,18 @@ class FleetSpan(_Model):
     ledger_cost_usd: float
     ledger_energy_kwh: float
     ledger_carbon_kg: float
-    #: Fleet minus ledger: held and idle hardware no request was charged, and requests not
-    #: sent through this router.
+    #: Fleet minus ledger, never below 0: held and idle hardware no request was charged, and
+    #: requests not sent through this router.
     unattributed_cost_usd: float
     unattributed_energy_kwh: float
     unattributed_carbon_kg: float
+    #: Ledger minus fleet, where the ledger charged more than the agents attributed in the
+    #: span (0 otherwise): requests are charged at rates learned over the agents' recent
+    #: windows, so a span busier or cheaper than those windows, or answers charged in full
+    #: whose work fell partly outside it, come out above the hardware's own cost.
+    overcharged_cost_usd: float = 0.0
+    overcharged_energy_kwh: float = 0.0
+    overcharged_carbon_kg: float = 0.0
     parking_saving_usd: float = Field(
         0.0, description="the hardware charges deployments did not carry while parked (the "
         "share each held when it last ran, at its node's price): part of the unattributed "
@@ -341,7 +357,7 @@ class BudgetForecast(_Model):
     projected: float = Field(description="spent + rate x time left in the window")
     runs_out_at: float | None = Field(
         None, description="when spend reaches the limit at that rate (unix time), if before "
-        "the window ends; the window's start if it is already over",
+        "the window ends; the report's time if it is already spent (never in the past)",
     )  # fmt: skip
     resets_at: float
 

@@ -6,7 +6,9 @@ the report), `/v1/whoami`, `/metrics` and `/healthz`. Roles: vocabulary/access.p
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
+from datetime import UTC, datetime
 from typing import Any, Literal
 
 import orjson
@@ -20,6 +22,7 @@ from starlette.responses import Response
 from starlette.routing import Match
 from starlette.types import Receive, Scope, Send
 
+from wattops.router.admission import ring
 from wattops.router.api import (
     Bounds,
     Budget,
@@ -43,9 +46,15 @@ from wattops.vocabulary.hardening import Guard
 from wattops.vocabulary.openai import error_body
 from wattops.vocabulary.tls import peer_of
 
+log = logging.getLogger("wattops.router")
+
 __all__ = ["RouterASGI", "create_app"]
 
 ROUTER_VERSION = "0.1.0"
+
+
+def _utc(ts: float) -> str:
+    return datetime.fromtimestamp(ts, UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
 def _error(status: int, code: str, message: str, headers: dict[str, str] | None = None
@@ -230,11 +239,44 @@ def create_app(router: Router) -> FastAPI:
 
     @app.post("/v1/budgets", response_model=BudgetView, status_code=status.HTTP_201_CREATED,
               tags=["budgets"], dependencies=admin)  # fmt: skip
-    async def create_budget(budget: Budget) -> BudgetView:
+    async def create_budget(
+        budget: Budget,
+        response: Response,
+        force: bool = Query(
+            False,
+            description="make it though its key, team or route is not "
+            "known yet (a team before its first key, say); with a warning",
+        ),
+    ) -> BudgetView:
+        """Make a budget. One on a key, team or route that does not exist would hold nothing
+        back, silently: it is refused, naming what exists, unless `force` is given."""
         if budget.name in charging.book.budgets:
             raise HTTPException(409, f"budget {budget.name!r} exists: PATCH it, or DELETE it")
+        unknown = unknown_subject(budget)
+        if unknown and not force:
+            raise HTTPException(422, f"{unknown}: a budget on it would cover no request; "
+                                "pass force=true (wattops budgets create --force) to make it "
+                                "all the same")  # fmt: skip
+        if unknown:
+            log.warning("budget %s made with force: %s", budget.name, unknown)
+            response.headers["X-Wattops-Warning"] = unknown
         charging.book.put(budget)
         return charging.budget_view(charging.book.standing(budget))
+
+    def unknown_subject(budget: Budget) -> str | None:
+        """What is wrong with the budget's subject, or None if it exists."""
+        if budget.scope == "key" and charging.key_record(str(budget.subject)) is None:
+            ids = [k.id for k in charging.key_records()]
+            return f"no key {budget.subject!r} (keys: {', '.join(ids) or 'none'})"
+        if budget.scope == "team":
+            teams = sorted({k.team for k in charging.key_records()})
+            if budget.subject not in teams:
+                return (f"no key has team {budget.subject!r} (teams: "
+                        f"{', '.join(teams) or 'none'})")  # fmt: skip
+        if budget.scope == "route" and budget.subject not in router.routes:
+            return (f"no route {budget.subject!r} (routes: "
+                    f"{', '.join(router.routes) or 'none'})")  # fmt: skip
+        return None
 
     @app.patch("/v1/budgets/{name}", response_model=BudgetView, tags=["budgets"],
                dependencies=admin)  # fmt: skip
@@ -247,8 +289,18 @@ def create_app(router: Router) -> FastAPI:
             )
         except ValueError as exc:
             raise HTTPException(422, str(exc)) from None
+        was_over = charging.book.standing(budget).over
         charging.book.put(changed)
-        return charging.budget_view(charging.book.standing(changed))
+        now = charging.book.standing(changed)
+        # A limit lowered below the spend: the warnings it passes fire now (not at the next
+        # answer, which it may refuse), and the refusals it starts are said, with their end.
+        ring(charging.book, now)
+        if now.over and not was_over:
+            log.warning("budget %s lowered to %g %s, at or below its %g spent and reserved: "
+                        "requests it covers are refused until %s", changed.name,
+                        changed.limit, changed.unit, now.used,
+                        _utc(now.resets_at))  # fmt: skip
+        return charging.budget_view(now)
 
     @app.delete("/v1/budgets/{name}", status_code=status.HTTP_204_NO_CONTENT, tags=["budgets"],
                 dependencies=admin)  # fmt: skip
@@ -265,6 +317,9 @@ def create_app(router: Router) -> FastAPI:
     ) -> Report:
         """Chargeback per key, team or route from the ledger, the fleet's attributed totals
         and what no request was charged (router/report.py), and each budget's forecast."""
+        if until is not None and until <= since:
+            raise HTTPException(422, f"the period ends ({until:.0f}) before it begins "
+                                f"({since:.0f}): `until` must be after `since`")  # fmt: skip
         return build_report(charging.book, by, since, until)
 
     @app.get("/v1/audit", response_model=AuditPage, tags=["router"], dependencies=operator)

@@ -107,8 +107,10 @@ class RouterClient:
         data = json.loads(await self._call("GET", "/v1/budgets"))
         return [BudgetView.model_validate(b) for b in data]
 
-    async def put_budget(self, budget: Budget) -> BudgetView:
-        data = await self._call("POST", "/v1/budgets", budget.model_dump())
+    async def put_budget(self, budget: Budget, force: bool = False) -> BudgetView:
+        """Make a budget; with `force`, though its key, team or route is not known yet."""
+        path = "/v1/budgets?force=true" if force else "/v1/budgets"
+        data = await self._call("POST", path, budget.model_dump())
         return BudgetView.model_validate_json(data)
 
     async def patch_budget(self, name: str, **changes: Any) -> BudgetView:

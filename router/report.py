@@ -11,7 +11,9 @@ deployment it follows (cost, energy, carbon). Between the first and the last sam
 period, the fleet's attributed totals minus the ledger's requests in the same span are the
 unattributed remainder — held and idle hardware that no request was charged for, and traffic
 that did not come through this router — shown as its own line, so the report adds up to what the
-fleet cost.
+fleet cost. Where the ledger charged more than the agents attributed (requests are charged at
+rates the agents learned over their recent windows, which a busier or cheaper span undercuts),
+the remainder is 0 and the excess is shown as `overcharged`, never as a negative cost.
 
 Forecast, per budget: its spend per second over a lookback (the last 7 days of its window, or
 since the window began, at least a minute), extrapolated linearly to the window's end; and the
@@ -53,7 +55,7 @@ def forecast(book: Book, now: float | None = None) -> list[BudgetForecast]:
         projected = s.spent + rate * max(0.0, s.resets_at - now)
         runs_out = None
         if s.spent >= b.limit:
-            runs_out = s.window_start
+            runs_out = now  # spent already: it runs out now, not at some past moment
         elif rate > 0:
             at = now + (b.limit - s.spent) / rate
             runs_out = at if at < s.resets_at else None
@@ -79,9 +81,12 @@ def build_report(book: Book, by: str, since: float, until: float | None = None) 
             start=start, end=end, cost_usd=cost, energy_kwh=kwh, carbon_kg=kg,
             ledger_cost_usd=inside.cost_usd, ledger_energy_kwh=inside.energy_kwh,
             ledger_carbon_kg=inside.carbon_kg,
-            unattributed_cost_usd=cost - inside.cost_usd,
-            unattributed_energy_kwh=kwh - inside.energy_kwh,
-            unattributed_carbon_kg=kg - inside.carbon_kg, parking_saving_usd=parked,
+            unattributed_cost_usd=max(0.0, cost - inside.cost_usd),
+            unattributed_energy_kwh=max(0.0, kwh - inside.energy_kwh),
+            unattributed_carbon_kg=max(0.0, kg - inside.carbon_kg),
+            overcharged_cost_usd=max(0.0, inside.cost_usd - cost),
+            overcharged_energy_kwh=max(0.0, inside.energy_kwh - kwh),
+            overcharged_carbon_kg=max(0.0, inside.carbon_kg - kg), parking_saving_usd=parked,
         )  # fmt: skip
     return Report(by=by, since=since, until=until, groups=groups, total=_total(groups),
                   fleet=fleet, forecasts=forecast(book))  # fmt: skip
