@@ -29,6 +29,7 @@ from wattops.router.admission import (
 )
 from wattops.router.api import Budget
 from wattops.router.budgets import window_end, window_start
+from wattops.router.keys import KeyRecord
 from wattops.router.ledger import Entry, Ledger
 from wattops.router.redis_ledger import RedisLedger
 from wattops.router.shared_book import SharedBudgetBook
@@ -267,15 +268,22 @@ def test_spend_passes_the_limit_by_at_most_what_was_in_flight(
     store.fresh()
     b = book(store, TEAM_DAY)
     flying: list[tuple[Admission, float]] = []
+    settled = 0.0  # what was settled, summed here: the book must hold exactly this as spent
+    largest = 0.0  # the largest reservation let in
     for op, value in steps:
         if op == "admit":
             before = sum(worst for _, worst in flying)
+            used = settled + before  # the model's standing
             try:
                 a = b.admit(f"q{next(_ids)}", "k1", "ml", "chat", Amounts(usd=value))
             except BudgetExceeded as exc:
                 # Refused only when spent + reserved really is at or over the limit.
                 assert exc.standing.used >= TEAM_DAY.limit
+                assert used >= TEAM_DAY.limit - 1e-9, (used, exc.standing)
                 continue
+            # Admitted only when it really was below.
+            assert used < TEAM_DAY.limit + 1e-9, used
+            largest = max(largest, value)
             flying.append((a, value))
             # To 1e-9, as below: both books snap what is left reserved below 1e-12 of the unit
             # to zero on a release (float residue), so a reservation that small may vanish.
@@ -284,14 +292,16 @@ def test_spend_passes_the_limit_by_at_most_what_was_in_flight(
             a, worst = flying.pop(0)
             if op == "settle":
                 b.settle(a, entry(worst * value))  # actual cost never above the worst case
+                settled += worst * value
             else:
                 b.release(a)
         s = b.standing(TEAM_DAY)
         in_flight = sum(worst for _, worst in flying)
         assert s.reserved == pytest.approx(in_flight, abs=1e-9)
+        assert s.spent == pytest.approx(settled, abs=1e-9)  # nothing lost, nothing made up
         # The bound: what is spent, plus what may still be, passes the limit by at most the
         # largest single reservation let in while below it.
-        assert s.spent + s.reserved <= TEAM_DAY.limit + 0.5 + 1e-9
+        assert s.spent + s.reserved <= TEAM_DAY.limit + largest + 1e-9
 
 
 def test_the_worst_case_bounds_smollm2s_templated_prompts() -> None:
@@ -329,16 +339,19 @@ def test_two_routers_on_one_redis_never_pass_a_budget_together(redis_url: str) -
     book(store, TEAM_DAY.model_copy(update={"limit": 2.0}))
     routers = [store.open(Clock(time.time()), router=f"router-{n}") for n in "ab"]
     spent = [0.0, 0.0]
+    # Not a divisor of the limit (2.0 / 0.07 = 28.6): a check-then-reserve that is not atomic
+    # lets both routers pass the last unit, where 0.05s would have met the limit exactly.
+    each = 0.07
 
     def serve(n: int) -> None:
         b = routers[n]
         while True:
             try:
-                a = b.admit(f"{n}-{next(_ids)}", "k1", "ml", "chat", Amounts(usd=0.05))
+                a = b.admit(f"{n}-{next(_ids)}", "k1", "ml", "chat", Amounts(usd=each))
             except BudgetExceeded:
                 return
-            b.settle(a, entry(0.05, at=b.clock()))
-            spent[n] += 0.05
+            b.settle(a, entry(each, at=b.clock()))
+            spent[n] += each
 
     threads = [threading.Thread(target=serve, args=(n,)) for n in (0, 1)]
     for t in threads:
@@ -349,7 +362,7 @@ def test_two_routers_on_one_redis_never_pass_a_budget_together(redis_url: str) -
     for b in routers:
         (s,) = b.standings()
         assert s.spent == pytest.approx(sum(spent)) and s.reserved == pytest.approx(0.0)
-        assert 2.0 <= s.spent < 2.0 + 0.05 + 1e-9
+        assert 2.0 <= s.spent < 2.0 + each + 1e-9
 
 
 def test_a_dead_routers_reservations_are_released_by_the_others(redis_url: str) -> None:
@@ -393,3 +406,53 @@ def test_a_budget_made_later_counts_what_its_window_already_spent(store: Store) 
     assert b.standing(TEAM_DAY).spent == pytest.approx(0.5)
     b.put(TEAM_DAY.model_copy(update={"limit": 3.0}))  # a change recounts, never doubles
     assert b.standing(TEAM_DAY.model_copy(update={"limit": 3.0})).spent == pytest.approx(0.5)
+
+
+def test_a_cascade_reserves_an_answer_from_every_candidate_it_may_ask(store: Store) -> None:
+    """A cascade may compute an answer on each candidate before the surer one answers, and
+    each is charged: it reserves their sum, where a plain route reserves one answer at the
+    highest rate (falling back costs nothing: a failed candidate computed nothing)."""
+    from tests.test_router_choose import cand
+    from wattops.router.charging import Caller, Charging, amounts, worst_tokens
+
+    cheap, dear = cand("edge/chat", usd_per_1m=2.0), cand("cloud/chat", usd_per_1m=30.0)
+    every = {c.key: c for c in (cheap, dear)}
+    charging = Charging(book(store, TEAM_DAY.model_copy(update={"limit": 1e6})), None, 256)
+    body = {"messages": [{"role": "user", "content": "hello"}], "max_tokens": 100}
+    prompt, completion = worst_tokens(body, 256)
+    one = {c.key: amounts(prompt, completion, (c.usd_per_1m,) * 2 + (1.0, 100.0)).usd
+           for c in (cheap, dear)}  # fmt: skip
+    caller = Caller(KeyRecord(id="k1", team="ml", name="n", created_at=0.0, salt="s",
+                              secret_hash="h"))  # fmt: skip
+    plain, cascade = (charging.ticket(caller, "chat", every) for _ in range(2))
+    charging.admit(plain, body, [cheap, dear], every)
+    assert plain.admission is not None
+    assert plain.admission.reserved.usd == pytest.approx(one["cloud/chat"])
+    charging.admit(cascade, body, [cheap, dear], every, cascade=True)
+    assert cascade.admission is not None
+    assert cascade.admission.reserved.usd == pytest.approx(one["edge/chat"] + one["cloud/chat"])
+    assert charging.book.standing(TEAM_DAY).reserved == pytest.approx(
+        2 * one["cloud/chat"] + one["edge/chat"]
+    )
+
+
+def test_the_report_never_shows_a_negative_remainder_nor_a_past_run_out(store: Store) -> None:
+    """Where the ledger charged more than the agents attributed in a span, the unattributed
+    remainder is 0 and the excess is its own figure; a budget already spent runs out now, not
+    at its window's start."""
+    from wattops.router.report import build_report
+
+    b = book(store, TEAM_DAY)
+    b.ledger.sample_fleet(T0 - 600, 10.0, 1.0, 0.1)
+    b.settle(None, entry(0.75, at=T0 - 300, kwh=0.5))
+    b.settle(None, entry(0.5, at=T0 - 200))
+    b.ledger.sample_fleet(T0 - 60, 11.0, 1.2, 0.2)  # the agents attributed 1 USD, 0.2 kWh
+    report = build_report(b, "team", T0 - 3600, T0)
+    fleet = report.fleet
+    assert fleet is not None and fleet.ledger_cost_usd == pytest.approx(1.25)
+    assert fleet.unattributed_cost_usd == 0.0 and fleet.overcharged_cost_usd == pytest.approx(0.25)
+    assert fleet.unattributed_energy_kwh == 0.0
+    assert fleet.overcharged_energy_kwh == pytest.approx(0.3)
+    assert fleet.unattributed_carbon_kg == pytest.approx(0.1) and fleet.overcharged_carbon_kg == 0
+    (spent,) = report.forecasts
+    assert spent.spent >= spent.limit and spent.runs_out_at == T0

@@ -5,6 +5,7 @@ consistent ledger after kill -9 of the router mid-load."""
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import signal
@@ -169,7 +170,7 @@ def test_a_spent_budget_is_refused_with_429_naming_it(
     refused = router.ask(headers=auth)
     assert refused.status_code == 429
     error = refused.json()["error"]
-    assert error["code"] == "budget_exceeded" and error["type"] == "invalid_request_error"
+    assert error["code"] == "budget_exceeded" and error["type"] == "insufficient_quota"
     assert "'ml-day' (key " in error["message"] and "USD per day) is spent" in error["message"]
     assert "resets at" in error["message"]
     assert 0 < int(refused.headers["Retry-After"]) <= 86400
@@ -184,6 +185,80 @@ def test_a_spent_budget_is_refused_with_429_naming_it(
     metrics = router.metrics()
     line = next(x for x in metrics.splitlines() if x.startswith("wattops_budget_remaining{"))
     assert 'budget="ml-day"' in line and "Inf" not in line
+    # Lowered below what it spent: the warnings it passes fire at once, and it refuses.
+    lowered = _fresh(router, name="lowered", limit=1e6)
+    assert router.ask(headers=lowered).status_code == 200
+    spent = _standing(router, "lowered")["spent"]
+    changed = router.client.patch("/v1/budgets/lowered", json={"limit": spent / 2},
+                                  headers=ADMIN_HEADERS)  # fmt: skip
+    assert changed.status_code == 200 and changed.json()["state"] == "over"
+    fired = [w for w in router.view()["budget_warnings"] if "budget lowered" in w]
+    assert len(fired) == 3, fired  # 80%, 90% and 95%, without another request
+    assert router.ask(headers=lowered).status_code == 429
+
+
+def test_every_stream_is_charged_as_its_unstreamed_twin(
+    make_routers: Callable[..., Routers], two_nodes: tuple[Agent, Agent]
+) -> None:
+    """Through the official `openai` SDK on one key: an unstreamed answer, streams without
+    and with `include_usage`, and a stream the client breaks off. Each is in the ledger with
+    its tokens and charged to the key's budget; the usage chunk the router asked for is not
+    passed to a client that did not ask; a complete stream is answered (200), never an error,
+    however soon the client hangs up after `[DONE]`; one the client breaks off is a 499 charged
+    for what was relayed, and not counted as the route's error."""
+    router = make_routers(list(two_nodes), [CHAT], token=ADMIN)
+    _priced(router, lambda: router.ask())
+    made = _create_key(router)
+    _budget(router, name="streams", scope="key", subject=made["id"], limit=1e6)
+    client = openai.OpenAI(base_url=router.url + "/v1", api_key=made["key"], max_retries=0)
+    asked = {"model": "chat", "messages": [{"role": "user", "content": "tell me about watts"}],
+             "max_tokens": 8, "temperature": 0.7}  # fmt: skip
+    plain = client.chat.completions.create(**asked)
+    assert plain.usage is not None
+    plain_cost = float(_standing(router, "streams")["spent"])
+    assert plain_cost > 0
+    relayed = []  # content chunks the client got, per stream without usage
+    for _ in range(6):  # iterated to [DONE], then the connection is dropped at once
+        chunks = list(client.chat.completions.create(**asked, stream=True))
+        assert all(c.usage is None and c.choices for c in chunks), "usage it did not ask for"
+        relayed.append(sum(1 for c in chunks if c.choices[0].delta.content))
+    with_usage = list(client.chat.completions.create(
+        **asked, stream=True, stream_options={"include_usage": True}))  # fmt: skip
+    assert with_usage[-1].usage is not None and with_usage[-1].choices == []
+    # Broken off by the client after three events of a long answer: at a router itself (HAProxy
+    # would read the rest of a fast answer before passing the client's hang-up on).
+    body = {**asked, "max_tokens": 400, "stream": True}
+    auth = {"Authorization": f"Bearer {made['key']}"}
+    at = router.routers[0].url if isinstance(router, Balanced) else router.url
+    with httpx.stream("POST", at + "/v1/chat/completions", json=body, headers=auth,
+                      timeout=60) as resp:  # fmt: skip
+        assert resp.status_code == 200
+        lines = resp.iter_lines()
+        got = [line for line in itertools.islice(lines, 6) if line.startswith("data: {")]
+    assert got
+
+    def rows() -> list[Entry]:
+        return sorted((e for e in _ledger(router) if e.key_id == made["id"]), key=lambda e: e.time)
+
+    every = wait_for(lambda: len(r := rows()) == 9 and r, 30, "the broken-off stream's row")
+    statuses = [e.status for e in every]
+    assert statuses == [200] * 8 + [499], statuses
+    assert all(e.prompt_tokens == plain.usage.prompt_tokens for e in every[:8])
+    assert every[0].completion_tokens == plain.usage.completion_tokens
+    # The engine's own count (the usage the router asked for): at least one token for each
+    # content chunk the client got (a token may decode to nothing until the next one).
+    assert all(n <= e.completion_tokens <= 8 for n, e in zip(relayed, every[1:7], strict=True))
+    assert every[7].completion_tokens == with_usage[-1].usage.completion_tokens
+    cut = every[8]
+    assert 1 <= cut.completion_tokens < 400 and cut.prompt_tokens >= plain.usage.prompt_tokens
+    assert all(e.cost_usd > 0 for e in every), [e.cost_usd for e in every]
+    # The budget holds what the ledger does, streams included.
+    standing = _standing(router, "streams")
+    assert standing["spent"] == pytest.approx(sum(e.cost_usd for e in every))
+    assert standing["reserved"] == 0.0
+    each = router.routers if isinstance(router, Balanced) else [router]
+    views = [r.route("chat") for r in each]
+    assert sum(v["errors"] for v in views) == 0 and sum(v["client_errors"] for v in views) == 1
 
 
 # Alone (tests/conftest.py): it bounds answers against one priced a moment before, and the
@@ -250,9 +325,12 @@ def test_kill_9_of_the_router_mid_load_leaves_a_consistent_ledger(
     make_routers: Callable[..., Routers], two_nodes: tuple[Agent, Agent]
 ) -> None:
     router = make_routers(list(two_nodes), [CHAT], token=ADMIN)
+    # The warm-up on a key of its own: only the load's rows are counted below, so an answered
+    # request missing from the ledger cannot hide behind a warm-up row.
+    warm = {"Authorization": f"Bearer {_create_key(router, team='warm-up')['key']}"}
+    _priced(router, lambda: router.ask(headers=warm))
     key = _create_key(router)["key"]
     auth = {"Authorization": f"Bearer {key}"}
-    _priced(router, lambda: router.ask(headers=auth))
     _budget(router, name="ml-month", window="month", limit=1e6)
     answered: list[int] = []
     stop = threading.Event()
@@ -285,7 +363,7 @@ def test_kill_9_of_the_router_mid_load_leaves_a_consistent_ledger(
         db = sqlite3.connect(router.folder / "state" / "ledger.sqlite")
         assert db.execute("PRAGMA integrity_check").fetchone() == ("ok",)
         db.close()
-    keyed = [e for e in _ledger(router) if e.key_id is not None and e.status == 200]
+    keyed = [e for e in _ledger(router) if e.team == "ml" and e.status == 200]
     rows, spent = len(keyed), sum(e.cost_usd for e in keyed)
     # Every answer a client received was in the ledger before it was sent.
     assert rows >= len(answered)
@@ -348,6 +426,22 @@ def test_the_cli_manages_keys_and_budgets(
     assert router.ask(headers={"Authorization": f"Bearer {key}"}).status_code == 200
     assert wattops("keys", "revoke", key_id).returncode == 0
     assert router.ask(headers={"Authorization": f"Bearer {key}"}).status_code == 403
+    # A budget on a team, key or route that does not exist would hold nothing back: refused,
+    # naming what exists, unless forced.
+    common = ["--unit", "usd", "--window", "day", "--limit", "1"]
+    for scope, subject, said in (
+        ("team", "nobody", "no key has team 'nobody' (teams: ml)"),
+        ("key", "k0", f"no key 'k0' (keys: {key_id})"),
+        ("route", "chatt", "no route 'chatt' (routes: chat)"),
+    ):
+        refused = wattops("budgets", "create", f"typo-{scope}", "--scope", scope, "--subject",
+                          subject, *common)  # fmt: skip
+        assert refused.returncode != 0 and said in refused.stderr, refused.stderr
+    assert "typo-" not in wattops("budgets", "list").stdout
+    forced = wattops("budgets", "create", "early", "--scope", "team", "--subject", "nobody",
+                     *common, "--force")  # fmt: skip
+    assert forced.returncode == 0, forced.stderr
+    assert "early" in wattops("budgets", "list").stdout
     # Bad input and a wrong credential are named, and change nothing.
     bad = wattops("keys", "create", "--team", "bad team")
     assert bad.returncode != 0 and "--team" in bad.stderr
@@ -460,7 +554,7 @@ def test_the_report_adds_up_to_the_ledger_and_the_fleet(
     assert data["total"]["cost_usd"] == pytest.approx(cost) and data["total"]["requests"] == rows
     fleet = data["fleet"]
     assert fleet["cost_usd"] == pytest.approx(
-        fleet["ledger_cost_usd"] + fleet["unattributed_cost_usd"]
+        fleet["ledger_cost_usd"] + fleet["unattributed_cost_usd"] - fleet["overcharged_cost_usd"]
     )
     # The held hardware costs more than the few requests charged: a remainder, not zero.
     assert fleet["unattributed_cost_usd"] > 0
@@ -483,6 +577,12 @@ def test_the_report_adds_up_to_the_ledger_and_the_fleet(
     bad = subprocess.run([str(WATTOPS), "report", "--since", "last tuesday"],
                          capture_output=True, text=True, timeout=60, env=env)  # fmt: skip
     assert bad.returncode == 2 and "30d" in bad.stderr
+    backwards = subprocess.run([str(WATTOPS), "report", "--since", "2d", "--until", "3d"],
+                               capture_output=True, text=True, timeout=60, env=env)  # fmt: skip
+    assert backwards.returncode == 2 and "must be after --since" in backwards.stderr
+    refused = router.client.get("/v1/report", params={"since": 2e9, "until": 1e9},
+                                headers=ADMIN_HEADERS)  # fmt: skip
+    assert refused.status_code == 422 and "before it begins" in refused.text
 
 
 def test_an_unreachable_store_is_named_and_fails_closed(
