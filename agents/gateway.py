@@ -236,16 +236,23 @@ class _Relay:
 
     async def chunks(self) -> AsyncIterator[bytes]:
         """The upstream's chunks as they come."""
+        tail = b""
         async for chunk in self.upstream.content.iter_any():
             if self.ttft_s is None:
                 self.ttft_s = time.perf_counter() - self.started
             if self.kept is not None:
                 self.kept.append(chunk)
+            tail = (tail + chunk)[-32:]
+            if not self.complete and tail.rstrip().endswith(b"data: [DONE]"):
+                # Whole: answered (not an error) and cached before its last bytes go out, so
+                # a client that hangs up the moment it has them changes neither, and one that
+                # repeats the request at once gets a hit.
+                self.complete = True
+                self._store()
             yield chunk
-        self.complete = True
-        # Stored before the generator returns, i.e. before the end of the response goes out:
-        # a client that repeats the request the moment it has the answer must get a hit.
-        self._store()
+        if not self.complete:
+            self.complete = True  # the engine ended the stream (without [DONE]: not cached)
+            self._store()
 
     def finish(self) -> None:
         """Release everything. Idempotent."""

@@ -1,6 +1,6 @@
 """Gateway overhead benchmark: what one agent adds in front of a fast stand-in engine.
 
-Usage: .venv/bin/python benchmarks/gateway.py [--requests 20000] [--out results.json]
+Usage: .venv/bin/python benchmarks/gateway.py [--requests 20000] [--stream] [--out results.json]
 
 Starts (each in its own process) a stand-in engine that answers OpenAI chat requests at once
 with a fixed body, and a real wattops-agent attached to it. A load generator (aiohttp, uvloop)
@@ -178,7 +178,10 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--requests", type=int, default=20000, help="per measurement")
     parser.add_argument("--out", type=Path, help="write the figures as JSON here")
+    parser.add_argument("--stream", action="store_true",
+                        help="streamed answers (16 token events each), read to [DONE]")  # fmt: skip
     args = parser.parse_args()
+    streamed = {"stream": True} if args.stream else {}
 
     engine_port, agent_port = free_port(), free_port()
     procs: list[subprocess.Popen[bytes]] = []
@@ -219,6 +222,7 @@ precision = "f16"
                     "temperature": 0.7,
                     "max_tokens": 1,
                     "messages": [{"role": "user", "content": "hi"}],
+                    **streamed,
                 }
             )
             greedy = orjson.dumps(
@@ -227,6 +231,7 @@ precision = "f16"
                     "temperature": 0,
                     "max_tokens": 1,
                     "messages": [{"role": "user", "content": "hi"}],
+                    **streamed,
                 }
             )
             direct_url = f"http://127.0.0.1:{engine_port}/v1/chat/completions"

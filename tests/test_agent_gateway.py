@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
 
 import httpx
 
-from tests.conftest import TOKEN, Agent, wait_for
+from tests.conftest import TOKEN, Agent, free_port, wait_for
 
 
 def test_chat_completion_answers_with_usage(agent: Agent) -> None:
@@ -109,6 +111,45 @@ def test_streamed_answers_are_cached_and_replayed(agent: Agent) -> None:
     assert (first.headers["x-cache"], second.headers["x-cache"]) == ("miss", "hit")
     assert second.text == first.text
     assert second.text.rstrip().endswith("data: [DONE]")
+
+
+def test_a_stream_the_client_leaves_right_after_done_is_answered_not_failed(
+    make_agent: Callable[..., Agent],
+) -> None:
+    """A client that closes the connection the moment it reads `data: [DONE]` (the SDKs do)
+    got a whole answer, even from an engine that ends its response a second later
+    (tests/lingering_engine.py): it is counted as answered, not as the deployment's error."""
+    port = free_port()
+    engine = subprocess.Popen([sys.executable, str(Path(__file__).with_name("lingering_engine.py")),
+                               "--port", str(port), "--linger", "1.0"])  # fmt: skip
+    try:
+        url = f"http://127.0.0.1:{port}"
+        wait_for(lambda: httpx.get(url + "/health").status_code == 200, 30, "the stand-in")
+        attached = {"name": "remote", "engine": "openai", "url": url, "precision": "f16",
+                    "replicas": 1, "max_replicas": 1}  # fmt: skip
+        agent = make_agent(deployments=[attached])
+        body = {"model": "remote", "stream": True, "max_tokens": 4,
+                "messages": [{"role": "user", "content": "stream please"}]}  # fmt: skip
+        for _ in range(3):
+            with (
+                httpx.Client(base_url=agent.url, timeout=60) as client,
+                client.stream("POST", "/v1/chat/completions", json=body) as resp,
+            ):
+                assert resp.status_code == 200
+                seen = []
+                for line in resp.iter_lines():
+                    seen.append(line)
+                    if line == "data: [DONE]":
+                        break  # and leave at once: the stand-in keeps the response 1 s more
+                assert seen[-1] == "data: [DONE]"
+        counters = wait_for(
+            lambda: (c := agent.deployment("remote")["counters"])["requests_total"] >= 3 and c,
+            15, "the requests counted",
+        )  # fmt: skip
+        assert counters["errors_total"] == 0, counters
+    finally:
+        engine.terminate()
+        engine.wait(10)
 
 
 def test_models_lists_deployments(agent: Agent) -> None:
