@@ -446,10 +446,12 @@ class _Relay:
         try:
             async for piece in self.upstream.content.iter_any():
                 pending += piece
-                cut = pending.rfind(b"\n\n")
-                if cut < 0:
+                # Relayed up to the last whole event (SSE ends one with a blank line, LF or CRLF).
+                lf, crlf = pending.rfind(b"\n\n"), pending.rfind(b"\r\n\r\n")
+                if lf < 0 and crlf < 0:
                     continue
-                events, pending = pending[: cut + 2], pending[cut + 2 :]
+                cut = max(lf + 2 if lf >= 0 else 0, crlf + 4 if crlf >= 0 else 0)
+                events, pending = pending[:cut], pending[cut:]
                 out = self._read(events)
                 if out:
                     yield out
@@ -469,11 +471,11 @@ class _Relay:
             self.events += events.count(b'"content":"') + events.count(b'"text":"')
             return events
         kept = []
-        for event in events.split(b"\n\n"):
+        for event in events.replace(b"\r\n", b"\n").split(b"\n\n"):
             if not event.strip():
                 continue
-            data = event[6:] if event.startswith(b"data: ") else b""
-            if data.strip() == b"[DONE]":
+            data = event[5:].strip() if event.startswith(b"data:") else b""
+            if data == b"[DONE]":
                 self.done = True
             elif b'"usage"' in data:
                 event = self._usage_event(data, event)

@@ -366,8 +366,8 @@ BESIDE_OTHERS = frozenset({
     "test_engine_registry", "test_fleet_target", "test_fuzz", "test_grafana_dashboard",
     "test_headless", "test_kube", "test_kube_apiserver", "test_kube_manifests", "test_logprobs",
     "test_metrics", "test_openai_engine", "test_power_cap", "test_profiles", "test_quality",
-    "test_roles", "test_router_budgets", "test_router_choose", "test_smollm2", "test_state",
-    "test_tiny_model", "test_tls", "test_variants",
+    "test_roles", "test_router_budgets", "test_router_choose", "test_router_relay",
+    "test_smollm2", "test_state", "test_tiny_model", "test_tls", "test_variants",
 })  # fmt: skip
 
 

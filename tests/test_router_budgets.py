@@ -22,7 +22,7 @@ import httpx
 import openai
 import pytest
 
-from tests.conftest import Agent, free_port, real_clock_env, wait_for
+from tests.conftest import ROOT, Agent, free_port, real_clock_env, wait_for
 from tests.routers import CHAT, ROUTER_BIN, Balanced, RouterProc, clear_of_window_edge
 from wattops.router.ledger import Entry, Ledger
 from wattops.router.redis_ledger import RedisLedger
@@ -200,12 +200,11 @@ def test_a_spent_budget_is_refused_with_429_naming_it(
 def test_every_stream_is_charged_as_its_unstreamed_twin(
     make_routers: Callable[..., Routers], two_nodes: tuple[Agent, Agent]
 ) -> None:
-    """Through the official `openai` SDK on one key: an unstreamed answer, streams without
-    and with `include_usage`, and a stream the client breaks off. Each is in the ledger with
-    its tokens and charged to the key's budget; the usage chunk the router asked for is not
-    passed to a client that did not ask; a complete stream is answered (200), never an error,
-    however soon the client hangs up after `[DONE]`; one the client breaks off is a 499 charged
-    for what was relayed, and not counted as the route's error."""
+    """Through the official `openai` SDK on one key: an unstreamed answer, then streams
+    without and with `include_usage`. Each is in the ledger with the engine's own token count
+    and charged to the key's budget; the usage chunk the router asked for is not passed to a
+    client that did not ask; a complete stream is answered (200), never an error, however soon
+    the client hangs up after `[DONE]` (the SDK does at once)."""
     router = make_routers(list(two_nodes), [CHAT], token=ADMIN)
     _priced(router, lambda: router.ask())
     made = _create_key(router)
@@ -225,37 +224,61 @@ def test_every_stream_is_charged_as_its_unstreamed_twin(
     with_usage = list(client.chat.completions.create(
         **asked, stream=True, stream_options={"include_usage": True}))  # fmt: skip
     assert with_usage[-1].usage is not None and with_usage[-1].choices == []
-    # Broken off by the client after three events of a long answer: at a router itself (HAProxy
-    # would read the rest of a fast answer before passing the client's hang-up on).
-    body = {**asked, "max_tokens": 400, "stream": True}
-    auth = {"Authorization": f"Bearer {made['key']}"}
-    at = router.routers[0].url if isinstance(router, Balanced) else router.url
-    with httpx.stream("POST", at + "/v1/chat/completions", json=body, headers=auth,
-                      timeout=60) as resp:  # fmt: skip
-        assert resp.status_code == 200
-        lines = resp.iter_lines()
-        got = [line for line in itertools.islice(lines, 6) if line.startswith("data: {")]
-    assert got
 
     def rows() -> list[Entry]:
         return sorted((e for e in _ledger(router) if e.key_id == made["id"]), key=lambda e: e.time)
 
-    every = wait_for(lambda: len(r := rows()) == 9 and r, 30, "the broken-off stream's row")
+    every = wait_for(lambda: len(r := rows()) == 8 and r, 30, "the streams' rows")
     statuses = [e.status for e in every]
-    assert statuses == [200] * 8 + [499], statuses
-    assert all(e.prompt_tokens == plain.usage.prompt_tokens for e in every[:8])
+    assert statuses == [200] * 8, statuses
+    assert all(e.prompt_tokens == plain.usage.prompt_tokens for e in every)
     assert every[0].completion_tokens == plain.usage.completion_tokens
     # The engine's own count (the usage the router asked for): at least one token for each
     # content chunk the client got (a token may decode to nothing until the next one).
     assert all(n <= e.completion_tokens <= 8 for n, e in zip(relayed, every[1:7], strict=True))
     assert every[7].completion_tokens == with_usage[-1].usage.completion_tokens
-    cut = every[8]
-    assert 1 <= cut.completion_tokens < 400 and cut.prompt_tokens >= plain.usage.prompt_tokens
     assert all(e.cost_usd > 0 for e in every), [e.cost_usd for e in every]
     # The budget holds what the ledger does, streams included.
     standing = _standing(router, "streams")
     assert standing["spent"] == pytest.approx(sum(e.cost_usd for e in every))
     assert standing["reserved"] == 0.0
+    each = router.routers if isinstance(router, Balanced) else [router]
+    views = [r.route("chat") for r in each]
+    assert sum(v["errors"] + v["client_errors"] for v in views) == 0
+
+
+def test_a_stream_the_client_breaks_off_is_charged_what_was_generated(
+    make_routers: Callable[..., Routers], make_agent: Callable[..., Agent]
+) -> None:
+    """A client that leaves mid-stream is charged what was generated for it (its prompt's
+    bound and a token per content event relayed: the engine's usage never came), recorded as
+    499, and it is the client's error, not the route's. SmolLM2 (tens of tokens a second
+    here), so that the answer is far from done when the router hears of the hang-up: the
+    test model's 400 tokens could all be relayed, [DONE] included, into the socket's buffers
+    first, and a stream that reached [DONE] is answered."""
+    slow = make_agent(agent_extra={"node": "slow", "profile": "cpu-generic"},
+                      tables={"accounting": {"window_s": 5}}, precision="f16", context=512,
+                      model=str(ROOT / "models" / "smollm2-135m-instruct.f16.gguf"))  # fmt: skip
+    router = make_routers([slow], [{**CHAT, "reference": "slow/tiny"}], token=ADMIN)
+    _priced(router, lambda: router.ask())
+    made = _create_key(router)
+    _budget(router, name="cut", scope="key", subject=made["id"], limit=1e6)
+    body = {"model": "chat", "messages": [{"role": "user", "content": "Tell me a long story."}],
+            "max_tokens": 400, "temperature": 0.7, "stream": True}  # fmt: skip
+    auth = {"Authorization": f"Bearer {made['key']}"}
+    # At a router itself: HAProxy could read on past the client's hang-up.
+    at = router.routers[0].url if isinstance(router, Balanced) else router.url
+    with httpx.stream("POST", at + "/v1/chat/completions", json=body, headers=auth,
+                      timeout=60) as resp:  # fmt: skip
+        assert resp.status_code == 200
+        got = [line for line in itertools.islice(resp.iter_lines(), 8) if line.startswith("data:")]
+    assert got and "[DONE]" not in got[-1]
+    (cut,) = wait_for(lambda: [e for e in _ledger(router) if e.key_id == made["id"]], 30,
+                      "the broken-off stream's row")  # fmt: skip
+    assert cut.status == 499 and 1 <= cut.completion_tokens < 400, cut
+    assert cut.prompt_tokens > 0 and cut.cost_usd > 0, cut
+    standing = _standing(router, "cut")
+    assert standing["spent"] == pytest.approx(cut.cost_usd) and standing["reserved"] == 0.0
     each = router.routers if isinstance(router, Balanced) else [router]
     views = [r.route("chat") for r in each]
     assert sum(v["errors"] for v in views) == 0 and sum(v["client_errors"] for v in views) == 1
