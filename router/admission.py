@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any, Protocol
 
-from wattops.router.budgets import UNIT_LABELS, Budget, window_end, window_start
+from wattops.router.budgets import UNIT_LABELS, Budget, utc_moment, window_end, window_start
 from wattops.router.ledger import Entry, Ledger
 
 __all__ = [
@@ -90,7 +90,7 @@ class BudgetExceeded(Exception):
     def __init__(self, standing: Standing, now: float) -> None:
         b = standing.budget
         unit = UNIT_LABELS[b.unit]
-        resets = datetime.fromtimestamp(standing.resets_at, UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+        resets = utc_moment(standing.resets_at)
         super().__init__(
             f"budget {b.name!r} ({b.describe()}) is spent: {standing.spent:.6g} {unit} spent "
             f"and {standing.reserved:.6g} {unit} reserved by requests in flight, limit "

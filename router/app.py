@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
-from datetime import UTC, datetime
 from typing import Any, Literal
 
 import orjson
@@ -36,6 +35,7 @@ from wattops.router.api import (
     RoutePatch,
     RouterView,
 )
+from wattops.router.budgets import utc_moment
 from wattops.router.core import Router
 from wattops.router.keys import KeyRecord
 from wattops.router.proxy import OPENAI_PATHS, RouterGateway, store_unavailable
@@ -51,10 +51,6 @@ log = logging.getLogger("wattops.router")
 __all__ = ["RouterASGI", "create_app"]
 
 ROUTER_VERSION = "0.1.0"
-
-
-def _utc(ts: float) -> str:
-    return datetime.fromtimestamp(ts, UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
 def _error(status: int, code: str, message: str, headers: dict[str, str] | None = None
@@ -299,7 +295,7 @@ def create_app(router: Router) -> FastAPI:
             log.warning("budget %s lowered to %g %s, at or below its %g spent and reserved: "
                         "requests it covers are refused until %s", changed.name,
                         changed.limit, changed.unit, now.used,
-                        _utc(now.resets_at))  # fmt: skip
+                        utc_moment(now.resets_at))  # fmt: skip
         return charging.budget_view(now)
 
     @app.delete("/v1/budgets/{name}", status_code=status.HTTP_204_NO_CONTENT, tags=["budgets"],

@@ -17,7 +17,12 @@ from datetime import UTC, datetime, timedelta
 
 from wattops.router.api import UNIT_LABELS, WINDOWS, Budget, BudgetPatch
 
-__all__ = ["UNIT_LABELS", "Budget", "BudgetPatch", "window_end", "window_start"]
+__all__ = ["UNIT_LABELS", "Budget", "BudgetPatch", "utc_moment", "window_end", "window_start"]
+
+
+def utc_moment(ts: float) -> str:
+    """`ts` (unix seconds) as the UTC time a window resets at: `2026-11-29T00:00:00Z`."""
+    return datetime.fromtimestamp(ts, UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
 def window_start(window: str, now: datetime) -> datetime:
