@@ -309,7 +309,10 @@ class ReportGroup(_Model):
     routing_saving_usd: float = Field(
         description="the same tokens at the route's reference's rates minus at the server's"
     )
-    errors: int
+    errors: int = Field(
+        description="answers that failed on the fleet's side (5xx); the "
+        "clients' own (a bad request, a stream they broke off) are not errors"
+    )
 
 
 class FleetSpan(_Model):

@@ -213,7 +213,7 @@ class Ledger:
             "SUM(CASE WHEN degraded IS NOT NULL THEN 1 ELSE 0 END), "
             "SUM(CASE WHEN NOT cache_hit AND reference_cost_usd IS NOT NULL "
             "    THEN reference_cost_usd - list_cost_usd ELSE 0 END), "
-            "SUM(CASE WHEN status >= 400 THEN 1 ELSE 0 END) "
+            "SUM(CASE WHEN status >= 500 THEN 1 ELSE 0 END) "
             f"FROM entries WHERE time >= ? AND time < ? GROUP BY grp ORDER BY SUM(cost_usd) DESC",
             (since, until),
         ).fetchall()
@@ -294,7 +294,7 @@ def group_rows(by: str, entries: Iterable[Entry]) -> list[dict[str, Any]]:
         g["degraded"] += int(e.degraded is not None)
         if not e.cache_hit and e.reference_cost_usd is not None:
             g["routing_saving_usd"] += e.reference_cost_usd - e.list_cost_usd
-        g["errors"] += int(e.status >= 400)
+        g["errors"] += int(e.status >= 500)  # the fleet's failures, as the route counts them
     return sorted(out.values(), key=lambda g: -g["cost_usd"])
 
 

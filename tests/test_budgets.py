@@ -8,6 +8,7 @@ windows can be crossed without waiting. Two routers sharing one Redis are tested
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import threading
 import time
@@ -456,3 +457,8 @@ def test_the_report_never_shows_a_negative_remainder_nor_a_past_run_out(store: S
     assert fleet.unattributed_carbon_kg == pytest.approx(0.1) and fleet.overcharged_carbon_kg == 0
     (spent,) = report.forecasts
     assert spent.spent >= spent.limit and spent.runs_out_at == T0
+    # Errors are the fleet's failures; a bad request or a stream its client broke off is not.
+    for status in (400, 499, 502, 503):
+        b.settle(None, dataclasses.replace(entry(0.0, at=T0 - 100), status=status))
+    (ml,) = build_report(b, "team", T0 - 3600, T0).groups
+    assert ml.requests == 6 and ml.errors == 2
