@@ -513,6 +513,7 @@ def build_parser() -> argparse.ArgumentParser:
     quality.set_defaults(func=_quality)
     from wattops.console.audit import add_command as add_audit_command
     from wattops.console.keys import add_commands
+    from wattops.console.ledger import add_command as add_ledger_command
     from wattops.console.policy import add_command as add_policy_command
     from wattops.console.report import add_command
     from wattops.console.tokens import add_command as add_token_command
@@ -522,6 +523,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_token_command(commands)
     add_audit_command(commands)
     add_policy_command(commands)
+    add_ledger_command(commands)
     return parser
 
 

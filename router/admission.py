@@ -27,6 +27,8 @@ from typing import Any, Protocol
 
 from wattops.router.budgets import UNIT_LABELS, Budget, utc_moment, window_end, window_start
 from wattops.router.ledger import Entry, Ledger
+from wattops.router.money import Amounts, from_units, show
+from wattops.router.verify import Live
 
 __all__ = [
     "Admission",
@@ -44,44 +46,36 @@ log = logging.getLogger("wattops.router")
 
 
 @dataclass(frozen=True)
-class Amounts:
-    """What a request costs (or may cost) in each budget unit."""
-
-    usd: float = 0.0
-    kwh: float = 0.0
-    kgco2e: float = 0.0
-
-    def of(self, unit: str) -> float:
-        return float(getattr(self, unit))
-
-
-@dataclass(frozen=True)
 class Standing:
-    """Where one budget stands now."""
+    """Where one budget stands now, in its unit's integers (`money.py`)."""
 
     budget: Budget
     window_start: float
     resets_at: float
-    spent: float
-    reserved: float
+    spent: int
+    reserved: int
 
     @property
-    def used(self) -> float:
+    def limit(self) -> int:
+        return self.budget.limit_units
+
+    @property
+    def used(self) -> int:
         return self.spent + self.reserved
 
     @property
     def over(self) -> bool:
-        return self.used >= self.budget.limit
+        return self.used >= self.limit
 
     @property
     def degrading(self) -> bool:
         b = self.budget
-        return b.degrade_at is not None and self.used >= b.degrade_at * b.limit
+        return b.degrade_at is not None and self.used >= b.degrade_at * self.limit
 
     @property
-    def remaining(self) -> float:
-        """Finite, never negative (a Prometheus gauge, never +Inf)."""
-        return max(0.0, self.budget.limit - self.used)
+    def remaining(self) -> int:
+        """Never negative."""
+        return max(0, self.limit - self.used)
 
 
 class BudgetExceeded(Exception):
@@ -89,12 +83,11 @@ class BudgetExceeded(Exception):
 
     def __init__(self, standing: Standing, now: float) -> None:
         b = standing.budget
-        unit = UNIT_LABELS[b.unit]
         resets = utc_moment(standing.resets_at)
         super().__init__(
-            f"budget {b.name!r} ({b.describe()}) is spent: {standing.spent:.6g} {unit} spent "
-            f"and {standing.reserved:.6g} {unit} reserved by requests in flight, limit "
-            f"{b.limit:.6g} {unit}; it resets at {resets}"
+            f"budget {b.name!r} ({b.describe()}) is spent: {show(standing.spent, b.unit)} spent "
+            f"and {show(standing.reserved, b.unit)} reserved by requests in flight, limit "
+            f"{show(standing.limit, b.unit)}; it resets at {resets}"
         )
         self.standing = standing
         self.retry_after_s = max(1, math.ceil(standing.resets_at - now))
@@ -102,7 +95,8 @@ class BudgetExceeded(Exception):
 
 @dataclass(frozen=True)
 class BudgetWarning:
-    """A budget passed one of its warning thresholds (fired once per window)."""
+    """A budget passed one of its warning thresholds (fired once per window). `spent` and
+    `limit` in the budget's unit, for people; `spent_units` exactly."""
 
     budget: str
     description: str
@@ -112,11 +106,13 @@ class BudgetWarning:
     unit: str
     window_start: float
     time: float
+    spent_units: int = 0
 
     def message(self) -> str:
         return (
             f"budget {self.budget} ({self.description}) at {self.spent / self.limit:.0%} of its "
-            f"limit: {self.spent:.6g} of {self.limit:.6g} {UNIT_LABELS[self.unit]} "
+            f"limit: {show(self.spent_units, self.unit)} of {self.limit:.9g} "
+            f"{UNIT_LABELS[self.unit]} "
             f"(warning at {self.threshold:.0%})"
         )
 
@@ -134,6 +130,9 @@ class Admission:
     #: The budget whose degrade threshold sent this request to a cheaper candidate.
     degraded_by: Budget | None = None
     done: bool = False
+    #: What was added to each budget's reservations (given back exactly, whatever becomes of
+    #: the budget meanwhile).
+    held: dict[str, int] = field(default_factory=dict)
 
 
 class Book(Protocol):
@@ -179,16 +178,17 @@ def ring(book: Book, s: Standing) -> None:
     (a set), and once across restarts and routers (the store's `warn_once`)."""
     b = s.budget
     for threshold in b.warn_at:
-        if s.spent < threshold * b.limit:
+        if s.spent < threshold * s.limit:
             break
         mark = (b.name, s.window_start, threshold)
         if mark in book._fired:
             continue
         book._fired.add(mark)
-        if not book.ledger.warn_once(b.name, s.window_start, threshold, s.spent, b.limit):
+        spent = from_units(s.spent, b.unit)
+        if not book.ledger.warn_once(b.name, s.window_start, threshold, spent, b.limit):
             continue  # fired before a restart, or by another router
-        warning = BudgetWarning(b.name, b.describe(), threshold, s.spent, b.limit, b.unit,
-                                s.window_start, book.clock())  # fmt: skip
+        warning = BudgetWarning(b.name, b.describe(), threshold, spent, b.limit, b.unit,
+                                s.window_start, book.clock(), s.spent)  # fmt: skip
         book.warnings.append(warning)
         log.warning("%s", warning.message())
         if book.on_warning is not None:
@@ -203,9 +203,10 @@ class BudgetBook:
     clock: Callable[[], float] = time.time
     on_warning: Callable[[BudgetWarning], None] | None = None
     budgets: dict[str, Budget] = field(default_factory=dict)
-    #: budget name -> [window start, window end, spent in it] (unix times)
-    _spent: dict[str, list[float]] = field(default_factory=dict)
-    _reserved: dict[str, float] = field(default_factory=dict)
+    #: budget name -> (window start, window end) (unix times), and what it spent in it
+    _window: dict[str, tuple[float, float]] = field(default_factory=dict)
+    _spent: dict[str, int] = field(default_factory=dict)
+    _reserved: dict[str, int] = field(default_factory=dict)
     in_flight: dict[str, Admission] = field(default_factory=dict)
     warnings: deque[BudgetWarning] = field(default_factory=lambda: deque(maxlen=200))
     #: (budget, window start, threshold) known to have fired: no ledger write to find out.
@@ -220,12 +221,12 @@ class BudgetBook:
         """Create or replace a budget (its spend is the ledger's, whatever the change)."""
         self.ledger.put_budget(budget)
         self.budgets[budget.name] = budget
-        self._spent.pop(budget.name, None)
+        self._window.pop(budget.name, None)
 
     def delete(self, name: str) -> None:
         self.ledger.delete_budget(name)
         self.budgets.pop(name, None)
-        self._spent.pop(name, None)
+        self._window.pop(name, None)
 
     def covering(self, key_id: str | None, team: str | None, route: str | None) -> list[Budget]:
         return [b for b in self.budgets.values() if b.covers(key_id, team, route)]
@@ -239,15 +240,17 @@ class BudgetBook:
 
     def standing(self, budget: Budget, now: float | None = None) -> Standing:
         now = self.clock() if now is None else now
-        held = self._spent.get(budget.name)
-        if held is None or not held[0] <= now < held[1]:
+        name = budget.name
+        window = self._window.get(name)
+        if window is None or not window[0] <= now < window[1]:
             # A window not seen yet (or a new hour, day, month): its spend is the ledger's.
             moment = datetime.fromtimestamp(now, UTC)
-            start = window_start(budget.window, moment).timestamp()
-            end = window_end(budget.window, moment).timestamp()
-            held = [start, end, self.ledger.spent(budget, start)]
-            self._spent[budget.name] = held
-        return Standing(budget, held[0], held[1], held[2], self._reserved.get(budget.name, 0.0))
+            window = (window_start(budget.window, moment).timestamp(),
+                      window_end(budget.window, moment).timestamp())  # fmt: skip
+            self._spent[name] = self.ledger.spent(budget, window[0])
+            self._window[name] = window
+        return Standing(budget, window[0], window[1], self._spent[name],
+                        self._reserved.get(name, 0))  # fmt: skip
 
     # -- admission -------------------------------------------------------------------------
 
@@ -266,12 +269,11 @@ class BudgetBook:
             s = self.standing(budget, now)
             if s.over:
                 raise BudgetExceeded(s, now)
-        for budget in covering:
-            self._reserved[budget.name] = self._reserved.get(budget.name, 0.0) + worst.of(
-                budget.unit
-            )
-        admission = Admission(request_id, key_id, team, route, worst,
-                              [b.name for b in covering], degraded_by)  # fmt: skip
+        held = {b.name: worst.of(b.unit) for b in covering}
+        for name, amount in held.items():
+            self._reserved[name] = self._reserved.get(name, 0) + amount
+        admission = Admission(request_id, key_id, team, route, worst, list(held), degraded_by,
+                              held=held)  # fmt: skip
         self.in_flight[request_id] = admission
         return admission
 
@@ -281,11 +283,8 @@ class BudgetBook:
             return
         admission.done = True
         self.in_flight.pop(admission.request_id, None)
-        for name in admission.budgets:
-            budget = self.budgets.get(name)
-            unit = budget.unit if budget else "usd"
-            left = self._reserved.get(name, 0.0) - admission.reserved.of(unit)
-            self._reserved[name] = left if left > 1e-12 else 0.0
+        for name, amount in admission.held.items():
+            self._reserved[name] = self._reserved.get(name, 0) - amount
 
     def settle(self, admission: Admission | None, entry: Entry) -> None:
         """Write the request's ledger row, count it against its budgets, release its
@@ -302,9 +301,8 @@ class BudgetBook:
         if not new:
             return
         for budget in covering:
-            held = self._spent[budget.name]
-            if entry.time >= held[0]:
-                held[2] += entry.amount(budget.unit)
+            if entry.time >= self._window[budget.name][0]:
+                self._spent[budget.name] += entry.amount(budget.unit)
             self._warn(self.standing(budget, now))
 
     def _warn(self, s: Standing) -> None:
@@ -313,3 +311,14 @@ class BudgetBook:
     def standings(self) -> Iterable[Standing]:
         now = self.clock()
         return [self.standing(b, now) for b in self.budgets.values()]
+
+    def live(self) -> Live:
+        """What this router holds in memory, with the last ledger row it includes (for
+        `verify.py`; read on the event loop, between settles)."""
+        (last,) = self.ledger.db.execute("SELECT COALESCE(MAX(rowid), 0) FROM entries").fetchone()
+        held: dict[str, int] = {}
+        for admission in self.in_flight.values():
+            for name, amount in admission.held.items():
+                held[name] = held.get(name, 0) + amount
+        windows = {name: (w[0], w[1], self._spent[name]) for name, w in self._window.items()}
+        return Live(int(last), windows, dict(self._reserved), held)

@@ -18,6 +18,7 @@ __all__ = [
     "KeyCreated",
     "KeyPatch",
     "KeyView",
+    "LedgerCheck",
     "RoutePatch",
     "RouteView",
     "RouterView",
@@ -30,6 +31,14 @@ Window = Literal["hour", "day", "month"]
 WINDOWS: tuple[str, ...] = ("hour", "day", "month")
 #: How each budget unit is written for people.
 UNIT_LABELS = {"usd": "USD", "kwh": "kWh", "kgco2e": "kgCO2e"}
+#: What each budget unit is counted in, exactly, on every store (`router/money.py`): integers
+#: of nano-dollars, millijoules and micrograms CO2e.
+COUNTED_IN = {"usd": "nano-USD", "kwh": "mJ", "kgco2e": "ugCO2e"}
+#: How many of those make one budget unit.
+UNIT_SCALE = {"usd": 10**9, "kwh": 3_600_000_000, "kgco2e": 10**9}
+#: The largest amount a budget window may count, in its integers: Redis' scripts compare
+#: in Lua's doubles, exact to 2**53 (9.0 M USD, 2.5 GWh, 9,007 tCO2e per window).
+UNITS_MAX = 2**53 - 1
 DEFAULT_WARN_AT = (0.8, 0.9, 0.95)
 NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,127}$"
 TEAM_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$"
@@ -199,11 +208,24 @@ class Budget(_Request):
 
     @model_validator(mode="after")
     def _subject(self) -> Budget:
+        units = self.limit * UNIT_SCALE[self.unit]
+        if not 1 <= units <= UNITS_MAX:
+            scale = UNIT_SCALE[self.unit]
+            raise ValueError(
+                f"limit {self.limit:g} {UNIT_LABELS[self.unit]} is outside what a budget counts "
+                f"exactly: from {1 / scale:.3g} to {UNITS_MAX / scale:.4g} {UNIT_LABELS[self.unit]}"
+                f" (1 to 2**53-1 {COUNTED_IN[self.unit]})"
+            )
         if self.scope == "fleet" and self.subject is not None:
             raise ValueError("a fleet budget has no subject")
         if self.scope != "fleet" and not self.subject:
             raise ValueError(f"a {self.scope} budget needs a subject (the {self.scope} it covers)")
         return self
+
+    @property
+    def limit_units(self) -> int:
+        """The limit in the integers the stores count (`COUNTED_IN`)."""
+        return round(self.limit * UNIT_SCALE[self.unit])
 
     def covers(self, key_id: str | None, team: str | None, route: str | None) -> bool:
         """Whether a request by this key, team and route counts against this budget."""
@@ -237,6 +259,11 @@ class BudgetView(_Model):
     window_start: float = Field(description="unix time the window began (UTC boundary)")
     resets_at: float = Field(description="unix time the window ends and spend starts again")
     state: Literal["ok", "warning", "degrading", "over"]
+    counted_in: str = Field(description="the integers the exact figures count: nano-USD, mJ, "
+                            "ugCO2e")  # fmt: skip
+    limit_units: int = Field(description="the limit, exactly, in `counted_in`")
+    spent_units: int = Field(description="spent, exactly, in `counted_in`")
+    reserved_units: int = Field(description="reserved, exactly, in `counted_in`")
 
 
 class KeyCreate(_Request):
@@ -303,6 +330,9 @@ class ReportGroup(_Model):
     cost_usd: float
     energy_kwh: float
     carbon_kg: float
+    cost_nusd: int = Field(0, description="the cost, exactly, in nano-USD (the ledger's unit)")
+    energy_mj: int = Field(0, description="the energy, exactly, in millijoules")
+    carbon_ug: int = Field(0, description="the carbon, exactly, in micrograms CO2e")
     cache_hits: int = Field(description="answers from an agent's response cache (cost 0)")
     cache_saving_usd: float = Field(description="those answers' tokens at the server's rates")
     degraded: int = Field(description="answers sent to a cheaper candidate by a budget")
@@ -355,6 +385,7 @@ class BudgetForecast(_Model):
     window: Window
     limit: float
     spent: float
+    spent_units: int = Field(0, description="spent, exactly, in the unit's integers (COUNTED_IN)")
     rate_per_day: float = Field(description="mean spend per day over the lookback")
     lookback_s: float = Field(description="seconds the rate is measured over")
     projected: float = Field(description="spent + rate x time left in the window")
@@ -363,6 +394,19 @@ class BudgetForecast(_Model):
         "the window ends; the report's time if it is already spent (never in the past)",
     )  # fmt: skip
     resets_at: float
+
+
+class LedgerCheck(_Model):
+    """`GET /v1/ledger/verify`, `wattops ledger verify`: the ledger re-added and compared."""
+
+    store: str = Field(description="the ledger checked: a SQLite file or a Redis URL")
+    rows: int
+    chained_rows: int = Field(description="rows with a link of the hash chain (rows written "
+                              "before the chain existed have none)")  # fmt: skip
+    budgets_checked: int
+    windows_checked: int = Field(description="(budget, window) spends re-added and compared")
+    mismatches: list[str] = Field(description="every difference found, each naming what")
+    ok: bool = Field(description="no mismatch")
 
 
 class Report(_Model):

@@ -6,6 +6,7 @@ the report), `/v1/whoami`, `/metrics` and `/healthz`. Roles: vocabulary/access.p
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import Callable
 from typing import Any, Literal
@@ -21,7 +22,7 @@ from starlette.responses import Response
 from starlette.routing import Match
 from starlette.types import Receive, Scope, Send
 
-from wattops.router.admission import ring
+from wattops.router.admission import BudgetBook, ring
 from wattops.router.api import (
     Bounds,
     Budget,
@@ -31,6 +32,7 @@ from wattops.router.api import (
     KeyCreated,
     KeyPatch,
     KeyView,
+    LedgerCheck,
     Report,
     RoutePatch,
     RouterView,
@@ -40,6 +42,7 @@ from wattops.router.core import Router
 from wattops.router.keys import KeyRecord
 from wattops.router.proxy import OPENAI_PATHS, RouterGateway, store_unavailable
 from wattops.router.report import build_report
+from wattops.router.verify import verify_at, verify_sqlite
 from wattops.vocabulary.access import AccessDenied, Caller, Role, WhoAmI
 from wattops.vocabulary.audit import AuditMiddleware, AuditPage
 from wattops.vocabulary.hardening import Guard
@@ -317,6 +320,19 @@ def create_app(router: Router) -> FastAPI:
             raise HTTPException(422, f"the period ends ({until:.0f}) before it begins "
                                 f"({since:.0f}): `until` must be after `since`")  # fmt: skip
         return build_report(charging.book, by, since, until)
+
+    @app.get("/v1/ledger/verify", response_model=LedgerCheck, tags=["budgets"],
+             dependencies=budget_reader)  # fmt: skip
+    async def verify_ledger() -> LedgerCheck:
+        """The ledger re-added row by row: its hash chain, each budget's spend per window
+        against what the router counts, reservations against the requests in flight, the
+        report's sums (router/verify.py). Read in a thread, from a snapshot."""
+        book = charging.book
+        if isinstance(book, BudgetBook):
+            live = book.live()  # on the event loop: between two settles
+            return await asyncio.to_thread(verify_sqlite, book.ledger.path, live)
+        section = router.config.router
+        return await asyncio.to_thread(verify_at, None, section.store, section.store_prefix)
 
     @app.get("/v1/audit", response_model=AuditPage, tags=["router"], dependencies=operator)
     async def audit(

@@ -76,6 +76,11 @@ class Candidate:
     gco2e_per_1m: float | None
     #: Whether the per-token figures are the agent's current window (False: learned earlier).
     figures_current: bool
+    #: Watts of its node's power it holds (node watts x its share), for the prior of a
+    #: deployment that has not served (`charging.py`); None without a power reading.
+    held_watts: float | None = None
+    #: Its node's grid intensity (gCO2e/kWh), for the same prior.
+    grid_gco2e_per_kwh: float | None = None
     #: The router's own count of requests in flight per deployment (shared, live).
     router_in_flight: Mapping[str, int] = field(default_factory=dict, compare=False, repr=False)
 
@@ -138,5 +143,11 @@ def candidate_of(snapshot: NodeSnapshot, dep: DeploymentStatus, url: str, link: 
         j_per_token=learned.j_per_token,
         gco2e_per_1m=learned.gco2e_per_1m,
         figures_current=current,
+        held_watts=(
+            snapshot.power.watts * dep.accounting.share
+            if snapshot.power is not None and dep.accounting is not None
+            else None
+        ),
+        grid_gco2e_per_kwh=snapshot.cost.grid_gco2e_per_kwh if snapshot.cost else None,
         router_in_flight=router_in_flight,
     )

@@ -6,31 +6,50 @@ and, when the request ends, `settle` (its ledger row at the server's rates, its 
 released). Worst case: the prompt's UTF-8 bytes plus 16 per message and 64 for the chat
 template (a token is at least one byte, so this bounds its tokens for byte-level BPE
 vocabularies), plus `max_tokens` (the router's `default_max_tokens` when the request gives
-none), priced at the highest rate among the candidates it may be served by. A candidate whose
-rates are not known yet (it has not served) is priced at the highest rate known in the fleet;
-a fleet that has served nothing has no rate to charge and reserves nothing. The bound is in
-`worst_tokens`.
+none), priced at the highest rate among the candidates it may be served by (a cascade's:
+the sum over them, each may answer). Amounts are integers (`money.py`).
+
+A deployment that has not served yet has no measured rates. It is priced by a **prior**: its
+held $/h, its share of its node's watts and its node's grid intensity spread over
+`prior_tokens_per_s` (`[router]`, default 10) tokens a second, an upper bound for any
+deployment that serves at least that fast. Its answers are charged at the prior too, until its
+agent publishes measured rates (`wattops report` shows what the ledger charged above the
+agents' attribution as `overcharged`). Where even the prior is unknown (an agent without a
+price or power reading), the highest rate known in the fleet stands in; only a fleet with no
+rates and no prices at all reserves and charges nothing, and there is no money to count.
 """
 
 from __future__ import annotations
 
 import itertools
 import json
+import logging
 import secrets
 import time
-from collections.abc import Iterable, Mapping
+from collections import deque
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
 
 from limits import RateLimitItemPerMinute, storage, strategies
 
-from wattops.router.admission import Admission, Amounts, Book, BudgetExceeded, Standing
-from wattops.router.api import Budget, BudgetView, KeyCreate, KeyPatch, KeyView
+from wattops.router.admission import Admission, Book, BudgetExceeded, Standing
+from wattops.router.api import COUNTED_IN, Budget, BudgetView, KeyCreate, KeyPatch, KeyView
 from wattops.router.candidates import Candidate
 from wattops.router.keys import KeyRecord, new_key, parse
 from wattops.router.ledger import Entry
+from wattops.router.money import UNKNOWN, Amounts, Rates, charge, from_units
 
-__all__ = ["Caller", "Charging", "Refusal", "Ticket"]
+__all__ = ["Caller", "Charging", "Outage", "Refusal", "Ticket"]
+
+log = logging.getLogger("wattops.router")
+
+#: Ledger rows held while the store is unreachable (`on_store_error = "allow"`), written when
+#: it is back; beyond this many, the oldest are dropped (and counted).
+PENDING_MAX = 100_000
+#: With the store out and `allow`, requests skip it (no wait on a dead connection) and one
+#: call probes it again every this many seconds.
+PROBE_S = 1.0
 
 
 class Refusal(Exception):
@@ -50,6 +69,8 @@ class Caller:
     """Who sent the request: its key (None when keys are not required and none was given)."""
 
     key: KeyRecord | None = None
+    #: Checked against the key as this router last saw it, the store being out (allow mode).
+    unchecked: bool = False
 
     @property
     def key_id(self) -> str | None:
@@ -58,6 +79,20 @@ class Caller:
     @property
     def team(self) -> str | None:
         return self.key.team if self.key else None
+
+
+@dataclass
+class Outage:
+    """The store unreachable: since when, the last error, and what was served meanwhile
+    without a budget counting it (`on_store_error = "allow"`)."""
+
+    since: float
+    error: str
+    unmetered: int = 0
+    #: Ledger rows dropped because more than PENDING_MAX were waiting.
+    dropped: int = 0
+    #: When a call last tried the store.
+    probed: float = 0.0
 
 
 @dataclass
@@ -74,28 +109,26 @@ class Ticket:
     #: The fleet's deployments as the request saw them (for the rates it is settled at).
     every: Mapping[str, Candidate] = field(default_factory=dict)
     settled: bool = False
+    #: Let in while the store was unreachable, with no budget checked (on_store_error allow).
+    unmetered: bool = False
 
 
-def _rates(c: Candidate) -> tuple[float | None, float | None, float | None, float | None]:
-    """($/1M input, $/1M output, J/token, gCO2e/1M tokens)."""
+def measured(c: Candidate) -> Rates:
+    """The candidate's rates as its agent measured them (None where it has not served)."""
     usd_in = c.usd_per_1m_input if c.usd_per_1m_input is not None else c.usd_per_1m
     usd_out = c.usd_per_1m_output if c.usd_per_1m_output is not None else c.usd_per_1m
-    return usd_in, usd_out, c.j_per_token, c.gco2e_per_1m
+    return Rates.of(usd_in, usd_out, c.j_per_token, c.gco2e_per_1m)
 
 
-def _highest(values: Iterable[float | None]) -> float | None:
-    known = [v for v in values if v is not None]
-    return max(known) if known else None
-
-
-def amounts(prompt: int, completion: int, rates: tuple[float | None, ...]) -> Amounts:
-    """What `prompt` + `completion` tokens cost at `rates` (unknown rates count 0)."""
-    usd_in, usd_out, j_per_token, g_per_1m = rates
-    return Amounts(
-        usd=(prompt * (usd_in or 0.0) + completion * (usd_out or 0.0)) / 1e6,
-        kwh=(prompt + completion) * (j_per_token or 0.0) / 3.6e6,
-        kgco2e=(prompt + completion) * (g_per_1m or 0.0) / 1e9,
-    )
+def prior(c: Candidate, tokens_per_s: float) -> Rates:
+    """The rates of a deployment serving `tokens_per_s`: its held $/h, watts and their carbon
+    over that many tokens (None where its agent publishes no price or power)."""
+    usd = None if c.usd_per_hour is None else c.usd_per_hour / 3600 / tokens_per_s * 1e6
+    j = None if c.held_watts is None else c.held_watts / tokens_per_s
+    g = None
+    if j is not None and c.grid_gco2e_per_kwh is not None:
+        g = j / 3.6e6 * c.grid_gco2e_per_kwh * 1e6
+    return Rates.of(usd, usd, j, g)
 
 
 #: Tokens a chat template may add around the messages (roles, special tokens, a default
@@ -128,7 +161,9 @@ class Charging:
 
     def __init__(self, book: Book, require_keys: bool | None, default_max_tokens: int,
                  budgets: Iterable[Budget] = (), limits_storage: storage.Storage | None = None,
-                 store_errors: tuple[type[Exception], ...] = ()) -> None:  # fmt: skip
+                 store_errors: tuple[type[Exception], ...] = (),
+                 prior_tokens_per_s: float = 10.0,
+                 on_store_error: Literal["refuse", "allow"] = "refuse") -> None:  # fmt: skip
         """`book` and its ledger are one store's (SQLite: `BudgetBook`; Redis:
         `SharedBudgetBook`); `limits_storage` is where the per-key rate limits count (memory
         for one router, the same Redis for several); `store_errors`: what the store raises
@@ -138,6 +173,17 @@ class Charging:
         self.ledger = book.ledger
         self.require_keys_setting = require_keys
         self.default_max_tokens = default_max_tokens
+        self.prior_tokens_per_s = prior_tokens_per_s
+        self.on_store_error = on_store_error
+        #: The store's outage now (None: reachable, as far as the last call knew).
+        self.outage: Outage | None = None
+        #: Called with ("began" | "ended", the outage): the router logs, audits, alerts.
+        self.on_outage: Callable[[str, Outage], None] | None = None
+        #: Keys this router has verified against the store (allow mode checks them while the
+        #: store is out; a key it has never seen is refused).
+        self._verified: dict[str, KeyRecord] = {}
+        self._had_keys = False
+        self._pending: deque[tuple[Admission | None, Entry]] = deque()
         self.limiter = strategies.MovingWindowRateLimiter(limits_storage or storage.MemoryStorage())
         self._run_id = secrets.token_hex(8)
         self._serial = itertools.count(1)
@@ -152,7 +198,45 @@ class Charging:
         """Keys are required when the config says so, or (unset) once any key exists."""
         if self.require_keys_setting is not None:
             return self.require_keys_setting
-        return bool(self.ledger.has_keys())
+        self._had_keys = self._had_keys or bool(self.ledger.has_keys())
+        return self._had_keys
+
+    # -- the store unreachable -------------------------------------------------------------
+
+    def _skip_store(self) -> bool:
+        """Whether to go on without the store: it is out, the router allows that, and it is
+        not time to probe it again."""
+        outage = self.outage
+        if outage is None or self.on_store_error != "allow":
+            return False
+        now = time.monotonic()
+        if now - outage.probed < PROBE_S:
+            return True
+        outage.probed = now
+        return False
+
+    def _store_failed(self, exc: Exception) -> None:
+        """Note the outage (once when it begins); re-raise unless the router allows."""
+        if self.outage is None:
+            self.outage = Outage(time.time(), str(exc), probed=time.monotonic())
+            log.error("the router's store is unreachable: %s; requests are %s", exc,
+                      "served unmetered (on_store_error = allow)"
+                      if self.on_store_error == "allow" else "refused (503)")  # fmt: skip
+            if self.on_outage is not None:
+                self.on_outage("began", self.outage)
+        else:
+            self.outage.error = str(exc)
+        if self.on_store_error != "allow":
+            raise exc
+
+    def _store_ok(self) -> None:
+        if self.outage is None:
+            return
+        outage, self.outage = self.outage, None
+        log.warning("the router's store is reachable again after %.0f s; %d requests were "
+                    "served unmetered", time.time() - outage.since, outage.unmetered)  # fmt: skip
+        if self.on_outage is not None:
+            self.on_outage("ended", outage)
 
     def key_record(self, key_id: str) -> KeyRecord | None:
         return self.ledger.key(key_id)
@@ -161,9 +245,41 @@ class Charging:
         return self.ledger.key_records()
 
     def authenticate(self, authorization: str | None) -> Caller:
-        """The caller of a request with this Authorization header; Refusal 401/403."""
+        """The caller of a request with this Authorization header; Refusal 401/403. With the
+        store out and `on_store_error = "allow"`, a key this router verified before is
+        checked against what it saw then; any other is refused (503 store_unavailable)."""
+        try:
+            if self._skip_store():
+                return self._unchecked(authorization)
+            caller = self._authenticate(authorization, self.ledger.key, None)
+        except self.store_errors as exc:
+            self._store_failed(exc)
+            return self._unchecked(authorization)
+        self._store_ok()
+        if caller.key is not None:
+            self._verified[caller.key.id] = caller.key
+        return caller
+
+    def _unchecked(self, authorization: str | None) -> Caller:
+        """The caller as far as this router can tell with its store out: a key it verified
+        before, as it was then; any other key is refused (503)."""
+        parsed = parse(authorization.partition(" ")[2].strip()) if authorization else None
+        if parsed is not None and parsed[0] not in self._verified:
+            error = self.outage.error if self.outage else "unknown error"
+            raise Refusal(503, "store_unavailable",
+                          f"the router's store is unreachable ({error}) and it has not seen "
+                          "this key before: it cannot be checked; retry shortly",
+                          {"Retry-After": "1"})  # fmt: skip
+        caller = self._authenticate(authorization, self._verified.get,
+                                    self.require_keys_setting or self._had_keys)  # fmt: skip
+        return Caller(caller.key, unchecked=True)
+
+    def _authenticate(self, authorization: str | None, lookup: Callable[[str], KeyRecord | None],
+                      required: bool | None) -> Caller:  # fmt: skip
+        if required is None:
+            required = self.keys_required
         if not authorization:
-            if self.keys_required:
+            if required:
                 raise Refusal(
                     401,
                     "missing_api_key",
@@ -177,9 +293,9 @@ class Charging:
             raise Refusal(401, "invalid_api_key",
                           "the Authorization header must read 'Bearer <key>'")  # fmt: skip
         parsed = parse(given)
-        record = self.ledger.key(parsed[0]) if parsed else None
+        record = lookup(parsed[0]) if parsed else None
         if parsed is None or record is None or not record.matches(parsed[1]):
-            if not self.keys_required and parsed is None:
+            if not required and parsed is None:
                 return Caller()  # an open router ignores other schemes' tokens
             raise Refusal(403, "invalid_api_key", "the API key is not known to this router")
         if not record.active:
@@ -217,12 +333,15 @@ class Charging:
 
     def budget_view(self, s: Standing) -> BudgetView:
         b = s.budget
-        fraction = s.used / b.limit
-        warned = bool(b.warn_at) and s.spent >= b.warn_at[0] * b.limit
+        fraction = s.used / s.limit
+        warned = bool(b.warn_at) and s.spent >= b.warn_at[0] * s.limit
         state = "over" if s.over else "degrading" if s.degrading else "warning" if warned else "ok"
-        return BudgetView(budget=b, spent=s.spent, reserved=s.reserved, remaining=s.remaining,
-                          fraction=fraction, window_start=s.window_start,
-                          resets_at=s.resets_at, state=state)  # fmt: skip
+        return BudgetView(budget=b, spent=from_units(s.spent, b.unit),
+                          reserved=from_units(s.reserved, b.unit),
+                          remaining=from_units(s.remaining, b.unit), fraction=fraction,
+                          window_start=s.window_start, resets_at=s.resets_at, state=state,
+                          counted_in=COUNTED_IN[b.unit], limit_units=s.limit,
+                          spent_units=s.spent, reserved_units=s.reserved)  # fmt: skip
 
     def budget_views(self) -> list[BudgetView]:
         return [self.budget_view(s) for s in self.book.standings()]
@@ -231,20 +350,24 @@ class Charging:
 
     def ticket(self, caller: Caller, route: str | None, every: Mapping[str, Candidate]) -> Ticket:
         # Unique across restarts (a random prefix per process) without a uuid4 per request.
-        return Ticket(f"{self._run_id}-{next(self._serial)}", caller, route, every=every)
+        return Ticket(f"{self._run_id}-{next(self._serial)}", caller, route, every=every,
+                      unmetered=caller.unchecked)  # fmt: skip
 
     def limit_rate(self, ticket: Ticket, body: Mapping[str, Any]) -> None:
         """The key's requests and tokens per minute (moving 60 s windows); Refusal 429 naming
         the limit. Tokens are counted at admission as the prompt's bound plus max_tokens (as
         Azure OpenAI counts them), so a request that could pass the limit does not start."""
         key = ticket.caller.key
-        if key is None:
-            return
-        if key.rpm:
-            self._hit(key, "rpm", key.rpm, 1, "requests")
-        if key.tpm:
-            prompt, completion = worst_tokens(body, self.default_max_tokens)
-            self._hit(key, "tpm", key.tpm, prompt + completion, "tokens")
+        if key is None or ticket.unmetered:
+            return  # no rate limits while the store (where they count) is out
+        try:
+            if key.rpm:
+                self._hit(key, "rpm", key.rpm, 1, "requests")
+            if key.tpm:
+                prompt, completion = worst_tokens(body, self.default_max_tokens)
+                self._hit(key, "tpm", key.tpm, prompt + completion, "tokens")
+        except self.store_errors as exc:
+            self._store_failed(exc)
 
     def _hit(self, key: KeyRecord, kind: str, per_minute: int, cost: int, what: str) -> None:
         item = RateLimitItemPerMinute(per_minute)
@@ -259,7 +382,14 @@ class Charging:
     def check(self, ticket: Ticket) -> Standing | None:
         """The budget that degrades this request, if any; Refusal 429 if one is over."""
         c = ticket.caller
-        over, degrading = self.book.check(c.key_id, c.team, ticket.route)
+        if ticket.unmetered:
+            return None
+        try:
+            over, degrading = self.book.check(c.key_id, c.team, ticket.route)
+        except self.store_errors as exc:
+            self._store_failed(exc)
+            ticket.unmetered = True
+            return None
         if over is not None:
             raise self._refusal(over)
         return degrading
@@ -273,34 +403,36 @@ class Charging:
         candidate may compute an answer before a surer one is asked, and each is charged, so
         the worst case is their sum."""
         c = ticket.caller
-        if not self.book.may_cover(c.key_id, c.team, ticket.route):
+        if ticket.unmetered or not self.book.may_cover(c.key_id, c.team, ticket.route):
             return
         prompt, completion = worst_tokens(body, self.default_max_tokens)
         if cascade and len(candidates) > 1:
-            worst = Amounts()
-            for one in candidates:
-                cost = amounts(prompt, completion, self._highest_rates([one], every))
-                worst = Amounts(worst.usd + cost.usd, worst.kwh + cost.kwh,
-                                worst.kgco2e + cost.kgco2e)  # fmt: skip
+            worst = Amounts.total(charge(prompt, completion, self.rates([one], every))
+                                  for one in candidates)  # fmt: skip
         else:
-            worst = amounts(prompt, completion, self._highest_rates(candidates, every))
+            worst = charge(prompt, completion, self.rates(candidates, every))
         try:
             ticket.admission = self.book.admit(ticket.request_id, c.key_id, c.team, ticket.route,
                                                worst)  # fmt: skip
         except BudgetExceeded as exc:
             raise self._refusal(exc.standing) from None
+        except self.store_errors as exc:
+            self._store_failed(exc)
+            ticket.unmetered = True
 
-    def _highest_rates(self, candidates: list[Candidate], every: Mapping[str, Candidate]
-                       ) -> tuple[float | None, ...]:  # fmt: skip
-        chosen = [_rates(c) for c in candidates]
-        fleet = [_rates(c) for c in every.values()]
-        out = []
-        for i in range(4):
-            value = _highest(r[i] for r in chosen)
-            if value is None or any(r[i] is None for r in chosen):
-                value = _highest([value, *(r[i] for r in fleet)])
-            out.append(value)
-        return tuple(out)
+    def rates(self, candidates: list[Candidate], every: Mapping[str, Candidate]) -> Rates:
+        """The highest rates among `candidates`: each one's measured rates, its prior where
+        it has none, the fleet's highest measured where even that is unknown (the module
+        docstring). The one pricing path: admission, settling and escalations all use it."""
+        out = UNKNOWN
+        for c in candidates:
+            out = out.highest(measured(c).or_else(prior(c, self.prior_tokens_per_s)))
+        if not out.known:
+            fleet = UNKNOWN
+            for c in every.values():
+                fleet = fleet.highest(measured(c))
+            out = out.or_else(fleet)
+        return out
 
     def _refusal(self, s: Standing) -> Refusal:
         exc = BudgetExceeded(s, time.time())
@@ -327,28 +459,54 @@ class Charging:
         ticket.settled = True
         listed = Amounts()
         if served is not None:
-            listed = amounts(prompt, completion, self._highest_rates([served], every))
-        cost = Amounts() if cache_hit else listed
-        cost = Amounts(cost.usd + ticket.extra.usd, cost.kwh + ticket.extra.kwh,
-                       cost.kgco2e + ticket.extra.kgco2e)  # fmt: skip
+            listed = charge(prompt, completion, self.rates([served], every))
+        cost = (Amounts() if cache_hit else listed) + ticket.extra
         at_reference = None
         if reference is not None and served is not None:
-            ref_in, ref_out, _, _ = _rates(reference)
-            if ref_in is not None and ref_out is not None:
-                at_reference = (prompt * ref_in + completion * ref_out) / 1e6
+            ref = measured(reference)
+            if ref.fusd_in is not None and ref.fusd_out is not None:
+                at_reference = charge(prompt, completion, ref).nusd
         c = ticket.caller
         entry = Entry(
             request_id=ticket.request_id, time=time.time(), key_id=c.key_id, team=c.team,
             route=ticket.route, served_by=served.key if served else None, status=status,
-            prompt_tokens=prompt, completion_tokens=completion, cost_usd=cost.usd,
-            energy_kwh=cost.kwh, carbon_kg=cost.kgco2e, degraded=ticket.degraded,
-            cache_hit=cache_hit, list_cost_usd=listed.usd, reference_cost_usd=at_reference,
+            prompt_tokens=prompt, completion_tokens=completion, cost_nusd=cost.nusd,
+            energy_mj=cost.mj, carbon_ug=cost.ug, degraded=ticket.degraded,
+            cache_hit=cache_hit, list_cost_nusd=listed.nusd, reference_cost_nusd=at_reference,
         )  # fmt: skip
-        self.book.settle(ticket.admission, entry)
+        if ticket.unmetered and self.outage is not None:
+            self.outage.unmetered += 1
+        self._write(ticket.admission, entry)
+
+    def _write(self, admission: Admission | None, entry: Entry) -> None:
+        """Settle `entry` on the store; with the store out (allow mode) hold it, in order,
+        and write what is held before the next row that can be written."""
+        try:
+            if self._skip_store():
+                raise self._pending_error()
+            while self._pending:
+                self.book.settle(*self._pending[0])
+                self._pending.popleft()
+            self.book.settle(admission, entry)
+        except self.store_errors as exc:
+            self._store_failed(exc)  # refuse: raised (the answer is not sent)
+            self._pending.append((admission, entry))
+            if len(self._pending) > PENDING_MAX:
+                self._pending.popleft()
+                if self.outage is not None:
+                    self.outage.dropped += 1
+            return
+        self._store_ok()
+
+    def _pending_error(self) -> Exception:
+        return self.store_errors[0](self.outage.error if self.outage else "the store is out")
+
+    @property
+    def pending(self) -> int:
+        """Ledger rows held for a store that was out (written when it is back)."""
+        return len(self._pending)
 
     def escalated(self, ticket: Ticket, served: Candidate, every: Mapping[str, Candidate],
                   prompt: int, completion: int) -> None:  # fmt: skip
         """An answer the cascade set aside: its cost is the request's too."""
-        cost = amounts(prompt, completion, self._highest_rates([served], every))
-        e = ticket.extra
-        ticket.extra = Amounts(e.usd + cost.usd, e.kwh + cost.kwh, e.kgco2e + cost.kgco2e)
+        ticket.extra = ticket.extra + charge(prompt, completion, self.rates([served], every))

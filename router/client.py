@@ -16,6 +16,7 @@ from wattops.router.api import (
     KeyCreate,
     KeyCreated,
     KeyView,
+    LedgerCheck,
     Report,
     RouterView,
 )
@@ -119,6 +120,10 @@ class RouterClient:
 
     async def delete_budget(self, name: str) -> None:
         await self._call("DELETE", f"/v1/budgets/{name}")
+
+    async def verify_ledger(self) -> LedgerCheck:
+        """The router's ledger re-added and compared (`GET /v1/ledger/verify`)."""
+        return LedgerCheck.model_validate_json(await self._call("GET", "/v1/ledger/verify"))
 
     async def report(self, by: str, since: float, until: float | None = None) -> Report:
         """Chargeback per key, team or route over [since, until), with budget forecasts."""

@@ -139,6 +139,17 @@ class RouterSection(_Section):
         60.0, gt=0, description="how often the fleet's attributed totals are kept in the ledger "
         "(the other side of `wattops report`'s unattributed line)",
     )  # fmt: skip
+    prior_tokens_per_s: float = Field(
+        10.0, gt=0, description="the throughput a deployment that has not served yet is assumed "
+        "to have at the least: its tokens are reserved and charged at its held $/h, its node's "
+        "watts and grid intensity over this many tokens a second (an upper bound for any "
+        "deployment faster than this), until its agent publishes measured rates",
+    )  # fmt: skip
+    on_store_error: Literal["refuse", "allow"] = Field(
+        "refuse", description="when the keys-and-budgets store cannot be reached: refuse "
+        "(503 store_unavailable, fail closed) or allow (serve the request unmetered: its key is "
+        "not checked, no budget counts it, an alert and an audit line say so)",
+    )  # fmt: skip
     ledger_sync: Literal["normal", "full"] = Field(
         "normal", description="ledger.sqlite durability: normal survives a crash of the router "
         "(kill -9); full also a power cut, with an fsync per request",

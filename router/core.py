@@ -38,10 +38,12 @@ from wattops.router.api import (
     RouterView,
     RouteView,
 )
+from wattops.router.budgets import utc_moment
 from wattops.router.candidates import Candidate, Learned, candidate_of, key_of
-from wattops.router.charging import Charging, Ticket
+from wattops.router.charging import Charging, Outage, Ticket, measured
 from wattops.router.choose import PRIORITIES, Choice, Constraints, QualityFigure, Spread
 from wattops.router.config import POLICIES, RouteConfig, RouterConfig
+from wattops.router.money import Amounts, charge, from_units, to_units
 from wattops.router.notify import Notifier
 from wattops.router.quality import QualityBook
 from wattops.router.store import open_charging
@@ -76,21 +78,20 @@ class Usage:
 
 
 def _cost(c: Candidate | None, usage: Usage) -> float | None:
-    if c is None:
+    """The answer's $ at `c`'s measured rates, as the ledger prices them (`charging.measured`,
+    `money.charge`); None while it has none (the route's statistics price it later)."""
+    rates = measured(c) if c is not None else None
+    if rates is None or rates.fusd_in is None or rates.fusd_out is None:
         return None
-    if c.usd_per_1m_input is not None and c.usd_per_1m_output is not None:
-        return (
-            usage.prompt_tokens * c.usd_per_1m_input + usage.completion_tokens * c.usd_per_1m_output
-        ) / 1e6
-    if c.usd_per_1m is not None:
-        return usage.total * c.usd_per_1m / 1e6
-    return None
+    return from_units(charge(usage.prompt_tokens, usage.completion_tokens, rates).nusd, "usd")
 
 
 def _energy(c: Candidate | None, usage: Usage) -> float | None:
-    if c is None or c.j_per_token is None:
+    """The answer's joules at `c`'s measured J/token (None while unknown)."""
+    rates = measured(c) if c is not None else None
+    if rates is None or rates.uj is None:
         return None
-    return usage.total * c.j_per_token
+    return charge(usage.prompt_tokens, usage.completion_tokens, rates).mj / 1000
 
 
 @dataclass
@@ -193,6 +194,9 @@ class Router:
         self.audit = AuditLog(self.state_dir / "audit.jsonl")
         self.audit.open()
         self.charging.book.on_warning = self._warned
+        self.charging.on_outage = self._outage
+        #: The store's outages as people read them (the router's view shows the last ones).
+        self.outages: deque[str] = deque(maxlen=20)
         self.registry.register(_BudgetGauges(self.charging))
         self._last_save = time.monotonic()
         self._last_sample = 0.0
@@ -235,7 +239,8 @@ class Router:
                     kwh += t.energy_j_total / 3.6e6
                     kg += t.carbon_g_total / 1000
                     parked += t.parked_usd_avoided_total
-        self.charging.ledger.sample_fleet(time.time(), cost, kwh, kg, parked)
+        totals = Amounts.of_units(usd=cost, kwh=kwh, kgco2e=kg)
+        self.charging.ledger.sample_fleet(time.time(), totals, to_units(parked, "usd"))
         self._last_sample = time.monotonic()
 
     def maybe_sample_fleet(self, every_s: float = 60.0) -> None:
@@ -389,6 +394,27 @@ class Router:
         self.m_budget_warnings.labels(warning.budget, f"{warning.threshold:g}").inc()
         if self.notifier is not None:
             self.notifier.send(warning)
+
+    def _outage(self, what: str, outage: Outage) -> None:
+        """The store became unreachable, or reachable again: an audit line (written off the
+        event loop: it fsyncs), a line in the router's view, and the store gauges."""
+        allow = self.charging.on_store_error == "allow"
+        if what == "began":
+            text = (f"store unreachable since {utc_moment(outage.since)}: {outage.error}; "
+                    + ("serving unmetered (on_store_error = allow)" if allow
+                       else "refusing requests with 503 store_unavailable"))  # fmt: skip
+        else:
+            text = (f"store reachable again at {utc_moment(time.time())} after "
+                    f"{time.time() - outage.since:.0f} s; {outage.unmetered} requests served "
+                    f"unmetered, {outage.dropped} ledger rows dropped")  # fmt: skip
+        self.outages.append(text)
+        line = {"time": time.time(), "daemon": "router", "who": "router (automatic)",
+                "method": "STORE", "path": f"store-outage-{what}", "outcome": "automatic",
+                "message": text}  # fmt: skip
+        try:
+            asyncio.get_running_loop().run_in_executor(None, self.audit.write, line)
+        except RuntimeError:  # no event loop: a test, a command
+            self.audit.write(line)
 
     def notify_with(self, notifier: Notifier) -> None:
         """Send budget warnings to `notifier`'s URLs; count what never arrives."""
@@ -544,6 +570,7 @@ class Router:
         now = time.monotonic()
         live = sum(1 for link in self.fleet.links.values() if link.link(now).value == "live")
         warnings = [w.message() for w in list(self.charging.book.warnings)[-20:]]
+        warnings += list(self.outages)[-5:]
         n = self.notifier
         return RouterView(
             routes=routes, agents=len(self.fleet.links), agents_live=live,
@@ -570,7 +597,12 @@ class _BudgetGauges(Collector):
                 ("remaining", "limit - spent - reserved, never below 0"),
             )
         }
-        for view in self.charging.budget_views():
+        charging = self.charging
+        try:
+            views = charging.budget_views()
+        except charging.store_errors:
+            views = []  # the store is out: the gauges below say so
+        for view in views:
             b = view.budget
             values = [b.name, b.scope, b.subject or "", b.unit, b.window]
             families["spent"].add_metric(values, view.spent)
@@ -578,3 +610,16 @@ class _BudgetGauges(Collector):
             families["limit"].add_metric(values, b.limit)
             families["remaining"].add_metric(values, view.remaining)
         yield from families.values()
+        outage = charging.outage
+        yield GaugeMetricFamily("wattops_router_store_up", "1 while the keys-and-budgets store "
+                                "answers, 0 from a failed call until one succeeds",
+                                value=0 if outage else 1)  # fmt: skip
+        yield GaugeMetricFamily("wattops_router_unmetered_requests", "Requests served with no "
+                                "budget checked during the store's current outage "
+                                "(on_store_error = allow)",
+                                value=outage.unmetered if outage else 0)  # fmt: skip
+        yield GaugeMetricFamily(
+            "wattops_router_pending_ledger_rows",
+            "Ledger rows held for the store, written when it is back",
+            value=charging.pending,
+        )

@@ -7,6 +7,18 @@ is returned; with `synchronous=NORMAL` a committed row survives the router's cra
 included: WAL frames are in the OS's page cache); a power cut may lose the last commits, which
 `ledger_sync = "full"` prevents at the cost of an fsync per request.
 
+Amounts are integers (`money.py`): nano-USD, millijoules and micrograms CO2e, in `INTEGER`
+columns, so sums are exact and the same as the Redis store's. A ledger written before (`REAL`
+dollars, kWh and kg; `PRAGMA user_version` 0) is converted when the router first opens it, in
+one transaction, each amount rounded to the nearest unit.
+
+Every row carries a link of a hash chain (`chain`: SHA-1 of the previous row's link and this
+row's JSON, `chain_link`), and `meta.chain_head` the last link, written in the row's own
+transaction: `wattops ledger verify` recomputes the chain and names the first row edited,
+removed or inserted by hand (the Redis store keeps the same chain, computed by its script).
+The chain shows what changed without the router; it is no defence against someone who also
+rewrites every link after the change.
+
 Reservations (what requests in flight may still cost) are not stored here: they live in the
 router's memory (`admission.py`), so requests that died with a killed router hold nothing
 when it starts again.
@@ -15,6 +27,7 @@ when it starts again.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import sqlite3
 import time
@@ -23,10 +36,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import orjson
+
 from wattops.router.budgets import Budget
 from wattops.router.keys import KeyRecord
+from wattops.router.money import Amounts
 
-__all__ = ["GROUP_FIELDS", "Entry", "Ledger", "group_rows"]
+__all__ = ["GROUP_FIELDS", "Entry", "Ledger", "chain_link", "group_rows"]
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS keys (
@@ -37,14 +53,15 @@ CREATE TABLE IF NOT EXISTS budgets (name TEXT PRIMARY KEY, body TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS entries (
     request_id TEXT PRIMARY KEY, time REAL NOT NULL, key_id TEXT, team TEXT, route TEXT,
     served_by TEXT, status INTEGER NOT NULL, prompt_tokens INTEGER NOT NULL,
-    completion_tokens INTEGER NOT NULL, cost_usd REAL NOT NULL, energy_kwh REAL NOT NULL,
-    carbon_kg REAL NOT NULL, degraded TEXT, cache_hit INTEGER NOT NULL DEFAULT 0,
-    list_cost_usd REAL NOT NULL DEFAULT 0, reference_cost_usd REAL
+    completion_tokens INTEGER NOT NULL, cost_nusd INTEGER NOT NULL, energy_mj INTEGER NOT NULL,
+    carbon_ug INTEGER NOT NULL, degraded TEXT, cache_hit INTEGER NOT NULL DEFAULT 0,
+    list_cost_nusd INTEGER NOT NULL DEFAULT 0, reference_cost_nusd INTEGER, chain TEXT
 );
 CREATE INDEX IF NOT EXISTS entries_by_time ON entries (time);
+CREATE TABLE IF NOT EXISTS meta (name TEXT PRIMARY KEY, value TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS fleet_totals (
-    time REAL PRIMARY KEY, cost_usd REAL NOT NULL, energy_kwh REAL NOT NULL,
-    carbon_kg REAL NOT NULL, parked_usd REAL NOT NULL DEFAULT 0
+    time REAL PRIMARY KEY, cost_nusd INTEGER NOT NULL, energy_mj INTEGER NOT NULL,
+    carbon_ug INTEGER NOT NULL, parked_nusd INTEGER NOT NULL DEFAULT 0
 );
 CREATE TABLE IF NOT EXISTS warnings (
     budget TEXT NOT NULL, window_start REAL NOT NULL, threshold REAL NOT NULL,
@@ -53,14 +70,43 @@ CREATE TABLE IF NOT EXISTS warnings (
 );
 """
 
-#: The ledger column each budget unit sums.
-UNIT_COLUMNS = {"usd": "cost_usd", "kwh": "energy_kwh", "kgco2e": "carbon_kg"}
+#: The ledger column each budget unit sums (in its integers: nano-USD, mJ, ugCO2e).
+UNIT_COLUMNS = {"usd": "cost_nusd", "kwh": "energy_mj", "kgco2e": "carbon_ug"}
+#: The schema's version (`PRAGMA user_version`): 1 since amounts are integers.
+SCHEMA_VERSION = 1
+#: From the REAL columns of version 0 to the INTEGER ones (each rounded to the nearest unit).
+_TO_V1 = """
+CREATE TABLE entries_v1 (
+    request_id TEXT PRIMARY KEY, time REAL NOT NULL, key_id TEXT, team TEXT, route TEXT,
+    served_by TEXT, status INTEGER NOT NULL, prompt_tokens INTEGER NOT NULL,
+    completion_tokens INTEGER NOT NULL, cost_nusd INTEGER NOT NULL, energy_mj INTEGER NOT NULL,
+    carbon_ug INTEGER NOT NULL, degraded TEXT, cache_hit INTEGER NOT NULL DEFAULT 0,
+    list_cost_nusd INTEGER NOT NULL DEFAULT 0, reference_cost_nusd INTEGER, chain TEXT
+);
+INSERT INTO entries_v1 SELECT request_id, time, key_id, team, route, served_by, status,
+    prompt_tokens, completion_tokens, CAST(ROUND(cost_usd * 1e9) AS INTEGER),
+    CAST(ROUND(energy_kwh * 3.6e9) AS INTEGER), CAST(ROUND(carbon_kg * 1e9) AS INTEGER),
+    degraded, cache_hit, CAST(ROUND(list_cost_usd * 1e9) AS INTEGER),
+    CAST(ROUND(reference_cost_usd * 1e9) AS INTEGER), NULL FROM entries ORDER BY rowid;
+DROP TABLE entries;
+ALTER TABLE entries_v1 RENAME TO entries;
+CREATE INDEX entries_by_time ON entries (time);
+CREATE TABLE fleet_totals_v1 (
+    time REAL PRIMARY KEY, cost_nusd INTEGER NOT NULL, energy_mj INTEGER NOT NULL,
+    carbon_ug INTEGER NOT NULL, parked_nusd INTEGER NOT NULL DEFAULT 0
+);
+INSERT INTO fleet_totals_v1 SELECT time, CAST(ROUND(cost_usd * 1e9) AS INTEGER),
+    CAST(ROUND(energy_kwh * 3.6e9) AS INTEGER), CAST(ROUND(carbon_kg * 1e9) AS INTEGER),
+    CAST(ROUND(parked_usd * 1e9) AS INTEGER) FROM fleet_totals;
+DROP TABLE fleet_totals;
+ALTER TABLE fleet_totals_v1 RENAME TO fleet_totals;
+"""
 _SCOPE_COLUMNS = {"key": "key_id", "team": "team", "route": "route"}
 
 
 @dataclass(frozen=True)
 class Entry:
-    """One request in the ledger."""
+    """One request in the ledger; amounts in integers (nano-USD, mJ, ugCO2e)."""
 
     request_id: str
     time: float
@@ -71,18 +117,27 @@ class Entry:
     status: int
     prompt_tokens: int
     completion_tokens: int
-    cost_usd: float
-    energy_kwh: float
-    carbon_kg: float
+    cost_nusd: int
+    energy_mj: int
+    carbon_ug: int
     degraded: str | None = None
     cache_hit: bool = False
     #: The tokens at the server's rates, cache hit or not (a hit's saving is this).
-    list_cost_usd: float = 0.0
+    list_cost_nusd: int = 0
     #: The same tokens at the route's reference's rates (None: no route, or no price yet).
-    reference_cost_usd: float | None = None
+    reference_cost_nusd: int | None = None
 
-    def amount(self, unit: str) -> float:
-        return float(getattr(self, UNIT_COLUMNS[unit]))
+    def json(self) -> bytes:
+        """The row as the chain hashes it (and the Redis store keeps it)."""
+        return orjson.dumps(dataclasses.asdict(self))
+
+    def amount(self, unit: str) -> int:
+        """What this row counts against a budget in `unit`."""
+        if unit == "usd":
+            return self.cost_nusd
+        if unit == "kwh":
+            return self.energy_mj
+        return self.carbon_ug
 
 
 class Ledger:
@@ -95,17 +150,32 @@ class Ledger:
         self.db.execute("PRAGMA journal_mode=WAL")
         self.db.execute(f"PRAGMA synchronous={'FULL' if sync == 'full' else 'NORMAL'}")
         self.db.execute("PRAGMA busy_timeout=5000")
+        self._migrate()
         self.db.executescript(_SCHEMA)
-        columns = {row[1] for row in self.db.execute("PRAGMA table_info(entries)")}
-        for column, kind in (("list_cost_usd", "REAL NOT NULL DEFAULT 0"),
-                             ("reference_cost_usd", "REAL")):  # fmt: skip
-            if column not in columns:  # a ledger written before reports existed
-                self.db.execute(f"ALTER TABLE entries ADD COLUMN {column} {kind}")
-        sampled = {row[1] for row in self.db.execute("PRAGMA table_info(fleet_totals)")}
-        if "parked_usd" not in sampled:  # written before parking savings were sampled
-            self.db.execute("ALTER TABLE fleet_totals ADD COLUMN parked_usd REAL NOT NULL "
-                            "DEFAULT 0")  # fmt: skip
         self._keys = {k.id: k for k in self.key_records()}
+        head = self.db.execute("SELECT value FROM meta WHERE name = 'chain_head'").fetchone()
+        self._chain = head[0] if head else ""
+
+    def _migrate(self) -> None:
+        """Bring a ledger of an earlier schema to this one, in one transaction."""
+        (version,) = self.db.execute("PRAGMA user_version").fetchone()
+        columns = {row[1] for row in self.db.execute("PRAGMA table_info(entries)")}
+        if version < 1 and "cost_usd" in columns:  # REAL dollars, kWh and kg
+            for column, kind in (("list_cost_usd", "REAL NOT NULL DEFAULT 0"),
+                                 ("reference_cost_usd", "REAL")):  # fmt: skip
+                if column not in columns:  # written before reports existed
+                    self.db.execute(f"ALTER TABLE entries ADD COLUMN {column} {kind}")
+            sampled = {row[1] for row in self.db.execute("PRAGMA table_info(fleet_totals)")}
+            if sampled and "parked_usd" not in sampled:
+                self.db.execute("ALTER TABLE fleet_totals ADD COLUMN parked_usd REAL NOT NULL "
+                                "DEFAULT 0")  # fmt: skip
+            if not sampled:
+                self.db.execute("CREATE TABLE fleet_totals (time REAL PRIMARY KEY, cost_usd REAL, "
+                                "energy_kwh REAL, carbon_kg REAL, parked_usd REAL)")  # fmt: skip
+            self.db.executescript(f"BEGIN IMMEDIATE; {_TO_V1} PRAGMA user_version = "
+                                  f"{SCHEMA_VERSION}; COMMIT;")  # fmt: skip
+        elif version < SCHEMA_VERSION:
+            self.db.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
 
     def close(self) -> None:
         self.db.close()
@@ -161,37 +231,60 @@ class Ledger:
     # -- the ledger ------------------------------------------------------------------------
 
     def record(self, entry: Entry) -> bool:
-        """Write one request's row; False if that request id is already there."""
-        cur = self.db.execute(
-            "INSERT OR IGNORE INTO entries (request_id, time, key_id, team, route, served_by, "
-            "status, prompt_tokens, completion_tokens, cost_usd, energy_kwh, carbon_kg, "
-            "degraded, cache_hit, list_cost_usd, reference_cost_usd) "
-            "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-            (entry.request_id, entry.time, entry.key_id, entry.team, entry.route,
-             entry.served_by, entry.status, entry.prompt_tokens, entry.completion_tokens,
-             entry.cost_usd, entry.energy_kwh, entry.carbon_kg, entry.degraded,
-             int(entry.cache_hit), entry.list_cost_usd, entry.reference_cost_usd),
-        )  # fmt: skip
-        return cur.rowcount == 1
+        """Write one request's row (and the chain's head, in one transaction); False if
+        that request id is already there."""
+        link = chain_link(self._chain, entry.json())
+        self.db.execute("BEGIN")
+        try:
+            cur = self.db.execute(
+                "INSERT OR IGNORE INTO entries (request_id, time, key_id, team, route, "
+                "served_by, status, prompt_tokens, completion_tokens, cost_nusd, energy_mj, "
+                "carbon_ug, degraded, cache_hit, list_cost_nusd, reference_cost_nusd, chain) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                (entry.request_id, entry.time, entry.key_id, entry.team, entry.route,
+                 entry.served_by, entry.status, entry.prompt_tokens, entry.completion_tokens,
+                 entry.cost_nusd, entry.energy_mj, entry.carbon_ug, entry.degraded,
+                 int(entry.cache_hit), entry.list_cost_nusd, entry.reference_cost_nusd, link),
+            )  # fmt: skip
+            new = cur.rowcount == 1
+            if new:
+                self.db.execute("INSERT INTO meta (name, value) VALUES ('chain_head', ?) "
+                                "ON CONFLICT (name) DO UPDATE SET value = excluded.value",
+                                (link,))  # fmt: skip
+            self.db.execute("COMMIT")
+        except BaseException:
+            self.db.execute("ROLLBACK")
+            raise
+        if new:
+            self._chain = link
+        return new
 
-    def spent(self, budget: Budget, since: float) -> float:
-        """What the ledger holds against `budget` from `since` (unix time) on."""
+    def spent(self, budget: Budget, since: float, until: float | None = None) -> int:
+        """What the ledger holds against `budget` from `since` (unix time) on (before
+        `until`), in the unit's integers."""
+        (total,) = self.db.execute(*self.spent_sql(budget, since, until)).fetchone()
+        return int(total)
+
+    @staticmethod
+    def spent_sql(budget: Budget, since: float, until: float | None = None
+                  ) -> tuple[str, list[float | str]]:  # fmt: skip
+        """`spent`'s query and its parameters (`verify.py` runs it on its snapshot)."""
         column = UNIT_COLUMNS[budget.unit]
         where = "time >= ?"
         args: list[float | str] = [since]
         if budget.scope != "fleet" and budget.subject is not None:
             where += f" AND {_SCOPE_COLUMNS[budget.scope]} = ?"
             args.append(budget.subject)
-        (total,) = self.db.execute(
-            f"SELECT COALESCE(SUM({column}), 0) FROM entries WHERE {where}", args
-        ).fetchone()
-        return float(total)
+        if until is not None:
+            where += " AND time < ?"
+            args.append(until)
+        return f"SELECT COALESCE(SUM({column}), 0) FROM entries WHERE {where}", args
 
     def entries(self, since: float = 0.0) -> list[Entry]:
         rows = self.db.execute(
             "SELECT request_id, time, key_id, team, route, served_by, status, prompt_tokens, "
-            "completion_tokens, cost_usd, energy_kwh, carbon_kg, degraded, cache_hit, "
-            "list_cost_usd, reference_cost_usd FROM entries WHERE time >= ? ORDER BY time",
+            "completion_tokens, cost_nusd, energy_mj, carbon_ug, degraded, cache_hit, "
+            "list_cost_nusd, reference_cost_nusd FROM entries WHERE time >= ? ORDER BY time",
             (since,),
         ).fetchall()
         names = [f.name for f in dataclasses.fields(Entry)]
@@ -204,46 +297,51 @@ class Ledger:
         """Per key, team or route (`by`), what the ledger holds between `since` and `until`:
         requests, tokens, cost, energy, carbon, cache hits and their saving, degraded answers,
         and the routing saving against the reference. Requests without one are `(none)`."""
-        column = {"key": "key_id", "team": "team", "route": "route"}[by]
-        rows = self.db.execute(
-            f"SELECT COALESCE({column}, '(none)') AS grp, COUNT(*), "
-            "SUM(prompt_tokens), SUM(completion_tokens), SUM(cost_usd), SUM(energy_kwh), "
-            "SUM(carbon_kg), SUM(cache_hit), "
-            "SUM(CASE WHEN cache_hit THEN list_cost_usd ELSE 0 END), "
-            "SUM(CASE WHEN degraded IS NOT NULL THEN 1 ELSE 0 END), "
-            "SUM(CASE WHEN NOT cache_hit AND reference_cost_usd IS NOT NULL "
-            "    THEN reference_cost_usd - list_cost_usd ELSE 0 END), "
-            "SUM(CASE WHEN status >= 500 THEN 1 ELSE 0 END) "
-            f"FROM entries WHERE time >= ? AND time < ? GROUP BY grp ORDER BY SUM(cost_usd) DESC",
-            (since, until),
-        ).fetchall()
+        rows = self.db.execute(self.groups_sql(by), (since, until)).fetchall()
         return [dict(zip(GROUP_FIELDS, row, strict=True)) for row in rows]
 
-    def sample_fleet(self, at: float, cost_usd: float, energy_kwh: float, carbon_kg: float,
-                     parked_usd: float = 0.0) -> None:  # fmt: skip
-        """Keep the fleet's cumulative attributed totals at `at` (the report's other side),
-        and the hardware charges its deployments avoided while parked."""
-        self.db.execute(
-            "INSERT OR REPLACE INTO fleet_totals (time, cost_usd, energy_kwh, carbon_kg, "
-            "parked_usd) VALUES (?, ?, ?, ?, ?)",
-            (at, cost_usd, energy_kwh, carbon_kg, parked_usd),
+    @staticmethod
+    def groups_sql(by: str) -> str:
+        """`groups`' query (parameters: since, until); `verify.py` runs it on its snapshot."""
+        column = _SCOPE_COLUMNS[by]
+        return (
+            f"SELECT COALESCE({column}, '(none)') AS grp, COUNT(*), "
+            "SUM(prompt_tokens), SUM(completion_tokens), SUM(cost_nusd), SUM(energy_mj), "
+            "SUM(carbon_ug), SUM(cache_hit), "
+            "SUM(CASE WHEN cache_hit THEN list_cost_nusd ELSE 0 END), "
+            "SUM(CASE WHEN degraded IS NOT NULL THEN 1 ELSE 0 END), "
+            "SUM(CASE WHEN NOT cache_hit AND reference_cost_nusd IS NOT NULL "
+            "    THEN reference_cost_nusd - list_cost_nusd ELSE 0 END), "
+            "SUM(CASE WHEN status >= 500 THEN 1 ELSE 0 END) "
+            "FROM entries WHERE time >= ? AND time < ? GROUP BY grp "
+            "ORDER BY SUM(cost_nusd) DESC, grp"
         )
 
-    def fleet_span(self, since: float, until: float) -> tuple[float, float, list[float]] | None:
-        """(first sample time, last sample time, [cost, kWh, kgCO2e, parked $] between them)
-        of the fleet's totals within [since, until); None with fewer than two samples."""
+    def sample_fleet(self, at: float, totals: Amounts, parked_nusd: int = 0) -> None:
+        """Keep the fleet's cumulative attributed totals at `at` (the report's other side),
+        and the hardware charges its deployments avoided while parked (nano-USD)."""
+        self.db.execute(
+            "INSERT OR REPLACE INTO fleet_totals (time, cost_nusd, energy_mj, carbon_ug, "
+            "parked_nusd) VALUES (?, ?, ?, ?, ?)",
+            (at, totals.nusd, totals.mj, totals.ug, parked_nusd),
+        )
+
+    def fleet_span(self, since: float, until: float) -> tuple[float, float, list[int]] | None:
+        """(first sample time, last sample time, [nano-USD, mJ, ugCO2e, parked nano-USD]
+        between them) of the fleet's totals within [since, until); None with fewer than two
+        samples."""
         first = self.db.execute(
-            "SELECT time, cost_usd, energy_kwh, carbon_kg, parked_usd FROM fleet_totals "
+            "SELECT time, cost_nusd, energy_mj, carbon_ug, parked_nusd FROM fleet_totals "
             "WHERE time >= ? AND time < ? ORDER BY time LIMIT 1", (since, until),
         ).fetchone()  # fmt: skip
         last = self.db.execute(
-            "SELECT time, cost_usd, energy_kwh, carbon_kg, parked_usd FROM fleet_totals "
+            "SELECT time, cost_nusd, energy_mj, carbon_ug, parked_nusd FROM fleet_totals "
             "WHERE time >= ? AND time < ? ORDER BY time DESC LIMIT 1", (since, until),
         ).fetchone()  # fmt: skip
         if first is None or last is None or first[0] == last[0]:
             return None
-        return first[0], last[0], [max(0.0, b - a) for a, b in zip(first[1:], last[1:],
-                                                                    strict=True)]  # fmt: skip
+        return first[0], last[0], [max(0, b - a) for a, b in zip(first[1:], last[1:],
+                                                                  strict=True)]  # fmt: skip
 
     # -- warnings --------------------------------------------------------------------------
 
@@ -268,9 +366,9 @@ class Ledger:
 
 
 #: A report group's sums, in `Ledger.groups`' column order.
-GROUP_FIELDS = ("group", "requests", "prompt_tokens", "completion_tokens", "cost_usd",
-                "energy_kwh", "carbon_kg", "cache_hits", "cache_saving_usd", "degraded",
-                "routing_saving_usd", "errors")  # fmt: skip
+GROUP_FIELDS = ("group", "requests", "prompt_tokens", "completion_tokens", "cost_nusd",
+                "energy_mj", "carbon_ug", "cache_hits", "cache_saving_nusd", "degraded",
+                "routing_saving_nusd", "errors")  # fmt: skip
 
 
 def group_rows(by: str, entries: Iterable[Entry]) -> list[dict[str, Any]]:
@@ -286,16 +384,22 @@ def group_rows(by: str, entries: Iterable[Entry]) -> list[dict[str, Any]]:
         g["requests"] += 1
         g["prompt_tokens"] += e.prompt_tokens
         g["completion_tokens"] += e.completion_tokens
-        g["cost_usd"] += e.cost_usd
-        g["energy_kwh"] += e.energy_kwh
-        g["carbon_kg"] += e.carbon_kg
+        g["cost_nusd"] += e.cost_nusd
+        g["energy_mj"] += e.energy_mj
+        g["carbon_ug"] += e.carbon_ug
         g["cache_hits"] += int(e.cache_hit)
-        g["cache_saving_usd"] += e.list_cost_usd if e.cache_hit else 0.0
+        g["cache_saving_nusd"] += e.list_cost_nusd if e.cache_hit else 0
         g["degraded"] += int(e.degraded is not None)
-        if not e.cache_hit and e.reference_cost_usd is not None:
-            g["routing_saving_usd"] += e.reference_cost_usd - e.list_cost_usd
+        if not e.cache_hit and e.reference_cost_nusd is not None:
+            g["routing_saving_nusd"] += e.reference_cost_nusd - e.list_cost_nusd
         g["errors"] += int(e.status >= 500)  # the fleet's failures, as the route counts them
-    return sorted(out.values(), key=lambda g: -g["cost_usd"])
+    return sorted(out.values(), key=lambda g: (-g["cost_nusd"], g["group"]))
+
+
+def chain_link(previous: str, row: bytes) -> str:
+    """The link of a row after `previous` in the ledger's hash chain (hex SHA-1, as Redis's
+    `redis.sha1hex` computes it in the settle script)."""
+    return hashlib.sha1(previous.encode() + row, usedforsecurity=False).hexdigest()
 
 
 def _key(row: tuple[object, ...]) -> KeyRecord:

@@ -12,14 +12,21 @@ Layout (every name under the prefix, `wattops:` by default):
 - `keys` hash: key id -> the key's record as JSON (salted hash included, never the secret);
 - `budgets` hash: name -> the budget as JSON; `bidx:fleet`, `bidx:<scope>:<subject>` sets:
   which budgets cover a key, a team, a route (so the scripts find them without a scan);
-- `entries` stream: the ledger, one entry per request (field `e`: the row as JSON); a row's
+- `entries` stream: the ledger, one entry per request (field `e`: the row as JSON, field
+  `h`: its link of the ledger's hash chain, as `ledger.py`'s; `chain`: the last link); a row's
   id is its time in milliseconds, or the previous row's if a router's clock is behind (ids
   only grow), so rows from a time on start at that id; `seen:<request id>`: a marker kept
   8 days, so a row written twice is counted once;
 - `spent:<budget>:<window start>`: what the budget's window has spent (kept 8 days past it);
-  `reserved:<budget>`: what requests in flight have reserved; `inflight:<router id>` hash:
+  `reserved:<budget>`: what requests in flight have reserved; `limits` hash: budget -> its
+  limit; all integers of the budget's unit (`money.py`: nano-USD, mJ, ugCO2e), added with
+  `INCRBY`, so the sums are exact and the SQLite store's; `inflight:<router id>` hash:
   request id -> what it reserved on which budget; `routers` sorted set: router id -> its last
   heartbeat (Redis's clock);
+- `schema`: the layout's version (1: integer amounts). A store written before (float amounts,
+  no `schema`) is converted when a router first opens it: stop every router, upgrade them,
+  start them (one converts; amounts are rounded to the nearest unit, reservations recounted
+  from the requests in flight; ledger rows are read in either form);
 - `warned` hash: one field per (budget, window, threshold) that fired; `fleet` sorted set: the
   fleet's attributed totals over time (each router samples them).
 
@@ -45,10 +52,19 @@ import redis
 
 from wattops.router.budgets import Budget
 from wattops.router.keys import KeyRecord
-from wattops.router.ledger import UNIT_COLUMNS, Entry, group_rows
+from wattops.router.ledger import Entry, group_rows
+from wattops.router.money import UNIT_SCALE, Amounts
 
 __all__ = ["RedisLedger", "budget_index"]
 
+#: The layout's version (the `schema` key).
+SCHEMA_VERSION = 1
+#: Row fields before amounts were integers -> (field now, its scale).
+_LEGACY_FIELDS = {"cost_usd": ("cost_nusd", UNIT_SCALE["usd"]),
+                  "energy_kwh": ("energy_mj", UNIT_SCALE["kwh"]),
+                  "carbon_kg": ("carbon_ug", UNIT_SCALE["kgco2e"]),
+                  "list_cost_usd": ("list_cost_nusd", UNIT_SCALE["usd"]),
+                  "reference_cost_usd": ("reference_cost_nusd", UNIT_SCALE["usd"])}  # fmt: skip
 #: How far routers' clocks may differ when the ledger is read by time.
 _CLOCK_MARGIN_S = 3600.0
 _PAGE = 5000
@@ -59,6 +75,18 @@ def budget_index(prefix: str, budget: Budget) -> str:
     if budget.scope == "fleet" or budget.subject is None:
         return f"{prefix}bidx:fleet"
     return f"{prefix}bidx:{budget.scope}:{budget.subject}"
+
+
+def entry_of(row: dict[str, Any]) -> Entry:
+    """A ledger row from its JSON, written with integer amounts or (before) float ones."""
+    for old, (new, scale) in _LEGACY_FIELDS.items():
+        if old in row:
+            value = row.pop(old)
+            row[new] = None if value is None else round(value * scale)
+    return Entry(**{k: v for k, v in row.items() if k in _ENTRY_FIELDS})
+
+
+_ENTRY_FIELDS = {f.name for f in dataclasses.fields(Entry)}
 
 
 def _key_json(record: KeyRecord) -> bytes:
@@ -78,8 +106,51 @@ class RedisLedger:
         self._has_keys = False
         try:
             self.db.ping()
+            self._migrate()
         except redis.RedisError as exc:
             raise ConnectionError(f"store {url}: cannot reach Redis: {exc}") from None
+
+    def _migrate(self) -> None:
+        """Float amounts (a store written before `schema` 1) to integers; see the module
+        docstring. Run with every router stopped."""
+        if self.db.get(self._k("schema")) is not None:
+            return
+        budgets = {b.name: b for b in self.budgets()}
+        pipe = self.db.pipeline(transaction=True)
+        for name, budget in budgets.items():
+            scale = UNIT_SCALE[budget.unit]
+            pipe.hset(self._k("limits"), name, budget.limit_units)
+            for key in self.db.scan_iter(match=f"{self.prefix}spent:{name}:*", count=1000):
+                raw = self.db.get(key)
+                if raw is not None:
+                    pipe.set(key, round(float(raw) * scale), keepttl=True)
+        reserved: dict[str, int] = dict.fromkeys(budgets, 0)
+        for key in self.db.scan_iter(match=f"{self.prefix}inflight:*", count=1000):
+            for rid, raw in self.db.hgetall(key).items():
+                held = {}
+                for name, amount in orjson.loads(raw).items():
+                    unit = budgets[name].unit if name in budgets else "usd"
+                    held[name] = str(round(float(amount) * UNIT_SCALE[unit]))
+                    reserved[name] = reserved.get(name, 0) + int(held[name])
+                pipe.hset(key, rid, orjson.dumps(held))
+        for name, amount in reserved.items():
+            pipe.set(self._k(f"reserved:{name}"), amount)
+        for member in self.db.zrange(self._k("fleet"), 0, -1):
+            at, *values = orjson.loads(member)
+            if any(isinstance(v, float) for v in values):
+                scales = (UNIT_SCALE["usd"], UNIT_SCALE["kwh"], UNIT_SCALE["kgco2e"],
+                          UNIT_SCALE["usd"])  # fmt: skip
+                pipe.zrem(self._k("fleet"), member)
+                pipe.zadd(
+                    self._k("fleet"),
+                    {
+                        orjson.dumps(
+                            [at, *(round(v * k) for v, k in zip(values, scales, strict=False))]
+                        ): at
+                    },
+                )
+        pipe.set(self._k("schema"), SCHEMA_VERSION)
+        pipe.execute()
 
     def close(self) -> None:
         self.db.close()
@@ -127,23 +198,21 @@ class RedisLedger:
         # router's clock was ahead: start at `since`, stop a margin past `until`.
         low = str(max(0, int(since * 1000)))
         high = last_id or ("+" if until is None else str(int((until + _CLOCK_MARGIN_S) * 1000)))
-        names = {f.name for f in dataclasses.fields(Entry)}
         while True:
             page = self.db.xrange(self._k("entries"), low, high, count=_PAGE)
             for _, fields in page:
-                row = orjson.loads(fields[b"e"])
-                entry = Entry(**{k: v for k, v in row.items() if k in names})
+                entry = entry_of(orjson.loads(fields[b"e"]))
                 if entry.time >= since and (until is None or entry.time < until):
                     yield entry
             if len(page) < _PAGE:
                 return
             low = "(" + page[-1][0].decode()
 
-    def spent(self, budget: Budget, since: float, last_id: str | None = None) -> float:
-        """What the ledger holds against `budget` from `since` on (up to stream id
-        `last_id`)."""
-        column = UNIT_COLUMNS[budget.unit]
-        return sum(float(getattr(e, column)) for e in self._scan(since, last_id=last_id)
+    def spent(self, budget: Budget, since: float, until: float | None = None,
+              last_id: str | None = None) -> int:  # fmt: skip
+        """What the ledger holds against `budget` from `since` on (before `until`, up to
+        stream id `last_id`), in the unit's integers."""
+        return sum(e.amount(budget.unit) for e in self._scan(since, until, last_id=last_id)
                    if budget.covers(e.key_id, e.team, e.route))  # fmt: skip
 
     def entries(self, since: float = 0.0) -> list[Entry]:
@@ -153,12 +222,11 @@ class RedisLedger:
         """As `Ledger.groups` (the same sums as its SQL, summed here)."""
         return group_rows(by, self._scan(since, until))
 
-    def sample_fleet(self, at: float, cost_usd: float, energy_kwh: float, carbon_kg: float,
-                     parked_usd: float = 0.0) -> None:  # fmt: skip
-        member = orjson.dumps([at, cost_usd, energy_kwh, carbon_kg, parked_usd])
+    def sample_fleet(self, at: float, totals: Amounts, parked_nusd: int = 0) -> None:
+        member = orjson.dumps([at, totals.nusd, totals.mj, totals.ug, parked_nusd])
         self.db.zadd(self._k("fleet"), {member: at})
 
-    def fleet_span(self, since: float, until: float) -> tuple[float, float, list[float]] | None:
+    def fleet_span(self, since: float, until: float) -> tuple[float, float, list[int]] | None:
         """As `Ledger.fleet_span`."""
         key = self._k("fleet")
         first = self.db.zrangebyscore(key, since, f"({until}", start=0, num=1)
@@ -168,7 +236,7 @@ class RedisLedger:
         a, b = orjson.loads(first[0]), orjson.loads(last[0])
         if a[0] == b[0]:
             return None
-        return a[0], b[0], [max(0.0, y - x) for x, y in zip(a[1:], b[1:], strict=True)]
+        return a[0], b[0], [max(0, y - x) for x, y in zip(a[1:], b[1:], strict=True)]
 
     # -- warnings --------------------------------------------------------------------------
 

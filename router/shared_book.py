@@ -35,11 +35,9 @@ import math
 import time
 from collections import deque
 from collections.abc import Callable, Iterable, Mapping
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
-
-import orjson
 
 from wattops.router.admission import (
     Admission,
@@ -68,7 +66,7 @@ KEEP_S = 8 * 86400
 _HEAD = """
 if redis.replicate_commands then redis.replicate_commands() end
 local P = ARGV[1]
-local function fmt(x) return string.format('%.17g', x) end
+local function fmt(x) return string.format('%.0f', x) end
 """
 
 _RELEASE_FN = """
@@ -77,8 +75,7 @@ local function release(router, rid)
   local held = redis.call('HGET', key, rid)
   if not held then return 0 end
   for name, amount in pairs(cjson.decode(held)) do
-    local left = tonumber(redis.call('INCRBYFLOAT', P .. 'reserved:' .. name, '-' .. amount))
-    if left < 1e-12 then redis.call('SET', P .. 'reserved:' .. name, '0') end
+    redis.call('DECRBY', P .. 'reserved:' .. name, amount)
   end
   redis.call('HDEL', key, rid)
   return 1
@@ -106,7 +103,9 @@ local function stand(name)
   local win = W[b.window]
   local spent = tonumber(redis.call('GET', P .. 'spent:' .. name .. ':' .. win[1]) or '0')
   local reserved = tonumber(redis.call('GET', P .. 'reserved:' .. name) or '0')
-  return {b = b, body = body, spent = spent, reserved = reserved, start = win[1], stop = win[2]}
+  local limit = tonumber(redis.call('HGET', P .. 'limits', name))
+  return {b = b, body = body, spent = spent, reserved = reserved, limit = limit,
+          start = win[1], stop = win[2]}
 end
 local function row(name, s) return {name, s.body, fmt(s.spent), fmt(s.reserved)} end
 """
@@ -133,7 +132,7 @@ local found = {}
 for _, name in ipairs(covering(ARGV[2], ARGV[3], ARGV[4])) do
   local s = stand(name)
   if s then
-    if s.spent + s.reserved >= tonumber(s.b.limit) then return {'over', row(name, s)} end
+    if s.spent + s.reserved >= s.limit then return {'over', row(name, s)} end
     found[#found + 1] = {name, s}
   end
 end
@@ -141,7 +140,7 @@ local worst = {usd = ARGV[13], kwh = ARGV[14], kgco2e = ARGV[15]}
 local held, names = {}, {}
 for _, x in ipairs(found) do
   local amount = worst[x[2].b.unit]
-  redis.call('INCRBYFLOAT', P .. 'reserved:' .. x[1], amount)
+  redis.call('INCRBY', P .. 'reserved:' .. x[1], amount)
   held[x[1]] = amount
   names[#names + 1] = x[1]
 end
@@ -184,7 +183,10 @@ if #last > 0 then
   local last_ms = tonumber(string.match(last[1][1], '^(%d+)'))
   if last_ms > ms then ms = last_ms end
 end
-redis.call('XADD', P .. 'entries', string.format('%.0f', ms) .. '-*', 'e', ARGV[18])
+-- The ledger's hash chain (ledger.py's `chain_link`): this row's link hashes the last one's.
+local link = redis.sha1hex((redis.call('GET', P .. 'chain') or '') .. ARGV[18])
+redis.call('XADD', P .. 'entries', string.format('%.0f', ms) .. '-*', 'e', ARGV[18], 'h', link)
+redis.call('SET', P .. 'chain', link)
 local cost = {usd = ARGV[15], kwh = ARGV[16], kgco2e = ARGV[17]}
 local out = {}
 for _, name in ipairs(covering(ARGV[2], ARGV[3], ARGV[4])) do
@@ -192,7 +194,7 @@ for _, name in ipairs(covering(ARGV[2], ARGV[3], ARGV[4])) do
   if s then
     if t >= tonumber(s.start) then
       local key = P .. 'spent:' .. name .. ':' .. s.start
-      s.spent = tonumber(redis.call('INCRBYFLOAT', key, cost[s.b.unit]))
+      s.spent = tonumber(redis.call('INCRBY', key, cost[s.b.unit]))
       -- A TTL from the router's own now, not EXPIREAT: Redis would apply an end of window
       -- reckoned on the router's clock against its own, and a clock behind Redis's would
       -- see its counters deleted as they are written (README: Budgets, "Which clock rules").
@@ -205,9 +207,9 @@ return {'ok', out}
 """
 )
 
-# ARGV: prefix, name, body (or '' to delete), its index set, its window's spend counter.
-# Returns the ledger stream's last id: rows up to it are counted by the caller, rows after it
-# by their own settle (the budget is in its index from here on).
+# ARGV: prefix, name, body (or '' to delete), its index set, its window's spend counter, its
+# limit in its unit's integers. Returns the ledger stream's last id: rows up to it are counted
+# by the caller, rows after it by their own settle (the budget is in its index from here on).
 _PUT = """
 local P = ARGV[1]
 local old = redis.call('HGET', P .. 'budgets', ARGV[2])
@@ -221,9 +223,11 @@ if old then
 end
 if ARGV[3] == '' then
   redis.call('HDEL', P .. 'budgets', ARGV[2])
+  redis.call('HDEL', P .. 'limits', ARGV[2])
   return '0-0'
 end
 redis.call('HSET', P .. 'budgets', ARGV[2], ARGV[3])
+redis.call('HSET', P .. 'limits', ARGV[2], ARGV[6])
 redis.call('SADD', ARGV[4], ARGV[2])
 redis.call('DEL', ARGV[5])
 local last = redis.call('XREVRANGE', P .. 'entries', '+', '-', 'COUNT', 1)
@@ -332,17 +336,18 @@ class SharedBudgetBook:
         end = window_end(budget.window, moment).timestamp()
         counter = f"{self.prefix}spent:{budget.name}:{int(start)}"
         last = self._put(args=[self.prefix, budget.name, budget.model_dump_json(),
-                               budget_index(self.prefix, budget), counter])  # fmt: skip
+                               budget_index(self.prefix, budget), counter,
+                               budget.limit_units])  # fmt: skip
         last_id = last.decode() if isinstance(last, bytes) else str(last)
         if last_id != "0-0":
             spent = self.ledger.spent(budget, start, last_id=last_id)
             if spent:
-                self.ledger.db.incrbyfloat(counter, spent)
+                self.ledger.db.incrby(counter, spent)
         # A TTL from this router's now (not EXPIREAT, which Redis reads on its own clock).
         self.ledger.db.expire(counter, max(1, math.ceil(end - now)) + KEEP_S)
 
     def delete(self, name: str) -> None:
-        self._put(args=[self.prefix, name, "", "", ""])
+        self._put(args=[self.prefix, name, "", "", "", ""])
 
     def may_cover(self, key_id: str | None, team: str | None, route: str | None) -> bool:
         return True  # the scripts find out, in the round trip they make anyway
@@ -362,8 +367,7 @@ class SharedBudgetBook:
         budget = Budget.model_validate_json(row[1])
         times = self._windows(now)[0]
         at = 2 * _WINDOWS.index(budget.window)
-        return Standing(budget, times[at], times[at + 1], float(row[2]),
-                        max(0.0, float(row[3])))  # fmt: skip
+        return Standing(budget, times[at], times[at + 1], int(row[2]), int(row[3]))
 
     def standing(self, budget: Budget, now: float | None = None) -> Standing:
         now = self.clock() if now is None else now
@@ -373,7 +377,7 @@ class SharedBudgetBook:
             f"{self.prefix}spent:{budget.name}:{int(start)}", f"{self.prefix}reserved:{budget.name}"
         )
         return Standing(budget, start, window_end(budget.window, moment).timestamp(),
-                        float(spent or 0), max(0.0, float(reserved or 0)))  # fmt: skip
+                        int(spent or 0), int(reserved or 0))  # fmt: skip
 
     def standings(self) -> Iterable[Standing]:
         now = self.clock()
@@ -391,7 +395,7 @@ class SharedBudgetBook:
               worst: Amounts, degraded_by: Budget | None = None) -> Admission:  # fmt: skip
         now = self.clock()
         args = [*self._args(key_id, team, route, now), self.router_id, request_id,
-                repr(worst.usd), repr(worst.kwh), repr(worst.kgco2e)]  # fmt: skip
+                worst.nusd, worst.mj, worst.ug]  # fmt: skip
         verdict, found = self._reserve(args=args)
         if verdict == b"over":
             raise BudgetExceeded(self._standing(found, now), now)
@@ -414,8 +418,8 @@ class SharedBudgetBook:
         now = self.clock()
         held = admission.request_id if admission is not None and not admission.done else ""
         args = [*self._args(entry.key_id, entry.team, entry.route, now), self.router_id, held,
-                entry.request_id, repr(entry.time), repr(entry.cost_usd),
-                repr(entry.energy_kwh), repr(entry.carbon_kg), orjson.dumps(asdict(entry)),
+                entry.request_id, repr(entry.time), entry.cost_nusd, entry.energy_mj,
+                entry.carbon_ug, entry.json(),
                 SEEN_S, KEEP_S, repr(now)]  # fmt: skip
         try:
             verdict, rows = self._settle(args=args)

@@ -44,7 +44,9 @@ def open_charging(section: RouterSection, budgets: Iterable[Budget] = ()) -> Cha
     """Keys, budgets and the ledger on the store `section.store` names."""
     if section.store == "sqlite":
         book = BudgetBook(Ledger(section.state_dir / "ledger.sqlite", section.ledger_sync))
-        return Charging(book, section.require_keys, section.default_max_tokens, budgets)
+        return Charging(book, section.require_keys, section.default_max_tokens, budgets,
+                        prior_tokens_per_s=section.prior_tokens_per_s,
+                    on_store_error=section.on_store_error)  # fmt: skip
     from wattops.router.redis_ledger import RedisLedger
     from wattops.router.shared_book import SharedBudgetBook
 
@@ -57,4 +59,6 @@ def open_charging(section: RouterSection, budgets: Iterable[Budget] = ()) -> Cha
     import redis
 
     return Charging(shared, section.require_keys, section.default_max_tokens, budgets,
-                    limits_storage=limits, store_errors=(redis.RedisError,))  # fmt: skip
+                    limits_storage=limits, store_errors=(redis.RedisError,),
+                    prior_tokens_per_s=section.prior_tokens_per_s,
+                    on_store_error=section.on_store_error)  # fmt: skip

@@ -15,6 +15,7 @@ import time
 from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
 import pytest
 from hypothesis import HealthCheck, example, given, settings
@@ -32,6 +33,7 @@ from wattops.router.api import Budget
 from wattops.router.budgets import window_end, window_start
 from wattops.router.keys import KeyRecord
 from wattops.router.ledger import Entry, Ledger
+from wattops.router.money import to_units
 from wattops.router.redis_ledger import RedisLedger
 from wattops.router.shared_book import SharedBudgetBook
 
@@ -47,9 +49,15 @@ class Clock:
         return self.now
 
 
-def entry(usd: float, *, key: str | None = "k1", team: str | None = "ml",
+def usd(value: float) -> int:
+    """Dollars in the stores' integers (nano-USD)."""
+    return to_units(value, "usd")
+
+
+def entry(dollars: float, *, key: str | None = "k1", team: str | None = "ml",
           route: str | None = "chat", at: float = T0, kwh: float = 0.0) -> Entry:  # fmt: skip
-    return Entry(f"r{next(_ids)}", at, key, team, route, "n/d", 200, 10, 10, usd, kwh, 0.0)
+    return Entry(f"r{next(_ids)}", at, key, team, route, "n/d", 200, 10, 10, usd(dollars),
+                 to_units(kwh, "kwh"), 0)  # fmt: skip
 
 
 class Store:
@@ -108,30 +116,30 @@ def test_at_exactly_the_limit_the_next_request_is_over(store: Store) -> None:
     b = book(store, TEAM_DAY)
     b.settle(None, entry(0.75))
     b.settle(None, entry(0.25 - 1e-9))
-    b.admit("a", "k1", "ml", "chat", Amounts(usd=0.0)).done = True  # just below: admitted
+    b.admit("a", "k1", "ml", "chat", Amounts.of_units(usd=0.0)).done = True  # just below: admitted
     b.settle(None, entry(1e-9))  # exactly 1.0 spent
     with pytest.raises(BudgetExceeded) as refused:
-        b.admit("b", "k1", "ml", "chat", Amounts(usd=0.0))
+        b.admit("b", "k1", "ml", "chat", Amounts.of_units(usd=0.0))
     message = str(refused.value)
     assert "'ml-day'" in message and "team ml, USD per day" in message
     assert "limit 1 USD" in message and "resets at 2026-11-29T00:00:00Z" in message
     assert refused.value.retry_after_s == 13.5 * 3600
     # Another team is not covered by it.
-    b.admit("c", "k2", "search", "chat", Amounts(usd=5.0))
+    b.admit("c", "k2", "search", "chat", Amounts.of_units(usd=5.0))
 
 
 def test_reservations_count_until_settled_or_released(store: Store) -> None:
     b = book(store, TEAM_DAY)
-    first = b.admit("a", "k1", "ml", "chat", Amounts(usd=0.6))
-    second = b.admit("b", "k1", "ml", "chat", Amounts(usd=0.6))  # 0.6 < 1.0: still let in
-    with pytest.raises(BudgetExceeded, match=r"1\.2 USD reserved"):
-        b.admit("c", "k1", "ml", "chat", Amounts(usd=0.01))
+    first = b.admit("a", "k1", "ml", "chat", Amounts.of_units(usd=0.6))
+    second = b.admit("b", "k1", "ml", "chat", Amounts.of_units(usd=0.6))  # 0.6 < 1.0: still let in
+    with pytest.raises(BudgetExceeded, match=r"1\.2 USD \(1200000000 nano-USD\) reserved"):
+        b.admit("c", "k1", "ml", "chat", Amounts.of_units(usd=0.01))
     b.release(second)  # it failed: nothing spent
     b.settle(first, entry(0.1))  # it cost far less than its worst case
     (standing,) = b.standings()
-    assert standing.spent == pytest.approx(0.1) and standing.reserved == 0.0
+    assert standing.spent == usd(0.1) and standing.reserved == 0
     assert b.in_flight == {}
-    b.admit("d", "k1", "ml", "chat", Amounts(usd=0.5))
+    b.admit("d", "k1", "ml", "chat", Amounts.of_units(usd=0.5))
 
 
 def test_a_new_window_starts_from_zero(store: Store) -> None:
@@ -141,7 +149,7 @@ def test_a_new_window_starts_from_zero(store: Store) -> None:
     with pytest.raises(BudgetExceeded):
         b.admit("a", "k1", "ml", "chat", Amounts())
     clock.now = datetime(2026, 11, 29, 0, 0, tzinfo=UTC).timestamp()
-    b.admit("b", "k1", "ml", "chat", Amounts(usd=0.5))
+    b.admit("b", "k1", "ml", "chat", Amounts.of_units(usd=0.5))
 
 
 def test_spend_is_read_back_from_the_ledger_on_start(store: Store) -> None:
@@ -150,8 +158,8 @@ def test_spend_is_read_back_from_the_ledger_on_start(store: Store) -> None:
     b.settle(None, entry(0.4, at=T0 - 86400))  # yesterday: another window
     again = store.open()
     (standing,) = again.standings()
-    assert standing.spent == pytest.approx(0.4)
-    assert standing.reserved == 0.0  # reservations die with the process that held them
+    assert standing.spent == usd(0.4)
+    assert standing.reserved == 0  # reservations die with the process that held them
 
 
 def test_the_same_request_is_never_counted_twice(store: Store) -> None:
@@ -160,7 +168,7 @@ def test_the_same_request_is_never_counted_twice(store: Store) -> None:
     b.settle(None, row)
     b.settle(None, row)
     (standing,) = b.standings()
-    assert standing.spent == pytest.approx(0.3)
+    assert standing.spent == usd(0.3)
 
 
 def test_warnings_fire_once_per_threshold_per_window(store: Store) -> None:
@@ -203,10 +211,10 @@ def test_kwh_and_carbon_budgets_count_their_own_unit(store: Store) -> None:
     energy = Budget(name="fleet-kwh", scope="fleet", unit="kwh", window="month", limit=2.0)
     b = book(store, energy)
     b.settle(None, entry(100.0, kwh=1.5))  # dollars do not count against a kWh budget
-    b.admit("a", None, None, None, Amounts(usd=1e6, kwh=0.4)).done = True
+    b.admit("a", None, None, None, Amounts.of_units(usd=1e6, kwh=0.4)).done = True
     b.settle(None, entry(0.0, kwh=0.5))
     with pytest.raises(BudgetExceeded, match="kWh"):
-        b.admit("b", None, None, None, Amounts(kwh=0.0))
+        b.admit("b", None, None, None, Amounts.of_units(kwh=0.0))
 
 
 @pytest.mark.parametrize("skew_days", [-1000, -45, 0, 45, 400])
@@ -223,7 +231,7 @@ def test_the_routers_clock_rules_windows_whatever_redis_s_clock_says(
     store = Store("redis", Path("."), redis_url)
     b = book(store, TEAM_DAY, clock=clock)
     b.settle(None, entry(0.4, at=clock.now))
-    assert b.standing(TEAM_DAY).spent == pytest.approx(0.4)
+    assert b.standing(TEAM_DAY).spent == usd(0.4)
     moment = datetime.fromtimestamp(clock.now, UTC)
     start, end = (f(TEAM_DAY.window, moment).timestamp() for f in (window_start, window_end))
     db = RedisLedger(redis_url).db
@@ -231,7 +239,7 @@ def test_the_routers_clock_rules_windows_whatever_redis_s_clock_says(
     assert end - clock.now + KEEP_S - 5 <= ttl <= end - clock.now + KEEP_S + 1
     # A budget put again recounts its window the same way.
     b.put(TEAM_DAY.model_copy(update={"limit": 3.0}))
-    assert b.standing(TEAM_DAY).spent == pytest.approx(0.4)
+    assert b.standing(TEAM_DAY).spent == usd(0.4)
     assert db.ttl(f"{b.prefix}spent:{TEAM_DAY.name}:{int(start)}") > KEEP_S
 
 
@@ -248,61 +256,108 @@ def test_bad_budgets_are_refused_naming_the_field() -> None:
         Budget(name="x", scope="fleet", unit="usd", window="day", limit=1, warn_at=[1.5])
 
 
-# One step of a generated sequence: admit a request reserving `worst`, or settle / release the
-# oldest one in flight at some fraction of what it reserved.
+# One step of a generated sequence: admit a request reserving `worst` (nano-USD), or settle
+# the oldest one in flight at some percentage of what it reserved, or release it.
 STEP = st.one_of(
-    st.tuples(st.just("admit"), st.floats(0.0, 0.5)),
-    st.tuples(st.just("settle"), st.floats(0.0, 1.0)),
-    st.tuples(st.just("release"), st.just(0.0)),
+    st.tuples(st.just("admit"), st.integers(0, 500_000_000)),
+    st.tuples(st.just("settle"), st.integers(0, 100)),
+    st.tuples(st.just("release"), st.just(0)),
 )
+LIMIT = TEAM_DAY.limit_units
 
 
 @settings(
     max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
 )
 @given(steps=st.lists(STEP, max_size=60))
-# Found by CI: a reservation of 1e-12 lost when an earlier one of 0 is released (the snap).
-@example(steps=[("admit", 0.0), ("admit", 1e-12), ("release", 0.0), ("admit", 5.96e-08)])
-def test_spend_passes_the_limit_by_at_most_what_was_in_flight(
-    store: Store, steps: list[tuple[str, float]]
+# Found by CI when amounts were floats: a reservation of 1e-12 lost when an earlier one of 0
+# was released (the snap to zero that floats needed).
+@example(steps=[("admit", 0), ("admit", 1), ("release", 0), ("admit", 60)])
+def test_money_is_conserved_and_every_admission_is_justified(
+    store: Store, steps: list[tuple[str, int]]
 ) -> None:
+    """Exactly, in integers: what the book holds as spent is what was settled, what it holds
+    as reserved is what is in flight; a request is refused if and only if spent + reserved is
+    at or over the limit; and spend passes the limit by less than the largest reservation
+    that was let in."""
     store.fresh()
     b = book(store, TEAM_DAY)
-    flying: list[tuple[Admission, float]] = []
-    settled = 0.0  # what was settled, summed here: the book must hold exactly this as spent
-    largest = 0.0  # the largest reservation let in
+    flying: list[tuple[Admission, int]] = []
+    settled = 0
+    largest = 0
     for op, value in steps:
         if op == "admit":
-            before = sum(worst for _, worst in flying)
-            used = settled + before  # the model's standing
+            used = settled + sum(worst for _, worst in flying)  # the model's standing
             try:
-                a = b.admit(f"q{next(_ids)}", "k1", "ml", "chat", Amounts(usd=value))
+                a = b.admit(f"q{next(_ids)}", "k1", "ml", "chat", Amounts(nusd=value))
             except BudgetExceeded as exc:
-                # Refused only when spent + reserved really is at or over the limit.
-                assert exc.standing.used >= TEAM_DAY.limit
-                assert used >= TEAM_DAY.limit - 1e-9, (used, exc.standing)
+                assert used >= LIMIT and exc.standing.used == used
                 continue
-            # Admitted only when it really was below.
-            assert used < TEAM_DAY.limit + 1e-9, used
+            assert used < LIMIT, used  # admitted only when below
             largest = max(largest, value)
             flying.append((a, value))
-            # To 1e-9, as below: both books snap what is left reserved below 1e-12 of the unit
-            # to zero on a release (float residue), so a reservation that small may vanish.
-            assert b.standing(TEAM_DAY).reserved == pytest.approx(before + value, abs=1e-9)
         elif flying:
             a, worst = flying.pop(0)
             if op == "settle":
-                b.settle(a, entry(worst * value))  # actual cost never above the worst case
-                settled += worst * value
+                cost = worst * value // 100  # never above the worst case
+                b.settle(a, dataclasses.replace(entry(0.0), cost_nusd=cost))
+                settled += cost
             else:
                 b.release(a)
         s = b.standing(TEAM_DAY)
-        in_flight = sum(worst for _, worst in flying)
-        assert s.reserved == pytest.approx(in_flight, abs=1e-9)
-        assert s.spent == pytest.approx(settled, abs=1e-9)  # nothing lost, nothing made up
-        # The bound: what is spent, plus what may still be, passes the limit by at most the
-        # largest single reservation let in while below it.
-        assert s.spent + s.reserved <= TEAM_DAY.limit + largest + 1e-9
+        assert s.reserved == sum(worst for _, worst in flying)
+        assert s.spent == settled  # nothing lost, nothing made up
+        assert s.spent + s.reserved < LIMIT + max(largest, 1)
+
+
+def test_ten_dimes_make_a_dollar_on_both_stores(store: Store) -> None:
+    """Ten $0.10 settles are $1 exactly: the eleventh request is refused at a $1 limit. With
+    floats they summed to 0.9999999999999999 in Python and SQLite, and an eleventh got in."""
+    b = book(store, TEAM_DAY)
+    for n in range(10):
+        b.admit(f"d{n}", "k1", "ml", "chat", Amounts()).done = True
+        b.settle(None, entry(0.1))
+    assert b.standing(TEAM_DAY).spent == 10**9
+    with pytest.raises(BudgetExceeded):
+        b.admit("eleventh", "k1", "ml", "chat", Amounts())
+
+
+@settings(max_examples=40, deadline=None,
+          suppress_health_check=[HealthCheck.function_scoped_fixture])  # fmt: skip
+@given(steps=st.lists(STEP, max_size=40), limit=st.sampled_from([1.0, 0.07, 0.3, 2.5e-9]))
+def test_both_stores_reach_the_same_standings_and_verdicts(
+    tmp_path: Path, redis_url: str, steps: list[tuple[str, int]], limit: float
+) -> None:
+    """The same sequence of admissions, settles and releases on a SQLite book and on a Redis
+    one: the same verdict at every admission and the same standing after every step, to the
+    nano-dollar, at limits that are no multiple of the amounts."""
+    budget = TEAM_DAY.model_copy(update={"limit": limit})
+    folder = tmp_path / f"example{next(_ids)}"  # one per generated example
+    sqlite, shared = Store("sqlite", folder, None), Store("redis", folder, redis_url)
+    sqlite.fresh()
+    shared.fresh()
+    books = [book(sqlite, budget), book(shared, budget)]
+    flying: list[list[Admission]] = []
+    for op, value in steps:
+        if op == "admit":
+            rid = f"s{next(_ids)}"
+            verdicts = []
+            for b in books:
+                try:
+                    verdicts.append(b.admit(rid, "k1", "ml", "chat", Amounts(nusd=value)))
+                except BudgetExceeded as exc:
+                    verdicts.append(exc.standing.used)  # type: ignore[arg-type]
+            assert [isinstance(v, Admission) for v in verdicts].count(True) in (0, 2), verdicts
+            if isinstance(verdicts[0], Admission):
+                flying.append(verdicts)  # type: ignore[arg-type]
+        elif flying:
+            pair = flying.pop(0)
+            row = dataclasses.replace(entry(0.0), cost_nusd=pair[0].reserved.nusd * value // 100)
+            for b, a in zip(books, pair, strict=True):
+                b.settle(a, row) if op == "settle" else b.release(a)
+        first, second = (b.standing(budget) for b in books)
+        assert (first.spent, first.reserved, first.over) == (
+            second.spent, second.reserved, second.over)  # fmt: skip
 
 
 def test_the_worst_case_bounds_smollm2s_templated_prompts() -> None:
@@ -339,7 +394,7 @@ def test_two_routers_on_one_redis_never_pass_a_budget_together(redis_url: str) -
     store = Store("redis", Path("."), redis_url)
     book(store, TEAM_DAY.model_copy(update={"limit": 2.0}))
     routers = [store.open(Clock(time.time()), router=f"router-{n}") for n in "ab"]
-    spent = [0.0, 0.0]
+    spent = [0, 0]
     # Not a divisor of the limit (2.0 / 0.07 = 28.6): a check-then-reserve that is not atomic
     # lets both routers pass the last unit, where 0.05s would have met the limit exactly.
     each = 0.07
@@ -348,11 +403,11 @@ def test_two_routers_on_one_redis_never_pass_a_budget_together(redis_url: str) -
         b = routers[n]
         while True:
             try:
-                a = b.admit(f"{n}-{next(_ids)}", "k1", "ml", "chat", Amounts(usd=each))
+                a = b.admit(f"{n}-{next(_ids)}", "k1", "ml", "chat", Amounts.of_units(usd=each))
             except BudgetExceeded:
                 return
             b.settle(a, entry(each, at=b.clock()))
-            spent[n] += each
+            spent[n] += usd(each)
 
     threads = [threading.Thread(target=serve, args=(n,)) for n in (0, 1)]
     for t in threads:
@@ -362,8 +417,8 @@ def test_two_routers_on_one_redis_never_pass_a_budget_together(redis_url: str) -
     assert all(s > 0 for s in spent)  # both routers served
     for b in routers:
         (s,) = b.standings()
-        assert s.spent == pytest.approx(sum(spent)) and s.reserved == pytest.approx(0.0)
-        assert 2.0 <= s.spent < 2.0 + each + 1e-9
+        assert s.spent == sum(spent) and s.reserved == 0  # exactly: integers on both
+        assert usd(2.0) <= s.spent < usd(2.0) + usd(each)
 
 
 def test_a_dead_routers_reservations_are_released_by_the_others(redis_url: str) -> None:
@@ -372,28 +427,28 @@ def test_a_dead_routers_reservations_are_released_by_the_others(redis_url: str) 
     # Redis's clock counts whole seconds: with a 1 s stale time a second boundary between
     # router-a's last beat and router-b's first would already call router-a silent.
     b = SharedBudgetBook(RedisLedger(redis_url), "router-b", stale_s=2.0)
-    a.admit("in-flight", "k1", "ml", "chat", Amounts(usd=0.6))
-    mine = b.admit("mine", "k1", "ml", "chat", Amounts(usd=0.3))
-    last = b.admit("last", "k1", "ml", "chat", Amounts(usd=0.1))  # 0.9 < 1: let in
-    with pytest.raises(BudgetExceeded, match=r"1 USD reserved"):  # both routers' count
-        b.admit("more", "k1", "ml", "chat", Amounts(usd=0.1))
+    a.admit("in-flight", "k1", "ml", "chat", Amounts.of_units(usd=0.6))
+    mine = b.admit("mine", "k1", "ml", "chat", Amounts.of_units(usd=0.3))
+    last = b.admit("last", "k1", "ml", "chat", Amounts.of_units(usd=0.1))  # 0.9 < 1: let in
+    with pytest.raises(BudgetExceeded, match=r"1 USD \(1000000000 nano-USD\) reserved"):
+        b.admit("more", "k1", "ml", "chat", Amounts.of_units(usd=0.1))
     # router-a is killed: no more heartbeats. router-b's next beat after it went silent for
     # stale_s frees what it held.
     assert b.heartbeat() == 0
     time.sleep(3.1)  # stale_s, and a whole second more for Redis's clock
     assert b.heartbeat() == 1
-    assert b.standing(TEAM_DAY).reserved == pytest.approx(0.3 + 0.1)  # its own stay
+    assert b.standing(TEAM_DAY).reserved == usd(0.3) + usd(0.1)  # its own stay
     b.release(mine)
     b.release(last)
-    assert b.standing(TEAM_DAY).reserved == 0.0
+    assert b.standing(TEAM_DAY).reserved == 0
 
 
 def test_a_restarted_router_releases_its_own_reservations_at_once(redis_url: str) -> None:
     store = Store("redis", Path("."), redis_url)
     a = book(store, TEAM_DAY, clock=Clock(time.time()))
-    a.admit("in-flight", "k1", "ml", "chat", Amounts(usd=0.6))
+    a.admit("in-flight", "k1", "ml", "chat", Amounts.of_units(usd=0.6))
     again = store.open(Clock(time.time()), router="router-a")  # the same id, from its state dir
-    assert again.standing(TEAM_DAY).reserved == 0.0
+    assert again.standing(TEAM_DAY).reserved == 0
 
 
 def test_a_budget_made_later_counts_what_its_window_already_spent(store: Store) -> None:
@@ -404,9 +459,9 @@ def test_a_budget_made_later_counts_what_its_window_already_spent(store: Store) 
     b.settle(None, entry(0.5, at=T0 - 86400))  # yesterday: not this window
     b.put(TEAM_DAY)
     b.settle(None, entry(0.25))
-    assert b.standing(TEAM_DAY).spent == pytest.approx(0.5)
+    assert b.standing(TEAM_DAY).spent == usd(0.5)
     b.put(TEAM_DAY.model_copy(update={"limit": 3.0}))  # a change recounts, never doubles
-    assert b.standing(TEAM_DAY.model_copy(update={"limit": 3.0})).spent == pytest.approx(0.5)
+    assert b.standing(TEAM_DAY.model_copy(update={"limit": 3.0})).spent == usd(0.5)
 
 
 def test_a_cascade_reserves_an_answer_from_every_candidate_it_may_ask(store: Store) -> None:
@@ -414,40 +469,40 @@ def test_a_cascade_reserves_an_answer_from_every_candidate_it_may_ask(store: Sto
     each is charged: it reserves their sum, where a plain route reserves one answer at the
     highest rate (falling back costs nothing: a failed candidate computed nothing)."""
     from tests.test_router_choose import cand
-    from wattops.router.charging import Caller, Charging, amounts, worst_tokens
+    from wattops.router.charging import Caller, Charging, worst_tokens
+    from wattops.router.money import Rates, charge
 
     cheap, dear = cand("edge/chat", usd_per_1m=2.0), cand("cloud/chat", usd_per_1m=30.0)
     every = {c.key: c for c in (cheap, dear)}
     charging = Charging(book(store, TEAM_DAY.model_copy(update={"limit": 1e6})), None, 256)
     body = {"messages": [{"role": "user", "content": "hello"}], "max_tokens": 100}
     prompt, completion = worst_tokens(body, 256)
-    one = {c.key: amounts(prompt, completion, (c.usd_per_1m,) * 2 + (1.0, 100.0)).usd
+    one = {c.key: charge(prompt, completion, Rates.of(c.usd_per_1m, c.usd_per_1m, 1.0, 100.0)).nusd
            for c in (cheap, dear)}  # fmt: skip
     caller = Caller(KeyRecord(id="k1", team="ml", name="n", created_at=0.0, salt="s",
                               secret_hash="h"))  # fmt: skip
     plain, cascade = (charging.ticket(caller, "chat", every) for _ in range(2))
     charging.admit(plain, body, [cheap, dear], every)
     assert plain.admission is not None
-    assert plain.admission.reserved.usd == pytest.approx(one["cloud/chat"])
+    assert plain.admission.reserved.nusd == one["cloud/chat"]
     charging.admit(cascade, body, [cheap, dear], every, cascade=True)
     assert cascade.admission is not None
-    assert cascade.admission.reserved.usd == pytest.approx(one["edge/chat"] + one["cloud/chat"])
-    assert charging.book.standing(TEAM_DAY).reserved == pytest.approx(
-        2 * one["cloud/chat"] + one["edge/chat"]
-    )
+    assert cascade.admission.reserved.nusd == one["edge/chat"] + one["cloud/chat"]
+    assert charging.book.standing(TEAM_DAY).reserved == 2 * one["cloud/chat"] + one["edge/chat"]
 
 
 def test_the_report_never_shows_a_negative_remainder_nor_a_past_run_out(store: Store) -> None:
     """Where the ledger charged more than the agents attributed in a span, the unattributed
     remainder is 0 and the excess is its own figure; a budget already spent runs out now, not
     at its window's start."""
+    from wattops.router.money import Amounts as Totals
     from wattops.router.report import build_report
 
     b = book(store, TEAM_DAY)
-    b.ledger.sample_fleet(T0 - 600, 10.0, 1.0, 0.1)
+    b.ledger.sample_fleet(T0 - 600, Totals.of_units(10.0, 1.0, 0.1))
     b.settle(None, entry(0.75, at=T0 - 300, kwh=0.5))
     b.settle(None, entry(0.5, at=T0 - 200))
-    b.ledger.sample_fleet(T0 - 60, 11.0, 1.2, 0.2)  # the agents attributed 1 USD, 0.2 kWh
+    b.ledger.sample_fleet(T0 - 60, Totals.of_units(11.0, 1.2, 0.2))  # 1 USD, 0.2 kWh
     report = build_report(b, "team", T0 - 3600, T0)
     fleet = report.fleet
     assert fleet is not None and fleet.ledger_cost_usd == pytest.approx(1.25)
@@ -462,3 +517,128 @@ def test_the_report_never_shows_a_negative_remainder_nor_a_past_run_out(store: S
         b.settle(None, dataclasses.replace(entry(0.0, at=T0 - 100), status=status))
     (ml,) = build_report(b, "team", T0 - 3600, T0).groups
     assert ml.requests == 6 and ml.errors == 2
+
+
+def test_a_ledger_of_float_dollars_is_converted_once_to_integers(tmp_path: Path) -> None:
+    """A ledger.sqlite written before amounts were integers (REAL dollars, kWh and kg, as
+    every router wrote until 2026-12) opens as integers, each rounded to the nearest unit:
+    ten rows of $0.10 are $1 exactly, and a $1 budget on them is over."""
+    import sqlite3
+
+    path = tmp_path / "ledger.sqlite"
+    db = sqlite3.connect(path)
+    db.executescript("""
+        CREATE TABLE entries (
+            request_id TEXT PRIMARY KEY, time REAL NOT NULL, key_id TEXT, team TEXT, route TEXT,
+            served_by TEXT, status INTEGER NOT NULL, prompt_tokens INTEGER NOT NULL,
+            completion_tokens INTEGER NOT NULL, cost_usd REAL NOT NULL, energy_kwh REAL NOT NULL,
+            carbon_kg REAL NOT NULL, degraded TEXT, cache_hit INTEGER NOT NULL DEFAULT 0,
+            list_cost_usd REAL NOT NULL DEFAULT 0, reference_cost_usd REAL);
+        CREATE TABLE fleet_totals (time REAL PRIMARY KEY, cost_usd REAL NOT NULL,
+            energy_kwh REAL NOT NULL, carbon_kg REAL NOT NULL, parked_usd REAL NOT NULL DEFAULT 0);
+        CREATE TABLE budgets (name TEXT PRIMARY KEY, body TEXT NOT NULL);
+    """)  # fmt: skip
+    for n in range(10):
+        db.execute("INSERT INTO entries VALUES (?, ?, 'k1', 'ml', 'chat', 'n/d', 200, 10, 10, "
+                   "0.1, 0.0001, 0.00002, NULL, 0, 0.1, ?)",
+                   (f"old{n}", T0, None if n else 0.3))  # fmt: skip
+    db.execute("INSERT INTO fleet_totals VALUES (?, 10.0, 1.5, 0.25, 0.5)", (T0 - 60,))
+    db.execute("INSERT INTO budgets VALUES (?, ?)", (TEAM_DAY.name, TEAM_DAY.model_dump_json()))
+    db.commit()
+    db.close()
+    ledger = Ledger(path)
+    assert ledger.db.execute("PRAGMA user_version").fetchone() == (1,)
+    rows = ledger.entries()
+    assert [e.cost_nusd for e in rows] == [100_000_000] * 10
+    assert rows[0].energy_mj == 360_000 and rows[0].carbon_ug == 20_000
+    assert rows[0].reference_cost_nusd == 300_000_000 and rows[1].reference_cost_nusd is None
+    assert ledger.db.execute("SELECT cost_nusd, energy_mj, carbon_ug, parked_nusd FROM "
+                             "fleet_totals").fetchone() == (10 * 10**9, 5_400_000_000,
+                                                            250_000_000, 500_000_000)  # fmt: skip
+    b = BudgetBook(ledger, clock=Clock())
+    assert b.standing(TEAM_DAY).spent == 10**9 and b.standing(TEAM_DAY).over
+    ledger.close()
+    again = Ledger(path)  # opened again: nothing converted twice
+    assert [e.cost_nusd for e in again.entries()] == [100_000_000] * 10
+
+
+def test_a_redis_store_of_float_amounts_is_converted_once_to_integers(redis_url: str) -> None:
+    """A Redis store written before amounts were integers (INCRBYFLOAT counters, float rows,
+    no `schema` key) is converted by the first router that opens it: counters, reservations
+    and the fleet's samples to integers, the old rows read as integers."""
+    import orjson
+
+    db = RedisLedger(redis_url).db
+    db.flushall()  # as before the upgrade: no `schema`
+    p = "wattops:"
+    start = int(window_start("day", datetime.fromtimestamp(T0, UTC)).timestamp())
+    db.hset(p + "budgets", TEAM_DAY.name, TEAM_DAY.model_dump_json())
+    db.sadd(p + "bidx:team:ml", TEAM_DAY.name)
+    db.set(f"{p}spent:{TEAM_DAY.name}:{start}", "0.30000000000000004", ex=3600)
+    db.set(f"{p}reserved:{TEAM_DAY.name}", "0.6000000000001")  # float residue
+    db.hset(p + "inflight:router-old", "rid-1", orjson.dumps({TEAM_DAY.name: "0.6"}))
+    old_row = {"request_id": "old-1", "time": T0, "key_id": "k1", "team": "ml",
+               "route": "chat", "served_by": "n/d", "status": 200, "prompt_tokens": 10,
+               "completion_tokens": 10, "cost_usd": 0.3, "energy_kwh": 0.0, "carbon_kg": 0.0,
+               "degraded": None, "cache_hit": False, "list_cost_usd": 0.3,
+               "reference_cost_usd": None}  # fmt: skip
+    db.xadd(p + "entries", {"e": orjson.dumps(old_row)}, id=f"{int(T0 * 1000)}-0")
+    db.zadd(p + "fleet", {orjson.dumps([T0, 1.5, 0.25, 0.125, 0.0]): T0})
+    ledger = RedisLedger(redis_url)
+    assert db.get(p + "schema") == b"1" and db.hget(p + "limits", TEAM_DAY.name) == b"1000000000"
+    assert db.get(f"{p}spent:{TEAM_DAY.name}:{start}") == b"300000000"
+    assert db.ttl(f"{p}spent:{TEAM_DAY.name}:{start}") > 3500  # its expiry kept
+    assert db.get(f"{p}reserved:{TEAM_DAY.name}") == b"600000000"  # recounted from in flight
+    (row,) = ledger.entries()
+    assert row.cost_nusd == 300_000_000 and row.list_cost_nusd == 300_000_000
+    assert orjson.loads(db.zrange(p + "fleet", 0, -1)[0]) == [T0, 1_500_000_000, 900_000_000,
+                                                               125_000_000, 0]  # fmt: skip
+    # The old router's reservation is given back exactly when its id starts again.
+    again = SharedBudgetBook(ledger, "router-old", clock=Clock())
+    assert again.standing(TEAM_DAY).reserved == 0
+    again.settle(None, entry(0.7))
+    assert again.standing(TEAM_DAY).spent == 10**9 and again.standing(TEAM_DAY).over
+
+
+def _verify(store: Store, b: Book) -> Any:
+    from wattops.router.verify import verify_at, verify_sqlite
+
+    if isinstance(b, BudgetBook):
+        return verify_sqlite(b.ledger.path, b.live())
+    return verify_at(None, store.redis_url)
+
+
+def test_the_ledger_verifies_and_names_a_hand_edit(store: Store) -> None:
+    """`wattops ledger verify` on both stores: a ledger the router wrote agrees with its
+    counters, its reservations and its report; a counter or a row changed by hand is named."""
+    from wattops.router.verify import verify_at
+
+    b = book(store, TEAM_DAY, TEAM_DAY.model_copy(update={"name": "ml-hour", "window": "hour"}))
+    for n in range(5):
+        b.settle(None, entry(0.05 * n, at=T0 - 3600 * n))  # across hours
+    flying = b.admit("in-flight", "k1", "ml", "chat", Amounts.of_units(usd=0.2))
+    check = _verify(store, b)
+    assert check.ok, check.mismatches
+    assert check.rows == 5 and check.chained_rows == 5 and check.windows_checked >= 2
+    b.release(flying)
+    if isinstance(b, BudgetBook):
+        b._spent["ml-day"] += 1  # the router's counter off by one nano-dollar
+        (wrong,) = _verify(store, b).mismatches
+        assert "budget ml-day" in wrong and "the router holds" in wrong
+        b._spent["ml-day"] -= 1
+        b.ledger.db.execute("UPDATE entries SET cost_nusd = cost_nusd - 1 WHERE time = ?",
+                            (T0 - 3600,))  # fmt: skip
+        at_rest = verify_at(b.ledger.path.parent)
+        assert not at_rest.ok
+        assert any("the hash chain breaks here" in m for m in at_rest.mismatches), at_rest
+    else:
+        db = RedisLedger(str(store.redis_url)).db
+        counter = next(iter(db.scan_iter(match="wattops:spent:ml-day:*")))
+        db.incrby(counter, 1)
+        (wrong,) = _verify(store, b).mismatches
+        assert "budget ml-day" in wrong and "its Redis counter holds" in wrong
+        db.incrby(counter, -1)
+        ids = [i for i, _ in db.xrange("wattops:entries")]
+        db.xdel("wattops:entries", ids[2])  # a row removed from the middle
+        removed = _verify(store, b)
+        assert any("the hash chain breaks here" in m for m in removed.mismatches), removed

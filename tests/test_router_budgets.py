@@ -8,6 +8,7 @@ from __future__ import annotations
 import itertools
 import json
 import os
+import re
 import signal
 import sqlite3
 import subprocess
@@ -61,6 +62,24 @@ def _ledger(router: Routers) -> list[Entry]:
         url = router.routers[0].router_extra["store"]
         return RedisLedger(url).entries()
     return Ledger(router.folder / "state" / "ledger.sqlite").entries()
+
+
+def _ledger_at(store: str) -> list[Entry]:
+    return RedisLedger(store).entries()
+
+
+def _verify_cli(router: Routers, at_rest: bool = False) -> subprocess.CompletedProcess[str]:
+    """`wattops ledger verify` on the router's ledger: through the router, or at rest (its
+    state folder, or its Redis store)."""
+    if not at_rest:
+        where = ["--router", router.url]
+    elif isinstance(router, Balanced):
+        where = ["--store", router.routers[0].router_extra["store"]]
+    else:
+        where = ["--state-dir", str(router.folder / "state")]
+    env = {**os.environ, "WATTOPS_TOKEN": ADMIN}
+    return subprocess.run([str(WATTOPS), "ledger", "verify", *where], capture_output=True,
+                          text=True, timeout=120, env=env)  # fmt: skip
 
 
 def _priced(router: Routers, ask: Callable[[], httpx.Response]) -> None:
@@ -237,11 +256,11 @@ def test_every_stream_is_charged_as_its_unstreamed_twin(
     # content chunk the client got (a token may decode to nothing until the next one).
     assert all(n <= e.completion_tokens <= 8 for n, e in zip(relayed, every[1:7], strict=True))
     assert every[7].completion_tokens == with_usage[-1].usage.completion_tokens
-    assert all(e.cost_usd > 0 for e in every), [e.cost_usd for e in every]
-    # The budget holds what the ledger does, streams included.
+    assert all(e.cost_nusd > 0 for e in every), [e.cost_nusd for e in every]
+    # The budget holds what the ledger does, streams included, to the nano-dollar.
     standing = _standing(router, "streams")
-    assert standing["spent"] == pytest.approx(sum(e.cost_usd for e in every))
-    assert standing["reserved"] == 0.0
+    assert standing["spent_units"] == sum(e.cost_nusd for e in every)
+    assert standing["reserved_units"] == 0
     each = router.routers if isinstance(router, Balanced) else [router]
     views = [r.route("chat") for r in each]
     assert sum(v["errors"] + v["client_errors"] for v in views) == 0
@@ -276,9 +295,9 @@ def test_a_stream_the_client_breaks_off_is_charged_what_was_generated(
     (cut,) = wait_for(lambda: [e for e in _ledger(router) if e.key_id == made["id"]], 30,
                       "the broken-off stream's row")  # fmt: skip
     assert cut.status == 499 and 1 <= cut.completion_tokens < 400, cut
-    assert cut.prompt_tokens > 0 and cut.cost_usd > 0, cut
+    assert cut.prompt_tokens > 0 and cut.cost_nusd > 0, cut
     standing = _standing(router, "cut")
-    assert standing["spent"] == pytest.approx(cut.cost_usd) and standing["reserved"] == 0.0
+    assert standing["spent_units"] == cut.cost_nusd and standing["reserved_units"] == 0
     each = router.routers if isinstance(router, Balanced) else [router]
     views = [r.route("chat") for r in each]
     assert sum(v["errors"] for v in views) == 0 and sum(v["client_errors"] for v in views) == 1
@@ -387,13 +406,34 @@ def test_kill_9_of_the_router_mid_load_leaves_a_consistent_ledger(
         assert db.execute("PRAGMA integrity_check").fetchone() == ("ok",)
         db.close()
     keyed = [e for e in _ledger(router) if e.team == "ml" and e.status == 200]
-    rows, spent = len(keyed), sum(e.cost_usd for e in keyed)
+    rows, spent = len(keyed), sum(e.cost_nusd for e in keyed)
     # Every answer a client received was in the ledger before it was sent.
     assert rows >= len(answered)
+    # The ledger at rest proves itself: chain, counters, report.
+    at_rest = _verify_cli(router, at_rest=True)
+    assert at_rest.returncode == 0, at_rest.stdout + at_rest.stderr
     router.start()
     standing = _standing(router, "ml-month")
-    assert standing["reserved"] == 0.0  # what died with the router holds nothing
-    assert standing["spent"] == pytest.approx(spent)
+    assert standing["reserved_units"] == 0  # what died with the router holds nothing
+    assert standing["spent_units"] == spent
+    running = _verify_cli(router)  # and through the restarted router, its memory included
+    assert running.returncode == 0 and "ok: the ledger agrees" in running.stdout, running.stdout
+    if isinstance(router, RouterProc):  # a row edited by hand, in a copy of the ledger
+        copy = router.folder / "edited"
+        copy.mkdir()
+        db = sqlite3.connect(router.folder / "state" / "ledger.sqlite")
+        db.execute("VACUUM INTO ?", (str(copy / "ledger.sqlite"),))
+        db.close()
+        db = sqlite3.connect(copy / "ledger.sqlite")
+        (rid,) = db.execute("SELECT request_id FROM entries WHERE team = 'ml' LIMIT 1 OFFSET 3"
+                            ).fetchone()  # fmt: skip
+        db.execute("UPDATE entries SET cost_nusd = 0 WHERE request_id = ?", (rid,))
+        db.commit()
+        db.close()
+        edited = subprocess.run([str(WATTOPS), "ledger", "verify", "--state-dir", str(copy)],
+                                capture_output=True, text=True, timeout=120)  # fmt: skip
+        assert edited.returncode == 1, edited.stdout
+        assert f"row {rid}" in edited.stdout and "the hash chain breaks here" in edited.stdout
 
 
 def test_requests_and_tokens_per_minute_per_key(
@@ -569,12 +609,12 @@ def test_the_report_adds_up_to_the_ledger_and_the_fleet(
     assert set(groups) == {"ml", "search", "(none)"}  # (none): the answers before any key
     assert groups["ml"]["requests"] == 5 and groups["search"]["requests"] == 2
     assert groups["ml"]["cache_hits"] == 1 and groups["ml"]["cache_saving_usd"] > 0
-    for field in ("requests", "prompt_tokens", "cost_usd", "energy_kwh", "carbon_kg"):
-        assert data["total"][field] == pytest.approx(sum(g[field] for g in groups.values()))
+    for field in ("requests", "prompt_tokens", "cost_nusd", "energy_mj", "carbon_ug"):
+        assert data["total"][field] == sum(g[field] for g in groups.values())  # exactly
     # ...and the ledger's rows.
     rows = len(entries := _ledger(router))
-    cost = sum(e.cost_usd for e in entries)
-    assert data["total"]["cost_usd"] == pytest.approx(cost) and data["total"]["requests"] == rows
+    cost = sum(e.cost_nusd for e in entries)
+    assert data["total"]["cost_nusd"] == cost and data["total"]["requests"] == rows
     fleet = data["fleet"]
     assert fleet["cost_usd"] == pytest.approx(
         fleet["ledger_cost_usd"] + fleet["unattributed_cost_usd"] - fleet["overcharged_cost_usd"]
@@ -641,9 +681,81 @@ def test_an_unreachable_store_is_named_and_fails_closed(
     assert error["code"] == "store_unavailable" and "unreachable" in error["message"]
     admin = router.client.get("/v1/budgets", headers=ADMIN_HEADERS)
     assert admin.status_code == 503 and admin.json()["error"]["code"] == "store_unavailable"
+    metrics = router.client.get("/metrics").text
+    assert "wattops_router_store_up 0.0" in metrics
     redis = redis_up()
     try:
         wait_for(lambda: router.ask().status_code == 200, 30, "the router to serve again")
+    finally:
+        redis.terminate()
+        redis.wait(10)
+    assert "wattops_router_store_up 1.0" in router.client.get("/metrics").text
+    # The outage's start and end are in the audit log, as automatic actions.
+    audit = router.client.get("/v1/audit", headers=ADMIN_HEADERS).json()["entries"]
+    outage = [e for e in audit if e["path"].startswith("store-outage")]
+    assert [e["path"] for e in outage] == ["store-outage-began", "store-outage-ended"], outage
+    assert "refusing requests with 503" in outage[0]["message"]
+
+
+def test_a_router_that_allows_serves_known_keys_unmetered_and_writes_their_rows_later(
+    make_router: Callable[..., RouterProc], two_nodes: tuple[Agent, Agent], tmp_path: Path
+) -> None:
+    """`on_store_error = "allow"`: with Redis gone, a key the router verified before is
+    served (no budget counts it, the gauges and the audit log say so), a key it never saw is
+    refused (503: it cannot be checked), and the rows of what was served are written to the
+    ledger when Redis is back: nothing answered is missing from it."""
+    port = free_port()
+
+    def redis_up() -> subprocess.Popen[bytes]:
+        proc = subprocess.Popen(["redis-server", "--port", str(port), "--bind", "127.0.0.1",
+                                 "--dir", str(tmp_path), "--save", "", "--appendonly", "yes",
+                                 "--appendfsync", "always"],
+                                stdout=subprocess.DEVNULL, env=real_clock_env())  # fmt: skip
+        ping = ["redis-cli", "-p", str(port), "ping"]
+        wait_for(lambda: subprocess.run(ping, capture_output=True).returncode == 0, 20, "redis")
+        return proc
+
+    redis = redis_up()
+    store = f"redis://127.0.0.1:{port}/0"
+    router = make_router(list(two_nodes), [CHAT], store=store, token=ADMIN,
+                         on_store_error="allow")  # fmt: skip
+    known, stranger = _create_key(router), _create_key(router)
+    _budget(router, name="known", scope="key", subject=known["id"], limit=1e6)
+    auth = {"Authorization": f"Bearer {known['key']}"}
+    assert router.ask(headers=auth).status_code == 200  # verified once
+    redis.terminate()
+    redis.wait(10)
+    try:
+        served = [router.ask(headers=auth) for _ in range(3)]
+        assert [r.status_code for r in served] == [200] * 3
+        unseen = router.ask(headers={"Authorization": f"Bearer {stranger['key']}"})
+        assert unseen.status_code == 503, unseen.text
+        assert "has not seen this key" in unseen.json()["error"]["message"]
+        metrics = router.client.get("/metrics").text
+        assert "wattops_router_store_up 0.0" in metrics
+        assert "wattops_router_unmetered_requests 3.0" in metrics  # the refused one is not
+        assert "wattops_router_pending_ledger_rows 3.0" in metrics
+    finally:
+        redis = redis_up()
+    try:
+        answered = 4
+
+        def written() -> bool:
+            nonlocal answered
+            assert router.ask(headers=auth).status_code == 200
+            answered += 1
+            text = router.client.get("/metrics").text
+            return "wattops_router_pending_ledger_rows 0.0" in text and "store_up 1.0" in text
+
+        wait_for(written, 30, "the held rows written once Redis is back")  # probes every 1 s
+        rows = [e for e in _ledger_at(store) if e.key_id == known["id"]]
+        assert len(rows) == answered and all(e.status == 200 for e in rows)
+        standing = _standing(router, "known")  # and the budget counts them, late
+        assert standing["spent_units"] == sum(e.cost_nusd for e in rows)
+        audit = router.client.get("/v1/audit", headers=ADMIN_HEADERS).json()["entries"]
+        ended = [e for e in audit if e["path"] == "store-outage-ended"]
+        assert ended and re.search(r"\b([3-9]|\d\d) requests served unmetered, 0 ledger rows "
+                                   "dropped", ended[-1]["message"]), ended  # fmt: skip
     finally:
         redis.terminate()
         redis.wait(10)
