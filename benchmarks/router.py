@@ -1,6 +1,7 @@
 """Router overhead benchmark: what wattops-router adds in front of an agent.
 
-Usage: .venv/bin/python benchmarks/router.py [--requests 20000] [--keys] [--store redis]
+Usage: .venv/bin/python benchmarks/router.py [--requests 20000] [--keys]
+                                             [--store sqlite|redis|both] [--two-routers]
                                              [--stream] [--litellm PATH] [--out results.json]
 
 Starts (each in its own process) the fast stand-in engine of benchmarks/gateway.py (answers
@@ -19,7 +20,10 @@ far from their limits): each request is authenticated, checked and reserved agai
 written to the SQLite ledger when it ends. Without, the ledger still gets its row per request.
 With `--store redis`, keys, budgets and the ledger are in a real redis-server started for the
 run on this machine (append-only file, fsync every second: the durability the docs advise),
-reached over loopback TCP: the shared store of several routers, here measured with one.
+reached over loopback TCP: the shared store of several routers, here measured with one. With
+`--store both`, one router on each store, measured in the same run (paths `router`, SQLite,
+and `router_redis`); `--two-routers` adds `routers_redis_x2`: two routers on the one Redis,
+the load split between them (half the clients each), as behind a load balancer.
 
 With `--stream`, every request is streamed (the stand-in sends a role event, 16 token events,
 the finish and `[DONE]`, one write each) and read to its end: the router's event relay, which
@@ -69,6 +73,19 @@ def _key_and_budgets(router: str) -> dict[str, str]:
     return {"Authorization": f"Bearer {made['key']}"}
 
 
+async def _split(where: list[tuple[str, bytes, dict[str, str]]], concurrency: int,
+                 total: int) -> tuple[list[float], float]:  # fmt: skip
+    """`load` spread over `where` (several routers behind one client pool): each gets its
+    share of the clients and requests, at the same time; the latencies together, the wall
+    time of the slowest."""
+    share = max(1, concurrency // len(where))
+    done = await asyncio.gather(*(
+        load(base + "/v1/chat/completions", payload, share, total // len(where), headers)
+        for base, payload, headers in where
+    ))  # fmt: skip
+    return [x for lat, _ in done for x in lat], max(wall for _, wall in done)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--requests", type=int, default=20000, help="per measurement at c=32")
@@ -78,10 +95,12 @@ def main() -> None:
                         help="streamed answers (16 token events each), read to [DONE]")  # fmt: skip
     parser.add_argument(
         "--store",
-        choices=["sqlite", "redis"],
+        choices=["sqlite", "redis", "both"],
         default="sqlite",
         help="where keys, budgets and the ledger are kept (default: sqlite)",
     )
+    parser.add_argument("--two-routers", action="store_true",
+                        help="also two routers on the one Redis (with --store both)")  # fmt: skip
     parser.add_argument("--litellm", type=Path, metavar="PATH",
                         help="also measure LiteLLM's proxy (its `litellm` command)")  # fmt: skip
     args = parser.parse_args()
@@ -109,31 +128,25 @@ engine = "openai"
 url = "http://127.0.0.1:{engine_port}"
 precision = "f16"
 """)
-        store = "sqlite"
-        if args.store == "redis":
+        redis_url = None
+        if args.store in ("redis", "both"):
             redis_port = free_port()
-            store = f"redis://127.0.0.1:{redis_port}/0"
+            redis_url = f"redis://127.0.0.1:{redis_port}/0"
             procs.append(subprocess.Popen(
                 ["redis-server", "--port", str(redis_port), "--bind", "127.0.0.1", "--dir", tmp,
                  "--save", "", "--appendonly", "yes", "--appendfsync", "everysec"],
                 stdout=subprocess.DEVNULL,
             ))  # fmt: skip
-        router_config = Path(tmp) / "router.toml"
-        router_config.write_text(f"""
-[router]
-listen = "127.0.0.1:{router_port}"
-state_dir = "{tmp}/router-state"
-token = "bench-admin"
-store = "{store}"
-
-[[agents]]
-url = "http://127.0.0.1:{agent_port}"
-
-[[routes]]
-name = "chat"
-candidates = ["bench/bench"]
-reference = "bench/bench"
-""")
+        # name -> (store, port): the routers measured, each with its own state folder.
+        routers: dict[str, tuple[str, int]] = {}
+        if args.store == "redis":
+            routers["router"] = (str(redis_url), router_port)
+        else:
+            routers["router"] = ("sqlite", router_port)
+        if args.store == "both":
+            routers["router_redis"] = (str(redis_url), free_port())
+            if args.two_routers:
+                routers["router_redis_b"] = (str(redis_url), free_port())
         try:
             gateway_script = Path(__file__).with_name("gateway.py")
             procs.append(subprocess.Popen(
@@ -145,11 +158,30 @@ reference = "bench/bench"
                 [str(bin_dir / "wattops-agent"), "--config", str(agent_config), *quiet]
             ))  # fmt: skip
             wait_http(f"http://127.0.0.1:{agent_port}/healthz")
-            procs.append(subprocess.Popen(
-                [str(bin_dir / "wattops-router"), "--config", str(router_config), *quiet]
-            ))  # fmt: skip
-            wait_http(f"http://127.0.0.1:{router_port}/healthz")
-            paths = ["agent", "router"]
+            for name, (store, port) in routers.items():
+                config = Path(tmp) / f"{name}.toml"
+                config.write_text(f"""
+[router]
+listen = "127.0.0.1:{port}"
+state_dir = "{tmp}/{name}-state"
+token = "bench-admin"
+store = "{store}"
+
+[[agents]]
+url = "http://127.0.0.1:{agent_port}"
+
+[[routes]]
+name = "chat"
+candidates = ["bench/bench"]
+reference = "bench/bench"
+""")
+                procs.append(subprocess.Popen(
+                    [str(bin_dir / "wattops-router"), "--config", str(config), *quiet]
+                ))  # fmt: skip
+                wait_http(f"http://127.0.0.1:{port}/healthz")
+            paths = ["agent", *(n for n in routers if n != "router_redis_b")]
+            if "router_redis_b" in routers:
+                paths.append("routers_redis_x2")
             if args.litellm is not None:
                 litellm_port = free_port()
                 litellm_config = Path(tmp) / "litellm.yaml"
@@ -175,9 +207,13 @@ general_settings:
                 wait_http(f"http://127.0.0.1:{litellm_port}/health/liveliness", timeout=120)
                 paths.append("litellm")
             time.sleep(2.0)  # the agent marks the attached server ready; the router sees it
-            auth: dict[str, str] = {}
+            auth: dict[str, dict[str, str]] = {name: {} for name in routers}
             if args.keys:
-                auth = _key_and_budgets(f"http://127.0.0.1:{router_port}")
+                for name, (_, port) in routers.items():
+                    if name != "router_redis_b":  # the same Redis: its key is router_redis's
+                        auth[name] = _key_and_budgets(f"http://127.0.0.1:{port}")
+                if "router_redis_b" in routers:
+                    auth["router_redis_b"] = auth["router_redis"]
 
             def body(model: str) -> bytes:
                 asked = {"model": model, "temperature": 0.7, "max_tokens": 1,
@@ -186,21 +222,26 @@ general_settings:
                     asked["stream"] = True
                 return orjson.dumps(asked)
 
-            targets = {
-                "agent": (f"http://127.0.0.1:{agent_port}", body("bench"), {}),
-                "router": (f"http://127.0.0.1:{router_port}", body("chat"), auth),
-            }
+            # path -> [(base URL, body, headers)]: the load is split across the list.
+            targets = {"agent": [(f"http://127.0.0.1:{agent_port}", body("bench"), {})]}
+            for name, (_, port) in routers.items():
+                if name != "router_redis_b":
+                    targets[name] = [(f"http://127.0.0.1:{port}", body("chat"), auth[name])]
+            if "router_redis_b" in routers:
+                targets["routers_redis_x2"] = [
+                    (f"http://127.0.0.1:{routers[n][1]}", body("chat"), auth[n])
+                    for n in ("router_redis", "router_redis_b")
+                ]
             if "litellm" in paths:
-                targets["litellm"] = (f"http://127.0.0.1:{litellm_port}", body("chat"),
-                                      {"Authorization": "Bearer sk-wattops-bench"})  # fmt: skip
+                targets["litellm"] = [(f"http://127.0.0.1:{litellm_port}", body("chat"),
+                                       {"Authorization": "Bearer sk-wattops-bench"})]  # fmt: skip
             results: dict[str, dict[str, float]] = {}
             for concurrency in (1, 32):
                 n = args.requests if concurrency > 1 else max(2000, args.requests // 5)
                 # Alternated twice, so a slow spell of the shared machine hits both paths.
                 for rnd in (1, 2):
-                    for label, (base, payload, headers) in targets.items():
-                        url = base + "/v1/chat/completions"
-                        lat, wall = asyncio.run(load(url, payload, concurrency, n // 2, headers))
+                    for label, where in targets.items():
+                        lat, wall = asyncio.run(_split(where, concurrency, n // 2))
                         key = f"{label}_c{concurrency}"
                         got = summarize(lat, wall)
                         if rnd == 1:
@@ -217,6 +258,15 @@ general_settings:
                     results[f"{added}_c{c}"]["throughput_ratio"] = (
                         results[f"{label}_c{c}"]["req_per_s"] / results[f"agent_c{c}"]["req_per_s"]
                     )
+            if "router_redis_c32" in results:  # the targets: Redis against SQLite, x2 routers
+                results["redis_over_sqlite_c32"] = {"throughput_ratio": (
+                    results["router_redis_c32"]["req_per_s"] / results["router_c32"]["req_per_s"]
+                )}  # fmt: skip
+            if "routers_redis_x2_c32" in results:
+                results["two_routers_over_one_c32"] = {"throughput_ratio": (
+                    results["routers_redis_x2_c32"]["req_per_s"]
+                    / results["router_redis_c32"]["req_per_s"]
+                )}  # fmt: skip
         finally:
             for proc in reversed(procs):
                 proc.terminate()

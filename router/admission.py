@@ -16,6 +16,7 @@ needed (at start, and when a new hour, day or month begins), and added to at eve
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import math
 import time
@@ -160,6 +161,15 @@ class Book(Protocol):
     def release(self, admission: Admission) -> None: ...
     def settle(self, admission: Admission | None, entry: Entry) -> None: ...
     def heartbeat(self, own: bool = False) -> int: ...
+    # What the router's hot path calls: never a blocking call on its event loop.
+    async def acheck(self, key_id: str | None, team: str | None, route: str | None
+                     ) -> tuple[Standing | None, Standing | None]: ...  # fmt: skip
+    async def aadmit(self, request_id: str, key_id: str | None, team: str | None,
+                     route: str | None, worst: Amounts) -> Admission: ...  # fmt: skip
+    async def arelease(self, admission: Admission) -> None: ...
+    async def asettle(self, admission: Admission | None, entry: Entry) -> None: ...
+    async def aheartbeat(self) -> int: ...
+    async def astandings(self) -> Iterable[Standing]: ...
 
 
 def verdict(standings: Iterable[Standing]) -> tuple[Standing | None, Standing | None]:
@@ -173,26 +183,39 @@ def verdict(standings: Iterable[Standing]) -> tuple[Standing | None, Standing | 
     return over, degrading
 
 
-def ring(book: Book, s: Standing) -> None:
-    """Fire the warnings `s` has passed, once per threshold and window: once in this process
-    (a set), and once across restarts and routers (the store's `warn_once`)."""
+def due(book: Book, s: Standing) -> list[float]:
+    """The thresholds `s` has passed that this process has not fired yet (marked fired)."""
     b = s.budget
+    out = []
     for threshold in b.warn_at:
         if s.spent < threshold * s.limit:
             break
         mark = (b.name, s.window_start, threshold)
-        if mark in book._fired:
-            continue
-        book._fired.add(mark)
+        if mark not in book._fired:
+            book._fired.add(mark)
+            out.append(threshold)
+    return out
+
+
+def fire(book: Book, s: Standing, threshold: float) -> None:
+    """The warning for `threshold`, which the store says no router fired yet."""
+    b = s.budget
+    warning = BudgetWarning(b.name, b.describe(), threshold, from_units(s.spent, b.unit),
+                            b.limit, b.unit, s.window_start, book.clock(), s.spent)  # fmt: skip
+    book.warnings.append(warning)
+    log.warning("%s", warning.message())
+    if book.on_warning is not None:
+        book.on_warning(warning)
+
+
+def ring(book: Book, s: Standing) -> None:
+    """Fire the warnings `s` has passed, once per threshold and window: once in this process
+    (a set), and once across restarts and routers (the store's `warn_once`)."""
+    b = s.budget
+    for threshold in due(book, s):
         spent = from_units(s.spent, b.unit)
-        if not book.ledger.warn_once(b.name, s.window_start, threshold, spent, b.limit):
-            continue  # fired before a restart, or by another router
-        warning = BudgetWarning(b.name, b.describe(), threshold, spent, b.limit, b.unit,
-                                s.window_start, book.clock(), s.spent)  # fmt: skip
-        book.warnings.append(warning)
-        log.warning("%s", warning.message())
-        if book.on_warning is not None:
-            book.on_warning(warning)
+        if book.ledger.warn_once(b.name, s.window_start, threshold, spent, b.limit):
+            fire(book, s, threshold)  # else fired before a restart, or by another router
 
 
 @dataclass
@@ -206,6 +229,9 @@ class BudgetBook:
     #: budget name -> (window start, window end) (unix times), and what it spent in it
     _window: dict[str, tuple[float, float]] = field(default_factory=dict)
     _spent: dict[str, int] = field(default_factory=dict)
+    #: budget name -> the last ledger commit its window's spend was read with (a row of a
+    #: later commit is added by its own settle; one of that commit or before already counts)
+    _loaded_at: dict[str, int] = field(default_factory=dict)
     _reserved: dict[str, int] = field(default_factory=dict)
     in_flight: dict[str, Admission] = field(default_factory=dict)
     warnings: deque[BudgetWarning] = field(default_factory=lambda: deque(maxlen=200))
@@ -247,7 +273,9 @@ class BudgetBook:
             moment = datetime.fromtimestamp(now, UTC)
             window = (window_start(budget.window, moment).timestamp(),
                       window_end(budget.window, moment).timestamp())  # fmt: skip
-            self._spent[name] = self.ledger.spent(budget, window[0])
+            self._spent[name], self._loaded_at[name] = self.ledger.spent_committed(
+                budget, window[0]
+            )
             self._window[name] = window
         return Standing(budget, window[0], window[1], self._spent[name],
                         self._reserved.get(name, 0))  # fmt: skip
@@ -288,22 +316,71 @@ class BudgetBook:
 
     def settle(self, admission: Admission | None, entry: Entry) -> None:
         """Write the request's ledger row, count it against its budgets, release its
-        reservation, and fire the warnings it set off."""
+        reservation, and fire the warnings it set off (at once: tools and tests; the router
+        settles with `asettle`)."""
         now = self.clock()
         covering = self.covering(entry.key_id, entry.team, entry.route)
         for budget in covering:  # windows read from the ledger before this row is in it
             self.standing(budget, now)
         try:
-            new = self.ledger.record(entry)
+            new, number = self.ledger.record_batch(entry)
         finally:
             if admission is not None:
                 self.release(admission)
-        if not new:
-            return
+        if new:
+            self._count(entry, covering, number, now)
+
+    async def asettle(self, admission: Admission | None, entry: Entry) -> None:
+        """`settle` through the ledger's group commit: returns once the row is durable. Its
+        reservation holds until then (the row's cost is at most what it reserved), then is
+        replaced by the cost, with no await between; a caller cancelled meanwhile changes
+        nothing of that."""
+        now = self.clock()
+        covering = self.covering(entry.key_id, entry.team, entry.route)
         for budget in covering:
-            if entry.time >= self._window[budget.name][0]:
+            self.standing(budget, now)
+        written = self.ledger.submit(entry)
+
+        def done(future: asyncio.Future[tuple[bool, int]]) -> None:
+            if admission is not None:
+                self.release(admission)
+            if future.cancelled() or future.exception() is not None:
+                return
+            new, number = future.result()
+            if new:
+                self._count(entry, covering, number, now)
+
+        written.add_done_callback(done)
+        await asyncio.shield(written)
+
+    def _count(self, entry: Entry, covering: list[Budget], number: int, now: float) -> None:
+        """Add a row made durable by commit `number` to the windows that do not hold it."""
+        for budget in covering:
+            window = self._window.get(budget.name)
+            if window is None or not window[0] <= entry.time < window[1]:
+                continue  # deleted meanwhile, or a window that began since (read with it)
+            if self._loaded_at[budget.name] < number:
                 self._spent[budget.name] += entry.amount(budget.unit)
             self._warn(self.standing(budget, now))
+
+    # -- the router's calls (nothing here waits: the SQLite store is this process's) ----------
+
+    async def acheck(self, key_id: str | None, team: str | None, route: str | None
+                     ) -> tuple[Standing | None, Standing | None]:  # fmt: skip
+        return self.check(key_id, team, route)
+
+    async def aadmit(self, request_id: str, key_id: str | None, team: str | None,
+                     route: str | None, worst: Amounts) -> Admission:  # fmt: skip
+        return self.admit(request_id, key_id, team, route, worst)
+
+    async def arelease(self, admission: Admission) -> None:
+        self.release(admission)
+
+    async def aheartbeat(self) -> int:
+        return 0
+
+    async def astandings(self) -> Iterable[Standing]:
+        return self.standings()
 
     def _warn(self, s: Standing) -> None:
         ring(self, s)

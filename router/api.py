@@ -172,6 +172,18 @@ class RouterView(_Model):
 # -- budgets and keys (router/budgets.py, router/keys.py) -------------------------------
 
 
+def check_limit(field: str, limit: float, unit: str) -> None:
+    """ValueError naming `field` unless `limit` is one a budget in `unit` counts exactly."""
+    scale = UNIT_SCALE[unit]
+    if not 1 <= limit * scale <= UNITS_MAX:
+        label = UNIT_LABELS[unit]
+        raise ValueError(
+            f"{field} {limit!r} {label} is outside what a budget counts exactly: from "
+            f"{1 / scale:.3g} to {UNITS_MAX / scale:.4g} {label} (1 to 2**53-1 "
+            f"{COUNTED_IN[unit]})"
+        )
+
+
 class Budget(_Request):
     """One budget. `subject` names what it covers: a key's id, a team, a route; none for the
     fleet."""
@@ -208,14 +220,7 @@ class Budget(_Request):
 
     @model_validator(mode="after")
     def _subject(self) -> Budget:
-        units = self.limit * UNIT_SCALE[self.unit]
-        if not 1 <= units <= UNITS_MAX:
-            scale = UNIT_SCALE[self.unit]
-            raise ValueError(
-                f"limit {self.limit:g} {UNIT_LABELS[self.unit]} is outside what a budget counts "
-                f"exactly: from {1 / scale:.3g} to {UNITS_MAX / scale:.4g} {UNIT_LABELS[self.unit]}"
-                f" (1 to 2**53-1 {COUNTED_IN[self.unit]})"
-            )
+        check_limit("limit", self.limit, self.unit)
         if self.scope == "fleet" and self.subject is not None:
             raise ValueError("a fleet budget has no subject")
         if self.scope != "fleet" and not self.subject:
@@ -278,6 +283,12 @@ class KeyCreate(_Request):
     budget_usd_month: float | None = Field(None, gt=0)
     budget_kwh_month: float | None = Field(None, gt=0)
     budget_kgco2e_month: float | None = Field(None, gt=0)
+
+    @model_validator(mode="after")
+    def _limits(self) -> KeyCreate:
+        for unit, window, limit in self.budgets():
+            check_limit(f"budget_{unit}_{window}", limit, unit)
+        return self
 
     def budgets(self) -> list[tuple[str, str, float]]:
         """(unit, window, limit) of each budget asked for."""

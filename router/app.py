@@ -234,7 +234,7 @@ def create_app(router: Router) -> FastAPI:
              dependencies=budget_reader)  # fmt: skip
     async def list_budgets() -> list[BudgetView]:
         """Every budget and where it stands in its current window."""
-        return charging.budget_views()
+        return await charging.abudget_views()
 
     @app.post("/v1/budgets", response_model=BudgetView, status_code=status.HTTP_201_CREATED,
               tags=["budgets"], dependencies=admin)  # fmt: skip
@@ -319,7 +319,10 @@ def create_app(router: Router) -> FastAPI:
         if until is not None and until <= since:
             raise HTTPException(422, f"the period ends ({until:.0f}) before it begins "
                                 f"({since:.0f}): `until` must be after `since`")  # fmt: skip
-        return build_report(charging.book, by, since, until)
+        if isinstance(charging.book, BudgetBook):  # local reads; its windows are this loop's
+            return build_report(charging.book, by, since, until)
+        # Redis: the ledger stream is read by pages, in a thread (never on the event loop).
+        return await asyncio.to_thread(build_report, charging.book, by, since, until)
 
     @app.get("/v1/ledger/verify", response_model=LedgerCheck, tags=["budgets"],
              dependencies=budget_reader)  # fmt: skip
@@ -345,7 +348,13 @@ def create_app(router: Router) -> FastAPI:
 
     @app.get("/metrics", tags=["router"], dependencies=reader, response_class=PlainTextResponse)
     async def metrics() -> Response:
-        """Prometheus metrics (`wattops_route_*`)."""
+        """Prometheus metrics (`wattops_route_*`, `wattops_budget_*`, `wattops_router_store_*`)."""
+        try:
+            await charging.abudget_views()  # the budget gauges read these
+            charging.store_ok()
+        except charging.store_errors as exc:
+            charging.last_views = []  # the store is out: `wattops_router_store_up` says so
+            charging.store_error(exc)
         return Response(generate_latest(router.registry), media_type=CONTENT_TYPE_LATEST)
 
     return app

@@ -31,7 +31,9 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from limits import RateLimitItemPerMinute, storage, strategies
+from limits import RateLimitItemPerMinute
+from limits.aio.storage import MemoryStorage, Storage
+from limits.aio.strategies import MovingWindowRateLimiter
 
 from wattops.router.admission import Admission, Book, BudgetExceeded, Standing
 from wattops.router.api import COUNTED_IN, Budget, BudgetView, KeyCreate, KeyPatch, KeyView
@@ -160,7 +162,7 @@ class Charging:
     """Keys, budgets and the ledger (see the module docstring)."""
 
     def __init__(self, book: Book, require_keys: bool | None, default_max_tokens: int,
-                 budgets: Iterable[Budget] = (), limits_storage: storage.Storage | None = None,
+                 budgets: Iterable[Budget] = (), limits_storage: Storage | None = None,
                  store_errors: tuple[type[Exception], ...] = (),
                  prior_tokens_per_s: float = 10.0,
                  on_store_error: Literal["refuse", "allow"] = "refuse") -> None:  # fmt: skip
@@ -184,7 +186,9 @@ class Charging:
         self._verified: dict[str, KeyRecord] = {}
         self._had_keys = False
         self._pending: deque[tuple[Admission | None, Entry]] = deque()
-        self.limiter = strategies.MovingWindowRateLimiter(limits_storage or storage.MemoryStorage())
+        self.limiter = MovingWindowRateLimiter(limits_storage or MemoryStorage())
+        #: The budgets as `abudget_views` last found them.
+        self.last_views: list[BudgetView] = []
         self._run_id = secrets.token_hex(8)
         self._serial = itertools.count(1)
         for budget in budgets:  # the config's budgets: made once, then the store's
@@ -217,6 +221,12 @@ class Charging:
 
     def _store_failed(self, exc: Exception) -> None:
         """Note the outage (once when it begins); re-raise unless the router allows."""
+        self.store_error(exc)
+        if self.on_store_error != "allow":
+            raise exc
+
+    def store_error(self, exc: Exception) -> None:
+        """The store failed a call: an outage begins (said once), or goes on."""
         if self.outage is None:
             self.outage = Outage(time.time(), str(exc), probed=time.monotonic())
             log.error("the router's store is unreachable: %s; requests are %s", exc,
@@ -226,8 +236,10 @@ class Charging:
                 self.on_outage("began", self.outage)
         else:
             self.outage.error = str(exc)
-        if self.on_store_error != "allow":
-            raise exc
+
+    def store_ok(self) -> None:
+        """The store answered a call: an outage ends (said once)."""
+        self._store_ok()
 
     def _store_ok(self) -> None:
         if self.outage is None:
@@ -244,14 +256,20 @@ class Charging:
     def key_records(self) -> list[KeyRecord]:
         return self.ledger.key_records()
 
-    def authenticate(self, authorization: str | None) -> Caller:
+    async def authenticate(self, authorization: str | None) -> Caller:
         """The caller of a request with this Authorization header; Refusal 401/403. With the
         store out and `on_store_error = "allow"`, a key this router verified before is
         checked against what it saw then; any other is refused (503 store_unavailable)."""
         try:
             if self._skip_store():
                 return self._unchecked(authorization)
-            caller = self._authenticate(authorization, self.ledger.key, None)
+            required = self.require_keys_setting
+            if required is None:  # unset: once any key exists
+                self._had_keys = self._had_keys or await self.ledger.ahas_keys()
+                required = self._had_keys
+            parsed = self._parsed(authorization, required)
+            record = await self.ledger.akey(parsed[0]) if parsed else None
+            caller = self._caller(parsed, record)
         except self.store_errors as exc:
             self._store_failed(exc)
             return self._unchecked(authorization)
@@ -263,21 +281,20 @@ class Charging:
     def _unchecked(self, authorization: str | None) -> Caller:
         """The caller as far as this router can tell with its store out: a key it verified
         before, as it was then; any other key is refused (503)."""
-        parsed = parse(authorization.partition(" ")[2].strip()) if authorization else None
+        parsed = self._parsed(authorization, bool(self.require_keys_setting or self._had_keys))
         if parsed is not None and parsed[0] not in self._verified:
             error = self.outage.error if self.outage else "unknown error"
             raise Refusal(503, "store_unavailable",
                           f"the router's store is unreachable ({error}) and it has not seen "
                           "this key before: it cannot be checked; retry shortly",
                           {"Retry-After": "1"})  # fmt: skip
-        caller = self._authenticate(authorization, self._verified.get,
-                                    self.require_keys_setting or self._had_keys)  # fmt: skip
+        caller = self._caller(parsed, self._verified.get(parsed[0]) if parsed else None)
         return Caller(caller.key, unchecked=True)
 
-    def _authenticate(self, authorization: str | None, lookup: Callable[[str], KeyRecord | None],
-                      required: bool | None) -> Caller:  # fmt: skip
-        if required is None:
-            required = self.keys_required
+    @staticmethod
+    def _parsed(authorization: str | None, required: bool) -> tuple[str, str] | None:
+        """The key's (id, secret) from the header; None for a caller without a key on a
+        router that does not require one; Refusal 401/403."""
         if not authorization:
             if required:
                 raise Refusal(
@@ -286,17 +303,24 @@ class Charging:
                     "this router needs an API key: 'Authorization: Bearer wok_...' (ask its "
                     "admin for one)",
                 )
-            return Caller()
+            return None
         scheme, _, given = authorization.partition(" ")
         given = given.strip()
         if scheme.lower() != "bearer" or not given:
             raise Refusal(401, "invalid_api_key",
                           "the Authorization header must read 'Bearer <key>'")  # fmt: skip
         parsed = parse(given)
-        record = lookup(parsed[0]) if parsed else None
-        if parsed is None or record is None or not record.matches(parsed[1]):
-            if not required and parsed is None:
-                return Caller()  # an open router ignores other schemes' tokens
+        if parsed is None:
+            if not required:
+                return None  # an open router ignores other schemes' tokens
+            raise Refusal(403, "invalid_api_key", "the API key is not known to this router")
+        return parsed
+
+    @staticmethod
+    def _caller(parsed: tuple[str, str] | None, record: KeyRecord | None) -> Caller:
+        if parsed is None:
+            return Caller()
+        if record is None or not record.matches(parsed[1]):
             raise Refusal(403, "invalid_api_key", "the API key is not known to this router")
         if not record.active:
             raise Refusal(403, "key_revoked", f"the API key {record.id} was revoked")
@@ -304,12 +328,13 @@ class Charging:
 
     def create_key(self, asked: KeyCreate) -> tuple[str, KeyView]:
         secret, record = new_key(asked.team, asked.name, asked.rpm, asked.tpm)
+        # Every budget valid before anything is written: a refused one leaves no key behind.
+        budgets = [Budget.model_validate({
+            "name": f"key-{record.id}-{unit}-{window}", "scope": "key",
+            "subject": record.id, "unit": unit, "window": window, "limit": limit,
+        }) for unit, window, limit in asked.budgets()]  # fmt: skip
         self.ledger.add_key(record)
-        for unit, window, limit in asked.budgets():
-            budget = Budget.model_validate({
-                "name": f"key-{record.id}-{unit}-{window}", "scope": "key",
-                "subject": record.id, "unit": unit, "window": window, "limit": limit,
-            })  # fmt: skip
+        for budget in budgets:
             self.book.put(budget)
         return secret, self.key_view(record)
 
@@ -346,6 +371,12 @@ class Charging:
     def budget_views(self) -> list[BudgetView]:
         return [self.budget_view(s) for s in self.book.standings()]
 
+    async def abudget_views(self) -> list[BudgetView]:
+        """Every budget where it stands (kept for the metrics, which are read without an
+        await)."""
+        self.last_views = [self.budget_view(s) for s in await self.book.astandings()]
+        return self.last_views
+
     # -- one request -----------------------------------------------------------------------
 
     def ticket(self, caller: Caller, route: str | None, every: Mapping[str, Candidate]) -> Ticket:
@@ -353,7 +384,7 @@ class Charging:
         return Ticket(f"{self._run_id}-{next(self._serial)}", caller, route, every=every,
                       unmetered=caller.unchecked)  # fmt: skip
 
-    def limit_rate(self, ticket: Ticket, body: Mapping[str, Any]) -> None:
+    async def limit_rate(self, ticket: Ticket, body: Mapping[str, Any]) -> None:
         """The key's requests and tokens per minute (moving 60 s windows); Refusal 429 naming
         the limit. Tokens are counted at admission as the prompt's bound plus max_tokens (as
         Azure OpenAI counts them), so a request that could pass the limit does not start."""
@@ -362,30 +393,31 @@ class Charging:
             return  # no rate limits while the store (where they count) is out
         try:
             if key.rpm:
-                self._hit(key, "rpm", key.rpm, 1, "requests")
+                await self._hit(key, "rpm", key.rpm, 1, "requests")
             if key.tpm:
                 prompt, completion = worst_tokens(body, self.default_max_tokens)
-                self._hit(key, "tpm", key.tpm, prompt + completion, "tokens")
+                await self._hit(key, "tpm", key.tpm, prompt + completion, "tokens")
         except self.store_errors as exc:
             self._store_failed(exc)
 
-    def _hit(self, key: KeyRecord, kind: str, per_minute: int, cost: int, what: str) -> None:
+    async def _hit(self, key: KeyRecord, kind: str, per_minute: int, cost: int,
+                   what: str) -> None:  # fmt: skip
         item = RateLimitItemPerMinute(per_minute)
-        if cost > per_minute or not self.limiter.hit(item, key.id, kind, cost=cost):
-            stats = self.limiter.get_window_stats(item, key.id, kind)
+        if cost > per_minute or not await self.limiter.hit(item, key.id, kind, cost=cost):
+            stats = await self.limiter.get_window_stats(item, key.id, kind)
             wait = max(1, int(stats.reset_time - time.time()) + 1)
             raise Refusal(429, "rate_limit_exceeded",
                           f"key {key.id} is over its {per_minute} {what} per minute "
                           f"({kind}; this request counts {cost}); retry in {wait} s",
                           {"Retry-After": str(wait)})  # fmt: skip
 
-    def check(self, ticket: Ticket) -> Standing | None:
+    async def check(self, ticket: Ticket) -> Standing | None:
         """The budget that degrades this request, if any; Refusal 429 if one is over."""
         c = ticket.caller
         if ticket.unmetered:
             return None
         try:
-            over, degrading = self.book.check(c.key_id, c.team, ticket.route)
+            over, degrading = await self.book.acheck(c.key_id, c.team, ticket.route)
         except self.store_errors as exc:
             self._store_failed(exc)
             ticket.unmetered = True
@@ -394,8 +426,8 @@ class Charging:
             raise self._refusal(over)
         return degrading
 
-    def admit(self, ticket: Ticket, body: Mapping[str, Any], candidates: list[Candidate],
-              every: Mapping[str, Candidate], cascade: bool = False) -> None:  # fmt: skip
+    async def admit(self, ticket: Ticket, body: Mapping[str, Any], candidates: list[Candidate],
+                    every: Mapping[str, Candidate], cascade: bool = False) -> None:  # fmt: skip
         """Reserve the request's worst case on every budget that covers it (Refusal 429).
 
         One answer, at the highest rates among `candidates` (whichever serves it, falling back
@@ -412,8 +444,8 @@ class Charging:
         else:
             worst = charge(prompt, completion, self.rates(candidates, every))
         try:
-            ticket.admission = self.book.admit(ticket.request_id, c.key_id, c.team, ticket.route,
-                                               worst)  # fmt: skip
+            ticket.admission = await self.book.aadmit(ticket.request_id, c.key_id, c.team,
+                                                      ticket.route, worst)  # fmt: skip
         except BudgetExceeded as exc:
             raise self._refusal(exc.standing) from None
         except self.store_errors as exc:
@@ -440,7 +472,16 @@ class Charging:
             "Retry-After": str(exc.retry_after_s), "X-Wattops-Budget": s.budget.name,
         })  # fmt: skip
 
-    def settle(
+    async def release(self, ticket: Ticket) -> None:
+        """Give back what the ticket reserved (its request failed before it was settled)."""
+        if ticket.admission is None:
+            return
+        try:
+            await self.book.arelease(ticket.admission)
+        except self.store_errors as exc:  # its reservation is released by the heartbeat
+            self._store_failed(exc)
+
+    async def settle(
         self,
         ticket: Ticket,
         served: Candidate | None,
@@ -476,18 +517,18 @@ class Charging:
         )  # fmt: skip
         if ticket.unmetered and self.outage is not None:
             self.outage.unmetered += 1
-        self._write(ticket.admission, entry)
+        await self._write(ticket.admission, entry)
 
-    def _write(self, admission: Admission | None, entry: Entry) -> None:
+    async def _write(self, admission: Admission | None, entry: Entry) -> None:
         """Settle `entry` on the store; with the store out (allow mode) hold it, in order,
         and write what is held before the next row that can be written."""
         try:
             if self._skip_store():
                 raise self._pending_error()
             while self._pending:
-                self.book.settle(*self._pending[0])
+                await self.book.asettle(*self._pending[0])
                 self._pending.popleft()
-            self.book.settle(admission, entry)
+            await self.book.asettle(admission, entry)
         except self.store_errors as exc:
             self._store_failed(exc)  # refuse: raised (the answer is not sent)
             self._pending.append((admission, entry))

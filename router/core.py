@@ -421,15 +421,15 @@ class Router:
         self.notifier = notifier
         notifier.on_failure = lambda url: self.m_webhook_failures.labels(url).inc()
 
-    def record(self, route: str | None, choice: Choice | None, served: Candidate | None,
-               reference: Candidate | None, usage: Usage | None, status: int,
-               fallbacks: list[str], reason: str, ticket: Ticket | None = None,
-               cache_hit: bool = False) -> None:  # fmt: skip
+    async def record(self, route: str | None, choice: Choice | None, served: Candidate | None,
+                     reference: Candidate | None, usage: Usage | None, status: int,
+                     fallbacks: list[str], reason: str, ticket: Ticket | None = None,
+                     cache_hit: bool = False) -> None:  # fmt: skip
         """One request's outcome, into the ledger (with `ticket`), the route's statistics and
         the metrics."""
         if ticket is not None:  # charged for what the server computed, whatever the status
             charged = served if status < 400 or usage is not None else None
-            self.charging.settle(
+            await self.charging.settle(
                 ticket, charged, ticket.every,
                 usage.prompt_tokens if usage else 0, usage.completion_tokens if usage else 0,
                 status, cache_hit, reference,
@@ -598,11 +598,7 @@ class _BudgetGauges(Collector):
             )
         }
         charging = self.charging
-        try:
-            views = charging.budget_views()
-        except charging.store_errors:
-            views = []  # the store is out: the gauges below say so
-        for view in views:
+        for view in charging.last_views:  # as the /metrics handler read them just before
             b = view.budget
             values = [b.name, b.scope, b.subject or "", b.unit, b.window]
             families["spent"].add_metric(values, view.spent)

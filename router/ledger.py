@@ -2,10 +2,12 @@
 
 SQLite in WAL mode in the router's `state_dir` (`ledger.sqlite`). Every answered or failed
 request routed under a key or a budget is one ledger row, keyed by its request id (a retry of
-the same write is a no-op, so nothing is counted twice). Writes are committed before the answer
-is returned; with `synchronous=NORMAL` a committed row survives the router's crash (kill -9
-included: WAL frames are in the OS's page cache); a power cut may lose the last commits, which
-`ledger_sync = "full"` prevents at the cost of an fsync per request.
+the same write is a no-op, so nothing is counted twice). Rows are written by a thread of their
+own in group commits (`submit`: the rows that arrive while one commit runs go into the next,
+one transaction for all), and each answer is held until its row is committed. With
+`synchronous=NORMAL` a committed row survives the router's crash (kill -9 included: WAL
+frames are in the OS's page cache); a power cut may lose the last commits, which
+`ledger_sync = "full"` prevents at the cost of an fsync per commit (shared by its rows).
 
 Amounts are integers (`money.py`): nano-USD, millijoules and micrograms CO2e, in `INTEGER`
 columns, so sums are exact and the same as the Redis store's. A ledger written before (`REAL`
@@ -26,10 +28,13 @@ when it starts again.
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import hashlib
 import json
+import queue
 import sqlite3
+import threading
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -146,10 +151,16 @@ class Ledger:
     def __init__(self, path: Path, sync: str = "normal") -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
         self.path = path
-        self.db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
-        self.db.execute("PRAGMA journal_mode=WAL")
-        self.db.execute(f"PRAGMA synchronous={'FULL' if sync == 'full' else 'NORMAL'}")
-        self.db.execute("PRAGMA busy_timeout=5000")
+        self.sync = sync
+        self.db = self._connect(path)
+        #: Held by a commit of rows, and by the reads that must see commits whole.
+        self._lock = threading.Lock()
+        #: Commits of rows so far (each has a number: a row is in the sums read after it).
+        self.committed = 0
+        self._queue: queue.SimpleQueue[
+            tuple[Entry, asyncio.Future[tuple[bool, int]], asyncio.AbstractEventLoop] | None
+        ] = queue.SimpleQueue()
+        self._writer: threading.Thread | None = None
         self._migrate()
         self.db.executescript(_SCHEMA)
         self._keys = {k.id: k for k in self.key_records()}
@@ -177,7 +188,18 @@ class Ledger:
         elif version < SCHEMA_VERSION:
             self.db.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
 
+    def _connect(self, path: Path) -> sqlite3.Connection:
+        db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+        db.execute("PRAGMA journal_mode=WAL")
+        db.execute(f"PRAGMA synchronous={'FULL' if self.sync == 'full' else 'NORMAL'}")
+        db.execute("PRAGMA busy_timeout=5000")
+        return db
+
     def close(self) -> None:
+        if self._writer is not None:
+            self._queue.put(None)
+            self._writer.join(30)
+            self._writer = None
         self.db.close()
 
     # -- keys ------------------------------------------------------------------------------
@@ -196,6 +218,12 @@ class Ledger:
         return self._keys.get(key_id)
 
     def has_keys(self) -> bool:
+        return bool(self._keys)
+
+    async def akey(self, key_id: str) -> KeyRecord | None:
+        return self._keys.get(key_id)
+
+    async def ahas_keys(self) -> bool:
         return bool(self._keys)
 
     def key_records(self) -> list[KeyRecord]:
@@ -231,39 +259,110 @@ class Ledger:
     # -- the ledger ------------------------------------------------------------------------
 
     def record(self, entry: Entry) -> bool:
-        """Write one request's row (and the chain's head, in one transaction); False if
-        that request id is already there."""
-        link = chain_link(self._chain, entry.json())
-        self.db.execute("BEGIN")
+        """Write one request's row now, in its own transaction (tools and tests; the router
+        writes through `submit`); False if that request id is already there."""
+        return self.record_batch(entry)[0]
+
+    def record_batch(self, entry: Entry) -> tuple[bool, int]:
+        """As `record`, and the number of the commit that made it durable."""
+        with self._lock:
+            (new,) = self._insert(self.db, [entry])
+            self.committed += 1
+            return new, self.committed
+
+    def _insert(self, db: sqlite3.Connection, entries: list[Entry]) -> list[bool]:
+        """Insert `entries` in one transaction, each linked into the chain; whether each
+        was new. Called with `_lock` held."""
+        chain = self._chain
+        out = []
+        db.execute("BEGIN")
         try:
-            cur = self.db.execute(
-                "INSERT OR IGNORE INTO entries (request_id, time, key_id, team, route, "
-                "served_by, status, prompt_tokens, completion_tokens, cost_nusd, energy_mj, "
-                "carbon_ug, degraded, cache_hit, list_cost_nusd, reference_cost_nusd, chain) "
-                "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                (entry.request_id, entry.time, entry.key_id, entry.team, entry.route,
-                 entry.served_by, entry.status, entry.prompt_tokens, entry.completion_tokens,
-                 entry.cost_nusd, entry.energy_mj, entry.carbon_ug, entry.degraded,
-                 int(entry.cache_hit), entry.list_cost_nusd, entry.reference_cost_nusd, link),
-            )  # fmt: skip
-            new = cur.rowcount == 1
-            if new:
-                self.db.execute("INSERT INTO meta (name, value) VALUES ('chain_head', ?) "
-                                "ON CONFLICT (name) DO UPDATE SET value = excluded.value",
-                                (link,))  # fmt: skip
-            self.db.execute("COMMIT")
+            for entry in entries:
+                link = chain_link(chain, entry.json())
+                cur = db.execute(
+                    "INSERT OR IGNORE INTO entries (request_id, time, key_id, team, route, "
+                    "served_by, status, prompt_tokens, completion_tokens, cost_nusd, "
+                    "energy_mj, carbon_ug, degraded, cache_hit, list_cost_nusd, "
+                    "reference_cost_nusd, chain) "
+                    "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                    (entry.request_id, entry.time, entry.key_id, entry.team, entry.route,
+                     entry.served_by, entry.status, entry.prompt_tokens,
+                     entry.completion_tokens, entry.cost_nusd, entry.energy_mj,
+                     entry.carbon_ug, entry.degraded, int(entry.cache_hit),
+                     entry.list_cost_nusd, entry.reference_cost_nusd, link),
+                )  # fmt: skip
+                new = cur.rowcount == 1
+                if new:
+                    chain = link
+                out.append(new)
+            if chain != self._chain:
+                db.execute("INSERT INTO meta (name, value) VALUES ('chain_head', ?) "
+                           "ON CONFLICT (name) DO UPDATE SET value = excluded.value",
+                           (chain,))  # fmt: skip
+            db.execute("COMMIT")
         except BaseException:
-            self.db.execute("ROLLBACK")
+            db.execute("ROLLBACK")
             raise
-        if new:
-            self._chain = link
-        return new
+        self._chain = chain
+        return out
+
+    # -- the group commit ------------------------------------------------------------------
+
+    def submit(self, entry: Entry) -> asyncio.Future[tuple[bool, int]]:
+        """Queue `entry` for the writer thread's next commit (the router's path): a future
+        of (new, the commit's number), set once the row is durable. Rows that arrive while a
+        commit runs go into the next one together (a group commit: one transaction, and with
+        `ledger_sync = "full"` one fsync, for all of them), so no row waits for more than the
+        commit before its own, and the event loop never waits for the disk."""
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[tuple[bool, int]] = loop.create_future()
+        if self._writer is None:
+            self._writer = threading.Thread(target=self._write_loop, name="ledger-writer",
+                                            daemon=True)  # fmt: skip
+            self._writer.start()
+        self._queue.put((entry, future, loop))
+        return future
+
+    def _write_loop(self) -> None:
+        db = self._connect(self.path)
+        while True:
+            first = self._queue.get()
+            if first is None:
+                break
+            batch = [first]
+            while True:
+                try:
+                    more = self._queue.get_nowait()
+                except queue.Empty:
+                    break
+                if more is None:
+                    self._queue.put(None)  # stop after this batch
+                    break
+                batch.append(more)
+            try:
+                with self._lock:
+                    results = self._insert(db, [entry for entry, _, _ in batch])
+                    self.committed += 1
+                    number = self.committed
+            except Exception as exc:  # a full disk, a locked file: each waiting row fails
+                for _, future, loop in batch:
+                    loop.call_soon_threadsafe(_settle_future, future, None, exc)
+                continue
+            for (_, future, loop), new in zip(batch, results, strict=True):
+                loop.call_soon_threadsafe(_settle_future, future, (new, number), None)
+        db.close()
 
     def spent(self, budget: Budget, since: float, until: float | None = None) -> int:
         """What the ledger holds against `budget` from `since` (unix time) on (before
         `until`), in the unit's integers."""
         (total,) = self.db.execute(*self.spent_sql(budget, since, until)).fetchone()
         return int(total)
+
+    def spent_committed(self, budget: Budget, since: float) -> tuple[int, int]:
+        """`spent` from `since` on, and the number of the last commit it includes (a row of
+        a later commit is not in it). Waits for a commit running now."""
+        with self._lock:
+            return self.spent(budget, since), self.committed
 
     @staticmethod
     def spent_sql(budget: Budget, since: float, until: float | None = None
@@ -355,6 +454,11 @@ class Ledger:
         )
         return cur.rowcount == 1
 
+    async def awarn_once(self, budget: str, window_start: float, threshold: float,
+                         spent: float, limit: float) -> bool:  # fmt: skip
+        """`warn_once` (a local write, once per threshold and window)."""
+        return self.warn_once(budget, window_start, threshold, spent, limit)
+
     def warnings(self, since: float = 0.0) -> list[dict[str, float | str]]:
         rows = self.db.execute(
             "SELECT budget, window_start, threshold, fired_at, spent, limit_value FROM warnings "
@@ -394,6 +498,20 @@ def group_rows(by: str, entries: Iterable[Entry]) -> list[dict[str, Any]]:
             g["routing_saving_nusd"] += e.reference_cost_nusd - e.list_cost_nusd
         g["errors"] += int(e.status >= 500)  # the fleet's failures, as the route counts them
     return sorted(out.values(), key=lambda g: (-g["cost_nusd"], g["group"]))
+
+
+#: A row waiting for the writer: the row, its future, the loop that waits for it.
+_Queued = tuple[Entry, "asyncio.Future[tuple[bool, int]]", asyncio.AbstractEventLoop]
+
+
+def _settle_future(future: asyncio.Future[tuple[bool, int]], result: tuple[bool, int] | None,
+                   error: Exception | None) -> None:  # fmt: skip
+    if future.done():
+        return
+    if error is not None:
+        future.set_exception(error)
+    else:
+        future.set_result(result)  # type: ignore[arg-type]
 
 
 def chain_link(previous: str, row: bytes) -> str:

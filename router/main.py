@@ -110,9 +110,10 @@ async def serve(config: RouterConfig) -> None:
         while True:
             await asyncio.sleep(every)
             try:
-                router.maybe_save_learned()
-                router.maybe_sample_fleet(config.router.fleet_sample_s)
-                router.charging.book.heartbeat()  # a shared store's: this router is alive
+                # A file and a store write: in a thread, off the event loop.
+                await asyncio.to_thread(router.maybe_save_learned)
+                await asyncio.to_thread(router.maybe_sample_fleet, config.router.fleet_sample_s)
+                await router.charging.book.aheartbeat()  # a shared store's: this router is alive
             except Exception as exc:  # a store down for a while: try again at the next beat
                 log.error("keeping state: %s", exc)
 

@@ -16,9 +16,10 @@ session for forwarding.
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import logging
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Coroutine
 from typing import Any
 
 import aiohttp
@@ -159,7 +160,7 @@ class RouterGateway:
                       authorization: str | None = None) -> Response:  # fmt: skip
         charging = self.router.charging
         try:
-            caller = charging.authenticate(authorization)
+            caller = await charging.authenticate(authorization)
         except Refusal as refused:
             return _error(refused.status, str(refused), refused.code,
                           headers={"WWW-Authenticate": "Bearer"})  # fmt: skip
@@ -189,9 +190,9 @@ class RouterGateway:
             choice = Choice([direct], "addressed directly")
             ticket = charging.ticket(caller, None, every)
             try:
-                charging.limit_rate(ticket, body)
-                charging.check(ticket)
-                charging.admit(ticket, body, choice.ordered, every)
+                await charging.limit_rate(ticket, body)
+                await charging.check(ticket)
+                await charging.admit(ticket, body, choice.ordered, every)
             except Refusal as refused:
                 self._refused(refused)
                 return _error(refused.status, str(refused), refused.code, headers=refused.headers)
@@ -205,21 +206,22 @@ class RouterGateway:
             choice = choose(route.name, cands, router.quality_of(route, cands), bounds,
                             router.unavailable(cands), router.spread(route, body))  # fmt: skip
         except NoCandidate as exc:
-            router.record(route.name, None, None, None, None, 503, [], str(exc))
+            await router.record(route.name, None, None, None, None, 503, [], str(exc))
             return _error(503, str(exc), "no_candidate",
                           headers={"X-Wattops-Route": route.name})  # fmt: skip
         out = {"X-Wattops-Route": route.name}
         ticket = charging.ticket(caller, route.name, every)
         try:
-            charging.limit_rate(ticket, body)
-            degrading = charging.check(ticket)
+            await charging.limit_rate(ticket, body)
+            degrading = await charging.check(ticket)
             if degrading is not None:
                 choice = self._degraded(route.name, cands, bounds, choice, degrading, ticket)
                 out["X-Wattops-Degraded"] = ticket.degraded or ""
             cascade = None
             if bounds.policy == "cascade" and not body.get("stream"):
                 cascade = route.cascade_min_logprob
-            charging.admit(ticket, body, choice.ordered, every, cascade=cascade is not None)
+            await charging.admit(ticket, body, choice.ordered, every,
+                                 cascade=cascade is not None)  # fmt: skip
         except Refusal as refused:
             self._refused(refused)
             return _error(refused.status, str(refused), refused.code,
@@ -276,8 +278,7 @@ class RouterGateway:
             return await self._forward(route, choice, reference, path, body, headers, cascade,
                                        ticket)  # fmt: skip
         except BaseException:
-            if ticket.admission is not None:
-                self.router.charging.book.release(ticket.admission)
+            await asyncio.shield(self.router.charging.release(ticket))
             raise
 
     async def _forward(
@@ -354,8 +355,8 @@ class RouterGateway:
                 if asked_logprobs is None:
                     data = _without_logprobs(data)
             hit = upstream.headers.get("X-Cache", "").lower() == "hit"
-            router.record(route, choice, c, reference, usage, upstream.status, fallbacks, reason,
-                          ticket, hit)  # fmt: skip
+            await router.record(route, choice, c, reference, usage, upstream.status, fallbacks,
+                                reason, ticket, hit)  # fmt: skip
             return Response(data, status_code=upstream.status, headers=out,
                             media_type=upstream.headers.get("Content-Type", _JSON))  # fmt: skip
         if set_aside is not None:
@@ -369,12 +370,12 @@ class RouterGateway:
             out["X-Wattops-Decision"] = reason
             if asked_logprobs is None:
                 data = _without_logprobs(data)
-            router.record(route, choice, c, reference, None, 200, fallbacks, reason, ticket)
+            await router.record(route, choice, c, reference, None, 200, fallbacks, reason, ticket)
             return Response(data, status_code=200, headers=out, media_type=content_type)
         message = "every candidate failed before its answer reached the client: " + "; ".join(
             fallbacks
         )
-        router.record(route, choice, None, reference, None, 502, fallbacks, message, ticket)
+        await router.record(route, choice, None, reference, None, 502, fallbacks, message, ticket)
         return _error(502, message, "all_candidates_failed", headers=headers)
 
     async def _open(self, c: Candidate, path: str, raw: bytes,
@@ -515,7 +516,7 @@ class _Relay:
             return Usage(worst_tokens(self.body, cfg.default_max_tokens)[0], self.events)
         return None
 
-    def finish(self) -> None:
+    async def finish(self) -> None:
         if self.finished:
             return
         self.finished = True
@@ -524,14 +525,18 @@ class _Relay:
         router.in_flight[self.c.key] -= 1
         status = 200 if self.done else 502 if self.broken else CLIENT_CLOSED
         hit = self.upstream.headers.get("X-Cache", "").lower() == "hit"
-        router.record(self.route, self.choice, self.c, self.reference, self.charged(), status,
-                      self.fallbacks, self.reason, self.ticket, hit)  # fmt: skip
+        await router.record(self.route, self.choice, self.c, self.reference, self.charged(),
+                            status, self.fallbacks, self.reason, self.ticket, hit)  # fmt: skip
+
+
+#: What a relayed stream runs when it ends (its ledger row, its statistics).
+Closing = Coroutine[Any, Any, None]
 
 
 class _RelayResponse(StreamingResponse):
     """Runs `on_close` however the response ends (see the agent's gateway for why)."""
 
-    def __init__(self, content: AsyncIterator[bytes], on_close: Callable[[], None],
+    def __init__(self, content: AsyncIterator[bytes], on_close: Callable[[], Closing],
                  **kwargs: Any) -> None:  # fmt: skip
         super().__init__(content, **kwargs)
         self._on_close = on_close
@@ -540,4 +545,5 @@ class _RelayResponse(StreamingResponse):
         try:
             await super().__call__(scope, receive, send)
         finally:
-            self._on_close()
+            # Shielded: the row is written (and the statistics kept) however this ends.
+            await asyncio.shield(self._on_close())

@@ -34,10 +34,11 @@ Durability is Redis's: run it with `appendonly yes` (`appendfsync everysec` lose
 second of rows on a power cut; `always` nothing). The scripts name keys they compute, so this
 needs one Redis 7 or later (or a replicated primary), not Redis Cluster.
 
-The calls are synchronous on the router's event loop, as the SQLite store's are: a round trip
-per step of a request (key, budgets, reserve, settle), measured in docs/benchmarks.md for a
-Redis on the same host. Put Redis next to the routers; an asyncio client is the next step if
-it must be far away.
+A request's steps (key, check, reserve, settle, release) and the heartbeat go through
+redis.asyncio (`adb`): a round trip never holds the router's event loop, so other requests
+and streams go on while it is out (tests/test_router_budgets.py proves it with asyncio's debug
+mode against a Redis told to sleep). Control calls (keys and budgets made or changed, reports,
+`wattops ledger verify`) use the synchronous client (`db`).
 """
 
 from __future__ import annotations
@@ -49,6 +50,7 @@ from typing import Any
 
 import orjson
 import redis
+import redis.asyncio
 
 from wattops.router.budgets import Budget
 from wattops.router.keys import KeyRecord
@@ -103,6 +105,12 @@ class RedisLedger:
         # Any: redis-py types every reply as a union with its asyncio client's awaitables.
         self.db: Any = redis.Redis.from_url(url, socket_timeout=5, socket_connect_timeout=5,
                                             health_check_interval=30)  # fmt: skip
+        #: The router's hot path (keys, check, reserve, settle, release, heartbeat): the
+        #: asyncio client, so a round trip never holds the event loop. The control calls
+        #: (keys and budgets made or changed, reports) use `db`.
+        self.adb: Any = redis.asyncio.Redis.from_url(
+            url, socket_timeout=5, socket_connect_timeout=5, health_check_interval=30
+        )
         self._has_keys = False
         try:
             self.db.ping()
@@ -155,6 +163,9 @@ class RedisLedger:
     def close(self) -> None:
         self.db.close()
 
+    async def aclose(self) -> None:
+        await self.adb.aclose()
+
     def _k(self, name: str) -> str:
         return self.prefix + name
 
@@ -168,6 +179,22 @@ class RedisLedger:
         """The key's record, read from Redis now (a revocation by another router counts)."""
         raw = self.db.hget(self._k("keys"), key_id)
         return KeyRecord.model_validate_json(raw) if raw else None
+
+    async def akey(self, key_id: str) -> KeyRecord | None:
+        """`key`, on the asyncio client."""
+        raw = await self.adb.hget(self._k("keys"), key_id)
+        return KeyRecord.model_validate_json(raw) if raw else None
+
+    async def ahas_keys(self) -> bool:
+        if not self._has_keys:
+            self._has_keys = bool(await self.adb.hlen(self._k("keys")))
+        return self._has_keys
+
+    async def abudgets(self) -> dict[str, Budget]:
+        found = [
+            Budget.model_validate_json(raw) for raw in await self.adb.hvals(self._k("budgets"))
+        ]
+        return {b.name: b for b in sorted(found, key=lambda b: b.name)}
 
     def has_keys(self) -> bool:
         # Keys are revoked, never deleted: once one exists, it always will.
@@ -243,10 +270,21 @@ class RedisLedger:
     def warn_once(self, budget: str, window_start: float, threshold: float, spent: float,
                   limit: float) -> bool:  # fmt: skip
         """Mark `threshold` of `budget` as fired in this window; False if any router had."""
+        field, row = self._warning(budget, window_start, threshold, spent, limit)
+        return bool(self.db.hsetnx(self._k("warned"), field, row))
+
+    async def awarn_once(self, budget: str, window_start: float, threshold: float,
+                         spent: float, limit: float) -> bool:  # fmt: skip
+        """`warn_once`, on the asyncio client."""
+        field, row = self._warning(budget, window_start, threshold, spent, limit)
+        return bool(await self.adb.hsetnx(self._k("warned"), field, row))
+
+    def _warning(self, budget: str, window_start: float, threshold: float, spent: float,
+                 limit: float) -> tuple[str, bytes]:  # fmt: skip
         field = f"{budget}|{window_start!r}|{threshold!r}"
         row = {"budget": budget, "window_start": window_start, "threshold": threshold,
                "fired_at": time.time(), "spent": spent, "limit": limit}  # fmt: skip
-        return bool(self.db.hsetnx(self._k("warned"), field, orjson.dumps(row)))
+        return field, orjson.dumps(row)
 
     def warnings(self, since: float = 0.0) -> list[dict[str, Any]]:
         rows = [orjson.loads(raw) for raw in self.db.hvals(self._k("warned"))]

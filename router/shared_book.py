@@ -45,11 +45,14 @@ from wattops.router.admission import (
     BudgetExceeded,
     BudgetWarning,
     Standing,
+    due,
+    fire,
     ring,
     verdict,
 )
 from wattops.router.budgets import Budget, window_end, window_start
 from wattops.router.ledger import Entry
+from wattops.router.money import from_units
 from wattops.router.redis_ledger import RedisLedger, budget_index
 
 __all__ = ["STALE_S", "SharedBudgetBook"]
@@ -301,6 +304,12 @@ class SharedBudgetBook:
         self._settle = db.register_script(_SETTLE)
         self._put = db.register_script(_PUT)
         self._beat = db.register_script(_HEARTBEAT)
+        adb = self.ledger.adb  # the same scripts on the asyncio client (the hot path's)
+        self._a_look = adb.register_script(_LOOK)
+        self._a_reserve = adb.register_script(_RESERVE)
+        self._a_release = adb.register_script(_RELEASE)
+        self._a_settle = adb.register_script(_SETTLE)
+        self._a_beat = adb.register_script(_HEARTBEAT)
         freed = self.heartbeat(own=True)
         if freed:
             log.warning("released %d reservations left by an earlier run of router %s",
@@ -314,7 +323,9 @@ class SharedBudgetBook:
         """Say this router is alive; release the reservations of routers that are not (and,
         with `own`, this id's from before a restart). Returns how many were released."""
         args = [self.prefix, self.router_id, self.stale_s, "1" if own else "0", *self.in_flight]
-        freed = int(self._beat(args=args))
+        return self._beaten(int(self._beat(args=args)), own)
+
+    def _beaten(self, freed: int, own: bool) -> int:
         if freed and not own:
             log.warning("released %d reservations of requests no longer in flight (routers "
                         "silent for %.0f s, or settles that could not reach Redis)", freed,
@@ -394,9 +405,19 @@ class SharedBudgetBook:
     def admit(self, request_id: str, key_id: str | None, team: str | None, route: str | None,
               worst: Amounts, degraded_by: Budget | None = None) -> Admission:  # fmt: skip
         now = self.clock()
-        args = [*self._args(key_id, team, route, now), self.router_id, request_id,
-                worst.nusd, worst.mj, worst.ug]  # fmt: skip
-        verdict, found = self._reserve(args=args)
+        args = self._admit_args(request_id, key_id, team, route, worst, now)
+        return self._admitted(self._reserve(args=args), request_id, key_id, team, route, worst,
+                              now, degraded_by)  # fmt: skip
+
+    def _admit_args(self, request_id: str, key_id: str | None, team: str | None,
+                    route: str | None, worst: Amounts, now: float) -> list[Any]:  # fmt: skip
+        return [*self._args(key_id, team, route, now), self.router_id, request_id, worst.nusd,
+                worst.mj, worst.ug]  # fmt: skip
+
+    def _admitted(self, reply: list[Any], request_id: str, key_id: str | None, team: str | None,
+                  route: str | None, worst: Amounts, now: float,
+                  degraded_by: Budget | None = None) -> Admission:  # fmt: skip
+        verdict, found = reply
         if verdict == b"over":
             raise BudgetExceeded(self._standing(found, now), now)
         names = [n.decode() for n in found]
@@ -416,18 +437,84 @@ class SharedBudgetBook:
 
     def settle(self, admission: Admission | None, entry: Entry) -> None:
         now = self.clock()
-        held = admission.request_id if admission is not None and not admission.done else ""
-        args = [*self._args(entry.key_id, entry.team, entry.route, now), self.router_id, held,
-                entry.request_id, repr(entry.time), entry.cost_nusd, entry.energy_mj,
-                entry.carbon_ug, entry.json(),
-                SEEN_S, KEEP_S, repr(now)]  # fmt: skip
         try:
-            verdict, rows = self._settle(args=args)
+            verdict, rows = self._settle(args=self._settle_args(admission, entry, now))
         finally:
-            if admission is not None:
-                admission.done = True
-                self.in_flight.pop(admission.request_id, None)
+            self._settled(admission)
         if verdict == b"dup":
             return
         for row in rows:
             ring(self, self._standing(row, now))
+
+    def _settle_args(self, admission: Admission | None, entry: Entry, now: float) -> list[Any]:
+        held = admission.request_id if admission is not None and not admission.done else ""
+        return [*self._args(entry.key_id, entry.team, entry.route, now), self.router_id, held,
+                entry.request_id, repr(entry.time), entry.cost_nusd, entry.energy_mj,
+                entry.carbon_ug, entry.json(), SEEN_S, KEEP_S, repr(now)]  # fmt: skip
+
+    def _settled(self, admission: Admission | None) -> None:
+        if admission is not None:
+            admission.done = True
+            self.in_flight.pop(admission.request_id, None)
+
+    # -- the router's calls: redis.asyncio, the same scripts, nothing blocks the event loop ---
+
+    async def acheck(self, key_id: str | None, team: str | None, route: str | None
+                     ) -> tuple[Standing | None, Standing | None]:  # fmt: skip
+        now = self.clock()
+        rows = await self._a_look(args=self._args(key_id, team, route, now))
+        return verdict(self._standing(row, now) for row in rows)
+
+    async def aadmit(self, request_id: str, key_id: str | None, team: str | None,
+                     route: str | None, worst: Amounts) -> Admission:  # fmt: skip
+        now = self.clock()
+        reply = await self._a_reserve(
+            args=self._admit_args(request_id, key_id, team, route, worst, now)
+        )
+        return self._admitted(reply, request_id, key_id, team, route, worst, now)
+
+    async def arelease(self, admission: Admission) -> None:
+        if admission.done:
+            return
+        admission.done = True
+        self.in_flight.pop(admission.request_id, None)
+        await self._a_release(args=[self.prefix, self.router_id, admission.request_id])
+
+    async def asettle(self, admission: Admission | None, entry: Entry) -> None:
+        now = self.clock()
+        try:
+            verdict, rows = await self._a_settle(args=self._settle_args(admission, entry, now))
+        finally:
+            self._settled(admission)
+        if verdict == b"dup":
+            return
+        for row in rows:
+            s = self._standing(row, now)
+            b = s.budget
+            for threshold in due(self, s):
+                spent = from_units(s.spent, b.unit)
+                if await self.ledger.awarn_once(b.name, s.window_start, threshold, spent, b.limit):
+                    fire(self, s, threshold)
+
+    async def aheartbeat(self) -> int:
+        args = [self.prefix, self.router_id, self.stale_s, "0", *self.in_flight]
+        return self._beaten(int(await self._a_beat(args=args)), own=False)
+
+    async def astandings(self) -> Iterable[Standing]:
+        now = self.clock()
+        budgets = list((await self.ledger.abudgets()).values())
+        names = []
+        moment = datetime.fromtimestamp(now, UTC)
+        for b in budgets:
+            start = window_start(b.window, moment).timestamp()
+            names += [
+                f"{self.prefix}spent:{b.name}:{int(start)}",
+                f"{self.prefix}reserved:{b.name}",
+            ]
+        values = await self.ledger.adb.mget(names) if names else []
+        out = []
+        for n, b in enumerate(budgets):
+            out.append(Standing(b, window_start(b.window, moment).timestamp(),
+                                window_end(b.window, moment).timestamp(),
+                                int(values[2 * n] or 0), int(values[2 * n + 1] or 0)))  # fmt: skip
+        return out

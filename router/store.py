@@ -12,7 +12,7 @@ import secrets
 from collections.abc import Iterable
 from pathlib import Path
 
-from limits import storage
+from limits.aio.storage import RedisStorage
 
 from wattops.router.admission import BudgetBook
 from wattops.router.api import Budget
@@ -55,7 +55,7 @@ def open_charging(section: RouterSection, budgets: Iterable[Budget] = ()) -> Cha
     uri = section.store
     if uri.startswith("unix://"):
         uri = "redis+unix://" + uri.removeprefix("unix://")  # the `limits` package's spelling
-    limits = storage.RedisStorage(uri, key_prefix=f"{section.store_prefix}limits")
+    limits = RedisStorage(uri, implementation="redispy", key_prefix=f"{section.store_prefix}limits")
     import redis
 
     return Charging(shared, section.require_keys, section.default_max_tokens, budgets,

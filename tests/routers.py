@@ -5,6 +5,7 @@ and two agents priced as an edge CPU host and a cloud A100 box."""
 from __future__ import annotations
 
 import json
+import os
 import signal
 import subprocess
 import sys
@@ -59,6 +60,8 @@ class RouterProc:
     budgets: list[dict[str, Any]] = field(default_factory=list)
     port: int = field(default_factory=free_port)
     proc: subprocess.Popen[bytes] | None = None
+    #: Extra environment for the router process (e.g. PYTHONASYNCIODEBUG).
+    env: dict[str, str] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         self.url = f"http://127.0.0.1:{self.port}"
@@ -77,8 +80,9 @@ class RouterProc:
 
     def start(self, live: int | None = None) -> RouterProc:
         log = (self.folder / "router.log").open("ab")
+        env = {**os.environ, **self.env} if self.env else None
         self.proc = subprocess.Popen([str(ROUTER_BIN), "--config", str(self.config)],
-                                     stdout=log, stderr=log)  # fmt: skip
+                                     stdout=log, stderr=log, env=env)  # fmt: skip
         wanted = len(self.agents) if live is None else live
         wait_for(lambda: self.view()["agents_live"] >= wanted, 60, "router to see the agents")
         return self

@@ -8,6 +8,7 @@ windows can be crossed without waiting. Two routers sharing one Redis are tested
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import itertools
 import threading
@@ -254,6 +255,16 @@ def test_bad_budgets_are_refused_naming_the_field() -> None:
         Budget(name="x", scope="fleet", unit="usd", window="week", limit=1)  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="warn_at"):
         Budget(name="x", scope="fleet", unit="usd", window="day", limit=1, warn_at=[1.5])
+    # What the integers count: from one unit to 2**53-1 of them (found by the API fuzzer).
+    with pytest.raises(ValueError, match=r"limit 5e-324 USD is outside .* from 1e-09 to"):
+        Budget(name="x", scope="fleet", unit="usd", window="day", limit=5e-324)
+    with pytest.raises(ValueError, match=r"outside .* to 9\.007e\+06 USD"):
+        Budget(name="x", scope="fleet", unit="usd", window="day", limit=1e7)
+    Budget(name="x", scope="fleet", unit="usd", window="day", limit=1e-9)  # one nano-dollar
+    from wattops.router.api import KeyCreate
+
+    with pytest.raises(ValueError, match="budget_kwh_month 5e-324 kWh is outside"):
+        KeyCreate(team="ml", budget_kwh_month=5e-324)
 
 
 # One step of a generated sequence: admit a request reserving `worst` (nano-USD), or settle
@@ -482,10 +493,14 @@ def test_a_cascade_reserves_an_answer_from_every_candidate_it_may_ask(store: Sto
     caller = Caller(KeyRecord(id="k1", team="ml", name="n", created_at=0.0, salt="s",
                               secret_hash="h"))  # fmt: skip
     plain, cascade = (charging.ticket(caller, "chat", every) for _ in range(2))
-    charging.admit(plain, body, [cheap, dear], every)
+
+    async def admit_both() -> None:  # one event loop: the Redis store's asyncio client is its
+        await charging.admit(plain, body, [cheap, dear], every)
+        await charging.admit(cascade, body, [cheap, dear], every, cascade=True)
+
+    asyncio.run(admit_both())
     assert plain.admission is not None
     assert plain.admission.reserved.nusd == one["cloud/chat"]
-    charging.admit(cascade, body, [cheap, dear], every, cascade=True)
     assert cascade.admission is not None
     assert cascade.admission.reserved.nusd == one["edge/chat"] + one["cloud/chat"]
     assert charging.book.standing(TEAM_DAY).reserved == 2 * one["cloud/chat"] + one["edge/chat"]
@@ -642,3 +657,30 @@ def test_the_ledger_verifies_and_names_a_hand_edit(store: Store) -> None:
         db.xdel("wattops:entries", ids[2])  # a row removed from the middle
         removed = _verify(store, b)
         assert any("the hash chain breaks here" in m for m in removed.mismatches), removed
+
+
+def test_rows_that_arrive_together_share_a_commit_and_count_once(tmp_path: Path) -> None:
+    """The router's path: rows go to the ledger's writer thread, which commits whatever
+    arrived while its last commit ran as one transaction (a group commit); each settle returns
+    once its row is durable. The spend counts every row once, even when the window is read
+    again from the ledger (a budget changed) while rows are on their way: a row committed
+    before that read is in it, one after is added by its own settle."""
+    from wattops.router.verify import verify_sqlite
+
+    b = BudgetBook(Ledger(tmp_path / "ledger.sqlite"), clock=Clock())
+    b.put(TEAM_DAY.model_copy(update={"limit": 1000.0}))
+
+    async def settle_many() -> None:
+        settles = [asyncio.ensure_future(b.asettle(None, entry(0.01))) for _ in range(60)]
+        await asyncio.sleep(0)  # the first rows are on their way...
+        b.put(TEAM_DAY.model_copy(update={"limit": 2000.0}))  # ...when the window is re-read
+        b.standing(TEAM_DAY)
+        await asyncio.gather(*settles)
+
+    asyncio.run(settle_many())
+    assert len(b.ledger.entries()) == 60
+    assert b.ledger.committed < 60  # rows shared commits
+    assert b.standing(TEAM_DAY).spent == 60 * usd(0.01)
+    check = verify_sqlite(b.ledger.path, b.live())
+    assert check.ok, check.mismatches
+    b.ledger.close()

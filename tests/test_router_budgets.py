@@ -14,6 +14,7 @@ import sqlite3
 import subprocess
 import sys
 import threading
+import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -62,6 +63,16 @@ def _ledger(router: Routers) -> list[Entry]:
         url = router.routers[0].router_extra["store"]
         return RedisLedger(url).entries()
     return Ledger(router.folder / "state" / "ledger.sqlite").entries()
+
+
+def _redis_server(port: int, folder: Path, *extra: str) -> subprocess.Popen[bytes]:
+    """A redis-server of a test's own (to stop, kill or put to sleep), on the real clock."""
+    proc = subprocess.Popen(["redis-server", "--port", str(port), "--bind", "127.0.0.1",
+                             "--dir", str(folder), "--save", "", *extra],
+                            stdout=subprocess.DEVNULL, env=real_clock_env())  # fmt: skip
+    ping = ["redis-cli", "-p", str(port), "ping"]
+    wait_for(lambda: subprocess.run(ping, capture_output=True).returncode == 0, 20, "redis")
+    return proc
 
 
 def _ledger_at(store: str) -> list[Entry]:
@@ -366,19 +377,22 @@ def test_overshoot_is_bounded_by_the_reservations_in_flight(
 def test_kill_9_of_the_router_mid_load_leaves_a_consistent_ledger(
     make_routers: Callable[..., Routers], two_nodes: tuple[Agent, Agent]
 ) -> None:
-    router = make_routers(list(two_nodes), [CHAT], token=ADMIN)
-    # The warm-up on a key of its own: only the load's rows are counted below, so an answered
-    # request missing from the ledger cannot hide behind a warm-up row.
-    warm = {"Authorization": f"Bearer {_create_key(router, team='warm-up')['key']}"}
-    _priced(router, lambda: router.ask(headers=warm))
-    key = _create_key(router)["key"]
-    auth = {"Authorization": f"Bearer {key}"}
-    _budget(router, name="ml-month", window="month", limit=1e6)
-    answered: list[int] = []
-    stop = threading.Event()
+    _kill_9_mid_load(make_routers(list(two_nodes), [CHAT], token=ADMIN))
+
+
+def test_kill_9_with_ledger_sync_full_leaves_a_consistent_ledger(
+    make_router: Callable[..., RouterProc], two_nodes: tuple[Agent, Agent]
+) -> None:
+    """The same with `ledger_sync = "full"` (an fsync per group commit, for power cuts)."""
+    _kill_9_mid_load(make_router(list(two_nodes), [CHAT], token=ADMIN, ledger_sync="full"))
+
+
+def _load(url: str, auth: dict[str, str], answered: list[int], stop: threading.Event,
+          clients: int = 8) -> list[threading.Thread]:  # fmt: skip
+    """`clients` threads asking the router until `stop`; each 200 appended to `answered`."""
 
     def client() -> None:
-        with httpx.Client(base_url=router.url, timeout=30) as c:
+        with httpx.Client(base_url=url, timeout=30) as c:
             while not stop.is_set():
                 body = {"model": "chat", "messages": [{"role": "user", "content": "load"}],
                         "max_tokens": 4, "temperature": 0.7}  # fmt: skip
@@ -389,9 +403,23 @@ def test_kill_9_of_the_router_mid_load_leaves_a_consistent_ledger(
                 if resp.status_code == 200:
                     answered.append(1)
 
-    threads = [threading.Thread(target=client) for _ in range(8)]
+    threads = [threading.Thread(target=client) for _ in range(clients)]
     for t in threads:
         t.start()
+    return threads
+
+
+def _kill_9_mid_load(router: Routers) -> None:
+    # The warm-up on a key of its own: only the load's rows are counted below, so an answered
+    # request missing from the ledger cannot hide behind a warm-up row.
+    warm = {"Authorization": f"Bearer {_create_key(router, team='warm-up')['key']}"}
+    _priced(router, lambda: router.ask(headers=warm))
+    key = _create_key(router)["key"]
+    auth = {"Authorization": f"Bearer {key}"}
+    _budget(router, name="ml-month", window="month", limit=1e6)
+    answered: list[int] = []
+    stop = threading.Event()
+    threads = _load(router.url, auth, answered, stop)
     wait_for(lambda: len(answered) >= 20, 60, "load through the router")
     if isinstance(router, Balanced):  # both routers take their share of the load
         assert all(r.route("chat")["requests"] > 0 for r in router.routers)
@@ -657,12 +685,7 @@ def test_an_unreachable_store_is_named_and_fails_closed(
     port = free_port()
 
     def redis_up() -> subprocess.Popen[bytes]:
-        proc = subprocess.Popen(["redis-server", "--port", str(port), "--bind", "127.0.0.1",
-                                 "--dir", str(tmp_path), "--save", "", "--appendonly", "no"],
-                                stdout=subprocess.DEVNULL, env=real_clock_env())  # fmt: skip
-        ping = ["redis-cli", "-p", str(port), "ping"]
-        wait_for(lambda: subprocess.run(ping, capture_output=True).returncode == 0, 20, "redis")
-        return proc
+        return _redis_server(port, tmp_path, "--appendonly", "no")
 
     store = f"redis://127.0.0.1:{port}/0"
     refused = make_router(list(two_nodes), [CHAT], start=False, store=store, token=ADMIN)
@@ -686,15 +709,15 @@ def test_an_unreachable_store_is_named_and_fails_closed(
     redis = redis_up()
     try:
         wait_for(lambda: router.ask().status_code == 200, 30, "the router to serve again")
+        assert "wattops_router_store_up 1.0" in router.client.get("/metrics").text
+        # The outage's start and end are in the audit log, as automatic actions.
+        audit = router.client.get("/v1/audit", headers=ADMIN_HEADERS).json()["entries"]
+        outage = [e for e in audit if e["path"].startswith("store-outage")]
+        assert [e["path"] for e in outage] == ["store-outage-began", "store-outage-ended"]
+        assert "refusing requests with 503" in outage[0]["message"]
     finally:
         redis.terminate()
         redis.wait(10)
-    assert "wattops_router_store_up 1.0" in router.client.get("/metrics").text
-    # The outage's start and end are in the audit log, as automatic actions.
-    audit = router.client.get("/v1/audit", headers=ADMIN_HEADERS).json()["entries"]
-    outage = [e for e in audit if e["path"].startswith("store-outage")]
-    assert [e["path"] for e in outage] == ["store-outage-began", "store-outage-ended"], outage
-    assert "refusing requests with 503" in outage[0]["message"]
 
 
 def test_a_router_that_allows_serves_known_keys_unmetered_and_writes_their_rows_later(
@@ -707,13 +730,7 @@ def test_a_router_that_allows_serves_known_keys_unmetered_and_writes_their_rows_
     port = free_port()
 
     def redis_up() -> subprocess.Popen[bytes]:
-        proc = subprocess.Popen(["redis-server", "--port", str(port), "--bind", "127.0.0.1",
-                                 "--dir", str(tmp_path), "--save", "", "--appendonly", "yes",
-                                 "--appendfsync", "always"],
-                                stdout=subprocess.DEVNULL, env=real_clock_env())  # fmt: skip
-        ping = ["redis-cli", "-p", str(port), "ping"]
-        wait_for(lambda: subprocess.run(ping, capture_output=True).returncode == 0, 20, "redis")
-        return proc
+        return _redis_server(port, tmp_path, "--appendonly", "yes", "--appendfsync", "always")
 
     redis = redis_up()
     store = f"redis://127.0.0.1:{port}/0"
@@ -756,6 +773,100 @@ def test_a_router_that_allows_serves_known_keys_unmetered_and_writes_their_rows_
         ended = [e for e in audit if e["path"] == "store-outage-ended"]
         assert ended and re.search(r"\b([3-9]|\d\d) requests served unmetered, 0 ledger rows "
                                    "dropped", ended[-1]["message"]), ended  # fmt: skip
+    finally:
+        redis.terminate()
+        redis.wait(10)
+
+
+def test_redis_killed_mid_load_loses_no_answered_row(
+    make_router: Callable[..., RouterProc], two_nodes: tuple[Agent, Agent], tmp_path: Path
+) -> None:
+    """redis-server SIGKILLed under load (`appendonly yes`, `appendfsync always`): requests
+    fail closed while it is down, and once it is back every answer a client received is in
+    the ledger (the load's own rows only: its key), which verifies."""
+    port = free_port()
+    durable = ("--appendonly", "yes", "--appendfsync", "always")
+    redis = _redis_server(port, tmp_path, *durable)
+    store = f"redis://127.0.0.1:{port}/0"
+    router = make_router(list(two_nodes), [CHAT], store=store, token=ADMIN)
+    try:
+        warm = {"Authorization": f"Bearer {_create_key(router, team='warm-up')['key']}"}
+        _priced(router, lambda: router.ask(headers=warm))
+        made = _create_key(router)
+        auth = {"Authorization": f"Bearer {made['key']}"}
+        _budget(router, name="load", scope="key", subject=made["id"], limit=1e6)
+        answered: list[int] = []
+        stop = threading.Event()
+        threads = _load(router.url, auth, answered, stop)
+        wait_for(lambda: len(answered) >= 20, 60, "load through the router")
+        redis.send_signal(signal.SIGKILL)
+        redis.wait(10)
+        during = len(answered)
+        down = router.ask(headers=auth)
+        assert down.status_code == 503 and down.json()["error"]["code"] == "store_unavailable"
+        stop.set()
+        for t in threads:
+            t.join(30)
+        assert len(answered) - during <= 8  # at most the requests past their settle
+    finally:
+        redis = _redis_server(port, tmp_path, *durable)
+    try:
+        rows = [e for e in _ledger_at(store) if e.key_id == made["id"] and e.status == 200]
+        assert len(rows) >= len(answered), (len(rows), len(answered))
+        wait_for(lambda: router.ask(headers=auth).status_code == 200, 30, "serving again")
+        verified = _verify_cli(router)
+        assert verified.returncode == 0, verified.stdout + verified.stderr
+    finally:
+        redis.terminate()
+        redis.wait(10)
+
+
+def test_a_slow_redis_never_holds_the_event_loop(
+    make_router: Callable[..., RouterProc], two_nodes: tuple[Agent, Agent], tmp_path: Path
+) -> None:
+    """The Redis store's calls are awaited (redis.asyncio), never made on the event loop: with
+    Redis asleep for 1.5 s (`DEBUG SLEEP`) in the middle of a keyed request, the router goes on
+    answering what needs no store, and asyncio's debug mode (which logs every callback that
+    holds the loop longer than `slow_callback_duration`) logs none that held it for a second.
+    With the synchronous client of before, the keyed request held the loop for the whole
+    sleep: the other answer came after it, and the log said `Executing <Task ...> took 1.5
+    seconds`."""
+    port = free_port()
+    redis = _redis_server(port, tmp_path, "--appendonly", "no", "--enable-debug-command", "yes")
+    store = f"redis://127.0.0.1:{port}/0"
+    router = make_router(list(two_nodes), [CHAT], store=store, token=ADMIN, start=False)
+    router.env = {"PYTHONASYNCIODEBUG": "1"}
+    router.start()
+    try:
+        made = _create_key(router)
+        auth = {"Authorization": f"Bearer {made['key']}"}
+        _budget(router, name="slow", scope="key", subject=made["id"], limit=1e6)
+        assert router.ask(headers=auth).status_code == 200
+        log = router.folder / "router.log"
+        before = log.stat().st_size
+        finished: list[str] = []
+
+        def keyed() -> None:
+            assert router.ask(headers=auth).status_code == 200
+            finished.append("keyed")
+
+        sleeper = subprocess.Popen(["redis-cli", "-p", str(port), "DEBUG", "SLEEP", "1.5"],
+                                   stdout=subprocess.DEVNULL)  # fmt: skip
+        time.sleep(0.2)  # Redis is asleep: the keyed request's first call waits for it
+        asker = threading.Thread(target=keyed)
+        asker.start()
+        time.sleep(0.2)
+        models = router.client.get("/v1/models")  # no store: answered while Redis sleeps
+        assert models.status_code == 200
+        finished.append("models")
+        asker.join(30)
+        sleeper.wait(10)
+        assert finished == ["models", "keyed"], finished
+        with log.open("rb") as f:
+            f.seek(before)
+            written = f.read().decode(errors="replace")
+        held = re.findall(r"Executing .* took (\d+\.\d+) seconds", written)
+        assert not [s for s in held if float(s) >= 1.0], written[-3000:]
     finally:
         redis.terminate()
         redis.wait(10)
