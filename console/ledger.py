@@ -1,5 +1,5 @@
 """`wattops ledger verify`: re-add a router's ledger and compare it with what the router counts
-and reports (`router/verify.py` says what is checked). Through the router (`--router URL` or
+and reports (`router/billing/verify.py` says what is checked). Through the router (`--router URL` or
 `$WATTOPS_ROUTER`, with its token), or on a ledger at rest: `--state-dir DIR` (the router's
 `ledger.sqlite`) or `--store redis://...`. Exits 0 when everything agrees, 1 naming every
 mismatch, 2 when the ledger cannot be read."""
@@ -21,7 +21,7 @@ __all__ = ["add_command"]
 
 def _verify(args: argparse.Namespace) -> int:
     if args.state_dir is not None or args.store is not None:
-        from wattops.router.verify import verify_at  # a ledger at rest: read it here
+        from wattops.router.billing.verify import verify_at  # a ledger at rest: read it here
 
         try:
             check = verify_at(args.state_dir, args.store, args.prefix)

@@ -1,5 +1,6 @@
 """`wattops report`: chargeback per team, key or route from a wattops-router's ledger, with
-the fleet's unattributed remainder and each budget's forecast (router/report.py has the method).
+the fleet's unattributed remainder and each budget's forecast (router/billing/report.py has
+the method).
 
     wattops report --by team --since 30d [--until 2026-11-30] [--format md|csv|json]
                    [--chart out.png] [--router URL]

@@ -31,8 +31,8 @@ Window = Literal["hour", "day", "month"]
 WINDOWS: tuple[str, ...] = ("hour", "day", "month")
 #: How each budget unit is written for people.
 UNIT_LABELS = {"usd": "USD", "kwh": "kWh", "kgco2e": "kgCO2e"}
-#: What each budget unit is counted in, exactly, on every store (`router/money.py`): integers
-#: of nano-dollars, millijoules and micrograms CO2e.
+#: What each budget unit is counted in, exactly, on every store (`router/billing/money.py`):
+#: integers of nano-dollars, millijoules and micrograms CO2e.
 COUNTED_IN = {"usd": "nano-USD", "kwh": "mJ", "kgco2e": "ugCO2e"}
 #: How many of those make one budget unit.
 UNIT_SCALE = {"usd": 10**9, "kwh": 3_600_000_000, "kgco2e": 10**9}
@@ -169,7 +169,7 @@ class RouterView(_Model):
     webhook_error: str | None = Field(None, description="the last webhook failure")
 
 
-# -- budgets and keys (router/budgets.py, router/keys.py) -------------------------------
+# -- budgets and keys (router/billing/budgets.py, keys.py) -------------------------------
 
 
 def check_limit(field: str, limit: float, unit: str) -> None:
@@ -328,7 +328,7 @@ class KeyCreated(KeyView):
     key: str = Field(description="Authorization: Bearer <key>; not stored, not shown again")
 
 
-# -- reports (router/report.py) ---------------------------------------------------------------
+# -- reports (router/billing/report.py) -------------------------------------------------------
 
 
 class ReportGroup(_Model):

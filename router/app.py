@@ -22,7 +22,6 @@ from starlette.responses import Response
 from starlette.routing import Match
 from starlette.types import Receive, Scope, Send
 
-from wattops.router.admission import BudgetBook, ring
 from wattops.router.api import (
     Bounds,
     Budget,
@@ -37,12 +36,13 @@ from wattops.router.api import (
     RoutePatch,
     RouterView,
 )
-from wattops.router.budgets import utc_moment
+from wattops.router.billing.admission import BudgetBook, ring
+from wattops.router.billing.budgets import utc_moment
+from wattops.router.billing.keys import KeyRecord
+from wattops.router.billing.report import build_report
+from wattops.router.billing.verify import verify_at, verify_sqlite
 from wattops.router.core import Router
-from wattops.router.keys import KeyRecord
 from wattops.router.proxy import OPENAI_PATHS, RouterGateway, store_unavailable
-from wattops.router.report import build_report
-from wattops.router.verify import verify_at, verify_sqlite
 from wattops.vocabulary.access import AccessDenied, Caller, Role, WhoAmI
 from wattops.vocabulary.audit import AuditMiddleware, AuditPage
 from wattops.vocabulary.hardening import Guard
@@ -315,7 +315,7 @@ def create_app(router: Router) -> FastAPI:
         until: float | None = Query(None, description="unix time it ends; default: now"),
     ) -> Report:
         """Chargeback per key, team or route from the ledger, the fleet's attributed totals
-        and what no request was charged (router/report.py), and each budget's forecast."""
+        and what no request was charged (router/billing/report.py), and each budget's forecast."""
         if until is not None and until <= since:
             raise HTTPException(422, f"the period ends ({until:.0f}) before it begins "
                                 f"({since:.0f}): `until` must be after `since`")  # fmt: skip
@@ -329,7 +329,7 @@ def create_app(router: Router) -> FastAPI:
     async def verify_ledger() -> LedgerCheck:
         """The ledger re-added row by row: its hash chain, each budget's spend per window
         against what the router counts, reservations against the requests in flight, the
-        report's sums (router/verify.py). Read in a thread, from a snapshot."""
+        report's sums (router/billing/verify.py). Read in a thread, from a snapshot."""
         book = charging.book
         if isinstance(book, BudgetBook):
             live = book.live()  # on the event loop: between two settles

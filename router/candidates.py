@@ -77,7 +77,7 @@ class Candidate:
     #: Whether the per-token figures are the agent's current window (False: learned earlier).
     figures_current: bool
     #: Watts of its node's power it holds (node watts x its share), for the prior of a
-    #: deployment that has not served (`charging.py`); None without a power reading.
+    #: deployment that has not served (`billing/charging.py`); None without a power reading.
     held_watts: float | None = None
     #: Its node's grid intensity (gCO2e/kWh), for the same prior.
     grid_gco2e_per_kwh: float | None = None

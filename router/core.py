@@ -4,7 +4,7 @@ has learned about each deployment, its circuit breakers and its statistics.
 Stateless apart from its configuration and two small files in `state_dir`, written atomically:
 `routes.json` (policy and bounds changed at run time through `PATCH /v1/routes/{name}`) and
 `learned.json` (the last per-token figures seen per deployment), and the store of keys,
-budgets and the ledger (`store.py`: SQLite in `state_dir`, or a Redis that several routers
+budgets and the ledger (`billing/store.py`: SQLite in `state_dir`, or a Redis that several routers
 share). Several routers can therefore run side by side behind a load balancer; each keeps its
 own statistics.
 """
@@ -28,7 +28,6 @@ from purgatory import AsyncCircuitBreakerFactory
 from purgatory.service._async.circuitbreaker import AsyncCircuitBreaker
 
 from wattops.fleet.state import FleetState
-from wattops.router.admission import BudgetWarning
 from wattops.router.affinity import Rings, prefix_key
 from wattops.router.api import (
     Bounds,
@@ -38,15 +37,16 @@ from wattops.router.api import (
     RouterView,
     RouteView,
 )
-from wattops.router.budgets import utc_moment
+from wattops.router.billing.admission import BudgetWarning
+from wattops.router.billing.budgets import utc_moment
+from wattops.router.billing.charging import Charging, Outage, Ticket, measured
+from wattops.router.billing.money import Amounts, charge, from_units, to_units
+from wattops.router.billing.store import open_charging
 from wattops.router.candidates import Candidate, Learned, candidate_of, key_of
-from wattops.router.charging import Charging, Outage, Ticket, measured
 from wattops.router.choose import PRIORITIES, Choice, Constraints, QualityFigure, Spread
 from wattops.router.config import POLICIES, RouteConfig, RouterConfig
-from wattops.router.money import Amounts, charge, from_units, to_units
 from wattops.router.notify import Notifier
 from wattops.router.quality import QualityBook
-from wattops.router.store import open_charging
 from wattops.vocabulary import atomic_write
 from wattops.vocabulary.access import Access
 from wattops.vocabulary.audit import AuditLog

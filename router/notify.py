@@ -25,7 +25,7 @@ from tenacity import (
     wait_exponential,
 )
 
-from wattops.router.admission import BudgetWarning
+from wattops.router.billing.admission import BudgetWarning
 
 __all__ = ["Notifier"]
 

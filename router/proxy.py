@@ -28,8 +28,8 @@ from purgatory.domain.model import OpenedState
 from starlette.responses import Response, StreamingResponse
 from starlette.types import Receive, Scope, Send
 
+from wattops.router.billing.charging import Refusal, Ticket, worst_tokens
 from wattops.router.candidates import Candidate
-from wattops.router.charging import Refusal, Ticket, worst_tokens
 from wattops.router.choose import Choice, NoCandidate, choose
 from wattops.router.core import BadRequestHeader, Router, Usage
 from wattops.vocabulary.openai import MAX_BODY_BYTES, BodyTooLarge, error_body, read_body

@@ -29,7 +29,7 @@ def clear_of_window_edge(window: str = "day", margin_s: float = 180.0) -> None:
     """Wait for the next UTC `window` (hour, day, month) if the current one ends within
     `margin_s`: a router subprocess runs on the real clock, so a test that counts spend in a
     window would see it start again from zero at 00:00 UTC if its run crossed it."""
-    from wattops.router.budgets import window_end
+    from wattops.router.billing.budgets import window_end
 
     now = time.time()
     end = window_end(window, datetime.fromtimestamp(now, UTC)).timestamp()

@@ -22,7 +22,8 @@ import pytest
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
-from wattops.router.admission import (
+from wattops.router.api import Budget
+from wattops.router.billing.admission import (
     Admission,
     Amounts,
     Book,
@@ -30,13 +31,12 @@ from wattops.router.admission import (
     BudgetExceeded,
     BudgetWarning,
 )
-from wattops.router.api import Budget
-from wattops.router.budgets import window_end, window_start
-from wattops.router.keys import KeyRecord
-from wattops.router.ledger import Entry, Ledger
-from wattops.router.money import to_units
-from wattops.router.redis_ledger import RedisLedger
-from wattops.router.shared_book import SharedBudgetBook
+from wattops.router.billing.budgets import window_end, window_start
+from wattops.router.billing.keys import KeyRecord
+from wattops.router.billing.ledger import Entry, Ledger
+from wattops.router.billing.money import to_units
+from wattops.router.billing.redis_ledger import RedisLedger
+from wattops.router.billing.shared_book import SharedBudgetBook
 
 T0 = datetime(2026, 11, 28, 10, 30, tzinfo=UTC).timestamp()
 _ids = itertools.count()
@@ -226,7 +226,7 @@ def test_the_routers_clock_rules_windows_whatever_redis_s_clock_says(
     windows; Redis only counts how long a spend counter outlives its window, from the router's
     now. With EXPIREAT (an absolute end read on Redis's clock) a router behind Redis saw every
     counter deleted as it was written, and one ahead kept them for as long as it was ahead."""
-    from wattops.router.shared_book import KEEP_S
+    from wattops.router.billing.shared_book import KEEP_S
 
     clock = Clock(time.time() + skew_days * 86400)
     store = Store("redis", Path("."), redis_url)
@@ -379,7 +379,7 @@ def test_the_worst_case_bounds_smollm2s_templated_prompts() -> None:
 
     from tests.conftest import ROOT
     from wattops.quality.table import evaluation_prompts
-    from wattops.router.charging import worst_tokens
+    from wattops.router.billing.charging import worst_tokens
 
     llm = llama_cpp.Llama(str(ROOT / "models" / "smollm2-135m-instruct.f16.gguf"), n_ctx=1024,
                           n_threads=1, verbose=False)  # fmt: skip
@@ -480,8 +480,8 @@ def test_a_cascade_reserves_an_answer_from_every_candidate_it_may_ask(store: Sto
     each is charged: it reserves their sum, where a plain route reserves one answer at the
     highest rate (falling back costs nothing: a failed candidate computed nothing)."""
     from tests.test_router_choose import cand
-    from wattops.router.charging import Caller, Charging, worst_tokens
-    from wattops.router.money import Rates, charge
+    from wattops.router.billing.charging import Caller, Charging, worst_tokens
+    from wattops.router.billing.money import Rates, charge
 
     cheap, dear = cand("edge/chat", usd_per_1m=2.0), cand("cloud/chat", usd_per_1m=30.0)
     every = {c.key: c for c in (cheap, dear)}
@@ -510,8 +510,8 @@ def test_the_report_never_shows_a_negative_remainder_nor_a_past_run_out(store: S
     """Where the ledger charged more than the agents attributed in a span, the unattributed
     remainder is 0 and the excess is its own figure; a budget already spent runs out now, not
     at its window's start."""
-    from wattops.router.money import Amounts as Totals
-    from wattops.router.report import build_report
+    from wattops.router.billing.money import Amounts as Totals
+    from wattops.router.billing.report import build_report
 
     b = book(store, TEAM_DAY)
     b.ledger.sample_fleet(T0 - 600, Totals.of_units(10.0, 1.0, 0.1))
@@ -616,7 +616,7 @@ def test_a_redis_store_of_float_amounts_is_converted_once_to_integers(redis_url:
 
 
 def _verify(store: Store, b: Book) -> Any:
-    from wattops.router.verify import verify_at, verify_sqlite
+    from wattops.router.billing.verify import verify_at, verify_sqlite
 
     if isinstance(b, BudgetBook):
         return verify_sqlite(b.ledger.path, b.live())
@@ -626,7 +626,7 @@ def _verify(store: Store, b: Book) -> Any:
 def test_the_ledger_verifies_and_names_a_hand_edit(store: Store) -> None:
     """`wattops ledger verify` on both stores: a ledger the router wrote agrees with its
     counters, its reservations and its report; a counter or a row changed by hand is named."""
-    from wattops.router.verify import verify_at
+    from wattops.router.billing.verify import verify_at
 
     b = book(store, TEAM_DAY, TEAM_DAY.model_copy(update={"name": "ml-hour", "window": "hour"}))
     for n in range(5):
@@ -665,7 +665,7 @@ def test_rows_that_arrive_together_share_a_commit_and_count_once(tmp_path: Path)
     once its row is durable. The spend counts every row once, even when the window is read
     again from the ledger (a budget changed) while rows are on their way: a row committed
     before that read is in it, one after is added by its own settle."""
-    from wattops.router.verify import verify_sqlite
+    from wattops.router.billing.verify import verify_sqlite
 
     b = BudgetBook(Ledger(tmp_path / "ledger.sqlite"), clock=Clock())
     b.put(TEAM_DAY.model_copy(update={"limit": 1000.0}))

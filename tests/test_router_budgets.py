@@ -26,8 +26,8 @@ import pytest
 
 from tests.conftest import ROOT, Agent, free_port, real_clock_env, wait_for
 from tests.routers import CHAT, ROUTER_BIN, Balanced, RouterProc, clear_of_window_edge
-from wattops.router.ledger import Entry, Ledger
-from wattops.router.redis_ledger import RedisLedger
+from wattops.router.billing.ledger import Entry, Ledger
+from wattops.router.billing.redis_ledger import RedisLedger
 
 WATTOPS = Path(sys.executable).with_name("wattops")
 ADMIN = "admin-token-for-tests"

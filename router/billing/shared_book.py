@@ -39,7 +39,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
-from wattops.router.admission import (
+from wattops.router.billing.admission import (
     Admission,
     Amounts,
     BudgetExceeded,
@@ -50,10 +50,10 @@ from wattops.router.admission import (
     ring,
     verdict,
 )
-from wattops.router.budgets import Budget, window_end, window_start
-from wattops.router.ledger import Entry
-from wattops.router.money import from_units
-from wattops.router.redis_ledger import RedisLedger, budget_index
+from wattops.router.billing.budgets import Budget, window_end, window_start
+from wattops.router.billing.ledger import Entry
+from wattops.router.billing.money import from_units
+from wattops.router.billing.redis_ledger import RedisLedger, budget_index
 
 __all__ = ["STALE_S", "SharedBudgetBook"]
 

@@ -43,9 +43,9 @@ from typing import Any
 
 import orjson
 
-from wattops.router.budgets import Budget
-from wattops.router.keys import KeyRecord
-from wattops.router.money import Amounts
+from wattops.router.billing.budgets import Budget
+from wattops.router.billing.keys import KeyRecord
+from wattops.router.billing.money import Amounts
 
 __all__ = ["GROUP_FIELDS", "Entry", "Ledger", "chain_link", "group_rows"]
 

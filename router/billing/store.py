@@ -14,11 +14,11 @@ from pathlib import Path
 
 from limits.aio.storage import RedisStorage
 
-from wattops.router.admission import BudgetBook
 from wattops.router.api import Budget
-from wattops.router.charging import Charging
+from wattops.router.billing.admission import BudgetBook
+from wattops.router.billing.charging import Charging
+from wattops.router.billing.ledger import Ledger
 from wattops.router.config import RouterSection
-from wattops.router.ledger import Ledger
 from wattops.vocabulary import atomic_write
 
 __all__ = ["open_charging", "router_id"]
@@ -47,8 +47,8 @@ def open_charging(section: RouterSection, budgets: Iterable[Budget] = ()) -> Cha
         return Charging(book, section.require_keys, section.default_max_tokens, budgets,
                         prior_tokens_per_s=section.prior_tokens_per_s,
                     on_store_error=section.on_store_error)  # fmt: skip
-    from wattops.router.redis_ledger import RedisLedger
-    from wattops.router.shared_book import SharedBudgetBook
+    from wattops.router.billing.redis_ledger import RedisLedger
+    from wattops.router.billing.shared_book import SharedBudgetBook
 
     ledger = RedisLedger(section.store, section.store_prefix)
     shared = SharedBudgetBook(ledger, section.router_id or router_id(section.state_dir))

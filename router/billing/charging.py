@@ -35,12 +35,12 @@ from limits import RateLimitItemPerMinute
 from limits.aio.storage import MemoryStorage, Storage
 from limits.aio.strategies import MovingWindowRateLimiter
 
-from wattops.router.admission import Admission, Book, BudgetExceeded, Standing
 from wattops.router.api import COUNTED_IN, Budget, BudgetView, KeyCreate, KeyPatch, KeyView
+from wattops.router.billing.admission import Admission, Book, BudgetExceeded, Standing
+from wattops.router.billing.keys import KeyRecord, new_key, parse
+from wattops.router.billing.ledger import Entry
+from wattops.router.billing.money import UNKNOWN, Amounts, Rates, charge, from_units
 from wattops.router.candidates import Candidate
-from wattops.router.keys import KeyRecord, new_key, parse
-from wattops.router.ledger import Entry
-from wattops.router.money import UNKNOWN, Amounts, Rates, charge, from_units
 
 __all__ = ["Caller", "Charging", "Outage", "Refusal", "Ticket"]
 

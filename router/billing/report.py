@@ -27,9 +27,9 @@ import time
 from collections.abc import Iterable, Mapping
 from typing import Any
 
-from wattops.router.admission import Book
 from wattops.router.api import BudgetForecast, FleetSpan, Report, ReportGroup
-from wattops.router.money import from_units
+from wattops.router.billing.admission import Book
+from wattops.router.billing.money import from_units
 
 __all__ = ["LOOKBACK_S", "build_report", "forecast"]
 

@@ -26,10 +26,10 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any, Protocol
 
-from wattops.router.budgets import UNIT_LABELS, Budget, utc_moment, window_end, window_start
-from wattops.router.ledger import Entry, Ledger
-from wattops.router.money import Amounts, from_units, show
-from wattops.router.verify import Live
+from wattops.router.billing.budgets import UNIT_LABELS, Budget, utc_moment, window_end, window_start
+from wattops.router.billing.ledger import Entry, Ledger
+from wattops.router.billing.money import Amounts, from_units, show
+from wattops.router.billing.verify import Live
 
 __all__ = [
     "Admission",

@@ -34,10 +34,10 @@ from typing import Any
 import orjson
 
 from wattops.router.api import Budget, LedgerCheck
-from wattops.router.budgets import window_end, window_start
-from wattops.router.ledger import GROUP_FIELDS, Entry, Ledger, chain_link, group_rows
-from wattops.router.money import show
-from wattops.router.redis_ledger import RedisLedger, entry_of
+from wattops.router.billing.budgets import window_end, window_start
+from wattops.router.billing.ledger import GROUP_FIELDS, Entry, Ledger, chain_link, group_rows
+from wattops.router.billing.money import show
+from wattops.router.billing.redis_ledger import RedisLedger, entry_of
 
 __all__ = ["MAX_WINDOWS", "Live", "verify_at", "verify_redis", "verify_sqlite"]
 

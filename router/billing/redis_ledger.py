@@ -52,10 +52,10 @@ import orjson
 import redis
 import redis.asyncio
 
-from wattops.router.budgets import Budget
-from wattops.router.keys import KeyRecord
-from wattops.router.ledger import Entry, group_rows
-from wattops.router.money import UNIT_SCALE, Amounts
+from wattops.router.billing.budgets import Budget
+from wattops.router.billing.keys import KeyRecord
+from wattops.router.billing.ledger import Entry, group_rows
+from wattops.router.billing.money import UNIT_SCALE, Amounts
 
 __all__ = ["RedisLedger", "budget_index"]
 
