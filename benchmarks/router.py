@@ -63,11 +63,11 @@ def _key_and_budgets(router: str) -> dict[str, str]:
 
     admin = {"Authorization": "Bearer bench-admin"}
     made = httpx.post(f"{router}/v1/keys", headers=admin, timeout=10,
-                      json={"team": "bench", "budget_usd_day": 1e9}).json()  # fmt: skip
+                      json={"team": "bench", "budget_usd_day": 1e6}).json()  # fmt: skip
     for budget in (
         {"name": "team-kwh", "scope": "team", "subject": "bench", "unit": "kwh",
-         "window": "month", "limit": 1e9},
-        {"name": "fleet-usd", "scope": "fleet", "unit": "usd", "window": "month", "limit": 1e9},
+         "window": "month", "limit": 1e6},
+        {"name": "fleet-usd", "scope": "fleet", "unit": "usd", "window": "month", "limit": 1e6},
     ):  # fmt: skip
         httpx.post(f"{router}/v1/budgets", headers=admin, json=budget, timeout=10)
     return {"Authorization": f"Bearer {made['key']}"}
