@@ -18,7 +18,8 @@ Meanwhile every agent's snapshot is read each second, and counters that must onl
 an agent's restart its desired state (precision, replicas) is compared with before. The report:
 requests sent, answered, failed (with why, and how many were in flight on the agent killed at
 that moment), the router's fallbacks (requests it retried elsewhere before answering), the
-counters that fell (should be none), and the desired state kept (should be all).
+counters that fell (should be none), the desired state kept (should be all), and `wattops
+ledger verify` on the router's ledger once everything has stopped (should be ok).
 """
 
 from __future__ import annotations
@@ -245,6 +246,11 @@ def main() -> None:
         finally:
             soak.stop.set()
             stop_all(soak.started)
+        # The router's ledger at rest, re-added and compared (`wattops ledger verify`).
+        verified = subprocess.run([str(Path(sys.executable).with_name("wattops")), "ledger",
+                                   "verify", "--state-dir", f"{tmp}/router", "--json"],
+                                  capture_output=True, text=True, timeout=600)  # fmt: skip
+        ledger = json.loads(verified.stdout) if verified.stdout else {"error": verified.stderr}
     route = view["routes"][0]
     report = {
         "machine": f"{platform.machine()}, {os.cpu_count()} cores, {platform.python_version()}",
@@ -258,6 +264,7 @@ def main() -> None:
         "faults": soak.events,
         "counters_that_fell": soak.fell,
         "desired_state_kept": f"{sum(soak.kept)} of {len(soak.kept)} restarts",
+        "ledger_verify": ledger,
     }
     print(json.dumps(report, indent=2))
     if args.out:

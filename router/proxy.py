@@ -191,7 +191,6 @@ class RouterGateway:
             ticket = charging.ticket(caller, None, every)
             try:
                 await charging.limit_rate(ticket, body)
-                await charging.check(ticket)
                 await charging.admit(ticket, body, choice.ordered, every)
             except Refusal as refused:
                 self._refused(refused)
@@ -213,15 +212,18 @@ class RouterGateway:
         ticket = charging.ticket(caller, route.name, every)
         try:
             await charging.limit_rate(ticket, body)
-            degrading = await charging.check(ticket)
-            if degrading is not None:
-                choice = self._degraded(route.name, cands, bounds, choice, degrading, ticket)
-                out["X-Wattops-Degraded"] = ticket.degraded or ""
             cascade = None
             if bounds.policy == "cascade" and not body.get("stream"):
                 cascade = route.cascade_min_logprob
-            await charging.admit(ticket, body, choice.ordered, every,
-                                 cascade=cascade is not None)  # fmt: skip
+            # Checked and reserved in one step; a budget past its degrade threshold sends the
+            # request to a cheaper candidate (reserved again only if that may cost more).
+            degrading = await charging.admit(ticket, body, choice.ordered, every,
+                                             cascade=cascade is not None)  # fmt: skip
+            if degrading is not None:
+                choice = self._degraded(route.name, cands, bounds, choice, degrading, ticket)
+                out["X-Wattops-Degraded"] = ticket.degraded or ""
+                await charging.readmit(ticket, body, choice.ordered, every,
+                                       cascade=cascade is not None)  # fmt: skip
         except Refusal as refused:
             self._refused(refused)
             return _error(refused.status, str(refused), refused.code,

@@ -684,3 +684,43 @@ def test_rows_that_arrive_together_share_a_commit_and_count_once(tmp_path: Path)
     check = verify_sqlite(b.ledger.path, b.live())
     assert check.ok, check.mismatches
     b.ledger.close()
+
+
+def test_the_prior_prices_a_deployment_that_has_not_served_and_a_degraded_request_is_covered(
+    store: Store,
+) -> None:
+    """A deployment with no measured rate is reserved (and charged) at its prior: its held $/h,
+    watts and grid intensity over `prior_tokens_per_s`, never at zero. A request degraded to
+    such a candidate after its reservation is reserved again at that worst case (its first
+    reservation given back), so the overshoot bound holds."""
+    from tests.test_router_choose import cand
+    from wattops.router.billing.charging import Caller, Charging, prior, worst_tokens
+    from wattops.router.billing.money import Rates, charge
+
+    priced = cand("edge/chat", usd_per_1m=2.0)
+    fresh = cand("new/chat", usd_per_1m=None, j_per_token=None, gco2e_per_1m=None,
+                 usd_per_hour=3.6, held_watts=50.0, grid_gco2e_per_kwh=400.0)  # fmt: skip
+    every = {c.key: c for c in (priced, fresh)}
+    charging = Charging(book(store, TEAM_DAY.model_copy(update={"limit": 1e6})), None, 256,
+                        prior_tokens_per_s=10.0)  # fmt: skip
+    # $3.6/h over 10 tokens a second: $100 per 1M tokens; 50 W / 10 tok/s: 5 J a token.
+    assert prior(fresh, 10.0) == Rates.of(100.0, 100.0, 5.0, 5.0 / 3.6e6 * 400.0 * 1e6)
+    assert charging.rates([fresh], every) == prior(fresh, 10.0)
+    body = {"messages": [{"role": "user", "content": "hello"}], "max_tokens": 50}
+    prompt, completion = worst_tokens(body, 256)
+    caller = Caller(KeyRecord(id="k1", team="ml", name="n", created_at=0.0, salt="s",
+                              secret_hash="h"))  # fmt: skip
+    ticket = charging.ticket(caller, "chat", every)
+
+    async def degraded() -> None:
+        await charging.admit(ticket, body, [priced], every)
+        assert ticket.admission is not None
+        first = ticket.admission.reserved
+        assert first == charge(prompt, completion, charging.rates([priced], every))
+        await charging.readmit(ticket, body, [fresh], every)  # may cost more: reserved again
+        assert ticket.admission.reserved == charge(prompt, completion, prior(fresh, 10.0))
+        assert ticket.admission.reserved.nusd > first.nusd > 0
+
+    asyncio.run(degraded())
+    (standing,) = charging.book.standings()
+    assert standing.reserved == ticket.admission.reserved.nusd  # the first one given back

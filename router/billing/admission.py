@@ -134,6 +134,9 @@ class Admission:
     #: What was added to each budget's reservations (given back exactly, whatever becomes of
     #: the budget meanwhile).
     held: dict[str, int] = field(default_factory=dict)
+    #: The first covering budget past its degrade threshold when it was let in (found with
+    #: the reservation: one round trip on Redis), if any.
+    degrading: Standing | None = None
 
 
 class Book(Protocol):
@@ -293,15 +296,14 @@ class BudgetBook:
         """Let the request in and reserve `worst`; BudgetExceeded naming the budget if over."""
         now = self.clock()
         covering = self.covering(key_id, team, route)
-        for budget in covering:
-            s = self.standing(budget, now)
-            if s.over:
-                raise BudgetExceeded(s, now)
+        over, degrading = verdict(self.standing(b, now) for b in covering)
+        if over is not None:
+            raise BudgetExceeded(over, now)
         held = {b.name: worst.of(b.unit) for b in covering}
         for name, amount in held.items():
             self._reserved[name] = self._reserved.get(name, 0) + amount
         admission = Admission(request_id, key_id, team, route, worst, list(held), degraded_by,
-                              held=held)  # fmt: skip
+                              held=held, degrading=degrading)  # fmt: skip
         self.in_flight[request_id] = admission
         return admission
 

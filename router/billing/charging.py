@@ -411,38 +411,22 @@ class Charging:
                           f"({kind}; this request counts {cost}); retry in {wait} s",
                           {"Retry-After": str(wait)})  # fmt: skip
 
-    async def check(self, ticket: Ticket) -> Standing | None:
-        """The budget that degrades this request, if any; Refusal 429 if one is over."""
-        c = ticket.caller
-        if ticket.unmetered:
-            return None
-        try:
-            over, degrading = await self.book.acheck(c.key_id, c.team, ticket.route)
-        except self.store_errors as exc:
-            self._store_failed(exc)
-            ticket.unmetered = True
-            return None
-        if over is not None:
-            raise self._refusal(over)
-        return degrading
-
     async def admit(self, ticket: Ticket, body: Mapping[str, Any], candidates: list[Candidate],
-                    every: Mapping[str, Candidate], cascade: bool = False) -> None:  # fmt: skip
-        """Reserve the request's worst case on every budget that covers it (Refusal 429).
+                    every: Mapping[str, Candidate], cascade: bool = False
+                    ) -> Standing | None:  # fmt: skip
+        """Check the budgets that cover the request and reserve its worst case on each, in
+        one step (one script on Redis): Refusal 429 if one is over; else the first that is
+        past its degrade threshold, if any (the caller sends the request to a cheaper
+        candidate and calls `readmit`).
 
-        One answer, at the highest rates among `candidates` (whichever serves it, falling back
-        costs nothing: a candidate that failed computed no answer); with `cascade`, every
-        candidate may compute an answer before a surer one is asked, and each is charged, so
-        the worst case is their sum."""
+        The worst case is one answer at the highest rates among `candidates` (whichever
+        serves it, falling back costs nothing: a candidate that failed computed no answer);
+        with `cascade`, every candidate may compute an answer before a surer one is asked, and
+        each is charged, so it is their sum."""
         c = ticket.caller
         if ticket.unmetered or not self.book.may_cover(c.key_id, c.team, ticket.route):
-            return
-        prompt, completion = worst_tokens(body, self.default_max_tokens)
-        if cascade and len(candidates) > 1:
-            worst = Amounts.total(charge(prompt, completion, self.rates([one], every))
-                                  for one in candidates)  # fmt: skip
-        else:
-            worst = charge(prompt, completion, self.rates(candidates, every))
+            return None
+        worst = self._worst(body, candidates, every, cascade)
         try:
             ticket.admission = await self.book.aadmit(ticket.request_id, c.key_id, c.team,
                                                       ticket.route, worst)  # fmt: skip
@@ -451,6 +435,32 @@ class Charging:
         except self.store_errors as exc:
             self._store_failed(exc)
             ticket.unmetered = True
+            return None
+        return ticket.admission.degrading
+
+    async def readmit(self, ticket: Ticket, body: Mapping[str, Any], candidates: list[Candidate],
+                      every: Mapping[str, Candidate], cascade: bool = False) -> None:  # fmt: skip
+        """The request now goes to `candidates` (degraded): if they may cost more than it
+        reserved (a cheaper candidate not priced yet, at its prior), reserve again at their
+        worst case, refused like any other; otherwise the reservation stands."""
+        held = ticket.admission
+        if held is None:
+            return
+        worst = self._worst(body, candidates, every, cascade)
+        r = held.reserved
+        if worst.nusd <= r.nusd and worst.mj <= r.mj and worst.ug <= r.ug:
+            return
+        await self.release(ticket)
+        ticket.request_id += "-r"  # a reservation of its own
+        await self.admit(ticket, body, candidates, every, cascade)
+
+    def _worst(self, body: Mapping[str, Any], candidates: list[Candidate],
+               every: Mapping[str, Candidate], cascade: bool) -> Amounts:  # fmt: skip
+        prompt, completion = worst_tokens(body, self.default_max_tokens)
+        if cascade and len(candidates) > 1:
+            return Amounts.total(charge(prompt, completion, self.rates([one], every))
+                                 for one in candidates)  # fmt: skip
+        return charge(prompt, completion, self.rates(candidates, every))
 
     def rates(self, candidates: list[Candidate], every: Mapping[str, Candidate]) -> Rates:
         """The highest rates among `candidates`: each one's measured rates, its prior where

@@ -131,12 +131,18 @@ return out
 _RESERVE = (
     _PRELUDE
     + """
-local found = {}
+local found, degrading = {}, {}
 for _, name in ipairs(covering(ARGV[2], ARGV[3], ARGV[4])) do
   local s = stand(name)
   if s then
     if s.spent + s.reserved >= s.limit then return {'over', row(name, s)} end
     found[#found + 1] = {name, s}
+    -- The first budget past its degrade threshold (as admission.py's `verdict`): the
+    -- request goes to a cheaper candidate; found in the same round trip as the reservation.
+    if #degrading == 0 and s.b.degrade_at ~= nil and s.b.degrade_at ~= cjson.null
+        and s.spent + s.reserved >= tonumber(s.b.degrade_at) * s.limit then
+      degrading = row(name, s)
+    end
   end
 end
 local worst = {usd = ARGV[13], kwh = ARGV[14], kgco2e = ARGV[15]}
@@ -150,7 +156,7 @@ end
 if #names > 0 then
   redis.call('HSET', P .. 'inflight:' .. ARGV[11], ARGV[12], cjson.encode(held))
 end
-return {'ok', names}
+return {'ok', names, degrading}
 """
 )
 
@@ -417,11 +423,13 @@ class SharedBudgetBook:
     def _admitted(self, reply: list[Any], request_id: str, key_id: str | None, team: str | None,
                   route: str | None, worst: Amounts, now: float,
                   degraded_by: Budget | None = None) -> Admission:  # fmt: skip
-        verdict, found = reply
+        verdict, found, *degrading = reply
         if verdict == b"over":
             raise BudgetExceeded(self._standing(found, now), now)
         names = [n.decode() for n in found]
         admission = Admission(request_id, key_id, team, route, worst, names, degraded_by)
+        if degrading and degrading[0]:
+            admission.degrading = self._standing(degrading[0], now)
         if names:
             self.in_flight[request_id] = admission
         else:
