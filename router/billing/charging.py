@@ -269,14 +269,13 @@ class Charging:
                 required = self._had_keys
             parsed = self._parsed(authorization, required)
             record = await self.ledger.akey(parsed[0]) if parsed else None
-            caller = self._caller(parsed, record)
         except self.store_errors as exc:
             self._store_failed(exc)
             return self._unchecked(authorization)
         self._store_ok()
-        if caller.key is not None:
-            self._verified[caller.key.id] = caller.key
-        return caller
+        if record is not None:  # as the store has it now: revoked ones too, so they stay so
+            self._verified[record.id] = record
+        return self._caller(parsed, record)
 
     def _unchecked(self, authorization: str | None) -> Caller:
         """The caller as far as this router can tell with its store out: a key it verified
