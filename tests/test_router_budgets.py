@@ -5,11 +5,13 @@ consistent ledger after kill -9 of the router mid-load."""
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import json
 import os
 import re
 import signal
+import socket
 import sqlite3
 import subprocess
 import sys
@@ -821,19 +823,58 @@ def test_redis_killed_mid_load_loses_no_answered_row(
         redis.wait(10)
 
 
+class _SlowProxy:
+    """A TCP proxy in front of Redis that holds every reply for `delay` seconds (0 to pass
+    them straight on): a store far away, or a slow one, for every call the router makes."""
+
+    def __init__(self, target_port: int) -> None:
+        self.target_port = target_port
+        self.delay = 0.0
+        self.server = socket.create_server(("127.0.0.1", 0))
+        self.port = self.server.getsockname()[1]
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                client, _ = self.server.accept()
+            except OSError:
+                return
+            upstream = socket.create_connection(("127.0.0.1", self.target_port))
+            threading.Thread(target=self._pipe, args=(client, upstream, False), daemon=True).start()
+            threading.Thread(target=self._pipe, args=(upstream, client, True), daemon=True).start()
+
+    def _pipe(self, src: socket.socket, dst: socket.socket, reply: bool) -> None:
+        try:
+            while data := src.recv(65536):
+                if reply and self.delay:
+                    time.sleep(self.delay)
+                dst.sendall(data)
+        except OSError:
+            pass
+        finally:
+            for sock in (src, dst):
+                with contextlib.suppress(OSError):
+                    sock.shutdown(socket.SHUT_RDWR)
+
+    def close(self) -> None:
+        self.server.close()
+
+
 def test_a_slow_redis_never_holds_the_event_loop(
     make_router: Callable[..., RouterProc], two_nodes: tuple[Agent, Agent], tmp_path: Path
 ) -> None:
-    """The Redis store's calls are awaited (redis.asyncio), never made on the event loop: with
-    Redis asleep for 1.5 s (`DEBUG SLEEP`) in the middle of a keyed request, the router goes on
-    answering what needs no store, and asyncio's debug mode (which logs every callback that
-    holds the loop longer than `slow_callback_duration`) logs none that held it for a second.
-    With the synchronous client of before, the keyed request held the loop for the whole
-    sleep: the other answer came after it, and the log said `Executing <Task ...> took 1.5
-    seconds`."""
+    """The Redis store's calls on a request's path are awaited (redis.asyncio), never made on
+    the event loop: with every Redis reply held 0.4 s (a proxy in between), a keyed request
+    takes its round trips' time while the router answers what needs no store at once, and
+    asyncio's debug mode (which logs every callback that holds the loop longer than
+    `slow_callback_duration`) logs none that held it for 0.3 s. A blocking call anywhere on
+    that path (tried: the reservation on the synchronous client) holds the loop for a reply's
+    0.4 s, and the log says `Executing <Task ...> took 0.4 seconds`."""
     port = free_port()
-    redis = _redis_server(port, tmp_path, "--appendonly", "no", "--enable-debug-command", "yes")
-    store = f"redis://127.0.0.1:{port}/0"
+    redis = _redis_server(port, tmp_path, "--appendonly", "no")
+    proxy = _SlowProxy(port)
+    store = f"redis://127.0.0.1:{proxy.port}/0"
     router = make_router(list(two_nodes), [CHAT], store=store, token=ADMIN, start=False)
     router.env = {"PYTHONASYNCIODEBUG": "1"}
     router.start()
@@ -850,23 +891,22 @@ def test_a_slow_redis_never_holds_the_event_loop(
             assert router.ask(headers=auth).status_code == 200
             finished.append("keyed")
 
-        sleeper = subprocess.Popen(["redis-cli", "-p", str(port), "DEBUG", "SLEEP", "1.5"],
-                                   stdout=subprocess.DEVNULL)  # fmt: skip
-        time.sleep(0.2)  # Redis is asleep: the keyed request's first call waits for it
+        proxy.delay = 0.4
         asker = threading.Thread(target=keyed)
         asker.start()
-        time.sleep(0.2)
-        models = router.client.get("/v1/models")  # no store: answered while Redis sleeps
+        time.sleep(0.2)  # the keyed request is waiting on its first reply
+        models = router.client.get("/v1/models")  # no store: answered meanwhile
         assert models.status_code == 200
         finished.append("models")
-        asker.join(30)
-        sleeper.wait(10)
+        asker.join(60)
+        proxy.delay = 0.0
         assert finished == ["models", "keyed"], finished
         with log.open("rb") as f:
             f.seek(before)
             written = f.read().decode(errors="replace")
         held = re.findall(r"Executing .* took (\d+\.\d+) seconds", written)
-        assert not [s for s in held if float(s) >= 1.0], written[-3000:]
+        assert not [s for s in held if float(s) >= 0.3], written[-3000:]
     finally:
+        proxy.close()
         redis.terminate()
         redis.wait(10)
