@@ -34,11 +34,11 @@ Durability is Redis's: run it with `appendonly yes` (`appendfsync everysec` lose
 second of rows on a power cut; `always` nothing). The scripts name keys they compute, so this
 needs one Redis 7 or later (or a replicated primary), not Redis Cluster.
 
-A request's steps (key, check, reserve, settle, release) and the heartbeat go through
+A request's steps (key, check and reserve, settle, release) and the heartbeat go through
 redis.asyncio (`adb`): a round trip never holds the router's event loop, so other requests
-and streams go on while it is out (tests/test_router_budgets.py proves it with asyncio's debug
-mode, every Redis reply held 0.4 s by a proxy). Control calls (keys and budgets made or changed, reports,
-`wattops ledger verify`) use the synchronous client (`db`).
+and streams go on while it is out (tests/test_router_budgets.py proves it with asyncio's
+debug mode, every Redis reply held 0.4 s by a proxy). Control calls (keys and budgets made
+or changed, reports, `wattops ledger verify`) use the synchronous client (`db`).
 """
 
 from __future__ import annotations
