@@ -106,7 +106,13 @@ class Soak:
         config.write_text(f'[router]\nlisten = "127.0.0.1:{port}"\nstate_dir = '
                           f'"{self.folder}/router"\n\n{agents}[[routes]]\nname = "chat"\n'
                           'candidates = ["*/tiny"]\nreference = "soak-a/tiny"\n'
-                          'policy = "fastest"\n')  # fmt: skip
+                          'policy = "fastest"\n\n'
+                          # Budgets far from their limits: every answer is reserved and
+                          # counted, and `wattops ledger verify` re-adds their windows.
+                          '[[budgets]]\nname = "fleet-hour"\nscope = "fleet"\nunit = "usd"\n'
+                          'window = "hour"\nlimit = 1000000.0\n\n'
+                          '[[budgets]]\nname = "route-kwh"\nscope = "route"\nsubject = "chat"\n'
+                          'unit = "kwh"\nwindow = "day"\nlimit = 1000000.0\n')  # fmt: skip
         argv = [str(Path(sys.executable).with_name("wattops-router")), "--config", str(config)]
         self.started.append(launch("router", argv, self.folder / "router.log"))
         url = f"http://127.0.0.1:{port}"
