@@ -95,7 +95,7 @@ def _verify_cli(router: Routers, at_rest: bool = False) -> subprocess.CompletedP
                           text=True, timeout=120, env=env)  # fmt: skip
 
 
-def _priced(router: Routers, ask: Callable[[], httpx.Response]) -> None:
+def _priced(router: Routers, ask: Callable[[], httpx.Response], route: str = "chat") -> None:
     """Send requests until a candidate of the route has a price (its agent's accounting
     window has seen its tokens): budgets reserve and charge at those prices."""
 
@@ -103,7 +103,7 @@ def _priced(router: Routers, ask: Callable[[], httpx.Response]) -> None:
 
     def priced() -> bool:
         ask()
-        return all(any(c["usd_per_1m_tokens"] for c in r.route("chat")["candidates"])
+        return all(any(c["usd_per_1m_tokens"] for c in r.route(route)["candidates"])
                    for r in each)  # fmt: skip
 
     wait_for(priced, 60, "the candidates' prices")
@@ -374,6 +374,67 @@ def test_overshoot_is_bounded_by_the_reservations_in_flight(
     standing = _standing(router, "tight")
     assert standing["reserved"] == 0.0
     assert one / 4 <= standing["spent"] <= 2 * one
+
+
+# Alone (tests/conftest.py), as the test above: it prices answers against one measured a
+# moment before.
+@pytest.mark.alone
+def test_many_clients_at_a_limit_that_admits_several_requests(
+    make_routers: Callable[..., Routers], two_nodes: tuple[Agent, Agent]
+) -> None:
+    """32 clients, 96 requests, a limit of about four answers: several are served, then every
+    one is refused; the budget holds exactly what the ledger's rows add up to; and spend passed
+    the limit by less than one request's reservation. One candidate, so that a reservation is
+    known from the rows: its bound of tokens (the prompt's bound plus max_tokens) at the
+    rate its row was charged at, the highest of the rows, plus a quarter for rates that moved
+    between requests. Without reservations every request in flight passes the check while
+    spend is below the limit (tried: the test fails then)."""
+    from wattops.router.billing.charging import worst_tokens
+    from wattops.router.billing.money import to_units
+
+    cloud = {**CHAT, "name": "cloud", "candidates": ["cloud/*"]}
+    router = make_routers(list(two_nodes), [cloud], token=ADMIN)
+    _priced(router, lambda: router.ask("cloud"), "cloud")
+    auth = _fresh(router, name="probe", limit=1e6)
+    assert router.ask("cloud", headers=auth, max_tokens=64).status_code == 200
+    one = float(_standing(router, "probe")["spent"])
+    made = _create_key(router)
+    limit = 4 * one
+    _budget(router, name="several", scope="key", subject=made["id"], limit=limit)
+    auth = {"Authorization": f"Bearer {made['key']}"}
+    # Long enough answers that many are in flight at once (the test model: about 400 a second
+    # here), as they would be when spend crosses a limit in production.
+    body = {"model": "cloud", "messages": [{"role": "user", "content": "hello there"}],
+            "max_tokens": 64, "temperature": 0.7}  # fmt: skip
+
+    # Each client connected first, then all at once past a barrier: 32 requests arrive
+    # together (threads started one by one would trickle in over this machine's 2 cores).
+    clients = [httpx.Client(base_url=router.url, timeout=120) for _ in range(32)]
+    for c in clients:
+        assert c.get("/healthz").status_code == 200
+    together = threading.Barrier(32)
+
+    def ask(c: httpx.Client) -> list[int]:
+        together.wait(30)
+        return [c.post("/v1/chat/completions", json=body, headers=auth).status_code
+                for _ in range(3)]  # fmt: skip
+
+    with ThreadPoolExecutor(32) as pool:
+        statuses = [s for each in pool.map(ask, clients) for s in each]
+    for c in clients:
+        c.close()
+    assert set(statuses) <= {200, 429}
+    served = statuses.count(200)
+    assert 2 <= served < 96 and 429 in statuses, statuses
+    rows = [e for e in _ledger(router) if e.key_id == made["id"]]
+    assert sorted(e.status for e in rows) == [200] * served  # refusals are not charged
+    standing = _standing(router, "several")
+    assert standing["reserved_units"] == 0
+    assert standing["spent_units"] == sum(e.cost_nusd for e in rows)  # to the nano-dollar
+    bound = sum(worst_tokens(body, 256))
+    reservation = max(e.cost_nusd * bound / (e.prompt_tokens + e.completion_tokens) for e in rows)
+    assert standing["spent_units"] < to_units(limit, "usd") + 1.25 * reservation, (
+        standing, reservation, served)  # fmt: skip
 
 
 def test_kill_9_of_the_router_mid_load_leaves_a_consistent_ledger(
