@@ -13,6 +13,7 @@ and dependency machinery entirely.
 from __future__ import annotations
 
 import logging
+import re
 import time
 from collections.abc import AsyncIterator, Callable, Mapping
 from typing import Any
@@ -233,6 +234,8 @@ class _Relay:
         self.finished = False
         #: Seconds to the first chunk (the time to first token a streaming client sees).
         self.ttft_s: float | None = None
+        #: The answer's tokens, from the engine's usage chunk when the stream carries one.
+        self.tokens: int | None = None
 
     async def chunks(self) -> AsyncIterator[bytes]:
         """The upstream's chunks as they come."""
@@ -242,6 +245,10 @@ class _Relay:
                 self.ttft_s = time.perf_counter() - self.started
             if self.kept is not None:
                 self.kept.append(chunk)
+            if b'"total_tokens"' in chunk:
+                found = _TOTAL_TOKENS.search(chunk)
+                if found:
+                    self.tokens = int(found.group(1))
             tail = (tail + chunk)[-32:]
             if not self.complete and tail.rstrip().endswith(b"data: [DONE]"):
                 # Whole: answered (not an error) and cached before its last bytes go out, so
@@ -249,6 +256,7 @@ class _Relay:
                 # repeats the request at once gets a hit.
                 self.complete = True
                 self._store()
+                chunk = self._estimated(chunk)
             yield chunk
         if not self.complete:
             self.complete = True  # the engine ended the stream (without [DONE]: not cached)
@@ -266,6 +274,23 @@ class _Relay:
         )  # fmt: skip
         if self.complete and self.deployment.canary is not None:
             self.deployment.shadow(self.endpoint, self.body)
+
+    def _estimated(self, chunk: bytes) -> bytes:
+        """The chunk with `[DONE]`, an SSE comment before it giving the answer's estimated
+        energy and cost (the `X-Wattops-Est-*` headers of an unstreamed answer: a stream's
+        headers leave before its tokens exist). Comments are ignored by SSE clients (the
+        `openai` SDK's included). Only from the engine's own usage (`stream_options.
+        include_usage`, which the router always asks for): without it, no line."""
+        per_token = self.deployment.per_token
+        at = chunk.rfind(b"data: [DONE]")
+        if per_token is None or self.tokens is None or at < 0:
+            return chunk
+        joules, usd = per_token
+        line = (
+            f": wattops est_energy_j={joules * self.tokens:.6g} "
+            f"est_cost_usd={usd * self.tokens:.6g} tokens={self.tokens}\n\n"
+        ).encode()
+        return chunk[:at] + line + chunk[at:]
 
     def _store(self) -> None:
         """Cache the answer if it ended properly."""
@@ -294,6 +319,9 @@ class _RelayResponse(StreamingResponse):
         finally:
             self._on_close()
 
+
+#: The total of an engine's usage chunk.
+_TOTAL_TOKENS = re.compile(rb'"total_tokens"\s*:\s*(\d+)')
 
 #: A cache hit runs no engine: its marginal energy and cost are taken as zero.
 _HIT_HEADERS = {"X-Cache": "hit", "X-Wattops-Est-Energy-J": "0", "X-Wattops-Est-Cost-USD": "0"}

@@ -4,6 +4,7 @@ parking advice, per-answer estimates, history, and counters across a kill -9."""
 from __future__ import annotations
 
 import itertools
+import json
 import os
 import shutil
 import signal
@@ -199,6 +200,22 @@ def test_answers_carry_estimated_energy_and_cost(agent: Agent) -> None:
     # tokens x the deployment's recent J/token (which may have moved on by a tick since).
     assert energy / tokens == pytest.approx(figures["j_per_token"], rel=0.5)
     assert float(resp.headers["x-wattops-est-cost-usd"]) > 0
+    # A stream's headers leave before its tokens exist: its estimate is an SSE comment before
+    # [DONE], from the engine's usage chunk (which clients' SSE parsers skip).
+    body = {"model": "tiny", "max_tokens": 8, "temperature": 0.5, "stream": True,
+            "stream_options": {"include_usage": True},
+            "messages": [{"role": "user", "content": "and this stream?"}]}  # fmt: skip
+    with agent.client.stream("POST", "/v1/chat/completions", json=body) as streamed:
+        lines = [line for line in streamed.iter_lines() if line]
+    assert lines[-1] == "data: [DONE]"
+    (comment,) = [line for line in lines if line.startswith(": wattops ")]
+    assert lines.index(comment) == len(lines) - 2
+    fields = dict(part.split("=") for part in comment.removeprefix(": wattops ").split())
+    usage = json.loads(lines[-3].removeprefix("data: "))["usage"]
+    assert int(fields["tokens"]) == usage["total_tokens"]
+    assert float(fields["est_energy_j"]) / usage["total_tokens"] == pytest.approx(
+        agent.deployment()["accounting"]["figures"]["j_per_token"], rel=0.5)  # fmt: skip
+    assert float(fields["est_cost_usd"]) > 0
     agent.chat("cached", temperature=0)
     hit = agent.chat("cached", temperature=0)
     assert hit.headers["x-cache"] == "hit"
