@@ -195,16 +195,6 @@ class Charging:
             if budget.name not in self.book.budgets:
                 self.book.put(budget)
 
-    # -- keys ------------------------------------------------------------------------------
-
-    @property
-    def keys_required(self) -> bool:
-        """Keys are required when the config says so, or (unset) once any key exists."""
-        if self.require_keys_setting is not None:
-            return self.require_keys_setting
-        self._had_keys = self._had_keys or bool(self.ledger.has_keys())
-        return self._had_keys
-
     # -- the store unreachable -------------------------------------------------------------
 
     def _skip_store(self) -> bool:
@@ -249,6 +239,8 @@ class Charging:
                     "served unmetered", time.time() - outage.since, outage.unmetered)  # fmt: skip
         if self.on_outage is not None:
             self.on_outage("ended", outage)
+
+    # -- keys ------------------------------------------------------------------------------
 
     def key_record(self, key_id: str) -> KeyRecord | None:
         return self.ledger.key(key_id)
@@ -366,9 +358,6 @@ class Charging:
                           window_start=s.window_start, resets_at=s.resets_at, state=state,
                           counted_in=COUNTED_IN[b.unit], limit_units=s.limit,
                           spent_units=s.spent, reserved_units=s.reserved)  # fmt: skip
-
-    def budget_views(self) -> list[BudgetView]:
-        return [self.budget_view(s) for s in self.book.standings()]
 
     async def abudget_views(self) -> list[BudgetView]:
         """Every budget where it stands (kept for the metrics, which are read without an

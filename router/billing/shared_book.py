@@ -439,8 +439,7 @@ class SharedBudgetBook:
     def release(self, admission: Admission) -> None:
         if admission.done:
             return
-        admission.done = True
-        self.in_flight.pop(admission.request_id, None)
+        self._settled(admission)
         self._release(args=[self.prefix, self.router_id, admission.request_id])
 
     def settle(self, admission: Admission | None, entry: Entry) -> None:
@@ -461,6 +460,7 @@ class SharedBudgetBook:
                 entry.carbon_ug, entry.json(), SEEN_S, KEEP_S, repr(now)]  # fmt: skip
 
     def _settled(self, admission: Admission | None) -> None:
+        """The admission is over here (its reservation is the script's to give back)."""
         if admission is not None:
             admission.done = True
             self.in_flight.pop(admission.request_id, None)
@@ -484,8 +484,7 @@ class SharedBudgetBook:
     async def arelease(self, admission: Admission) -> None:
         if admission.done:
             return
-        admission.done = True
-        self.in_flight.pop(admission.request_id, None)
+        self._settled(admission)
         await self._a_release(args=[self.prefix, self.router_id, admission.request_id])
 
     async def asettle(self, admission: Admission | None, entry: Entry) -> None:
