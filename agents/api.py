@@ -121,14 +121,38 @@ class CanarySide(_Model):
     streamed: int = Field(0, description="streamed live requests, which the TTFT figures are of")
 
 
+#: The canary's quality guards' defaults (chosen from SmolLM2's figures, docs/benchmarks.md).
+DEFAULT_MAX_ACCURACY_DROP = 1.5
+DEFAULT_PROBES = 200
+DEFAULT_MAX_KL = 0.1
+
+
 class CanaryGuards(_Model):
     """What a candidate must show to be promoted (each optional; defaults in brackets)."""
 
     model_config = ConfigDict(extra="forbid", strict=True)
 
-    min_agreement: float = Field(
-        0.9, ge=0, le=1, description="greedy answer agreement (exact match) on shadowed pairs "
-        "[0.9, the quality floor of `wattops quality`]",
+    max_accuracy_drop: float | None = Field(
+        DEFAULT_MAX_ACCURACY_DROP, ge=0, le=100, description="points of task accuracy the "
+        "candidate may lose against the serving precision on the labelled probes (paired, same "
+        f"items) [{DEFAULT_MAX_ACCURACY_DROP:g}]",
+    )  # fmt: skip
+    accuracy_verdict: Literal["point", "bound"] = Field(
+        "point", description="how max_accuracy_drop reads the drop's 95% interval: its point "
+        "estimate, or its upper bound (non-inferiority) [point]",
+    )  # fmt: skip
+    probes: int = Field(
+        DEFAULT_PROBES, ge=0, le=10000, description="labelled items asked of both sides while "
+        f"the candidate is idle; all must be answered to decide (0: none) [{DEFAULT_PROBES}]",
+    )  # fmt: skip
+    max_kl: float | None = Field(
+        DEFAULT_MAX_KL, ge=0, description="mean KL(serving || candidate) per token, nats, over "
+        "the shadowed pairs' and probes' shared greedy prefixes "
+        f"[{DEFAULT_MAX_KL:g}]",
+    )  # fmt: skip
+    min_agreement: float | None = Field(
+        None, ge=0, le=1, description="greedy answer agreement (exact match) on shadowed pairs: "
+        "consistency with the serving precision's wording, not correctness [off]",
     )  # fmt: skip
     max_p95_change: float | None = Field(
         0.10, ge=-1, description="p95 latency change allowed, a fraction (0.10: 10% worse) [0.10]"
@@ -175,6 +199,15 @@ class CanaryStatus(_Model):
         "first differing token), from the top-10 alternatives each side gives",
     )  # fmt: skip
     kl_tokens: int = Field(0, description="token positions the KL is the mean of")
+    probes: int = Field(0, description="labelled probes answered by both sides")
+    probes_planned: int = Field(0, description="labelled probes to ask")
+    accuracy_serving: float | None = Field(None, description="share of probes right, serving")
+    accuracy_candidate: float | None = Field(None, description="share of probes right, candidate")
+    accuracy_drop: float | None = Field(
+        None, description="points of accuracy the candidate loses on the probes (paired)"
+    )
+    accuracy_drop_low: float | None = Field(None, description="its 95% interval, low (points)")
+    accuracy_drop_high: float | None = Field(None, description="its 95% interval, high (points)")
     j_per_token_change: float | None = Field(None, description="candidate vs serving, a fraction")
     p95_change: float | None = Field(None, description="candidate vs serving, a fraction")
     verdict: str | None = Field(None, description="the decision and why, once made")

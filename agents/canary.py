@@ -11,6 +11,15 @@ discarded; they run one at a time and only while the candidate is idle (its live
 wait behind one), the serving side answering on its least busy replica, where a live request
 may wait for at most one short greedy answer.
 
+**Labelled probes**: while the candidate is idle, the canary also asks both sides `probes`
+items of the shipped labelled set (`wattops.quality.labelled.probe_sample`: the same items,
+in the same order, every time), one at a time, greedily, as `wattops quality` asks them, and
+scores each answer right or wrong. The paired result (the same items on both sides) gives the
+accuracy the candidate loses, with its 95% interval (Agresti-Min, `wattops.quality.intervals`);
+their shared greedy prefixes add to the KL. Probes check that the candidate *as deployed*
+answers as well as the serving precision, on questions whose answers are known; shadowed live
+requests have no known answer, only agreement.
+
 Both sides are measured on the same node over the same window, the way the accounting counts:
 
 - J/token: the deployment's active energy over the window, split between the sides by their
@@ -21,15 +30,15 @@ Both sides are measured on the same node over the same window, the way the accou
 - latency p50/p95 of the live requests each side answered.
 
 When the window ends, the guards decide (each optional, `api.CanaryGuards`): too few shadowed
-pairs (`min_pairs`), or too few live requests on either side to compare latency
-(`MIN_SIDE_REQUESTS`), is **inconclusive** and rolls back, never a silent promote; otherwise
-every guard must hold (`min_agreement`, `max_p95_change`, `max_j_per_token_change`) for a
+pairs (`min_pairs`), probes not all answered, no KL measured while `max_kl` is set, or too few
+live requests on either side to compare latency (`MIN_SIDE_REQUESTS`), is **inconclusive** and
+rolls back, never a silent promote; otherwise every guard must hold (`max_accuracy_drop` on the
+probes, `max_kl`, `min_agreement` when set, `max_p95_change`, `max_j_per_token_change`) for a
 **promote** (the zero-downtime switch, adopting the candidate replica), else **rolled back**
 (the candidate is drained and stopped; clients see no change). A candidate that crashes or
 fails more than `MAX_ERROR_RATE` of its requests (after 5) rolls back at once. The verdict and
-every figure stay in the deployment's status until the next canary. Not measured yet: time to
-first token, and the teacher-forced KL on a sample of live prompts (`wattops quality` has KL
-against the evaluation prompts).
+every figure, each guard's with its interval where it has one, stay in the deployment's status
+until the next canary.
 """
 
 from __future__ import annotations
@@ -43,6 +52,8 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Literal
 
 from wattops.agents.api import CanaryRequest, CanarySide, CanaryStatus, ReplicaState
+from wattops.quality.intervals import PairedDrop, paired_drop
+from wattops.quality.labelled import LabelledItem, probe_sample
 from wattops.vocabulary.agreement import AnswerAgreement, agreement
 
 if TYPE_CHECKING:
@@ -189,6 +200,11 @@ class Canary:
         self.pairs: list[tuple[str, str]] = []
         #: KL per token position over the pairs' shared greedy prefixes (shared_prefix_kl).
         self.kl: list[float] = []
+        #: The labelled probes to ask, and (serving right, candidate right) for each answered.
+        self.probe_items: tuple[LabelledItem, ...] = probe_sample(spec.guards.probes)
+        self.probed: list[tuple[bool, bool]] = []
+        #: Probes whose request failed on either side (skipped: counted, not scored).
+        self.probes_failed = 0
         self.shadowing = False
         self._credit = 0.0
         self._shadow_credit = 0.0
@@ -260,6 +276,26 @@ class Canary:
         self.pairs.append((serving_answer, candidate_answer))
         self.kl.extend(kl or ())
 
+    def add_probe(self, serving_right: bool, candidate_right: bool,
+                  kl: list[float] | None = None) -> None:  # fmt: skip
+        self.probed.append((serving_right, candidate_right))
+        self.kl.extend(kl or ())
+
+    def next_probe(self) -> LabelledItem | None:
+        """The next labelled item to ask both sides, None when all have been."""
+        done = len(self.probed) + self.probes_failed
+        return self.probe_items[done] if done < len(self.probe_items) else None
+
+    def probe_due(self, index: int) -> float:
+        """When (monotonic) probe `index` may start: evenly over the first 80% of the window."""
+        spacing = 0.8 * self.spec.duration_s / max(1, len(self.probe_items))
+        return self.started + index * spacing
+
+    def probe_drop(self) -> PairedDrop | None:
+        if not self.probed:
+            return None
+        return paired_drop([s for s, _ in self.probed], [c for _, c in self.probed])
+
     def due(self) -> bool:
         return self.running and time.monotonic() - self.started >= self.spec.duration_s
 
@@ -311,6 +347,7 @@ class Canary:
         c_side, _, _ = self._side(self.target, self.candidate, self.replicas, now, energy,
                                   busy_all)  # fmt: skip
         found = self._agreement()
+        drop = self.probe_drop()
         status = CanaryStatus(
             precision=self.target, share=self.spec.share, duration_s=self.spec.duration_s,
             started_at=self.started_wall,
@@ -319,6 +356,13 @@ class Canary:
             pairs=len(self.pairs), agreement=found.exact_match if found else None,
             chrf=found.chrf if found else None,
             kl_mean=statistics.fmean(self.kl) if self.kl else None, kl_tokens=len(self.kl),
+            probes=len(self.probed), probes_planned=len(self.probe_items),
+            accuracy_serving=(drop.both_right + drop.reference_only) / drop.items if drop else None,
+            accuracy_candidate=(drop.both_right + drop.candidate_only) / drop.items
+            if drop else None,
+            accuracy_drop=drop.drop.estimate * 100 if drop else None,
+            accuracy_drop_low=drop.drop.low * 100 if drop else None,
+            accuracy_drop_high=drop.drop.high * 100 if drop else None,
             j_per_token_change=_change(c_side.j_per_token, s_side.j_per_token),
             p95_change=_change(c_side.latency_p95_s, s_side.latency_p95_s),
             verdict=self.verdict, ended_at=self.ended_wall,
@@ -335,11 +379,20 @@ class Canary:
         return self._scored
 
     def decide(self, figures: CanaryStatus) -> tuple[State, str]:
-        """Promote, roll back or inconclusive, with the reason in words and figures."""
+        """Promote, roll back or inconclusive, with the reason in words and figures: every
+        guard's figure, with its interval where it has one."""
         g = self.spec.guards
         if figures.pairs < g.min_pairs:
             return "inconclusive", (f"inconclusive: {figures.pairs} shadowed pairs, need "
                                     f"{g.min_pairs}; rolled back")  # fmt: skip
+        if g.max_accuracy_drop is not None and figures.probes < figures.probes_planned:
+            return "inconclusive", (
+                f"inconclusive: {figures.probes} of {figures.probes_planned} labelled probes "
+                f"answered by both sides ({self.probes_failed} failed); rolled back"
+            )
+        if g.max_kl is not None and figures.kl_mean is None:
+            return "inconclusive", ("inconclusive: no KL measured (the engine gave no "
+                                    "alternatives per token); rolled back")  # fmt: skip
         if g.max_p95_change is not None:
             short = [s for s in (figures.serving, figures.candidate)
                      if s.requests - s.errors < MIN_SIDE_REQUESTS]  # fmt: skip
@@ -349,37 +402,55 @@ class Canary:
                     f"inconclusive: {side.requests - side.errors} answered requests on "
                     f"{side.precision}, need {MIN_SIDE_REQUESTS} to compare p95; rolled back"
                 )
-        failed = []
-        if figures.agreement is not None and figures.agreement < g.min_agreement:
-            failed.append(f"agreement {figures.agreement:.1%} < {g.min_agreement:.1%} "
-                          f"({figures.pairs} pairs, chrF {figures.chrf:.1f})")  # fmt: skip
+        failed: list[str] = []
+        passed: list[str] = []
+
+        def judge(ok: bool, text: str) -> None:
+            (passed if ok else failed).append(text)
+
+        if g.max_accuracy_drop is not None and figures.accuracy_drop is not None:
+            assert figures.accuracy_drop_low is not None and figures.accuracy_drop_high is not None
+            judged = (figures.accuracy_drop if g.accuracy_verdict == "point"
+                      else figures.accuracy_drop_high)  # fmt: skip
+            ok = judged <= g.max_accuracy_drop + 1e-9
+            on = "" if g.accuracy_verdict == "point" else " (upper bound)"
+            judge(ok, f"accuracy drop {figures.accuracy_drop:.1f} "
+                      f"[{figures.accuracy_drop_low:.1f}, {figures.accuracy_drop_high:.1f}] "
+                      f"points{on} {'<=' if ok else '>'} {g.max_accuracy_drop:g} "
+                      f"({figures.probes} probes: {figures.accuracy_serving:.1%} -> "
+                      f"{figures.accuracy_candidate:.1%})")  # fmt: skip
+        if g.max_kl is not None and figures.kl_mean is not None:
+            ok = figures.kl_mean <= g.max_kl
+            judge(ok, f"KL {figures.kl_mean:.4f} {'<=' if ok else '>'} {g.max_kl:g} nats/token "
+                      f"({figures.kl_tokens} tokens)")  # fmt: skip
+        if g.min_agreement is not None and figures.agreement is not None:
+            ok = figures.agreement >= g.min_agreement
+            judge(ok, f"agreement {figures.agreement:.1%} {'>=' if ok else '<'} "
+                      f"{g.min_agreement:.1%} ({figures.pairs} pairs, chrF "
+                      f"{figures.chrf:.1f})")  # fmt: skip
         if g.max_p95_change is not None:
             if figures.p95_change is None:
                 failed.append("p95 not measured on both sides")
-            elif figures.p95_change > g.max_p95_change:
-                failed.append(f"p95 {figures.p95_change:+.1%} > {g.max_p95_change:+.1%} "
-                              f"({figures.candidate.latency_p95_s:.3f} s vs "
-                              f"{figures.serving.latency_p95_s:.3f} s)")  # fmt: skip
+            else:
+                ok = figures.p95_change <= g.max_p95_change
+                judge(ok, f"p95 {figures.p95_change:+.1%} {'<=' if ok else '>'} "
+                          f"{g.max_p95_change:+.1%} ({figures.candidate.latency_p95_s:.3f} s vs "
+                          f"{figures.serving.latency_p95_s:.3f} s)")  # fmt: skip
         if g.max_j_per_token_change is not None:
             if figures.j_per_token_change is None:
                 return "inconclusive", ("inconclusive: J/token not measured on both sides "
                                         "(no tokens or no energy yet); rolled back")  # fmt: skip
-            if figures.j_per_token_change > g.max_j_per_token_change:
-                failed.append(f"J/token {figures.j_per_token_change:+.1%} > "
-                              f"{g.max_j_per_token_change:+.1%} "
-                              f"({figures.candidate.j_per_token:.4g} J vs "
-                              f"{figures.serving.j_per_token:.4g} J)")  # fmt: skip
+            ok = figures.j_per_token_change <= g.max_j_per_token_change
+            judge(ok, f"J/token {figures.j_per_token_change:+.1%} {'<=' if ok else '>'} "
+                      f"{g.max_j_per_token_change:+.1%} ({figures.candidate.j_per_token:.4g} J "
+                      f"vs {figures.serving.j_per_token:.4g} J)")  # fmt: skip
         if failed:
-            return "rolled_back", "rolled back: " + "; ".join(failed)
-        parts = [f"agreement {figures.agreement:.1%} ({figures.pairs} pairs)"
-                 if figures.agreement is not None else f"{figures.pairs} pairs"]  # fmt: skip
-        if figures.p95_change is not None:
-            parts.append(f"p95 {figures.p95_change:+.1%}")
-        if figures.j_per_token_change is not None:
-            parts.append(f"J/token {figures.j_per_token_change:+.1%}")
-        if figures.kl_mean is not None:
-            parts.append(f"KL {figures.kl_mean:.4f} nats/token ({figures.kl_tokens} tokens)")
-        return "promoted", "promoted: " + ", ".join(parts)
+            held = f"; held: {'; '.join(passed)}" if passed else ""
+            return "rolled_back", "rolled back: " + "; ".join(failed) + held
+        info = [f"{figures.pairs} shadowed pairs"]
+        if g.min_agreement is None and figures.agreement is not None:
+            info.append(f"same answer {figures.agreement:.1%} (consistency, not guarded)")
+        return "promoted", "promoted: " + "; ".join([*passed, *info])
 
     def end(self, state: State, verdict: str, figures: CanaryStatus) -> None:
         """Record the outcome; the figures stay as they were when it was decided."""

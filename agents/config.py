@@ -9,7 +9,7 @@ import os
 import socket
 import tomllib
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import (
     BaseModel,
@@ -174,9 +174,22 @@ class PolicySection(_Section):
         True, description="may try a smaller precision (as a canary) when parking and scaling "
         "do not cover the excess",
     )  # fmt: skip
-    quality_floor: float = Field(
-        0.9, ge=0, le=1, description="the canary's agreement guard for those switches"
-    )
+    max_accuracy_drop: float = Field(
+        1.5, ge=0, le=100, description="the canary's accuracy guard for those switches: points "
+        "of task accuracy the smaller precision may lose on the labelled probes",
+    )  # fmt: skip
+
+    @model_validator(mode="before")
+    @classmethod
+    def _old_floor(cls, data: Any) -> Any:
+        if isinstance(data, dict) and "quality_floor" in data:
+            raise ValueError(
+                "quality_floor (agreement with the serving precision's wording) is gone: use "
+                "max_accuracy_drop, the points of task accuracy a smaller precision may lose "
+                "on the canary's labelled probes (default 1.5)"
+            )
+        return data
+
     power_limit: bool = Field(
         True, description="may lower GPU power limits (NVML nodes, within each card's bounds; "
         "restored after) to meet max_watts; needs root or CAP_SYS_ADMIN",

@@ -185,6 +185,17 @@ class SnapshotCollector(Collector):
                 "Greedy answer agreement on the shadowed pairs",
                 labels=[*labels, "precision"],
             ),
+            "canary_probes": GaugeMetricFamily(
+                "wattops_canary_probes",
+                "Labelled probes answered by both precisions",
+                labels=[*labels, "precision"],
+            ),
+            "canary_drop": GaugeMetricFamily(
+                "wattops_canary_accuracy_drop_points",
+                "Task accuracy the candidate loses on the labelled probes, points (bound: the "
+                "95% interval's low and high)",
+                labels=[*labels, "precision", "bound"],
+            ),
             "canary_j": GaugeMetricFamily(
                 "wattops_canary_joules_per_token",
                 "J/token in the canary window (side: serving, candidate)",
@@ -223,6 +234,12 @@ class SnapshotCollector(Collector):
                 families["canary_pairs"].add_metric(ck, can.pairs)
                 if can.agreement is not None:
                     families["canary_agreement"].add_metric(ck, can.agreement)
+                families["canary_probes"].add_metric(ck, can.probes)
+                for bound, value in (("estimate", can.accuracy_drop),
+                                     ("low", can.accuracy_drop_low),
+                                     ("high", can.accuracy_drop_high)):  # fmt: skip
+                    if value is not None:
+                        families["canary_drop"].add_metric([*ck, bound], value)
                 for side_name, side in (("serving", can.serving), ("candidate", can.candidate)):
                     if side.j_per_token is not None:
                         families["canary_j"].add_metric([*ck, side_name], side.j_per_token)

@@ -713,7 +713,7 @@ class NodeAgent:
                     self.power_cap.restore()
             elif step.action == "canary":
                 dep = self.deployments[step.deployment]
-                guards = CanaryGuards(min_agreement=self.config.policy.quality_floor)
+                guards = CanaryGuards(max_accuracy_drop=self.config.policy.max_accuracy_drop)
                 assert self.session is not None
                 cost = self.accounting.cost if self.accounting is not None else None
                 dep.start_canary(str(step.target), CanaryRequest(guards=guards), self.session,

@@ -46,12 +46,15 @@ from wattops.agents.forecast import SeasonalForecast, replicas_for
 from wattops.agents.state import DesiredState
 from wattops.engines.base import EngineAdapter, EngineError, Replica
 from wattops.engines.metrics import EngineUsage
+from wattops.quality.answers import request_body
 
 if TYPE_CHECKING:
     from wattops.agents.cost import CostModel
 
 log = logging.getLogger("wattops.agent")
 
+#: How often a canary's probe loop looks whether the candidate is idle again.
+PROBE_WAIT_S = 0.05
 #: Consecutive failed health checks after which a live but hung replica is killed.
 HUNG_AFTER_FAILURES = 3
 #: Restart backoff after a crash or a failed start: doubles up to the cap.
@@ -717,6 +720,10 @@ class Deployment:
         # Counters read now, so the window counts only what both sides do from here on.
         await asyncio.gather(*(self._collect_usage(r) for r in self.replicas))
         canary.open_window(self.ready, self.totals.active_energy_j_total)
+        if canary.probe_items:
+            task = asyncio.get_running_loop().create_task(self._probe(canary))
+            self._drains.add(task)
+            task.add_done_callback(self._drains.discard)
         self._changed()
 
     async def _finish_canary(self, canary: Canary) -> None:
@@ -763,8 +770,9 @@ class Deployment:
         self._drains.add(task)
         task.add_done_callback(self._drains.discard)
 
-    async def _shadow(self, canary: Canary, endpoint: str, body: dict[str, Any],
-                      serving: LiveReplica, trial: LiveReplica) -> None:  # fmt: skip
+    async def _ask_both(self, endpoint: str, body: dict[str, Any], serving: LiveReplica,
+                        trial: LiveReplica) -> tuple[dict[str, Any], dict[str, Any]]:  # fmt: skip
+        """The same request to a serving replica and the candidate's, at once."""
         assert self._session is not None
         session = self._session
 
@@ -780,8 +788,49 @@ class Deployment:
             finally:
                 live.give_back()
 
+        first, second = await asyncio.gather(ask(serving), ask(trial))
+        return first, second
+
+    def _busy_for_probe(self, canary: Canary) -> bool:
+        return bool(canary.replicas[0].in_flight or canary.shadowing or not self.ready)
+
+    async def _probe(self, canary: Canary) -> None:
+        """Ask both sides the canary's labelled probes, one at a time, each when the candidate
+        is idle and no shadow is in flight (its live requests never wait behind one), spread
+        over the first 80% of the window so shadowed live requests get their turns too (a
+        probe running when a live answer ends means no shadow for that answer); behind that
+        schedule, they run back to back."""
+        while (item := canary.next_probe()) is not None:
+            wait = canary.probe_due(len(canary.probed) + canary.probes_failed) - time.monotonic()
+            if wait > 0:
+                await asyncio.sleep(wait)
+            # Idle is a condition over three things (the candidate's requests, the shadow in
+            # flight, a serving replica ready) that signal nothing: looked at every 50 ms.
+            while canary.running and canary.replicas and self._busy_for_probe(canary):  # noqa: ASYNC110
+                await asyncio.sleep(PROBE_WAIT_S)
+            if not canary.running or not canary.replicas:
+                return
+            serving = min(self.ready, key=lambda r: r.in_flight)
+            canary.shadowing = True
+            body = shadow_body(request_body(item))
+            try:
+                first, second = await self._ask_both("/v1/chat/completions", body, serving,
+                                                     canary.replicas[0])  # fmt: skip
+                if canary.running:
+                    kl = shared_prefix_kl(answer_tokens(first), answer_tokens(second))
+                    canary.add_probe(item.right(answer_text(first)),
+                                     item.right(answer_text(second)), kl)  # fmt: skip
+                    self._changed()
+            except (aiohttp.ClientError, TimeoutError, ValueError) as exc:
+                canary.probes_failed += 1
+                log.debug("%s: a probe failed: %s", self.name, exc)
+            finally:
+                canary.shadowing = False
+
+    async def _shadow(self, canary: Canary, endpoint: str, body: dict[str, Any],
+                      serving: LiveReplica, trial: LiveReplica) -> None:  # fmt: skip
         try:
-            first, second = await asyncio.gather(ask(serving), ask(trial))
+            first, second = await self._ask_both(endpoint, body, serving, trial)
             if canary.running:
                 kl = shared_prefix_kl(answer_tokens(first), answer_tokens(second))
                 canary.add_pair(answer_text(first), answer_text(second), kl)

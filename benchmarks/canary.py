@@ -9,11 +9,13 @@ candidate gets one more replica on one thread: the two cores of this machine). `
 closed-loop clients send the project's built-in questions (sampled at temperature 0.7 with a
 seed per request, response cache off; every other client streams, for the time to first
 token). Once the deployment serves, the canary is started with
-the default guards (agreement >= 0.9, p95 at most 10% worse, J/token not worse, 50 pairs)
-unless `--guard` says otherwise, and the script waits for its verdict, then prints the
-deployment's `canary` status as JSON: both sides' requests, tokens, busy seconds, J/token,
-$/1M tokens and p50/p95 over the same window, the shadowed pairs' agreement and chrF, and the
-verdict. Energy is whatever sensor the agent has here (labelled `energy_source`).
+the default guards (accuracy drop at most 1.5 points on 200 labelled probes, KL at most 0.1
+nats/token, p95 at most 10% worse, J/token not worse, 50 shadowed pairs) unless `--guard` says
+otherwise, and the script waits for its verdict, then prints the deployment's `canary` status
+as JSON: both sides' requests, tokens, busy seconds, J/token, $/1M tokens and p50/p95 over the
+same window, the probes' accuracy on each side and the drop with its interval, the KL, the
+shadowed pairs' agreement and chrF, and the verdict. Energy is whatever sensor the agent has
+here (labelled `energy_source`).
 """
 
 from __future__ import annotations
@@ -61,11 +63,13 @@ context = 1024
 """
 
 
-def _guard(text: str) -> tuple[str, float | int | None]:
+def _guard(text: str) -> tuple[str, float | int | str | None]:
     name, _, value = text.partition("=")
+    if name == "accuracy_verdict":
+        return name, value
     if value.lower() == "none":
         return name, None
-    return name, int(value) if name == "min_pairs" else float(value)
+    return name, int(value) if name in ("min_pairs", "probes") else float(value)
 
 
 def main() -> None:

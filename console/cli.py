@@ -226,21 +226,31 @@ def _duration(text: str) -> float:
     return value
 
 
-_GUARDS = ("min_agreement", "max_p95_change", "max_j_per_token_change", "min_pairs")
+_GUARDS = ("max_accuracy_drop", "accuracy_verdict", "probes", "max_kl", "min_agreement",
+           "max_p95_change", "max_j_per_token_change", "min_pairs")  # fmt: skip
+_COUNTS = ("min_pairs", "probes")
+_VERDICTS = ("point", "bound")
 
 
-def _guard(text: str) -> tuple[str, float | int | None]:
+def _guard(text: str) -> tuple[str, float | int | str | None]:
     name, sep, value = text.partition("=")
     if not sep or name not in _GUARDS:
         raise argparse.ArgumentTypeError(
             f"must be NAME=VALUE with NAME one of {', '.join(_GUARDS)}, got {text!r}"
         )
-    if value.lower() == "none" and name.startswith("max_"):
+    if name == "accuracy_verdict":
+        if value not in _VERDICTS:
+            raise argparse.ArgumentTypeError(
+                f"accuracy_verdict must be one of {', '.join(_VERDICTS)}, got {value!r}"
+            )
+        return name, value
+    if value.lower() == "none" and (name.startswith("max_") or name == "min_agreement"):
         return name, None
     try:
-        return name, int(value) if name == "min_pairs" else float(value)
+        return name, int(value) if name in _COUNTS else float(value)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"{name} must be a number, got {value!r}") from None
+        kind = "a whole number" if name in _COUNTS else "a number"
+        raise argparse.ArgumentTypeError(f"{name} must be {kind}, got {value!r}") from None
 
 
 def _agent_url(text: str) -> str:
@@ -464,8 +474,10 @@ def build_parser() -> argparse.ArgumentParser:
     )  # fmt: skip
     precision.add_argument(
         "--guard", action="append", default=[], type=_guard, metavar="NAME=VALUE",
-        help="a canary guard: min_agreement (0..1), max_p95_change and max_j_per_token_change "
-        "(fractions; `none` turns one off), min_pairs; repeatable",
+        help="a canary guard: max_accuracy_drop (points on the labelled probes), "
+        "accuracy_verdict (point|bound), probes (how many), max_kl (nats/token), min_agreement "
+        "(0..1, off by default), max_p95_change and max_j_per_token_change (fractions); `none` "
+        "turns a max_ or min_agreement guard off; min_pairs; repeatable",
     )  # fmt: skip
     precision.set_defaults(func=_precision)
 

@@ -56,7 +56,7 @@ from wattops.experiments.load import (
 )
 from wattops.quality import DEFAULT_PRECISIONS, QualityFloor
 from wattops.quality import measure as measure_quality
-from wattops.quality.command import add_floor_arguments
+from wattops.quality.command import add_floor_arguments, floor_from_args
 from wattops.vocabulary import BUILTIN_SOURCES, atomic_write, cache_dir
 
 __all__ = ["MODES", "BenchSettings", "Mode", "add_arguments", "run_bench", "run_from_args"]
@@ -161,7 +161,7 @@ class BenchSettings:
     #: Slots of a batching replica (llama-server --parallel): the most the agent may use.
     parallel: int = 8
     modes: tuple[str, ...] = DEFAULT_MODES
-    #: The routed mode's route: its p95 bound (its quality floor is `floor`'s top-1).
+    #: The routed mode's route: its p95 bound (its quality floor is `floor`'s accuracy drop).
     route_max_p95_ms: float = 10_000.0
     #: What the fully optimized mode's precision must keep against the base.
     floor: QualityFloor = field(default_factory=QualityFloor)
@@ -348,7 +348,7 @@ def running_agent(settings: BenchSettings, mode: Mode, work: Path,
 def _start_router(settings: BenchSettings, work: Path, agents: list[str],
                   started: list[Launched]) -> str:  # fmt: skip
     """The routed mode's router: route `bench` over the fleet, reference the A100 node, the
-    quality floor's top-1 and the p95 bound; its URL once it follows every agent."""
+    quality floor's accuracy drop and the p95 bound; its URL once it follows every agent."""
     port = free_port()
     lines = [
         "[router]", f'listen = "127.0.0.1:{port}"', f'state_dir = "{(work / "router").resolve()}"',
@@ -356,7 +356,7 @@ def _start_router(settings: BenchSettings, work: Path, agents: list[str],
         *(f'[[agents]]\nurl = "{url}"' for url in agents),
         "[[routes]]", 'name = "bench"', 'candidates = ["*/bench"]',
         f'reference = "{REFERENCE_NODE}/bench"', 'policy = "cheapest"',
-        f"min_quality = {settings.floor.top1_agreement}",
+        f"max_accuracy_drop = {settings.floor.max_accuracy_drop}",
         f"max_p95_ms = {settings.route_max_p95_ms}",
     ]  # fmt: skip
     config = work / "router.toml"
@@ -838,7 +838,7 @@ def settings_from_args(args: argparse.Namespace) -> BenchSettings:
         sensor=args.sensor,
         idle_scale_to_zero_s=2.0 if args.quick else BenchSettings.idle_scale_to_zero_s,
         modes=_modes(args.modes),
-        floor=QualityFloor(args.min_top1, args.max_chrf_drop),
+        floor=floor_from_args(args),
     )
 
 

@@ -45,7 +45,20 @@ METRICS = (
     "carbon_g",
     "errors",
 )
-QUALITY = ("top1_agreement", "mean_kl", "perplexity_ratio", "exact_match", "chrf_drop")
+QUALITY = (
+    "accuracy_pct",
+    "accuracy_low_pct",
+    "accuracy_high_pct",
+    "drop_points",
+    "drop_low",
+    "drop_high",
+    "bleu",
+    "chrf",
+    "top1_agreement",
+    "mean_kl",
+    "perplexity_ratio",
+    "exact_match",
+)
 
 TITLES = {
     "baseline": "Baseline",
@@ -123,8 +136,9 @@ def summarise(
     if routed is not None:
         result["routed_vs_reference"] = routed
         if "routed" in summary:
-            # The fleet serves several precisions: its agreement is the token-weighted one.
-            summary["routed"]["top1_agreement"] = routed["top1_agreement"]
+            # The fleet serves several precisions: its figures are the token-weighted ones.
+            for metric in ("top1_agreement", "accuracy_pct", "drop_points"):
+                summary["routed"][metric] = routed[metric]
     return result
 
 
@@ -137,8 +151,8 @@ def routed_vs_reference(runs: list[dict[str, Any]], quality: dict[str, Any]
       at the reference node's price (each node's cost x reference $/replica-h / its own);
     - price differences: that against what the routed fleet was charged at its nodes' prices.
 
-    The two add up to the whole saving. Quality: the routed tokens' top-1 agreement with f16,
-    weighted by the tokens each precision served."""
+    The two add up to the whole saving. Quality: the routed tokens' task accuracy, accuracy
+    drop and top-1 agreement against f16, weighted by the tokens each precision served."""
     pairs = []
     for run in sorted({r["run"] for r in runs}):
         ref = next((r for r in runs if r["run"] == run and r["mode"] == "reference"), None)
@@ -155,13 +169,15 @@ def routed_vs_reference(runs: list[dict[str, Any]], quality: dict[str, Any]
         per_neutral = neutral / routed["tokens"] * 1e6
         per_routed = routed["cost_usd"] / routed["tokens"] * 1e6
         served = sum(n["tokens"] for n in routed["nodes"].values()) or 1
-        top1 = (
-            sum(
-                n["tokens"] * (quality.get(n["precision"], {}).get("top1_agreement") or 0.0)
-                for n in routed["nodes"].values()
-            )
-            / served
-        )
+
+        def weighted(metric: str, nodes: dict[str, Any] = routed["nodes"],
+                     served: int = served) -> float | None:  # fmt: skip
+            figures = [(n["tokens"], quality.get(n["precision"], {}).get(metric))
+                       for n in nodes.values()]  # fmt: skip
+            if any(f is None for t, f in figures if t):
+                return None  # a table from before the figure existed
+            return sum(t * f for t, f in figures if t) / served
+
         pairs.append({
             "saving_pct": (1 - per_routed / per_ref) * 100 if per_ref else None,
             "from_less_compute_pct": (per_ref - per_neutral) / per_ref * 100 if per_ref else None,
@@ -169,7 +185,9 @@ def routed_vs_reference(runs: list[dict[str, Any]], quality: dict[str, Any]
             "energy_saving_pct": (1 - routed["energy_j_per_1m_tokens"]
                                   / ref["energy_j_per_1m_tokens"]) * 100
             if ref.get("energy_j_per_1m_tokens") else None,
-            "top1_agreement": top1,
+            "top1_agreement": weighted("top1_agreement"),
+            "accuracy_pct": weighted("accuracy_pct"),
+            "drop_points": weighted("drop_points"),
             "latency_p95_s": routed["latency_p95_s"],
             "reference_latency_p95_s": ref["latency_p95_s"],
             "token_share": {k: n["tokens"] / served for k, n in routed["nodes"].items()},
@@ -178,7 +196,8 @@ def routed_vs_reference(runs: list[dict[str, Any]], quality: dict[str, Any]
         return None
     out: dict[str, Any] = {"runs": len(pairs)}
     for key in ("saving_pct", "from_less_compute_pct", "from_prices_pct", "energy_saving_pct",
-                "top1_agreement", "latency_p95_s", "reference_latency_p95_s"):  # fmt: skip
+                "top1_agreement", "accuracy_pct", "drop_points", "latency_p95_s",
+                "reference_latency_p95_s"):  # fmt: skip
         out[key], out.setdefault("std", {})[key] = mean_std(
             [p[key] for p in pairs if p[key] is not None]
         )
@@ -236,16 +255,18 @@ def targets(results: dict[str, Any]) -> list[dict[str, Any]]:
                 "runs_met": per_run("fully_optimized", "baseline", "latency_p50_s",
                                     lambda c: c is not None and c <= 0),
             })  # fmt: skip
-        top1, drop = full.get("top1_agreement"), full.get("chrf_drop")
-        need_top1, need_drop = floor.get("top1_agreement"), floor.get("chrf_drop")
-        if top1 is not None and need_top1 is not None:
-            ok = top1 >= need_top1 and (drop is None or need_drop is None or drop <= need_drop)
+        drop, need = full.get("drop_points"), floor.get("max_accuracy_drop")
+        if drop is not None and need is not None:
+            on_bound = floor.get("verdict") == "bound"
+            bound = full["drop_high"] if on_bound else drop
             rows.append({
-                "target": f"fully optimized: quality within the floor (top-1 ≥ "
-                          f"{need_top1:.0%}, chrF drop ≤ {_num(need_drop, 2)})",
-                "measured": f"{full['precision']}: top-1 {top1:.1%}, chrF drop "
-                            f"{_num(drop, 2)}",
-                "met": ok, "margin": None, "runs_met": None,
+                "target": f"fully optimized: quality within the floor (accuracy drop ≤ "
+                          f"{need:g} points{', upper bound' if on_bound else ''})",
+                "measured": f"{full['precision']}: accuracy {_num(full['accuracy_pct'], 3)}%, "
+                            f"drop {drop:.1f} [{full['drop_low']:.1f}, {full['drop_high']:.1f}] "
+                            "points",
+                "met": bound <= need + 1e-9, "margin": need - bound, "unit": "points",
+                "runs_met": None,
             })  # fmt: skip
     routed = results.get("routed_vs_reference")
     if routed:
@@ -263,12 +284,13 @@ def targets(results: dict[str, Any]) -> list[dict[str, Any]]:
                 "met": saving >= goal, "margin": saving - goal, "unit": "points",
                 "runs_met": None,
             })  # fmt: skip
-        need_top1 = floor.get("top1_agreement")
-        if need_top1 is not None and routed.get("top1_agreement") is not None:
+        need = floor.get("max_accuracy_drop")
+        if need is not None and routed.get("drop_points") is not None:
             rows.append({
-                "target": f"routed: quality inside the route's floor (top-1 ≥ {need_top1:.0%})",
-                "measured": f"top-1 {routed['top1_agreement']:.1%}, token-weighted",
-                "met": routed["top1_agreement"] >= need_top1, "margin": None, "runs_met": None,
+                "target": f"routed: quality inside the route's floor (accuracy drop ≤ {need:g} "
+                          "points on every precision served)",
+                "measured": f"accuracy drop {routed['drop_points']:.1f} points, token-weighted",
+                "met": routed["drop_points"] <= need + 1e-9, "margin": None, "runs_met": None,
             })  # fmt: skip
         bound_ms = results["settings"].get("route_max_p95_ms")
         if bound_ms and routed.get("latency_p95_s") is not None:
@@ -336,6 +358,15 @@ def _failed(runs: list[dict[str, Any]], mode: str) -> str:
     return f"{total + dropped} of {sent:,}" + (f" ({detail})" if detail else "")
 
 
+def _drop(entry: dict[str, Any]) -> str:
+    """An accuracy drop with its interval, "n/a" without one."""
+    if entry.get("drop_points") is None:
+        return "n/a"
+    if entry.get("drop_low") is None:
+        return f"{entry['drop_points']:.1f}"  # token-weighted over several precisions
+    return f"{entry['drop_points']:.1f} [{entry['drop_low']:.1f}, {entry['drop_high']:.1f}]"
+
+
 def _rate(value: float | None) -> str:
     return "n/a" if value is None else f"{value:.1%}"
 
@@ -377,8 +408,9 @@ def write_table(path: Path, results: dict[str, Any]) -> None:
         ]
     lines += [
         "| Mode | Precision | Cost $/1M tokens | vs baseline | Energy J/1M tokens | vs baseline "
-        "| Latency p50 s | vs baseline | Top-1 agreement | chrF drop | Energy source |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        "| Latency p50 s | vs baseline | Accuracy % | Accuracy drop, points [95% CI] | Top-1 "
+        "agreement | Energy source |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for key, entry in modes.items():
         if key in FLEET_MODES:
@@ -388,15 +420,15 @@ def write_table(path: Path, results: dict[str, Any]) -> None:
             f"| {_ms(entry, 'cost_usd_per_1m_tokens')} | {_pct(entry, 'cost_usd_per_1m_tokens')} "
             f"| {_ms(entry, 'energy_j_per_1m_tokens')} | {_pct(entry, 'energy_j_per_1m_tokens')} "
             f"| {_ms(entry, 'latency_p50_s')} | {_pct(entry, 'latency_p50_s')} "
-            f"| {_rate(entry['top1_agreement'])} | {_num(entry.get('chrf_drop'), 2)} "
-            f"| {entry['energy_source']} |"
+            f"| {_num(entry.get('accuracy_pct'), 3)} | {_drop(entry)} "
+            f"| {_rate(entry['top1_agreement'])} | {entry['energy_source']} |"
         )
     lines += [
         "",
         "| Mode | Cost $/1k req | Energy J/1k req | Latency p95 / p99 s | TTFT p50 / p95 / p99 s "
         "| Throughput tok/s | Response-cache hits | Prefix reuse | Mean KL | PPL ratio "
-        "| Exact-match answers | Failed or dropped (all runs) |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| BLEU / chrF vs references | Same answer as f16 | Failed or dropped (all runs) |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for key, entry in modes.items():
         lines.append(
@@ -407,7 +439,9 @@ def write_table(path: Path, results: dict[str, Any]) -> None:
             f"{_ms(entry, 'ttft_p99_s')} "
             f"| {_ms(entry, 'throughput_tokens_per_s')} | {_rate(entry['cache_hit_rate'])} "
             f"| {_rate(entry['prefix_cache_rate'])} | {_num(entry['mean_kl'], 3)} "
-            f"| {_num(entry['perplexity_ratio'], 4)} | {_rate(entry.get('exact_match'))} "
+            f"| {_num(entry['perplexity_ratio'], 4)} "
+            f"| {_num(entry.get('bleu'), 3)} / {_num(entry.get('chrf'), 3)} "
+            f"| {_rate(entry.get('exact_match'))} "
             f"| {_failed(results.get('runs', []), key)} |"
         )
     if FLEET_MODES & modes.keys():
@@ -422,10 +456,11 @@ def write_table(path: Path, results: dict[str, Any]) -> None:
         "Mean ± sample standard deviation over the runs. Cost and energy are what the agent "
         "attributes to the deployment (share held x node price; active energy by busy time, "
         "idle energy by share held), per 1M tokens delivered (prompt + completion, cache hits "
-        "included). Quality is agreement with the base precision, measured once per precision "
-        "(`wattops quality`): top-1 agreement, mean KL and perplexity ratio teacher-forced on a "
-        "shipped text; exact-match answers and chrF drop (100 - chrF) of greedy answers to the "
-        "shipped prompts.",
+        "included). Quality is measured once per precision (`wattops quality`): task accuracy "
+        "on the shipped labelled set and its drop against f16 on the same items (paired 95% "
+        "interval), BLEU/chrF of the free-text items against their references; top-1 "
+        "agreement, mean KL and perplexity ratio teacher-forced on a shipped text; the share "
+        "of answers word for word the same as f16's (consistency, not the floor).",
         "",
     ]
     choice = results.get("precision_choice")
@@ -439,11 +474,11 @@ def write_table(path: Path, results: dict[str, Any]) -> None:
             f"{routed['runs']} runs; cost per 1M tokens):",
             "",
             "| Saving | from less compute | from price differences | Energy saving | "
-            "Top-1 (token-weighted) | p95 routed / reference s | Tokens by node |",
+            "Accuracy drop, points (token-weighted) | p95 routed / reference s | Tokens by node |",
             "|---|---|---|---|---|---|---|",
             f"| {_num(routed['saving_pct'], 3)}% | {_num(routed['from_less_compute_pct'], 3)}% "
             f"| {_num(routed['from_prices_pct'], 3)}% | {_num(routed['energy_saving_pct'], 3)}% "
-            f"| {_rate(routed['top1_agreement'])} | {_num(routed['latency_p95_s'])} / "
+            f"| {_num(routed.get('drop_points'), 2)} | {_num(routed['latency_p95_s'])} / "
             f"{_num(routed['reference_latency_p95_s'])} | {share} |",
             "",
         ]
@@ -469,7 +504,7 @@ def write_table(path: Path, results: dict[str, Any]) -> None:
 
 
 def write_chart(path: Path, results: dict[str, Any]) -> None:
-    """`chart.png`: cost, energy, p50 latency and top-1 agreement per mode, with std bars."""
+    """`chart.png`: cost, energy, p50 latency and task accuracy per mode, with std bars."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -480,7 +515,7 @@ def write_chart(path: Path, results: dict[str, Any]) -> None:
         ("cost_usd_per_1m_tokens", "Cost, $ per 1M tokens"),
         ("energy_j_per_1m_tokens", "Energy, J per 1M tokens"),
         ("latency_p50_s", "Latency p50, s"),
-        ("top1_agreement", "Top-1 agreement with f16"),
+        ("accuracy_pct", "Task accuracy, %"),
     )
     fig, axes = plt.subplots(1, len(panels), figsize=(14, 3.6))
     names = [m["title"] for m in modes]

@@ -85,8 +85,8 @@ def judge(serving: tuple[SideTotals, SideTotals], candidate: tuple[SideTotals, S
           guards: CanaryGuards, healthy: str | None) -> tuple[str, str]:  # fmt: skip
     """(state, verdict) from the (start, end) totals of each side and the canary's health
     (None: its pods stayed ready; else what went wrong)."""
-    unmeasured = ("answer agreement and p95 not measured on Kubernetes (the Service carries the "
-                  "traffic, not an agent)")  # fmt: skip
+    unmeasured = ("labelled probes, KL, answer agreement and p95 not measured on Kubernetes "
+                  "(the Service carries the traffic, not an agent)")  # fmt: skip
     if healthy is not None:
         return "rolled_back", f"rolled back: {healthy}"
     figures = {}

@@ -67,7 +67,8 @@ def _clock(seconds: float) -> str:
 
 
 def canary_summary(c: CanaryStatus) -> str:
-    """A canary in one line: `canary q4_k_m 10% 2:10/5:00 pairs 61 agree 96% J/tok -31%`,
+    """A canary in one line: `canary q8_0 10% 2:10/5:00 pairs 61 probes 120/200 drop -0.8pt
+    agree 66% J/tok -31%`,
     or its verdict once decided."""
     if c.verdict is not None:
         return f"canary {c.precision}: {c.verdict}"
@@ -76,6 +77,10 @@ def canary_summary(c: CanaryStatus) -> str:
         parts.append("starting")
     else:
         parts.append(f"{_clock(c.elapsed_s)}/{_clock(c.duration_s)} pairs {c.pairs}")
+    if c.probes_planned:
+        parts.append(f"probes {c.probes}/{c.probes_planned}")
+    if c.accuracy_drop is not None:
+        parts.append(f"drop {c.accuracy_drop:+.1f}pt")
     if c.agreement is not None:
         parts.append(f"agree {c.agreement:.0%}")
     if c.j_per_token_change is not None:

@@ -3,7 +3,7 @@ router (server) and the console (client). Imports only pydantic and the standard
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
@@ -61,8 +61,12 @@ class Bounds(_Model):
     """A route's policy and constraints."""
 
     policy: PolicyName
-    min_quality: float | None = Field(None, description="least top-1 agreement with the reference")
-    max_chrf_drop: float | None = None
+    min_quality: float | None = Field(
+        None, description="least share of the reference's task accuracy kept"
+    )
+    max_accuracy_drop: float | None = Field(
+        None, description="most points of task accuracy lost against the reference"
+    )
     max_p95_ms: float | None = None
     max_usd_per_1m_tokens: float | None = None
 
@@ -73,9 +77,19 @@ class RoutePatch(_Request):
 
     policy: PolicyName | None = None
     min_quality: float | None = Field(None, ge=0, le=1)
-    max_chrf_drop: float | None = Field(None, ge=0, le=100)
+    max_accuracy_drop: float | None = Field(None, ge=0, le=100)
     max_p95_ms: float | None = Field(None, gt=0)
     max_usd_per_1m_tokens: float | None = Field(None, gt=0)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _old_floor(cls, data: Any) -> Any:
+        if isinstance(data, dict) and "max_chrf_drop" in data:
+            raise ValueError(
+                "max_chrf_drop is gone: quality is task accuracy on the labelled set now; use "
+                "max_accuracy_drop (points lost against the reference) and/or min_quality"
+            )
+        return data
 
 
 class CandidateView(_Model):
@@ -92,8 +106,12 @@ class CandidateView(_Model):
     figures_current: bool = Field(
         False, description="per-token figures from the agent's current window (else learned)"
     )
-    quality: float | None = Field(None, description="top-1 agreement with the reference")
-    chrf_drop: float | None = None
+    quality: float | None = Field(
+        None, description="share of the reference's task accuracy kept (or declared)"
+    )
+    accuracy_drop: float | None = Field(
+        None, description="points of task accuracy lost against the reference (measured)"
+    )
     quality_source: str = ""
     breaker: str = Field("closed", description="closed | opened | half-opened")
     excluded: str | None = Field(None, description="why the last decision left it out")
@@ -204,7 +222,11 @@ class Budget(_Request):
         "candidate meeting degrade_min_quality); unset: nothing is degraded, only refused",
     )
     degrade_min_quality: float | None = Field(
-        None, ge=0, le=1, description="the quality floor (top-1 agreement) degraded requests keep"
+        None,
+        ge=0,
+        le=1,
+        description="the quality floor degraded requests keep (share of the "
+        "reference's task accuracy kept)",
     )
     warn_at: list[float] = Field(
         default_factory=lambda: list(DEFAULT_WARN_AT),

@@ -2,8 +2,9 @@
 
 A candidate is *excluded*, with the reason kept for the 503 and for `/v1/router`, when it is
 failed, its agent is not live, its circuit breaker is open, its quality against the route's
-reference is below `min_quality` (or unknown while a floor is set), its chrF drop is above
-`max_chrf_drop`, its price is above `max_usd_per_1m_tokens`, or — for interactive requests —
+reference is below `min_quality` (the share of the reference's task accuracy it keeps; or
+unknown while a floor is set), its accuracy drop is above `max_accuracy_drop` points, its
+price is above `max_usd_per_1m_tokens`, or — for interactive requests —
 the p95 it would give now is above the latency bound. That p95 is the measured p95 plus the
 queue ahead: requests in flight beyond its ready replicas, each costing the median service
 time per replica, so a busy edge node overflows to the next candidate instead of queueing
@@ -47,8 +48,10 @@ PRIORITIES = ("interactive", "batch")
 class QualityFigure:
     """A candidate's quality against the route's reference, and where the figure comes from."""
 
-    top1: float | None
-    chrf_drop: float | None
+    #: The share of the reference's task accuracy kept (declared figures: as declared).
+    kept: float | None
+    #: Points of task accuracy lost against the reference (measured figures only).
+    accuracy_drop: float | None
     source: str
 
 
@@ -58,7 +61,7 @@ class Constraints:
 
     policy: str
     min_quality: float | None = None
-    max_chrf_drop: float | None = None
+    max_accuracy_drop: float | None = None
     max_p95_s: float | None = None
     max_usd_per_1m: float | None = None
     priority: str = "interactive"
@@ -67,8 +70,8 @@ class Constraints:
         parts = []
         if self.min_quality is not None:
             parts.append(f"quality>={self.min_quality:g}")
-        if self.max_chrf_drop is not None:
-            parts.append(f"chrF drop<={self.max_chrf_drop:g}")
+        if self.max_accuracy_drop is not None:
+            parts.append(f"accuracy drop<={self.max_accuracy_drop:g}")
         if self.max_p95_s is not None and self.priority == "interactive":
             parts.append(f"p95<={self.max_p95_s * 1000:.0f}ms")
         if self.max_usd_per_1m is not None:
@@ -120,15 +123,15 @@ def _excluded_because(c: Candidate, q: QualityFigure, bounds: Constraints,
     if c.failed:
         return "failed"
     if bounds.min_quality is not None:
-        if q.top1 is None:
+        if q.kept is None:
             return f"quality unknown ({q.source})"
-        if q.top1 < bounds.min_quality:
-            return f"quality {q.top1:.1%} < {bounds.min_quality:.0%}"
-    if bounds.max_chrf_drop is not None:
-        if q.chrf_drop is None:
-            return f"chrF drop unknown ({q.source})"
-        if q.chrf_drop > bounds.max_chrf_drop:
-            return f"chrF drop {q.chrf_drop:.1f} > {bounds.max_chrf_drop:g}"
+        if q.kept < bounds.min_quality:
+            return f"quality {q.kept:.1%} < {bounds.min_quality:.0%}"
+    if bounds.max_accuracy_drop is not None:
+        if q.accuracy_drop is None:
+            return f"accuracy drop unknown ({q.source})"
+        if q.accuracy_drop > bounds.max_accuracy_drop:
+            return f"accuracy drop {q.accuracy_drop:.1f} > {bounds.max_accuracy_drop:g} points"
     cap = bounds.max_usd_per_1m
     if cap is not None and c.usd_per_1m is not None and c.usd_per_1m > cap:
         return f"${c.usd_per_1m:.3g}/1M tokens > ${cap:g}"

@@ -15,7 +15,7 @@ name = "chat"                 # what clients put in "model"
 candidates = ["*/smollm2"]    # node/deployment globs
 reference = "gpu-a1/smollm2"  # quality 1.0, and the counterfactual of every saving
 policy = "cheapest"           # cheapest | greenest | fastest | cascade
-min_quality = 0.9             # top-1 agreement with the reference
+max_accuracy_drop = 1.5       # points of task accuracy lost against the reference, at most
 max_p95_ms = 4000
 ```
 
@@ -29,7 +29,7 @@ import fnmatch
 import os
 import tomllib
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
@@ -57,6 +57,14 @@ POLICIES: tuple[str, ...] = ("cheapest", "greenest", "fastest", "cascade")
 
 class ConfigError(Exception):
     """The router configuration is invalid; the message names file, field and what is allowed."""
+
+
+#: What a route's or a patch's old chrF bound is refused with.
+REPLACED_CHRF = (
+    "max_chrf_drop is gone: quality is task accuracy on the labelled set now, not agreement "
+    "with the reference's wording; use max_accuracy_drop (points lost against the reference, "
+    "from `wattops quality`) and/or min_quality (the share of its accuracy kept)"
+)
 
 
 class _Section(BaseModel):
@@ -216,11 +224,13 @@ class RouteConfig(_Section):
     )
     policy: Policy = "cheapest"
     min_quality: float | None = Field(
-        None, ge=0, le=1, description="least top-1 agreement with the reference"
-    )
-    max_chrf_drop: float | None = Field(
-        None, ge=0, le=100, description="most chrF points lost against the reference's answers"
-    )
+        None, ge=0, le=1, description="least share of the reference's task accuracy kept "
+        "(measured by `wattops quality`, or declared in `quality`)",
+    )  # fmt: skip
+    max_accuracy_drop: float | None = Field(
+        None, ge=0, le=100, description="most points of task accuracy lost against the "
+        "reference on the labelled set (`wattops quality`)",
+    )  # fmt: skip
     max_p95_ms: float | None = Field(None, gt=0, description="latency bound of one answer")
     max_usd_per_1m_tokens: float | None = Field(None, gt=0, description="price bound")
     cascade_min_logprob: float = Field(
@@ -241,9 +251,17 @@ class RouteConfig(_Section):
     )  # fmt: skip
     quality: dict[str, float] = Field(
         default_factory=dict,
-        description="declared top-1 agreement of candidates (node/deployment = 0..1), used "
-        "when the router cannot read the quality table of a candidate's model",
+        description="declared quality of candidates (node/deployment = 0..1: the share of the "
+        "reference's task accuracy kept), used when the router cannot read the quality table "
+        "of a candidate's model",
     )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _old_floor(cls, data: Any) -> Any:
+        if isinstance(data, dict) and "max_chrf_drop" in data:
+            raise ValueError(REPLACED_CHRF)
+        return data
 
     @field_validator("name")
     @classmethod

@@ -264,17 +264,23 @@ class Router:
         base = {
             "policy": route.policy,
             "min_quality": route.min_quality,
-            "max_chrf_drop": route.max_chrf_drop,
+            "max_accuracy_drop": route.max_accuracy_drop,
             "max_p95_ms": route.max_p95_ms,
             "max_usd_per_1m_tokens": route.max_usd_per_1m_tokens,
         }
-        return Bounds(**{**base, **self.overrides.get(route.name, {})})
+        kept = self.overrides.get(route.name, {})
+        stale = sorted(set(kept) - set(Bounds.model_fields))
+        if stale:  # a bound an older router kept (max_chrf_drop): it no longer means anything
+            log.warning("route %s: ignoring the stored change of %s (no longer a bound; see "
+                        "max_accuracy_drop)", route.name, ", ".join(stale))  # fmt: skip
+        return Bounds(**{**base, **{k: v for k, v in kept.items() if k not in stale}})
 
     def patch(self, name: str, change: RoutePatch) -> Bounds:
         """Apply and keep a run-time change of a route's bounds (KeyError: no such route)."""
         route = self.routes[name]
         given = change.model_dump(exclude_unset=True)
-        merged = {**self.overrides.get(name, {}), **given}
+        kept = {k: v for k, v in self.overrides.get(name, {}).items() if k in Bounds.model_fields}
+        merged = {**kept, **given}
         Bounds(**{**self.bounds(route).model_dump(), **merged})  # validate before keeping
         overrides = {**self.overrides, name: merged}
         self._write("routes.json", overrides)
@@ -329,7 +335,7 @@ class Router:
         return Constraints(
             policy=policy,
             min_quality=None if judged else b.min_quality,
-            max_chrf_drop=None if judged else b.max_chrf_drop,
+            max_accuracy_drop=None if judged else b.max_accuracy_drop,
             max_p95_s=max_p95_s, max_usd_per_1m=b.max_usd_per_1m_tokens, priority=priority,
         )  # fmt: skip
 
@@ -540,7 +546,7 @@ class Router:
                     ready=c.ready, in_flight=c.in_flight,
                     p95_ms=c.p95_s * 1000 if c.p95_s is not None else None,
                     usd_per_1m_tokens=c.usd_per_1m, figures_current=c.figures_current,
-                    quality=q.top1, chrf_drop=q.chrf_drop, quality_source=q.source,
+                    quality=q.kept, accuracy_drop=q.accuracy_drop, quality_source=q.source,
                     breaker=breaker.context.state if breaker else "closed",
                     excluded=unavailable.get(c.key) or stats.excluded.get(c.key),
                     requests=stats.served[c.key], tokens=stats.served_tokens[c.key],

@@ -244,7 +244,7 @@ class RouterGateway:
         b = degrading.budget
         router = self.router
         cheaper = dataclasses.replace(bounds, policy="cheapest", min_quality=b.degrade_min_quality,
-                                      max_chrf_drop=None)  # fmt: skip
+                                      max_accuracy_drop=None)  # fmt: skip
         floor = f" with quality >= {b.degrade_min_quality:g}" if b.degrade_min_quality else ""
         why = (f"budget {b.name} at {degrading.used / b.limit:.0%} of its limit "
                f"({b.describe()}): cheapest candidate{floor}")  # fmt: skip

@@ -1,9 +1,10 @@
-"""A candidate's quality against its route's reference, for the route's `min_quality` and
-`max_chrf_drop`.
+"""A candidate's quality against its route's reference, for the route's `min_quality` (the
+share of the reference's task accuracy kept) and `max_accuracy_drop` (points lost).
 
 In order: the reference itself is 1.0; a figure declared in the route (`quality = {...}` in
 router.toml) is used as given; a candidate serving the same model file as the reference reads
-the `wattops quality` table of that file (top-1 agreement and chrF drop against the base),
+the `wattops quality` table of that file (task accuracy on the labelled set, and its drop
+against the base on the same items),
 which applies when the reference serves the base's own precision; the same model at the same
 precision as the reference is 1.0. Anything else is unknown, and a route with a floor then
 leaves the candidate out, saying so. The table is only read from the cache, never measured
@@ -71,4 +72,4 @@ class QualityBook:
             row = table.row(c.precision)
         except KeyError:
             return QualityFigure(None, None, f"{c.precision} not in the quality table")
-        return QualityFigure(row.top1_agreement, row.chrf_drop, "wattops quality")
+        return QualityFigure(row.accuracy_kept, row.drop_points.estimate, "wattops quality")

@@ -372,18 +372,20 @@ def test_both_stores_reach_the_same_standings_and_verdicts(
 
 
 def test_the_worst_case_bounds_smollm2s_templated_prompts() -> None:
-    """The reservation's prompt bound is never below what the model really evaluates: every
-    shipped prompt through SmolLM2's own chat template (its default system prompt included),
+    """The reservation's prompt bound is never below what the model really evaluates: shipped
+    prompts through SmolLM2's own chat template (its default system prompt included),
     and a conversation with a system prompt and tool definitions."""
     import llama_cpp
 
     from tests.conftest import ROOT
-    from wattops.quality.table import evaluation_prompts
+    from wattops.quality import labelled_set
     from wattops.router.billing.charging import worst_tokens
 
     llm = llama_cpp.Llama(str(ROOT / "models" / "smollm2-135m-instruct.f16.gguf"), n_ctx=1024,
                           n_threads=1, verbose=False)  # fmt: skip
-    conversations = [[{"role": "user", "content": p}] for p in evaluation_prompts()]
+    # Every fourth item of the labelled set: 125 prompts, every task (the whole set adds time,
+    # not cases).
+    conversations = [[{"role": "user", "content": i.prompt}] for i in labelled_set()[::4]]
     conversations.append([
         {"role": "system", "content": "You answer in French. Ünïcödé ☃ and digits 12345."},
         {"role": "user", "content": "Quelle est la capitale de l'Italie ?"},

@@ -21,7 +21,10 @@ from wattops.agents.api import CanaryGuards
 from wattops.agents.canary import Canary, shadow_body
 
 WATTOPS = Path(sys.executable).with_name("wattops")
-LOOSE = {"min_agreement": 0.0, "max_p95_change": None, "max_j_per_token_change": None}
+#: Guards that pass on the random test model: both sides answer the labelled probes wrong
+#: (word salad), so the drop is about 0; its KL is far above a real model's.
+LOOSE = {"max_accuracy_drop": 100.0, "probes": 10, "max_kl": None, "max_p95_change": None,
+         "max_j_per_token_change": None}  # fmt: skip
 
 
 @contextmanager
@@ -95,8 +98,14 @@ def test_a_canary_under_load_is_promoted_with_its_figures(agent: Agent) -> None:
             assert side["ttft_p95_s"] >= side["ttft_p50_s"] > 0
     assert c["serving"]["streamed"] + c["candidate"]["streamed"] > 0
     # Teacher-forced KL over the shadowed pairs' shared greedy prefixes: q4_k_m is not q8_0.
-    assert c["kl_tokens"] >= c["pairs"] and c["kl_mean"] > 0
-    assert "KL " in c["verdict"] and "nats/token" in c["verdict"]
+    assert c["kl_mean"] > 0
+    assert "shadowed pairs" in c["verdict"]
+    # The labelled probes: every one answered by both sides, scored, with the paired interval.
+    assert c["probes"] == c["probes_planned"] == 10
+    assert 0 <= c["accuracy_serving"] <= 1 and 0 <= c["accuracy_candidate"] <= 1
+    assert c["accuracy_drop_low"] <= c["accuracy_drop"] <= c["accuracy_drop_high"]
+    assert "accuracy drop " in c["verdict"] and "(10 probes: " in c["verdict"]
+    assert c["kl_tokens"] >= c["pairs"] + 10  # probes add their shared prefixes to the KL
     assert (c["serving"]["precision"], c["candidate"]["precision"]) == ("q8_0", "q4_k_m")
     # About the share asked: 30% of live requests (the shadows are not live requests), and
     # about a quarter of the answered requests shadowed (the default `shadow_share`).
@@ -124,7 +133,8 @@ def test_a_candidate_failing_a_guard_is_rolled_back_with_no_failed_request(
         done = subprocess.run(
             [str(WATTOPS), "precision", "tiny", "q4_k_m", "--agent", agent.url, "--canary", "30%",
              "--for", "10s", "--guard", "min_agreement=1", "--guard", "min_pairs=3",
-             "--guard", "max_p95_change=none", "--guard", "max_j_per_token_change=none"],
+             "--guard", "max_p95_change=none", "--guard", "max_j_per_token_change=none",
+             "--guard", "probes=0", "--guard", "max_kl=none"],
             capture_output=True, text=True, timeout=180,
         )  # fmt: skip
         dep = ended(agent)
@@ -191,7 +201,8 @@ def test_parked_deployments_get_no_canary(make_agent: Callable[..., Agent]) -> N
 
 
 def test_the_decision_follows_the_guards() -> None:
-    """The verdict's arithmetic on its own: each guard, and inconclusive before any of them."""
+    """The verdict's arithmetic on its own: each guard with its figure (and interval), and
+    inconclusive before any of them."""
     from wattops.agents.api import CanaryRequest, CanarySide, CanaryStatus
 
     def figures(**over: Any) -> CanaryStatus:
@@ -202,28 +213,87 @@ def test_the_decision_follows_the_guards() -> None:
             serving=CanarySide(precision="q8_0", j_per_token=1.0, latency_p95_s=1.0, **side),
             candidate=CanarySide(precision="q4_k_m", j_per_token=0.7, latency_p95_s=1.05,
                                  **side),
-            pairs=60, agreement=0.95, chrf=97.0, j_per_token_change=-0.3, p95_change=0.05,
+            pairs=60, agreement=0.35, chrf=60.0, j_per_token_change=-0.3, p95_change=0.05,
+            kl_mean=0.02, kl_tokens=900, probes=200, probes_planned=200,
+            accuracy_serving=0.40, accuracy_candidate=0.395, accuracy_drop=0.5,
+            accuracy_drop_low=-2.1, accuracy_drop_high=3.1,
         )  # fmt: skip
         base.update(over)
         return CanaryStatus(**base)
 
     c = Canary("q8_0", "q4_k_m", CanaryRequest(), None)
-    assert c.decide(figures()) == ("promoted", "promoted: agreement 95.0% (60 pairs), "
-                                   "p95 +5.0%, J/token -30.0%")  # fmt: skip
-    state, why = c.decide(figures(agreement=0.85))
-    assert state == "rolled_back" and "agreement 85.0% < 90.0%" in why
+    assert len(c.probe_items) == 200  # the default
+    # Agreement with the serving side's wording (35%) is reported, not guarded, by default.
+    assert c.decide(figures()) == ("promoted", (
+        "promoted: accuracy drop 0.5 [-2.1, 3.1] points <= 1.5 (200 probes: 40.0% -> 39.5%); "
+        "KL 0.0200 <= 0.1 nats/token (900 tokens); p95 +5.0% <= +10.0% (1.050 s vs 1.000 s); "
+        "J/token -30.0% <= +0.0% (0.7 J vs 1 J); 60 shadowed pairs; same answer 35.0% "
+        "(consistency, not guarded)"))  # fmt: skip
+    state, why = c.decide(figures(accuracy_drop=6.0, accuracy_drop_low=2.5,
+                                  accuracy_drop_high=9.5, accuracy_candidate=0.34))  # fmt: skip
+    assert state == "rolled_back"
+    assert why.startswith("rolled back: accuracy drop 6.0 [2.5, 9.5] points > 1.5 (200 probes: "
+                          "40.0% -> 34.0%); held: KL 0.0200 <= 0.1")  # fmt: skip
+    state, why = c.decide(figures(kl_mean=0.3))
+    assert state == "rolled_back" and "KL 0.3000 > 0.1 nats/token (900 tokens)" in why
     state, why = c.decide(figures(p95_change=0.2))
     assert state == "rolled_back" and "p95 +20.0% > +10.0%" in why
     state, why = c.decide(figures(j_per_token_change=0.01))
     assert state == "rolled_back" and "J/token +1.0% > +0.0%" in why
+    # Non-inferiority on the interval: 3.1 is over 1.5 though the point estimate is not.
+    strict = Canary("q8_0", "q4_k_m", CanaryRequest(guards=CanaryGuards(
+        accuracy_verdict="bound")), None)  # fmt: skip
+    state, why = strict.decide(figures())
+    assert state == "rolled_back" and "3.1] points (upper bound) > 1.5" in why
+    # min_agreement, when asked for, guards the wording.
+    worded = Canary("q8_0", "q4_k_m", CanaryRequest(guards=CanaryGuards(min_agreement=0.9)), None)
+    state, why = worded.decide(figures())
+    assert state == "rolled_back" and "agreement 35.0% < 90.0% (60 pairs, chrF 60.0)" in why
     state, why = c.decide(figures(pairs=12))
     assert (state, why) == ("inconclusive", "inconclusive: 12 shadowed pairs, need 50; rolled back")
+    state, why = c.decide(figures(probes=150))
+    assert (state, why) == ("inconclusive", "inconclusive: 150 of 200 labelled probes answered "
+                            "by both sides (0 failed); rolled back")  # fmt: skip
+    state, why = c.decide(figures(kl_mean=None, kl_tokens=0))
+    assert state == "inconclusive" and "no KL measured" in why
     thin = CanarySide(precision="q4_k_m", requests=3, tokens=30, busy_s=0.3)
     state, why = c.decide(figures(candidate=thin))
     assert state == "inconclusive" and "3 answered requests on q4_k_m" in why
     # The round robin gives the candidate its share of live requests, evenly spread.
     picks = [c.takes_next() for _ in range(100)]
     assert sum(picks) == 10 and not any(picks[i] and picks[i + 1] for i in range(99))
+
+
+def test_probes_with_a_clear_drop_roll_back_naming_the_guard() -> None:
+    """The probes' paired outcomes as the canary records them, through its own figures and
+    verdict: the candidate loses 20 of 200 items the serving side got right."""
+    from wattops.agents.api import CanaryRequest
+
+    c = Canary("f16", "q4_0", CanaryRequest(), None)
+    assert c.next_probe() == c.probe_items[0]
+    for i in range(200):
+        serving = i < 90
+        c.add_probe(serving, serving and i >= 20, [0.01])
+    assert c.next_probe() is None
+    drop = c.probe_drop()
+    assert drop is not None and (drop.reference_only, drop.candidate_only) == (20, 0)
+    assert drop.drop.estimate == pytest.approx(0.10) and drop.drop.low > 0.015  # clearly over
+    c.shadowing = False
+    c.pairs = [("a", "a")] * 50
+    status = c.status([], 0.0)
+    assert (status.probes, status.probes_planned) == (200, 200)
+    assert status.accuracy_serving == pytest.approx(0.45)
+    assert status.accuracy_candidate == pytest.approx(0.35)
+    # Both sides as fast and as frugal: only the probes can decide.
+    even = {"requests": 20, "j_per_token": 1.0, "latency_p95_s": 1.0}
+    level = status.model_copy(update={"p95_change": 0.0, "j_per_token_change": 0.0,
+        "serving": status.serving.model_copy(update=even),
+        "candidate": status.candidate.model_copy(update=even)})  # fmt: skip
+    state, why = c.decide(level)
+    assert state == "rolled_back"
+    assert why.startswith(f"rolled back: accuracy drop 10.0 [{status.accuracy_drop_low:.1f}, "
+                          f"{status.accuracy_drop_high:.1f}] points > 1.5 (200 probes: 45.0% "
+                          "-> 35.0%)")  # fmt: skip
 
 
 def test_shadow_requests_are_greedy_short_and_single() -> None:

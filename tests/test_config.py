@@ -67,6 +67,18 @@ def test_bad_fields_are_named(tmp_path: Path, change: tuple[str, str], expected:
         assert part in message
 
 
+def test_the_old_agreement_floor_of_the_policy_is_refused_naming_the_new(tmp_path: Path) -> None:
+    path = write(tmp_path, GOOD + '\n[policy]\nmode = "act"\nquality_floor = 0.9\n')
+    with pytest.raises(ConfigError) as info:
+        load_config(path)
+    assert "quality_floor (agreement with the serving precision's wording) is gone" in str(
+        info.value
+    )
+    assert "use max_accuracy_drop" in str(info.value)
+    path = write(tmp_path, GOOD + '\n[policy]\nmode = "act"\nmax_accuracy_drop = 3\n')
+    assert load_config(path).policy.max_accuracy_drop == 3.0
+
+
 def test_openai_engine_needs_url_or_command(tmp_path: Path) -> None:
     text = '[[deployments]]\nname = "v"\nengine = "openai"\n'
     with pytest.raises(ConfigError, match="exactly one of `url` or `command`"):

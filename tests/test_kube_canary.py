@@ -75,7 +75,7 @@ def test_the_verdict_follows_the_energy_guard_and_says_what_it_did_not_measure()
     guards = CanaryGuards()  # J/token not worse
     better = judge(side("chat", 1000, 100.0), side("chat-canary", 400, 30.0), guards, None)
     assert better[0] == "promoted" and better[1].startswith("promoted: J/token -25.0%")
-    assert "answer agreement and p95 not measured on Kubernetes" in better[1]
+    assert "probes, KL, answer agreement and p95 not measured on Kubernetes" in better[1]
     worse = judge(side("chat", 1000, 100.0), side("chat-canary", 400, 48.0), guards, None)
     assert worse[0] == "rolled_back" and "J/token +20.0% > +0.0%" in worse[1]
     unseen = judge(side("chat", 1000, 100.0), side("chat-canary", 0, 0.0), guards, None)

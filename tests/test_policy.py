@@ -166,15 +166,15 @@ def test_act_switches_precision_through_a_canary_when_parking_and_scaling_cannot
     make_agent: Callable[..., Agent],
 ) -> None:
     """One busy replica, far over its limit: nothing to park or scale down, so the policy tries
-    the next smaller precision as a canary with the quality floor as its agreement guard."""
+    the next smaller precision as a canary with the policy's accuracy guard."""
     agent = policy_agent(make_agent, "act", park_idle_s=3600.0, switch_precision=True,
-                         quality_floor=0.75)  # fmt: skip
+                         max_accuracy_drop=4.0)  # fmt: skip
     with steady(agent, 0.2):
         canary = wait_for(lambda: agent.deployment()["canary"], 60, "the policy's canary")
         actions = agent.node()["policy"]["actions"]
         assert [(a["action"], a["outcome"]) for a in actions] == [("canary", "accepted")]
         assert canary["precision"] == actions[0]["target"] != "q8_0"
-        assert canary["guards"]["min_agreement"] == 0.75  # the policy's quality floor
+        assert canary["guards"]["max_accuracy_drop"] == 4.0  # the policy's floor
         assert "as a canary" in actions[0]["reason"]
         assert agent.client.delete("/v1/deployments/tiny/canary").status_code == 202
         wait_for(lambda: agent.deployment()["canary"]["state"] == "rolled_back", 60,

@@ -29,8 +29,8 @@ EDGE = cand("edge/chat", precision="q4_k_m", usd_per_1m=0.5, gco2e_per_1m=30.0, 
 CPU = cand("cpu/chat", precision="q8_0", usd_per_1m=0.8, gco2e_per_1m=20.0, p95_s=3.0)
 QUALITY = {
     "cloud/chat": QualityFigure(1.0, 0.0, "the reference"),
-    "edge/chat": QualityFigure(0.85, 55.0, "wattops quality"),
-    "cpu/chat": QualityFigure(0.95, 35.0, "wattops quality"),
+    "edge/chat": QualityFigure(0.85, 6.0, "wattops quality"),
+    "cpu/chat": QualityFigure(0.95, 1.0, "wattops quality"),
 }
 
 
@@ -56,12 +56,12 @@ def test_bounds_exclude_with_the_reason() -> None:
     # A batch request does not wait on the latency bound: the CPU host is cheaper.
     batch = choose("chat", [CLOUD, EDGE, CPU], QUALITY, replace(bounds, priority="batch"))
     assert batch.ordered[0].key == "cpu/chat"
-    # chrF drop and price bounds.
-    strict = Constraints("cheapest", max_chrf_drop=40.0, max_usd_per_1m=50.0)
+    # Accuracy drop and price bounds.
+    strict = Constraints("cheapest", max_accuracy_drop=1.5, max_usd_per_1m=50.0)
     choice = choose("chat", [CLOUD, EDGE, CPU], QUALITY, strict)
     assert [c.key for c in choice.ordered] == ["cpu/chat"]
     assert choice.excluded["cloud/chat"] == "$70/1M tokens > $50"
-    assert choice.excluded["edge/chat"] == "chrF drop 55.0 > 40"
+    assert choice.excluded["edge/chat"] == "accuracy drop 6.0 > 1.5 points"
 
 
 def test_a_busy_candidate_overflows_to_the_next_one() -> None:
@@ -182,10 +182,35 @@ def test_quality_figures_come_from_the_cache_and_follow_new_measurements(
     assert (
         book.figure(route, q4, ref).source == "no quality table of test.gguf: run wattops quality"
     )
+    # A short labelled set and text stand in for the shipped ones (the test model is random).
+    import wattops.quality.table as table_module
+
+    items = table_module.labelled_set()[:6]
+    monkeypatch.setattr(table_module, "labelled_set", lambda: items)
+    text = table_module.evaluation_text()[:1500]
+    monkeypatch.setattr(table_module, "evaluation_text", lambda: text)
     measure(test_model, ("f16", "q8_0"), root=root, threads=1)
     monkeypatch.setattr(book_module, "REREAD_S", 0.0)
     assert book.figure(route, q4, ref).source == "q4_0 not in the quality table"
-    measure(test_model, ("f16", "q4_0"), root=root, threads=1)
+    table = measure(test_model, ("f16", "q4_0"), root=root, threads=1)
     figure = book.figure(route, q4, ref)
-    assert figure.source == "wattops quality" and figure.top1 is not None and figure.top1 < 1
-    assert book.figure(route, ref, ref).top1 == 1.0  # the reference itself
+    row = table.row("q4_0")
+    assert figure.source == "wattops quality"
+    assert (figure.kept, figure.accuracy_drop) == (row.accuracy_kept, row.drop_points.estimate)
+    assert book.figure(route, ref, ref).kept == 1.0  # the reference itself
+
+
+def test_the_old_chrf_bound_is_refused_naming_the_new_ones() -> None:
+    from pydantic import ValidationError
+
+    from wattops.router.api import RoutePatch
+    from wattops.router.config import RouteConfig
+
+    with pytest.raises(ValidationError, match=r"max_chrf_drop is gone: .* use max_accuracy_drop"):
+        RouteConfig(name="chat", candidates=["*/t"], reference="a/t", max_chrf_drop=40)
+    with pytest.raises(ValidationError, match=r"max_chrf_drop is gone: .* use max_accuracy_drop"):
+        RoutePatch.model_validate({"max_chrf_drop": 40})
+    assert RouteConfig(name="chat", candidates=["*/t"], reference="a/t",
+                       max_accuracy_drop=1.5).max_accuracy_drop == 1.5  # fmt: skip
+    with pytest.raises(ValidationError, match="less than or equal to 100"):
+        RouteConfig(name="chat", candidates=["*/t"], reference="a/t", max_accuracy_drop=101)

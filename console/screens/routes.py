@@ -36,8 +36,8 @@ def route_summary(route: RouteView) -> str:
     bounds: list[str] = [b.policy]
     if b.min_quality is not None:
         bounds.append(f"quality>={b.min_quality:g}")
-    if b.max_chrf_drop is not None:
-        bounds.append(f"chrF drop<={b.max_chrf_drop:g}")
+    if b.max_accuracy_drop is not None:
+        bounds.append(f"accuracy drop<={b.max_accuracy_drop:g}")
     if b.max_p95_ms is not None:
         bounds.append(f"p95<={b.max_p95_ms:g}ms")
     if b.max_usd_per_1m_tokens is not None:
