@@ -76,6 +76,8 @@ log = logging.getLogger("wattops.agent")
 SHADOW_MAX_TOKENS = 48
 #: Alternatives per token the shadow asks for: each side's distribution for the KL.
 KL_ALTERNATIVES = 10
+#: Shadows owed at most (answers that came while the candidate was busy).
+MAX_SHADOW_CREDIT = 3.0
 #: Live requests each side needs before its latency is compared.
 MIN_SIDE_REQUESTS = 10
 #: A candidate failing more than this share of its requests (after 5) is rolled back at once.
@@ -260,13 +262,15 @@ class Canary:
                     f"requests (more than {MAX_ERROR_RATE:.0%})")  # fmt: skip
         return None
 
-    def wants_shadow(self) -> bool:
+    def wants_shadow(self, candidate_idle: bool = True) -> bool:
         """Whether to shadow this answered request: `shadow_share` of them (spread evenly),
-        one at a time."""
-        if not self.running or self.shadowing or not self.replicas:
+        one at a time. An answer that comes while the candidate is busy, or a shadow or probe
+        is in flight, still earns its credit (up to `MAX_SHADOW_CREDIT`): the next answer
+        that finds the candidate free is shadowed instead, so probes do not starve shadows."""
+        if not self.running or not self.replicas:
             return False
-        self._shadow_credit += self.spec.shadow_share
-        if self._shadow_credit >= 1.0 - 1e-9:
+        self._shadow_credit = min(MAX_SHADOW_CREDIT, self._shadow_credit + self.spec.shadow_share)
+        if candidate_idle and not self.shadowing and self._shadow_credit >= 1.0 - 1e-9:
             self._shadow_credit -= 1.0
             return True
         return False
@@ -380,35 +384,38 @@ class Canary:
 
     def decide(self, figures: CanaryStatus) -> tuple[State, str]:
         """Promote, roll back or inconclusive, with the reason in words and figures: every
-        guard's figure, with its interval where it has one."""
+        guard's figure, with its interval where it has one. A guard that has its evidence and
+        fails rolls back, naming it, even when another lacks evidence; a promote needs every
+        guard's evidence (else inconclusive, never a silent promote)."""
         g = self.spec.guards
+        unsure: list[str] = []
         if figures.pairs < g.min_pairs:
-            return "inconclusive", (f"inconclusive: {figures.pairs} shadowed pairs, need "
-                                    f"{g.min_pairs}; rolled back")  # fmt: skip
-        if g.max_accuracy_drop is not None and figures.probes < figures.probes_planned:
-            return "inconclusive", (
-                f"inconclusive: {figures.probes} of {figures.probes_planned} labelled probes "
-                f"answered by both sides ({self.probes_failed} failed); rolled back"
-            )
+            unsure.append(f"{figures.pairs} shadowed pairs, need {g.min_pairs}")
+        probes_done = figures.probes >= figures.probes_planned
+        if g.max_accuracy_drop is not None and not probes_done:
+            unsure.append(f"{figures.probes} of {figures.probes_planned} labelled probes "
+                          f"answered by both sides ({self.probes_failed} failed)")  # fmt: skip
         if g.max_kl is not None and figures.kl_mean is None:
-            return "inconclusive", ("inconclusive: no KL measured (the engine gave no "
-                                    "alternatives per token); rolled back")  # fmt: skip
+            unsure.append("no KL measured (the engine gave no alternatives per token)")
+        p95_known = True
         if g.max_p95_change is not None:
             short = [s for s in (figures.serving, figures.candidate)
                      if s.requests - s.errors < MIN_SIDE_REQUESTS]  # fmt: skip
             if short:
+                p95_known = False
                 side = short[0]
-                return "inconclusive", (
-                    f"inconclusive: {side.requests - side.errors} answered requests on "
-                    f"{side.precision}, need {MIN_SIDE_REQUESTS} to compare p95; rolled back"
-                )
+                answered = side.requests - side.errors
+                unsure.append(f"{answered} answered requests on {side.precision}, need "
+                              f"{MIN_SIDE_REQUESTS} to compare p95")  # fmt: skip
+        if g.max_j_per_token_change is not None and figures.j_per_token_change is None:
+            unsure.append("J/token not measured on both sides (no tokens or no energy yet)")
         failed: list[str] = []
         passed: list[str] = []
 
         def judge(ok: bool, text: str) -> None:
             (passed if ok else failed).append(text)
 
-        if g.max_accuracy_drop is not None and figures.accuracy_drop is not None:
+        if g.max_accuracy_drop is not None and figures.accuracy_drop is not None and probes_done:
             assert figures.accuracy_drop_low is not None and figures.accuracy_drop_high is not None
             judged = (figures.accuracy_drop if g.accuracy_verdict == "point"
                       else figures.accuracy_drop_high)  # fmt: skip
@@ -428,25 +435,28 @@ class Canary:
             judge(ok, f"agreement {figures.agreement:.1%} {'>=' if ok else '<'} "
                       f"{g.min_agreement:.1%} ({figures.pairs} pairs, chrF "
                       f"{figures.chrf:.1f})")  # fmt: skip
-        if g.max_p95_change is not None:
-            if figures.p95_change is None:
+        if g.max_p95_change is not None and p95_known:
+            if (figures.p95_change is None or figures.candidate.latency_p95_s is None
+                    or figures.serving.latency_p95_s is None):  # fmt: skip
                 failed.append("p95 not measured on both sides")
             else:
                 ok = figures.p95_change <= g.max_p95_change
                 judge(ok, f"p95 {figures.p95_change:+.1%} {'<=' if ok else '>'} "
                           f"{g.max_p95_change:+.1%} ({figures.candidate.latency_p95_s:.3f} s vs "
                           f"{figures.serving.latency_p95_s:.3f} s)")  # fmt: skip
-        if g.max_j_per_token_change is not None:
-            if figures.j_per_token_change is None:
-                return "inconclusive", ("inconclusive: J/token not measured on both sides "
-                                        "(no tokens or no energy yet); rolled back")  # fmt: skip
+        sides_j = (figures.candidate.j_per_token, figures.serving.j_per_token)
+        if (g.max_j_per_token_change is not None and figures.j_per_token_change is not None
+                and None not in sides_j):  # fmt: skip
             ok = figures.j_per_token_change <= g.max_j_per_token_change
             judge(ok, f"J/token {figures.j_per_token_change:+.1%} {'<=' if ok else '>'} "
                       f"{g.max_j_per_token_change:+.1%} ({figures.candidate.j_per_token:.4g} J "
                       f"vs {figures.serving.j_per_token:.4g} J)")  # fmt: skip
         if failed:
-            held = f"; held: {'; '.join(passed)}" if passed else ""
-            return "rolled_back", "rolled back: " + "; ".join(failed) + held
+            rest = [f"held: {'; '.join(passed)}"] if passed else []
+            rest += [f"not measured: {'; '.join(unsure)}"] if unsure else []
+            return "rolled_back", "; ".join(["rolled back: " + "; ".join(failed), *rest])
+        if unsure:
+            return "inconclusive", f"inconclusive: {'; '.join(unsure)}; rolled back"
         info = [f"{figures.pairs} shadowed pairs"]
         if g.min_agreement is None and figures.agreement is not None:
             info.append(f"same answer {figures.agreement:.1%} (consistency, not guarded)")

@@ -759,7 +759,7 @@ class Deployment:
         if canary is None or self._session is None or not canary.running or not canary.replicas:
             return
         trial = canary.replicas[0]
-        if trial.in_flight or not self.ready or not canary.wants_shadow():
+        if not canary.wants_shadow(candidate_idle=not trial.in_flight and bool(self.ready)):
             return
         serving = min(self.ready, key=lambda r: r.in_flight)
         canary.shadowing = True

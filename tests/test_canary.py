@@ -153,13 +153,15 @@ def test_a_candidate_failing_a_guard_is_rolled_back_with_no_failed_request(
 
 
 def test_too_little_traffic_is_inconclusive_never_a_silent_promote(agent: Agent) -> None:
-    assert canary(agent, share=0.5, duration_s=5, guards={"min_pairs": 50}).status_code == 202
+    # Only the guards that need traffic (a guard with evidence that fails would roll back).
+    quiet = {"min_pairs": 50, "probes": 0, "max_kl": None, "max_j_per_token_change": None}
+    assert canary(agent, share=0.5, duration_s=5, guards=quiet).status_code == 202
     wait_for(lambda: agent.deployment()["canary"]["state"] == "running", 60, "the canary")
     for i in range(4):
         assert agent.chat(f"a quiet moment {i}", temperature=0.5).status_code == 200
     dep = ended(agent)
     c = dep["canary"]
-    assert c["state"] == "inconclusive"
+    assert c["state"] == "inconclusive", c["verdict"]
     assert c["verdict"].startswith(f"inconclusive: {c['pairs']} shadowed pairs, need 50")
     assert dep["precision"] == "q8_0"
 
@@ -251,6 +253,10 @@ def test_the_decision_follows_the_guards() -> None:
     assert state == "rolled_back" and "agreement 35.0% < 90.0% (60 pairs, chrF 60.0)" in why
     state, why = c.decide(figures(pairs=12))
     assert (state, why) == ("inconclusive", "inconclusive: 12 shadowed pairs, need 50; rolled back")
+    # A guard with its evidence that fails rolls back, naming it, whatever else is missing.
+    state, why = c.decide(figures(pairs=12, kl_mean=0.3))
+    assert state == "rolled_back" and why.startswith("rolled back: KL 0.3000 > 0.1")
+    assert why.endswith("not measured: 12 shadowed pairs, need 50")
     state, why = c.decide(figures(probes=150))
     assert (state, why) == ("inconclusive", "inconclusive: 150 of 200 labelled probes answered "
                             "by both sides (0 failed); rolled back")  # fmt: skip
