@@ -170,7 +170,10 @@ class CanaryRequest(_Model):
     model_config = ConfigDict(extra="forbid", strict=True)
 
     share: float = Field(0.1, gt=0, lt=1, description="fraction of live requests sent to it")
-    duration_s: float = Field(300.0, ge=5, le=86400, description="how long it runs")
+    duration_s: float = Field(
+        300.0, ge=5, le=86400, description="how long it runs (up to twice as long while "
+        "labelled probes are left to answer)",
+    )  # fmt: skip
     shadow_share: float = Field(
         0.25, gt=0, le=1, description="fraction of answered requests also sent, greedily, to "
         "both precisions to compare their answers (one at a time, while the candidate is idle)",

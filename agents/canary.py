@@ -301,7 +301,15 @@ class Canary:
         return paired_drop([s for s, _ in self.probed], [c for _, c in self.probed])
 
     def due(self) -> bool:
-        return self.running and time.monotonic() - self.started >= self.spec.duration_s
+        """The window is over: `duration_s` has passed and every probe is answered, or, with
+        probes left (a candidate busier than planned), twice `duration_s` has (then the
+        verdict is inconclusive for want of them, unless a measured guard fails)."""
+        if not self.running:
+            return False
+        elapsed = time.monotonic() - self.started
+        if self.next_probe() is not None and self.spec.guards.max_accuracy_drop is not None:
+            return elapsed >= 2 * self.spec.duration_s
+        return elapsed >= self.spec.duration_s
 
     # -- figures and verdict ---------------------------------------------------------------
 

@@ -362,3 +362,25 @@ async def test_the_console_offers_a_canary_from_the_precision_key(agent: Agent) 
         assert agent.client.delete("/v1/deployments/tiny/canary").status_code == 202
         await until(pilot, lambda: row(app).state == "serving", 60, "the rollback")
     assert agent.deployment()["canary"]["verdict"] == "rolled back: aborted by the operator"
+
+
+def test_the_window_waits_for_the_probes_up_to_twice_its_length() -> None:
+    import time
+
+    from wattops.agents.api import CanaryRequest
+
+    c = Canary("f16", "q8_0", CanaryRequest(duration_s=10, guards=CanaryGuards(probes=3)), None)
+    c.state = "running"
+    c.started = time.monotonic() - 11  # past its duration, with 3 probes unanswered
+    assert not c.due()
+    for _ in range(3):
+        c.add_probe(True, True)
+    assert c.due()  # every probe answered
+    c.probed = []
+    c.started = time.monotonic() - 21  # twice the duration: decided, probes or not
+    assert c.due()
+    # Without the accuracy guard, the probes are figures only: the window is its duration.
+    free = Canary("f16", "q8_0", CanaryRequest(duration_s=10, guards=CanaryGuards(
+        probes=3, max_accuracy_drop=None)), None)  # fmt: skip
+    free.state, free.started = "running", time.monotonic() - 11
+    assert free.due()
