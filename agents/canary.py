@@ -438,7 +438,8 @@ class Canary:
             ok = figures.kl_mean <= g.max_kl
             judge(ok, f"KL {figures.kl_mean:.4f} {'<=' if ok else '>'} {g.max_kl:g} nats/token "
                       f"({figures.kl_tokens} tokens)")  # fmt: skip
-        if g.min_agreement is not None and figures.agreement is not None:
+        if (g.min_agreement is not None and figures.agreement is not None
+                and figures.pairs >= g.min_pairs):  # fmt: skip
             ok = figures.agreement >= g.min_agreement
             judge(ok, f"agreement {figures.agreement:.1%} {'>=' if ok else '<'} "
                       f"{g.min_agreement:.1%} ({figures.pairs} pairs, chrF "
@@ -466,6 +467,8 @@ class Canary:
         if unsure:
             return "inconclusive", f"inconclusive: {'; '.join(unsure)}; rolled back"
         info = [f"{figures.pairs} shadowed pairs"]
+        if g.max_accuracy_drop is not None and not figures.probes_planned:
+            info.append("no labelled probes asked (probes = 0): accuracy not guarded")
         if g.min_agreement is None and figures.agreement is not None:
             info.append(f"same answer {figures.agreement:.1%} (consistency, not guarded)")
         return "promoted", "promoted: " + "; ".join([*passed, *info])

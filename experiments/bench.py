@@ -357,6 +357,7 @@ def _start_router(settings: BenchSettings, work: Path, agents: list[str],
         "[[routes]]", 'name = "bench"', 'candidates = ["*/bench"]',
         f'reference = "{REFERENCE_NODE}/bench"', 'policy = "cheapest"',
         f"max_accuracy_drop = {settings.floor.max_accuracy_drop}",
+        f'accuracy_verdict = "{settings.floor.verdict}"',
         f"max_p95_ms = {settings.route_max_p95_ms}",
     ]  # fmt: skip
     config = work / "router.toml"

@@ -50,9 +50,11 @@ class QualityFigure:
 
     #: The share of the reference's task accuracy kept (declared figures: as declared).
     kept: float | None
-    #: Points of task accuracy lost against the reference (measured figures only).
+    #: Points of task accuracy lost against the reference (measured figures only): the 95%
+    #: upper bound of the paired interval when `upper_bound`, else the point estimate.
     accuracy_drop: float | None
     source: str
+    upper_bound: bool = False
 
 
 @dataclass(frozen=True)
@@ -131,7 +133,9 @@ def _excluded_because(c: Candidate, q: QualityFigure, bounds: Constraints,
         if q.accuracy_drop is None:
             return f"accuracy drop unknown ({q.source})"
         if q.accuracy_drop > bounds.max_accuracy_drop:
-            return f"accuracy drop {q.accuracy_drop:.1f} > {bounds.max_accuracy_drop:g} points"
+            on = " (95% upper bound)" if q.upper_bound else ""
+            return (f"accuracy drop{on} {q.accuracy_drop:.1f} > {bounds.max_accuracy_drop:g} "
+                    "points")  # fmt: skip
     cap = bounds.max_usd_per_1m
     if cap is not None and c.usd_per_1m is not None and c.usd_per_1m > cap:
         return f"${c.usd_per_1m:.3g}/1M tokens > ${cap:g}"

@@ -231,6 +231,10 @@ class RouteConfig(_Section):
         None, ge=0, le=100, description="most points of task accuracy lost against the "
         "reference on the labelled set (`wattops quality`)",
     )  # fmt: skip
+    accuracy_verdict: Literal["point", "bound"] = Field(
+        "bound", description="what max_accuracy_drop compares: the drop's 95% upper bound "
+        "(shown within the bound, as `wattops quality`'s floor) or its point estimate",
+    )  # fmt: skip
     max_p95_ms: float | None = Field(None, gt=0, description="latency bound of one answer")
     max_usd_per_1m_tokens: float | None = Field(None, gt=0, description="price bound")
     cascade_min_logprob: float = Field(

@@ -1,5 +1,7 @@
 """A candidate's quality against its route's reference, for the route's `min_quality` (the
-share of the reference's task accuracy kept) and `max_accuracy_drop` (points lost).
+share of the reference's task accuracy kept) and `max_accuracy_drop` (points lost: the 95%
+upper bound of the paired interval by default, as `wattops quality`'s floor judges it, or the
+point estimate with the route's `accuracy_verdict = "point"`).
 
 In order: the reference itself is 1.0; a figure declared in the route (`quality = {...}` in
 router.toml) is used as given; a candidate serving the same model file as the reference reads
@@ -72,4 +74,7 @@ class QualityBook:
             row = table.row(c.precision)
         except KeyError:
             return QualityFigure(None, None, f"{c.precision} not in the quality table")
+        if route.accuracy_verdict == "bound":
+            source = "wattops quality, the drop's 95% upper bound"
+            return QualityFigure(row.accuracy_kept, row.drop_points.high, source, True)
         return QualityFigure(row.accuracy_kept, row.drop_points.estimate, "wattops quality")

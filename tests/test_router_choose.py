@@ -62,6 +62,9 @@ def test_bounds_exclude_with_the_reason() -> None:
     assert [c.key for c in choice.ordered] == ["cpu/chat"]
     assert choice.excluded["cloud/chat"] == "$70/1M tokens > $50"
     assert choice.excluded["edge/chat"] == "accuracy drop 6.0 > 1.5 points"
+    bounded = {**QUALITY, "edge/chat": QualityFigure(0.85, 6.0, "wattops quality", True)}
+    choice = choose("chat", [CLOUD, EDGE, CPU], bounded, strict)
+    assert choice.excluded["edge/chat"] == "accuracy drop (95% upper bound) 6.0 > 1.5 points"
 
 
 def test_a_busy_candidate_overflows_to_the_next_one() -> None:
@@ -195,8 +198,13 @@ def test_quality_figures_come_from_the_cache_and_follow_new_measurements(
     table = measure(test_model, ("f16", "q4_0"), root=root, threads=1)
     figure = book.figure(route, q4, ref)
     row = table.row("q4_0")
-    assert figure.source == "wattops quality"
-    assert (figure.kept, figure.accuracy_drop) == (row.accuracy_kept, row.drop_points.estimate)
+    # By default a route judges the drop's 95% upper bound, as `wattops quality`'s floor does.
+    assert figure.source == "wattops quality, the drop's 95% upper bound" and figure.upper_bound
+    assert (figure.kept, figure.accuracy_drop) == (row.accuracy_kept, row.drop_points.high)
+    pointed = route.model_copy(update={"accuracy_verdict": "point"})
+    figure = book.figure(pointed, q4, ref)
+    assert figure.source == "wattops quality" and not figure.upper_bound
+    assert figure.accuracy_drop == row.drop_points.estimate
     assert book.figure(route, ref, ref).kept == 1.0  # the reference itself
 
 
