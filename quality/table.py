@@ -320,6 +320,8 @@ def measure(
                 for item, answer in zip(todo, answer_items(file, todo, threads), strict=True):
                     kept[item_key(item)] = answer
                 stage(f"answered at {precision} in {time.monotonic() - started:.0f} s")
+                # Kept at once: an interrupted run loses at most the precision it was on.
+                atomic_write(path, (json.dumps(data, indent=1) + "\n").encode())
         todo_forced = {p: f for p, f in files.items()
                        if forced_key not in data["teacher_forced"].get(p, {})}  # fmt: skip
         if todo_forced:
