@@ -28,6 +28,7 @@ from wattops.vocabulary import PRECISIONS
 from wattops.vocabulary.access import TokenEntry, load_tokens, unique_names
 from wattops.vocabulary.net import split_listen
 from wattops.vocabulary.plugins import UnknownPlugin
+from wattops.vocabulary.replaced import refuse_replaced
 from wattops.vocabulary.tls import tls_pair_problem
 
 NAME_PATTERN = r"^[a-z0-9]([a-z0-9._-]{0,62}[a-z0-9])?$"
@@ -182,13 +183,11 @@ class PolicySection(_Section):
     @model_validator(mode="before")
     @classmethod
     def _old_floor(cls, data: Any) -> Any:
-        if isinstance(data, dict) and "quality_floor" in data:
-            raise ValueError(
-                "quality_floor (agreement with the serving precision's wording) is gone: use "
-                "max_accuracy_drop, the points of task accuracy a smaller precision may lose "
-                "on the canary's labelled probes (default 1.5)"
-            )
-        return data
+        return refuse_replaced(data, {"quality_floor": (
+            "quality_floor (agreement with the serving precision's wording) is gone: use "
+            "max_accuracy_drop, the points of task accuracy a smaller precision may lose on "
+            "the canary's labelled probes (default 1.5)"
+        )})  # fmt: skip
 
     power_limit: bool = Field(
         True, description="may lower GPU power limits (NVML nodes, within each card's bounds; "

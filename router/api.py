@@ -8,6 +8,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 __all__ = [
+    "REPLACED_CHRF",
     "Bounds",
     "Budget",
     "BudgetPatch",
@@ -48,6 +49,14 @@ TEAM_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$"
 RATE_MAX = 10**12
 
 
+#: What a route's or a patch's old chrF bound is refused with.
+REPLACED_CHRF = (
+    "max_chrf_drop is gone: quality is task accuracy on the labelled set now, not agreement "
+    "with the reference's wording; use max_accuracy_drop (points lost against the reference, "
+    "from `wattops quality`) and/or min_quality (the share of its accuracy kept)"
+)
+
+
 class _Model(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
@@ -84,11 +93,8 @@ class RoutePatch(_Request):
     @model_validator(mode="before")
     @classmethod
     def _old_floor(cls, data: Any) -> Any:
-        if isinstance(data, dict) and "max_chrf_drop" in data:
-            raise ValueError(
-                "max_chrf_drop is gone: quality is task accuracy on the labelled set now; use "
-                "max_accuracy_drop (points lost against the reference) and/or min_quality"
-            )
+        if isinstance(data, dict) and "max_chrf_drop" in data:  # the schema imports no wattops
+            raise ValueError(REPLACED_CHRF)
         return data
 
 

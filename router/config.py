@@ -35,9 +35,10 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from wattops.fleet.client import agent_url
 from wattops.fleet.inventory import InventoryError, load_inventory
-from wattops.router.api import Budget
+from wattops.router.api import REPLACED_CHRF, Budget
 from wattops.vocabulary.access import TokenEntry, load_tokens, unique_names
 from wattops.vocabulary.net import split_listen
+from wattops.vocabulary.replaced import refuse_replaced
 from wattops.vocabulary.tls import tls_pair_problem
 
 __all__ = [
@@ -57,14 +58,6 @@ POLICIES: tuple[str, ...] = ("cheapest", "greenest", "fastest", "cascade")
 
 class ConfigError(Exception):
     """The router configuration is invalid; the message names file, field and what is allowed."""
-
-
-#: What a route's or a patch's old chrF bound is refused with.
-REPLACED_CHRF = (
-    "max_chrf_drop is gone: quality is task accuracy on the labelled set now, not agreement "
-    "with the reference's wording; use max_accuracy_drop (points lost against the reference, "
-    "from `wattops quality`) and/or min_quality (the share of its accuracy kept)"
-)
 
 
 class _Section(BaseModel):
@@ -263,9 +256,7 @@ class RouteConfig(_Section):
     @model_validator(mode="before")
     @classmethod
     def _old_floor(cls, data: Any) -> Any:
-        if isinstance(data, dict) and "max_chrf_drop" in data:
-            raise ValueError(REPLACED_CHRF)
-        return data
+        return refuse_replaced(data, {"max_chrf_drop": REPLACED_CHRF})
 
     @field_validator("name")
     @classmethod
